@@ -1,0 +1,109 @@
+"""Shared helpers of the retraction maps: argument checks, precision handling, skew parts.
+
+Every map in :mod:`dtriv.retractions` is a pure function on tensors batched over the
+leading dimensions. Half precision (``float16``, ``bfloat16``, ``complex32``) is computed in
+single precision and cast back, since the factorizations these maps rely on (solve, QR, SVD,
+eigh) are neither implemented nor accurate in half precision.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+_HALF = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+if hasattr(torch, "complex32"):
+    _HALF[torch.complex32] = torch.complex64
+
+F = TypeVar("F", bound=Callable[..., Tensor])
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a map computes in for inputs of ``dtype`` (half precision -> single)."""
+    return _HALF.get(dtype, dtype)
+
+
+def upcast_half(fn: F) -> F:
+    """Decorate a map so that half-precision tensor arguments are computed in float32.
+
+    Tensor positional and keyword arguments in half precision are cast up; tensor results
+    (a tensor or a tuple of tensors) are cast back to the dtype of the first tensor argument.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is None or first.dtype not in _HALF:
+            return fn(*args, **kwargs)
+        out_dtype = first.dtype
+
+        def up(a):
+            return a.to(_HALF[a.dtype]) if isinstance(a, Tensor) and a.dtype in _HALF else a
+
+        result = fn(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+        if isinstance(result, Tensor):
+            return result.to(out_dtype)
+        if isinstance(result, tuple):
+            return type(result)(r.to(out_dtype) if isinstance(r, Tensor) else r for r in result)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def check_matrix(X: Tensor, name: str, *, square: bool = False, tall: bool = False) -> None:
+    """Raise ``ValueError`` unless ``X`` is a (batched) matrix of the required form."""
+    if not isinstance(X, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(X).__name__}")
+    if X.ndim < 2:
+        raise ValueError(
+            f"{name}: expected a matrix or a batch of matrices (ndim >= 2), "
+            f"got a tensor of shape {tuple(X.shape)}"
+        )
+    n, k = X.shape[-2], X.shape[-1]
+    if square and n != k:
+        raise ValueError(f"{name}: expected square matrices (..., n, n), got shape {tuple(X.shape)}")
+    if tall and n < k:
+        raise ValueError(
+            f"{name}: expected tall matrices (..., n, k) with n >= k, got shape {tuple(X.shape)}"
+        )
+
+
+def check_floating(X: Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless ``X`` has a floating point or complex dtype."""
+    if not (X.is_floating_point() or X.is_complex()):
+        raise ValueError(f"{name}: expected a floating point or complex tensor, got dtype {X.dtype}")
+
+
+def check_same_shape(A: Tensor, B: Tensor, name_a: str, name_b: str) -> None:
+    """Raise ``ValueError`` unless ``A`` and ``B`` have the same shape."""
+    if A.shape != B.shape:
+        raise ValueError(
+            f"{name_b}: expected the shape of {name_a}, {tuple(A.shape)}, got {tuple(B.shape)}"
+        )
+
+
+def skew(A: Tensor) -> Tensor:
+    r"""Skew-Hermitian part :math:`(A - A^H)/2`."""
+    return (A - A.mH) / 2
+
+
+def sym(A: Tensor) -> Tensor:
+    r"""Hermitian part :math:`(A + A^H)/2`."""
+    return (A + A.mH) / 2
+
+
+def eye_like(A: Tensor) -> Tensor:
+    """Identity of the shape ``(n, k)`` of the last two dims of ``A``, same dtype and device."""
+    n, k = A.shape[-2], A.shape[-1]
+    return torch.eye(n, k, dtype=A.dtype, device=A.device)
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of a real or complex dtype."""
+    if dtype.is_complex:
+        dtype = torch.empty((), dtype=dtype).real.dtype
+    return torch.finfo(dtype).eps
