@@ -65,7 +65,9 @@ def check_matrix(X: Tensor, name: str, *, square: bool = False, tall: bool = Fal
         )
     n, k = X.shape[-2], X.shape[-1]
     if square and n != k:
-        raise ValueError(f"{name}: expected square matrices (..., n, n), got shape {tuple(X.shape)}")
+        raise ValueError(
+            f"{name}: expected square matrices (..., n, n), got shape {tuple(X.shape)}"
+        )
     if tall and n < k:
         raise ValueError(
             f"{name}: expected tall matrices (..., n, k) with n >= k, got shape {tuple(X.shape)}"
@@ -75,7 +77,9 @@ def check_matrix(X: Tensor, name: str, *, square: bool = False, tall: bool = Fal
 def check_floating(X: Tensor, name: str) -> None:
     """Raise ``ValueError`` unless ``X`` has a floating point or complex dtype."""
     if not (X.is_floating_point() or X.is_complex()):
-        raise ValueError(f"{name}: expected a floating point or complex tensor, got dtype {X.dtype}")
+        raise ValueError(
+            f"{name}: expected a floating point or complex tensor, got dtype {X.dtype}"
+        )
 
 
 def check_same_shape(A: Tensor, B: Tensor, name_a: str, name_b: str) -> None:

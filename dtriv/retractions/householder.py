@@ -1,0 +1,106 @@
+r"""Householder parametrization of (tall) orthogonal matrices by reflectors.
+
+A real ``(..., n, k)`` matrix :math:`X` (:math:`n \ge k`) stores below its diagonal the
+tails :math:`a_j = X_{j+1:n,\,j}` of :math:`k` reflectors :math:`v_j = e_j + a_j`; its diagonal
+stores signs. The map is
+
+.. math::
+    Q = (H_1 H_2 \cdots H_k)_{:, :k}\, \operatorname{diag}(s), \qquad
+    H_j = I - \tau_j v_j v_j^T,\quad \tau_j = \frac{2}{1 + \|a_j\|^2},\quad
+    s_j = \operatorname{sign}(X_{jj}),
+
+exactly the ``"householder"`` map of ``torch.nn.utils.parametrizations.orthogonal``, whose
+right inverse (``use_trivialization=False``) is :func:`householder_inverse`. Real only: a
+complex reflector is not determined by its vector alone (see torch's note
+"Householder complex").
+
+Registered as kind ``"lie"``, name ``"householder"`` (square use).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import check_floating, check_matrix, upcast_half
+from .registry import register
+
+__all__ = ["householder", "householder_inverse"]
+
+
+def _check_real(X: Tensor, name: str) -> None:
+    if X.is_complex():
+        raise ValueError(
+            f"{name}: expected a real floating point tensor (the Householder parametrization "
+            f"does not support complex matrices), got complex dtype {X.dtype}"
+        )
+
+
+@upcast_half
+def householder(X: Tensor) -> Tensor:
+    r"""Product of the Householder reflectors stored below the diagonal of ``X``.
+
+    :math:`Q = (H_1\cdots H_k)_{:, :k}\operatorname{diag}(s)` with
+    :math:`H_j = I - \tau_j v_j v_j^T`, :math:`v_j = e_j + X_{j+1:n, j}`,
+    :math:`\tau_j = 2/\|v_j\|^2`, and the column signs :math:`s_j = \operatorname{sign}(X_{jj})`
+    (:math:`+1` for a zero diagonal entry). The columns of :math:`Q` are orthonormal for any
+    ``X``; the diagonal only selects signs and receives no gradient. On diagonals of
+    :math:`\pm 1` (those :func:`householder_inverse` returns) this is bit for bit the forward
+    of ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map="householder")``
+    (torch truncates the diagonal with ``.int()``, which maps entries in :math:`(-1, 1)` to
+    a zero column; here they give a sign).
+
+    Args:
+        X: real ``(..., n, k)``, :math:`n \ge k`.
+
+    Returns:
+        ``(..., n, k)`` with :math:`Q^T Q = I_k`, same dtype as ``X``.
+
+    Cost: ``torch.linalg.householder_product``, about :math:`4nk^2 - 4k^3/3` flops.
+    """
+    check_matrix(X, "X", tall=True)
+    check_floating(X, "X")
+    _check_real(X, "X")
+    A = X.tril(diagonal=-1)
+    tau = 2.0 / (1.0 + (A * A).sum(dim=-2))
+    Q = torch.linalg.householder_product(A, tau)
+    diag = X.detach().diagonal(dim1=-2, dim2=-1)
+    signs = torch.where(diag < 0, -1.0, 1.0).to(Q.dtype)
+    return Q * signs.unsqueeze(-2)
+
+
+@upcast_half
+def householder_inverse(Q: Tensor) -> Tensor:
+    r"""Reflectors of an orthogonal ``Q``: ``householder(householder_inverse(Q)) == Q``.
+
+    The Householder QR :math:`Q = H_1\cdots H_k R` (``torch.geqrf``) of a matrix with
+    orthonormal columns has a diagonal :math:`R` with entries :math:`\pm 1`. The result keeps
+    the reflector tails below the diagonal and stores :math:`\operatorname{sign}(R_{jj})` on
+    it, negated where LAPACK skipped a reflection (:math:`\tau_j = 0`: the forward then
+    applies :math:`H_j = I - 2e_je_j^T`, which flips column :math:`j`). These are the
+    conventions of ``torch.nn.utils.parametrizations.orthogonal``'s ``right_inverse`` with
+    ``use_trivialization=False``; the outputs agree bit for bit.
+
+    For a ``Q`` whose columns are not orthonormal, ``householder`` of the result is the
+    q-factor of ``Q`` with :math:`\operatorname{diag}(R) > 0`. Not differentiable
+    (``torch.geqrf`` has no derivative): computed under ``no_grad``.
+
+    Args:
+        Q: real ``(..., n, k)``, :math:`n \ge k`.
+
+    Returns:
+        ``(..., n, k)``, same dtype as ``Q``.
+
+    Cost: one Householder QR, about :math:`2nk^2 - 2k^3/3` flops.
+    """
+    check_matrix(Q, "Q", tall=True)
+    check_floating(Q, "Q")
+    _check_real(Q, "Q")
+    with torch.no_grad():
+        A, tau = torch.geqrf(Q)
+        A.diagonal(dim1=-2, dim2=-1).sign_()
+        A.diagonal(dim1=-2, dim2=-1)[tau == 0.0] *= -1
+    return A
+
+
+register("lie", "householder", householder, householder_inverse)

@@ -1,0 +1,206 @@
+r"""Retractions of the unit sphere :math:`S^{n-1} = \{x : \|x\| = 1\}` (last dimension).
+
+A point ``x`` and a tangent vector ``v`` (:math:`\operatorname{Re}\langle x, v\rangle = 0`)
+have shape ``(..., n)``; leading dimensions are a batch. Complex vectors are treated as real
+vectors of :math:`\mathbb{R}^{2n}` (inner product :math:`\operatorname{Re}\, x^H v`).
+
+* :func:`sphere_exp` -- the exponential map (geodesic) :math:`\cos\|v\|\,x + \sin\|v\|\,v/\|v\|`,
+  evaluated through even power series near :math:`v = 0`, so that it and its gradient are
+  finite and exact there;
+* :func:`sphere_log` -- its inverse, the tangent at ``x`` pointing to ``y`` with length the
+  angle between them;
+* :func:`sphere_projective` -- the projective retraction :math:`(x + v)/\|x + v\|`;
+* :func:`sphere_projective_inverse` -- :math:`y/\langle x, y\rangle - x`.
+
+Registered as kind ``"sphere"``: ``"exp"`` (inverse :func:`sphere_log`) and ``"projective"``
+(inverse :func:`sphere_projective_inverse`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._common import check_floating, check_same_shape, eps, upcast_half
+from .registry import register
+
+__all__ = ["sphere_exp", "sphere_log", "sphere_projective", "sphere_projective_inverse"]
+
+# Below this value of the squared argument the maps use their power series (the truncation
+# error of the series kept is below float64 rounding there).
+_SERIES = 1e-2
+# cos(t) = sum_j (-1)^j t^(2j) / (2j)!, sin(t)/t = sum_j (-1)^j t^(2j) / (2j+1)!, j = 0..4.
+_COS = tuple((-1) ** j / math.factorial(2 * j) for j in range(5))
+_SINC = tuple((-1) ** j / math.factorial(2 * j + 1) for j in range(5))
+# arctan(z)/z = sum_j (-1)^j z^(2j) / (2j+1), j = 0..7.
+_ATANC = tuple((-1) ** j / (2 * j + 1) for j in range(8))
+
+
+def _horner(coeffs: tuple[float, ...], z: Tensor) -> Tensor:
+    out = torch.full_like(z, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        out = out * z + c
+    return out
+
+
+def _check_vectors(x: Tensor, other: Tensor, name_x: str, name_other: str) -> None:
+    for t, name in ((x, name_x), (other, name_other)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.ndim < 1:
+            raise ValueError(f"{name}: expected a vector or a batch of vectors, got a scalar")
+        check_floating(t, name)
+    check_same_shape(x, other, name_x, name_other)
+
+
+def _sqnorm(v: Tensor) -> Tensor:
+    """:math:`\\|v\\|^2` over the last dimension, real, keepdim."""
+    return (v.real**2 + v.imag**2 if v.is_complex() else v * v).sum(dim=-1, keepdim=True)
+
+
+def _rdot(x: Tensor, y: Tensor) -> Tensor:
+    """:math:`\\operatorname{Re}\\langle x, y\\rangle` over the last dimension, keepdim."""
+    return (x.conj() * y).real.sum(dim=-1, keepdim=True) if x.is_complex() else (
+        (x * y).sum(dim=-1, keepdim=True))
+
+
+def _cos_sinc(t2: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`\cos t` and :math:`\sin t / t` as functions of :math:`t^2`, smooth at 0."""
+    small = t2 < _SERIES
+    t = torch.sqrt(torch.where(small, torch.ones_like(t2), t2))
+    cos = torch.where(small, _horner(_COS, t2), torch.cos(t))
+    sinc = torch.where(small, _horner(_SINC, t2), torch.sin(t) / t)
+    return cos, sinc
+
+
+@upcast_half
+def sphere_exp(x: Tensor, v: Tensor) -> Tensor:
+    r"""Exponential map of the unit sphere: :math:`\cos\|v\|\,x + \frac{\sin\|v\|}{\|v\|}\,v`.
+
+    The geodesic from ``x`` with initial velocity ``v`` (tangent: :math:`\langle x,v\rangle=0`),
+    evaluated at time 1; it stays on the sphere and agrees with :math:`x + v` to first order.
+    :math:`\cos t` and :math:`\sin t / t` are computed from :math:`t^2 = \|v\|^2` (power
+    series for :math:`t^2 < 10^{-2}`), so the map is smooth at :math:`v = 0`, where its
+    Jacobian in ``v`` is the identity, like that of :math:`x + v`, with no NaN.
+
+    Args:
+        x: ``(..., n)`` unit vectors.
+        v: ``(..., n)`` tangent vectors at ``x``.
+
+    Returns:
+        ``(..., n)`` unit vectors, dtype of ``x``.
+
+    Cost: :math:`O(n)` per vector (one norm, two scalings).
+    """
+    _check_vectors(x, v, "x", "v")
+    cos, sinc = _cos_sinc(_sqnorm(v))
+    return cos * x + sinc * v
+
+
+@upcast_half
+def sphere_log(x: Tensor, y: Tensor) -> Tensor:
+    r"""Logarithm of the unit sphere, the inverse of :func:`sphere_exp`.
+
+    With :math:`c = \operatorname{Re}\langle x, y\rangle`, :math:`u = y - c\,x` and
+    :math:`s = \|u\|`, the angle is :math:`\theta = \operatorname{atan2}(s, c)` and
+    :math:`\log_x y = \frac{\theta}{s}\,u`, the tangent at ``x`` of length :math:`\theta`
+    pointing to ``y``. Near :math:`y = x` the factor :math:`\theta/s = \arctan(z)/(z\,c)`,
+    :math:`z = s/c`, is a power series in :math:`z^2`, so the map is smooth there
+    (:math:`\log_x x = 0` with a finite gradient).
+
+    Raises:
+        ValueError: for ``y`` antipodal to ``x`` (within :math:`\sqrt{\varepsilon}`), where
+            the direction of the geodesic is undefined.
+
+    Args:
+        x: ``(..., n)`` unit vectors.
+        y: ``(..., n)`` unit vectors.
+
+    Returns:
+        ``(..., n)`` tangent vectors at ``x``, dtype of ``x``.
+
+    Cost: :math:`O(n)` per vector.
+    """
+    _check_vectors(x, y, "x", "y")
+    c = _rdot(x, y)
+    u = y - c * x
+    s2 = _sqnorm(u)
+    if y.numel():
+        with torch.no_grad():
+            tol = math.sqrt(eps(x.dtype))
+            antipodal = (c < 0) & (s2 <= tol**2)
+            if bool(antipodal.any()):
+                raise ValueError(
+                    "y: expected a point that is not antipodal to x (|y + x| > "
+                    f"{tol:.1e}), got |y + x| = {float((y + x).abs().amax()):.3e}: the "
+                    "logarithm of the sphere is undefined at the antipode"
+                )
+    c_safe = torch.where(c > 0, c, torch.ones_like(c))
+    z2 = s2 / c_safe**2
+    small = (c > 0) & (z2 < _SERIES)
+    series = _horner(_ATANC, torch.where(small, z2, torch.zeros_like(z2))) / c_safe
+    s = torch.sqrt(torch.where(small, torch.ones_like(s2), s2))
+    direct = torch.atan2(s, c) / s
+    return torch.where(small, series, direct) * u
+
+
+@upcast_half
+def sphere_projective(x: Tensor, v: Tensor) -> Tensor:
+    r"""Projective retraction of the unit sphere: :math:`\frac{x + v}{\|x + v\|}`.
+
+    The nearest unit vector to :math:`x + v`; for tangent ``v`` it agrees with
+    :func:`sphere_exp` to second order and is defined for every ``v``
+    (:math:`\|x + v\|^2 = 1 + \|v\|^2`).
+
+    Args:
+        x: ``(..., n)`` unit vectors.
+        v: ``(..., n)`` tangent vectors at ``x``.
+
+    Returns:
+        ``(..., n)`` unit vectors, dtype of ``x``.
+
+    Cost: :math:`O(n)` per vector.
+    """
+    _check_vectors(x, v, "x", "v")
+    w = x + v
+    return w / torch.sqrt(_sqnorm(w))
+
+
+@upcast_half
+def sphere_projective_inverse(x: Tensor, y: Tensor) -> Tensor:
+    r"""Inverse of :func:`sphere_projective`: :math:`y / \operatorname{Re}\langle x, y\rangle - x`.
+
+    The tangent ``v`` at ``x`` with :math:`(x + v)/\|x + v\| = y`; it exists for ``y`` in the
+    open hemisphere :math:`\operatorname{Re}\langle x, y\rangle > 0` and grows without bound
+    towards its boundary.
+
+    Raises:
+        ValueError: when :math:`\operatorname{Re}\langle x, y\rangle \le \sqrt{\varepsilon}`.
+
+    Args:
+        x: ``(..., n)`` unit vectors.
+        y: ``(..., n)`` unit vectors.
+
+    Returns:
+        ``(..., n)`` tangent vectors at ``x``, dtype of ``x``.
+
+    Cost: :math:`O(n)` per vector.
+    """
+    _check_vectors(x, y, "x", "y")
+    c = _rdot(x, y)
+    if y.numel():
+        with torch.no_grad():
+            tol = math.sqrt(eps(x.dtype))
+            if bool((c <= tol).any()):
+                raise ValueError(
+                    "y: expected a point in the open hemisphere of x (<x, y> > "
+                    f"{tol:.1e}), got <x, y> = {float(c.min()):.3e}: the projective "
+                    "retraction does not reach it"
+                )
+    return y / c - x
+
+
+register("sphere", "exp", sphere_exp, sphere_log)
+register("sphere", "projective", sphere_projective, sphere_projective_inverse)

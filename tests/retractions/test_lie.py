@@ -1,0 +1,296 @@
+"""Lie-algebra maps: expm, logm, cayley, cayley_inverse against scipy and their identities."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch.autograd import gradcheck
+from torch.nn.utils import parametrizations
+
+from dtriv.retractions import cayley, cayley_inverse, expm, logm
+
+REAL_COMPLEX = [torch.float64, torch.complex128]
+
+
+def unitary_error(Q):
+    Id = torch.eye(Q.shape[-1], dtype=Q.dtype)
+    return (Q.mH @ Q - Id).abs().max().item()
+
+
+def with_eigenangle(theta, n=4, dtype=torch.float64, generator=None):
+    """A real orthogonal n x n (n even) with eigenvalues e^{+-i theta} and e^{+-i 0.3}, rotated."""
+    blocks = [theta] + [0.3] * (n // 2 - 1)
+    A = torch.zeros(n, n, dtype=dtype)
+    for i, t in enumerate(blocks):
+        A[2 * i, 2 * i + 1], A[2 * i + 1, 2 * i] = -t, t
+    P = torch.linalg.qr(torch.randn(n, n, dtype=dtype, generator=generator))[0]
+    return P @ torch.linalg.matrix_exp(A) @ P.mT, P @ A @ P.mT
+
+
+# --------------------------------------------------------------------------- expm
+
+
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+@pytest.mark.parametrize("n", [1, 4, 9])
+def test_expm_matches_scipy(random_skew, dtype, n):
+    A = random_skew(3, n, dtype=dtype, radius=5.0)
+    Q = expm(A)
+    for a, q in zip(A, Q):
+        ref = torch.from_numpy(scipy.linalg.expm(a.numpy()))
+        assert (q - ref).abs().max().item() < 1e-10
+    assert unitary_error(Q) < 1e-13
+
+
+def test_expm_float32_matches_scipy(random_skew):
+    A = random_skew(5, dtype=torch.float32, radius=3.0)
+    ref = torch.from_numpy(scipy.linalg.expm(A.double().numpy()))
+    assert (expm(A).double() - ref).abs().max().item() < 1e-5
+
+
+def test_expm_real_skew_has_det_one(random_skew):
+    Q = expm(random_skew(4, 5, radius=3.0))
+    assert torch.allclose(torch.linalg.det(Q), torch.ones(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_expm_complex_skew_hermitian_is_unitary(random_skew):
+    A = random_skew(2, 6, dtype=torch.complex128, radius=10.0)
+    assert unitary_error(expm(A)) < 1e-12
+
+
+# --------------------------------------------------------------------------- cayley
+
+
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+def test_cayley_matches_dense_formula_and_is_unitary(random_skew, dtype):
+    A = random_skew(3, 5, dtype=dtype, radius=4.0)
+    Id = torch.eye(5, dtype=dtype)
+    ref = torch.linalg.inv(Id - A / 2) @ (Id + A / 2)
+    Q = cayley(A)
+    assert (Q - ref).abs().max().item() < 1e-12
+    assert unitary_error(Q) < 1e-13
+
+
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+def test_cayley_matches_torch_orthogonal(randn, dtype):
+    """torch's "cayley" map on a square weight is cayley(X.tril() - X.tril()^H)."""
+    layer = torch.nn.Linear(4, 4, bias=False, dtype=dtype)
+    parametrizations.orthogonal(layer, orthogonal_map="cayley", use_trivialization=False)
+    X = randn(4, 4, dtype=dtype)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(X)
+    Y = X.tril()
+    assert torch.allclose(layer.weight, cayley(Y - Y.mH), rtol=0, atol=1e-15)
+
+
+def test_cayley_agrees_with_expm_to_second_order(random_skew):
+    A = random_skew(6, radius=1.0)
+    errors = [(cayley(t * A) - expm(t * A)).abs().max().item() for t in (1e-2, 1e-3)]
+    # the error is t^3 |A|^3 / 12 + O(t^5): divided by 1000 when t is divided by 10
+    assert 800 < errors[0] / errors[1] < 1200
+
+
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+def test_cayley_inverse_round_trips(random_skew, random_orthogonal, dtype):
+    A = random_skew(3, 6, dtype=dtype, radius=20.0)
+    assert (cayley_inverse(cayley(A)) - A).abs().max().item() < 1e-12
+    Q = random_orthogonal(3, 6, dtype=dtype)
+    assert (cayley(cayley_inverse(Q)) - Q).abs().max().item() < 1e-12
+    C = cayley_inverse(Q)
+    assert (C + C.mH).abs().max().item() < 1e-12  # skew-Hermitian
+
+
+# --------------------------------------------------------------------------- logm
+
+
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_logm_inverts_expm(random_skew, dtype, n):
+    if n == 1 and not dtype.is_complex:
+        A = torch.zeros(3, 1, 1, dtype=dtype)  # so(1) = {0}
+    else:
+        A = random_skew(3, n, dtype=dtype, radius=0.99 * math.pi)
+    L = logm(expm(A))
+    assert L.dtype == dtype
+    assert (L - A).abs().max().item() < 1e-11
+    assert (L + L.mH).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+def test_logm_matches_scipy(random_orthogonal, dtype):
+    Q = random_orthogonal(4, 7, dtype=dtype)
+    L = logm(Q)
+    for q, l in zip(Q, L):
+        ref = scipy.linalg.logm(q.numpy())
+        assert np.abs(l.numpy() - ref).max() < 1e-11
+
+
+def test_logm_of_a_complex_unitary_matches_scipy(randn):
+    """A Haar-like unitary from a complex QR (not built with expm)."""
+    Q = torch.linalg.qr(randn(6, 6, dtype=torch.complex128))[0]
+    L = logm(Q)
+    assert L.dtype == torch.complex128
+    ref = scipy.linalg.logm(Q.numpy())
+    assert np.abs(L.numpy() - ref).max() < 1e-10
+    assert (expm(L) - Q).abs().max().item() < 1e-12
+
+
+def test_logm_of_a_real_orthogonal_with_complex_dtype_is_real(random_orthogonal):
+    Q = random_orthogonal(5)
+    L = logm(Q.to(torch.complex128))
+    assert L.imag.abs().max().item() < 1e-13
+    assert (L.real - logm(Q)).abs().max().item() < 1e-13
+
+
+def test_logm_with_repeated_eigenvalues(gen):
+    """Identity, and a rotation by the same angle in two planes (double eigenvalues)."""
+    Id = torch.eye(5, dtype=torch.float64)
+    assert logm(Id).abs().max().item() == 0
+    Q, A = with_eigenangle(1.0, n=4, generator=gen)
+    Q2, A2 = with_eigenangle(0.3, n=4, generator=gen)
+    assert (logm(Q) - A).abs().max().item() < 1e-13
+    assert (logm(Q2) - A2).abs().max().item() < 1e-13
+
+
+def test_logm_corrects_rounding_drift_to_first_order(random_orthogonal, randn):
+    """For Q unitary up to delta, logm(Q) is scipy's log of Q itself up to O(delta^2)."""
+    Q = random_orthogonal(6)
+    E = 1e-6 * randn(6, 6)
+    ref = torch.from_numpy(scipy.linalg.logm((Q + E).numpy()).real)
+    assert (logm(Q + E) - ref).abs().max().item() < 1e-10
+
+
+def test_logm_close_to_but_not_at_minus_one(gen):
+    """Within the admitted range, a small distance to -1 is handled accurately."""
+    delta = 1e-5
+    Q, A = with_eigenangle(math.pi - delta, generator=gen)
+    assert (logm(Q) - A).abs().max().item() < 1e-9
+    ref = scipy.linalg.logm(Q.numpy())
+    assert np.abs(logm(Q).numpy() - ref).max() < 1e-9
+
+
+@pytest.mark.parametrize("delta", [0.0, 1e-10])
+def test_logm_raises_near_eigenvalue_minus_one(gen, delta):
+    Q, _ = with_eigenangle(math.pi - delta, generator=gen)
+    with pytest.raises(ValueError, match=r"^Q: .*eigenvalue -1.*got distance") as info:
+        logm(Q)
+    measured = float(re.search(r"got distance ([0-9.e+-]+)", str(info.value)).group(1))
+    assert measured < 1e-8
+
+
+def test_logm_raises_for_det_minus_one(random_orthogonal):
+    Q = random_orthogonal(5, radius=1.0)
+    Q = Q * torch.tensor([1.0, 1, 1, 1, -1], dtype=Q.dtype)  # det -1
+    with pytest.raises(ValueError, match=r"Q: .*eigenvalue -1.*det\(Q\) = -1"):
+        logm(Q)
+
+
+def test_logm_raises_for_real_eigenvalues_near_minus_one(gen):
+    """det +1 but a pair of real eigenvalues -1 +- 1e-6 (not quite orthogonal): no real log."""
+    P = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=gen))[0]
+    D = torch.diag(torch.tensor([-1 + 1e-6, -1 - 1e-6, 1.0, 1.0], dtype=torch.float64))
+    Q = P @ D @ P.mT
+    assert torch.linalg.det(Q) > 0
+    with pytest.raises(ValueError, match=r"^Q: .*eigenvalue -1.*got distance 1\.0"):
+        logm(Q)
+
+
+def test_logm_error_names_the_batch_index(random_orthogonal, gen):
+    Q = random_orthogonal(3, 4, radius=1.0)
+    Q[1] = with_eigenangle(math.pi, generator=gen)[0]
+    with pytest.raises(ValueError, match=r"batch index \(1,\)"):
+        logm(Q)
+
+
+def test_logm_raises_for_a_non_orthogonal_matrix(randn):
+    with pytest.raises(ValueError, match=r"^Q: expected an orthogonal/unitary matrix"):
+        logm(torch.eye(4, dtype=torch.float64) + 0.1 * randn(4, 4))
+
+
+def test_logm_complex_unitary_with_eigenvalue_minus_one_raises():
+    Q = torch.diag(torch.tensor([1j, -1, 1], dtype=torch.complex128))
+    with pytest.raises(ValueError, match="eigenvalue -1"):
+        logm(Q)
+
+
+def test_cayley_inverse_raises_near_eigenvalue_minus_one(gen):
+    with pytest.raises(ValueError, match=r"^Q: .*eigenvalue -1.*got distance 0"):
+        cayley_inverse(-torch.eye(3, dtype=torch.float64))
+    Q, _ = with_eigenangle(math.pi - 1e-10, generator=gen)
+    with pytest.raises(ValueError, match=r"smallest singular value of Q \+ I"):
+        cayley_inverse(Q)
+    Q, _ = with_eigenangle(math.pi - 1e-4, generator=gen)
+    C = cayley_inverse(Q)  # far enough: the exact value 2 tan(theta / 2) ~ 4e4
+    assert (cayley(C) - Q).abs().max().item() < 1e-10
+
+
+def test_cayley_inverse_tol_zero_skips_the_distance_check(gen):
+    Q, _ = with_eigenangle(math.pi - 1e-10, generator=gen)
+    C = cayley_inverse(Q, tol=0)
+    assert torch.isfinite(C).all()
+    with pytest.raises(ValueError, match="eigenvalue -1"):
+        cayley_inverse(-torch.eye(2, dtype=torch.float64), tol=0)
+
+
+@pytest.mark.parametrize("fn", [expm, logm, cayley, cayley_inverse])
+def test_argument_checks(fn):
+    with pytest.raises(ValueError, match=r"expected square"):
+        fn(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"floating point"):
+        fn(torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"ndim >= 2"):
+        fn(torch.zeros(3))
+
+
+@pytest.mark.parametrize("fn", [expm, logm, cayley, cayley_inverse])
+def test_empty_batch(fn):
+    out = fn(torch.zeros(0, 3, 3, dtype=torch.float64))
+    assert out.shape == (0, 3, 3)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+@pytest.mark.parametrize("fn", [expm, cayley], ids=["expm", "cayley"])
+def test_forward_maps_gradcheck(random_skew, fn, dtype):
+    A = random_skew(2, 3, dtype=dtype, radius=2.0).requires_grad_()
+    assert gradcheck(fn, (A,))
+
+
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+def test_logm_gradcheck(random_orthogonal, dtype):
+    Q = random_orthogonal(2, 4, dtype=dtype).requires_grad_()
+    assert gradcheck(logm, (Q,))
+
+
+def test_logm_gradcheck_at_repeated_eigenvalues(gen):
+    Id = torch.eye(4, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(logm, (Id,))
+    Q, _ = with_eigenangle(1.0, n=4, generator=gen)
+    assert gradcheck(logm, (Q.requires_grad_(),))
+
+
+def test_logm_gradient_inverts_the_expm_derivative(random_skew):
+    """d log(e^A)[d e^A] = dA: the Jacobians of logm at e^A and expm at A are inverse."""
+    A = random_skew(4, radius=2.5)
+    J_exp = torch.autograd.functional.jacobian(expm, A).reshape(16, 16)
+    J_log = torch.autograd.functional.jacobian(logm, expm(A)).reshape(16, 16)
+    assert (J_log @ J_exp - torch.eye(16, dtype=torch.float64)).abs().max().item() < 1e-10
+
+
+def test_logm_second_derivatives_are_refused(random_orthogonal):
+    Q = random_orthogonal(3).requires_grad_()
+    (g,) = torch.autograd.grad(logm(Q).pow(2).sum(), Q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+def test_cayley_inverse_gradcheck(random_orthogonal, dtype):
+    Q = random_orthogonal(2, 3, dtype=dtype).requires_grad_()
+    assert gradcheck(cayley_inverse, (Q,))

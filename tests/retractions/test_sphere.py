@@ -1,0 +1,204 @@
+"""Sphere maps: exp/log and projective retraction, against geoopt and their identities."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from dtriv.retractions import sphere_exp, sphere_log, sphere_projective, sphere_projective_inverse
+
+with warnings.catch_warnings():  # geoopt's import scripts functions with torch.jit (deprecated)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import geoopt
+
+
+@pytest.fixture
+def point(randn):
+    def make(*shape, dtype=torch.float64):
+        x = randn(*shape, dtype=dtype)
+        return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+
+    return make
+
+
+@pytest.fixture
+def tangent(randn):
+    """A tangent at x with norms ``scale`` times a standard normal vector's."""
+
+    def make(x, scale=1.0):
+        v = randn(*x.shape, dtype=x.dtype)
+        v = v - (x.conj() * v).real.sum(-1, keepdim=True) * x
+        return scale * v
+
+    return make
+
+
+def norms(y):
+    return torch.linalg.vector_norm(y, dim=-1)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 0.05, 0.3, 1.0])
+def test_exp_matches_geoopt_and_stays_on_the_sphere(point, tangent, scale):
+    x = point(6, 5)
+    v = tangent(x, scale)
+    y = sphere_exp(x, v)
+    ref = geoopt.Sphere().expmap(x, v)
+    assert (y - ref).abs().max().item() < 1e-14
+    assert (norms(y) - 1).abs().max().item() < 1e-14
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("scale", [0.0, 1e-7, 0.03, 0.5, 1.0])
+def test_exp_log_round_trip(point, tangent, dtype, scale):
+    x = point(6, 5, dtype=dtype)
+    v = tangent(x, scale)
+    # keep |v| < pi (the exponential map is injective there)
+    v = v * torch.clamp(3.0 / norms(v).clamp_min(1e-300), max=1.0).unsqueeze(-1)
+    assert (sphere_log(x, sphere_exp(x, v)) - v).abs().max().item() < 1e-13
+    y = point(6, 5, dtype=dtype)
+    assert (sphere_exp(x, sphere_log(x, y)) - y).abs().max().item() < 1e-13
+
+
+def test_log_matches_geoopt(point):
+    x, y = point(8, 4), point(8, 4)
+    assert (sphere_log(x, y) - geoopt.Sphere().logmap(x, y)).abs().max().item() < 1e-13
+
+
+def test_log_length_is_the_angle(point):
+    x, y = point(8, 4), point(8, 4)
+    angle = torch.arccos((x * y).sum(-1))
+    assert (norms(sphere_log(x, y)) - angle).abs().max().item() < 1e-13
+
+
+def test_series_and_closed_form_agree_across_the_switch(point, tangent):
+    """|v|^2 just below and above the series threshold 1e-2: the same smooth function."""
+    x = point(5)
+    e = tangent(x)
+    e = e / norms(e)
+    for t in (0.1 * (1 - 1e-9), 0.1 * (1 + 1e-9), 1e-3, 1e-8):
+        y = sphere_exp(x, t * e)
+        ref = math.cos(t) * x + math.sin(t) * e
+        assert (y - ref).abs().max().item() < 1e-16 * 4
+    # the log switches at z^2 = tan^2(theta) = 1e-2
+    for theta in (math.atan(0.1) * (1 - 1e-9), math.atan(0.1) * (1 + 1e-9), 1e-6):
+        y = math.cos(theta) * x + math.sin(theta) * e
+        assert (sphere_log(x, y) - theta * e).abs().max().item() < 1e-16 * 4
+
+
+def test_exp_is_first_order_x_plus_v(point, tangent):
+    x = point(7)
+    v = tangent(x)
+    errors = [(sphere_exp(x, t * v) - (x + t * v)).abs().max().item() for t in (1e-2, 1e-3)]
+    assert 90 < errors[0] / errors[1] < 110  # O(t^2)
+
+
+def test_projective_agrees_with_exp_to_second_order(point, tangent):
+    x = point(7)
+    v = tangent(x)
+    errors = [
+        (sphere_exp(x, t * v) - sphere_projective(x, t * v)).abs().max().item()
+        for t in (1e-2, 1e-3)
+    ]
+    assert 900 < errors[0] / errors[1] < 1100  # O(t^3)
+
+
+def test_exp_at_zero_is_exact_and_has_the_first_order_jacobian(point):
+    x = point(5)
+    v0 = torch.zeros(5, dtype=torch.float64)
+    assert torch.equal(sphere_exp(x, v0), x)
+    J_v = torch.autograd.functional.jacobian(lambda v: sphere_exp(x, v), v0)
+    J_x = torch.autograd.functional.jacobian(lambda y: sphere_exp(y, v0), x)
+    J_first_order = torch.autograd.functional.jacobian(lambda v: x + v, v0)
+    assert torch.equal(J_v, J_first_order)
+    assert torch.equal(J_x, torch.eye(5, dtype=torch.float64))
+    # on tangent directions it is also the projective retraction's Jacobian
+    J_proj = torch.autograd.functional.jacobian(lambda v: sphere_projective(x, v), v0)
+    P = torch.eye(5, dtype=torch.float64) - torch.outer(x, x)
+    assert (J_v @ P - J_proj @ P).abs().max().item() < 1e-15
+
+
+def test_gradients_at_zero_are_finite(point):
+    x = point(3, 4).requires_grad_()
+    v = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    sphere_exp(x, v).pow(2).sum().backward()
+    assert torch.isfinite(v.grad).all() and torch.isfinite(x.grad).all()
+    y = x.detach().clone().requires_grad_()
+    sphere_log(x.detach(), y).pow(2).sum().backward()
+    assert torch.isfinite(y.grad).all()
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.05, 0.101, 1.5])
+def test_exp_gradcheck(point, tangent, scale):
+    x = point(2, 4)
+    v = tangent(x, scale)
+    if scale == 0.101:  # |v| ~ the series threshold
+        v = 0.1 * v / norms(v).unsqueeze(-1)
+    assert gradcheck(sphere_exp, (x.requires_grad_(), v.requires_grad_()))
+
+
+def test_exp_gradcheck_complex(point, tangent):
+    x = point(2, 3, dtype=torch.complex128)
+    v = tangent(x, 0.5)
+    assert gradcheck(sphere_exp, (x.requires_grad_(), v.requires_grad_()))
+
+
+@pytest.mark.parametrize("where", ["equal", "near", "far"])
+def test_log_gradcheck(point, tangent, where):
+    x = point(2, 4)
+    y = {"equal": x.clone(), "near": sphere_exp(x, tangent(x, 1e-3)), "far": point(2, 4)}[where]
+    assert gradcheck(sphere_log, (x.requires_grad_(), y.requires_grad_()))
+
+
+def test_projective_maps_gradcheck(point, tangent):
+    x = point(2, 4)
+    v = tangent(x, 0.7)
+    assert gradcheck(sphere_projective, (x.clone().requires_grad_(), v.requires_grad_()))
+    y = point(2, 4)
+    y = torch.where((x * y).sum(-1, keepdim=True) > 0, y, -y)
+    assert gradcheck(sphere_projective_inverse, (x.requires_grad_(), y.requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_projective_round_trip_and_unit_norm(point, tangent, dtype):
+    x = point(6, 5, dtype=dtype)
+    v = tangent(x, 2.0)
+    y = sphere_projective(x, v)
+    assert (norms(y) - 1).abs().max().item() < 1e-14
+    assert (sphere_projective_inverse(x, y) - v).abs().max().item() < 1e-13
+    ref = (x + v) / torch.linalg.vector_norm(x + v, dim=-1, keepdim=True)
+    assert (y - ref).abs().max().item() < 1e-15
+
+
+def test_complex_exp_is_the_real_exp_of_r2n(point, tangent):
+    x = point(3, 4, dtype=torch.complex128)
+    v = tangent(x, 0.8)
+    y = sphere_exp(x, v)
+    real = sphere_exp(torch.view_as_real(x).flatten(-2), torch.view_as_real(v).flatten(-2))
+    assert (torch.view_as_real(y).flatten(-2) - real).abs().max().item() < 1e-15
+
+
+def test_log_raises_at_the_antipode(point):
+    x = point(3, 4)
+    with pytest.raises(ValueError, match=r"^y: expected a point that is not antipodal"):
+        sphere_log(x, -x)
+
+
+def test_projective_inverse_raises_outside_the_hemisphere(point, tangent):
+    x = point(4)
+    with pytest.raises(ValueError, match=r"^y: expected a point in the open hemisphere"):
+        sphere_projective_inverse(x, tangent(x) / norms(tangent(x)))
+    with pytest.raises(ValueError, match="open hemisphere"):
+        sphere_projective_inverse(x, -x)
+
+
+@pytest.mark.parametrize("fn", [sphere_exp, sphere_log, sphere_projective,
+                                sphere_projective_inverse])
+def test_argument_checks(fn):
+    with pytest.raises(ValueError, match=r"expected the shape of x"):
+        fn(torch.ones(3), torch.ones(4))
+    with pytest.raises(ValueError, match=r"floating point"):
+        fn(torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64))
