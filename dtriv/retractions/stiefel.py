@@ -1,0 +1,513 @@
+r"""Retractions of the Stiefel manifold :math:`\{B \in \mathbb{F}^{n\times k} : B^H B = I\}`.
+
+Every map here takes a base point ``B`` of shape ``(..., n, k)`` with ``n >= k`` and
+:math:`B^H B = I`, and a tangent vector ``V`` at ``B`` of the same shape
+(:math:`B^H V + V^H B = 0`), and returns a point of the manifold. They are batched over the
+leading dimensions, differentiable in ``B`` and ``V``, real or complex, single or double
+precision (half precision is computed in single precision and cast back).
+
+All of them cost :math:`O(n k^2)` time and memory: they only form products
+``B^H V`` (``k x k``), ``B @ M`` (``n x k``) and factorizations of ``n x k`` or ``2k x 2k``
+matrices, never an ``n x n`` matrix such as :math:`B B^H`.
+
+=================  ==================================================================
+``qr``             q-factor of :math:`B + V`, signs fixed so that diag(R) > 0
+``polar``          polar factor :math:`(B + V)(I + V^H V)^{-1/2}` (thin SVD)
+``polar_ns``       the same polar factor by a matmul-only Newton--Schulz iteration
+``cayley``         Cayley transform in low-rank (Woodbury) form (Wen & Yin, 2013)
+``exp``            geodesic of the embedded metric (Edelman, Arias & Smith, 1998)
+``exp_canonical``  geodesic of the canonical metric (Edelman, Arias & Smith, 1998)
+=================  ==================================================================
+
+References
+----------
+* A. Edelman, T. A. Arias, S. T. Smith, "The geometry of algorithms with orthogonality
+  constraints", SIAM J. Matrix Anal. Appl. 20(2), 1998.
+* Z. Wen, W. Yin, "A feasible method for optimization with orthogonality constraints",
+  Math. Program. 142, 2013.
+* P.-A. Absil, R. Mahony, R. Sepulchre, "Optimization Algorithms on Matrix Manifolds",
+  Princeton University Press, 2008 (QR and polar retractions, Sec. 4.1).
+* T. Kaneko, S. Fiori, T. Tanaka, "Empirical arithmetic averaging over the compact Stiefel
+  manifold", IEEE Trans. Signal Process., 2013 (inverses of the QR and polar retractions).
+* N. J. Higham, "Functions of Matrices", SIAM, 2008, Ch. 6 and 8 (Newton--Schulz
+  iterations for the matrix square root and the polar decomposition).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._common import check_floating, check_matrix, check_same_shape, eps, upcast_half
+from .registry import register
+
+__all__ = [
+    "polar_factor",
+    "stiefel_qr",
+    "stiefel_qr_inverse",
+    "stiefel_polar",
+    "stiefel_polar_inverse",
+    "stiefel_polar_newton_schulz",
+    "stiefel_cayley",
+    "stiefel_exp",
+    "stiefel_exp_canonical",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check(B: Tensor, V: Tensor, name_v: str = "V") -> None:
+    check_matrix(B, "B", tall=True)
+    check_floating(B, "B")
+    check_matrix(V, name_v)
+    check_same_shape(B, V, "B", name_v)
+    if V.dtype != B.dtype:
+        raise ValueError(f"{name_v}: expected the dtype of B, {B.dtype}, got {V.dtype}")
+
+
+def _eye(k: int, like: Tensor) -> Tensor:
+    return torch.eye(k, dtype=like.dtype, device=like.device)
+
+
+def _balance(M: Tensor) -> Tensor:
+    """A detached per-matrix scale ``max(1, |M|_F)`` of shape ``(..., 1, 1)``.
+
+    Used to balance the ``2k x 2k`` block matrices of the geodesics: the result does not
+    depend on the scale mathematically, only the rounding errors of the exponential do.
+    """
+    with torch.no_grad():
+        s = torch.linalg.matrix_norm(M).clamp(min=1.0)
+    return s.unsqueeze(-1).unsqueeze(-1).to(M.dtype)
+
+
+# --------------------------------------------------------------------------- QR
+
+
+@upcast_half
+def stiefel_qr(B: Tensor, V: Tensor) -> Tensor:
+    r"""QR retraction: the q-factor of :math:`B + V` with a positive diagonal in R.
+
+    .. math:: R_B(V) = \operatorname{qf}(B + V), \qquad B + V = Q R,\ \operatorname{diag}(R) > 0,
+
+    where the phases of the columns of the Householder QR are chosen so that the
+    diagonal of ``R`` is real and positive (this makes the factorization unique and the
+    map smooth). A first-order retraction that agrees with the exponential map to first
+    order: :math:`R_B(tV) = B + tV + O(t^2)`.
+
+    Args:
+        B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
+        V: tangent vectors at ``B``, same shape.
+
+    Returns:
+        ``(..., n, k)`` with orthonormal columns.
+
+    Cost: one thin QR of an ``n x k`` matrix, :math:`O(n k^2)`.
+
+    Reference: Absil, Mahony & Sepulchre (2008), Sec. 4.1 (the qf retraction).
+    """
+    _check(B, V)
+    Q, R = torch.linalg.qr(B + V, mode="reduced")
+    d = R.diagonal(dim1=-2, dim2=-1)
+    s = torch.where(d == 0, torch.ones_like(d), torch.sgn(d))
+    return Q * s.unsqueeze(-2)
+
+
+@upcast_half
+def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
+    r"""Inverse of :func:`stiefel_qr` at ``B``: the tangent ``V`` with ``qf(B + V) = Q``.
+
+    Writing :math:`B + V = Q R` with ``R`` upper triangular with a positive diagonal, the
+    tangency condition :math:`B^H V + V^H B = 0` reads, with :math:`M = B^H Q`,
+
+    .. math:: M R + R^H M^H = 2 I,
+
+    a triangular system solved column by column: for column ``j`` the ``j - 1`` strictly
+    upper equations are linear in :math:`R_{1:j-1, j}` and the diagonal equation
+    :math:`\operatorname{Re}(M R)_{jj} = 1` fixes the real :math:`R_{jj}`. Then
+    :math:`V = Q R - B`.
+
+    Args:
+        B: points of the Stiefel manifold, ``(..., n, k)``.
+        Q: points of the Stiefel manifold, same shape.
+
+    Returns:
+        The tangent vector ``V`` at ``B`` (``(..., n, k)``).
+
+    Raises:
+        ValueError: if ``Q`` is not in the image of the QR retraction at ``B`` (a leading
+            principal minor of :math:`B^H Q` vanishes or the solved diagonal of ``R`` is
+            not positive).
+
+    Cost: :math:`O(n k^2)` for :math:`B^H Q` and :math:`Q R`, plus ``k`` solves of size at
+    most ``k``, :math:`O(k^4)`.
+
+    Reference: Kaneko, Fiori & Tanaka (2013).
+    """
+    _check(B, Q, "Q")
+    M = B.mH @ Q
+    k = M.shape[-1]
+    batch = M.shape[:-2]
+    cols = []
+    for j in range(k):
+        m21 = M[..., j, :j]
+        m22 = M[..., j, j]
+        if j == 0:
+            r_top = M.new_zeros(*batch, 0)
+            rjj = 1.0 / m22.real
+        else:
+            R_prev = torch.stack(cols, dim=-1)  # (..., k, j), columns 0..j-1
+            # strictly upper equations: (M R)_{ij} = -conj((M R)_{ji}), i < j
+            b_top = -(m21.unsqueeze(-2) @ R_prev[..., :j, :]).squeeze(-2).conj()
+            M11 = M[..., :j, :j]
+            m12 = M[..., :j, j]
+            uw = torch.linalg.solve(M11, torch.stack([b_top, m12], dim=-1))
+            u, w = uw[..., 0], uw[..., 1]
+            num = 1.0 - (m21 * u).sum(-1).real
+            den = (m22 - (m21 * w).sum(-1)).real
+            rjj = num / den
+            r_top = u - w * rjj.unsqueeze(-1).to(M.dtype)
+        col = torch.cat(
+            [r_top, rjj.to(M.dtype).unsqueeze(-1), M.new_zeros(*batch, k - j - 1)], dim=-1
+        )
+        cols.append(col)
+    R = torch.stack(cols, dim=-1)
+    diag = R.diagonal(dim1=-2, dim2=-1).real
+    if not bool(torch.isfinite(R).all()) or bool((diag <= 0).any()):
+        raise ValueError(
+            "Q: expected a point in the image of the QR retraction at B (positive diagonal "
+            f"of R in B + V = Q R), got min diag(R) = {float(diag.nan_to_num(-1.0).min()):.3g}"
+        )
+    return Q @ R - B
+
+
+# --------------------------------------------------------------------------- polar
+
+
+class _PolarFactor(torch.autograd.Function):
+    r"""Polar factor :math:`Q = U W^H` of a full-rank ``X = U S W^H`` with a stable backward.
+
+    With :math:`H = W S W^H` and :math:`L(\Omega) = \Omega H + H \Omega`, the differential is
+    :math:`dQ = Q L^{-1}(Q^H dX - dX^H Q) + (I - Q Q^H)\, dX\, H^{-1}`, whose adjoint is
+
+    .. math:: \bar X = 2 Q\, L^{-1}(\operatorname{skew}(Q^H \bar Q))
+                       + (\bar Q - Q Q^H \bar Q) H^{-1}.
+
+    In the basis ``W``, :math:`L^{-1}` divides entry ``(i, j)`` by :math:`s_i + s_j > 0`, so
+    the gradient is finite at repeated singular values (e.g. ``X = B`` on the manifold),
+    where the generic SVD backward divides by :math:`s_i^2 - s_j^2 = 0`.
+    """
+
+    @staticmethod
+    def forward(ctx, X: Tensor) -> Tensor:
+        U, S, Wh = torch.linalg.svd(X, full_matrices=False)
+        Q = U @ Wh
+        ctx.save_for_backward(Q, S, Wh)
+        return Q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gQ: Tensor) -> Tensor:
+        Q, S, Wh = ctx.saved_tensors
+        W = Wh.mH
+        QhG = Q.mH @ gQ
+        C = W.mH @ ((QhG - QhG.mH) / 2) @ W
+        denom = S.unsqueeze(-1) + S.unsqueeze(-2)
+        Omega = W @ (C / denom.to(C.dtype)) @ Wh
+        Hinv = (W / S.unsqueeze(-2).to(W.dtype)) @ Wh
+        return 2 * Q @ Omega + (gQ - Q @ QhG) @ Hinv
+
+
+@upcast_half
+def polar_factor(X: Tensor) -> Tensor:
+    r"""The unitary polar factor :math:`U W^H` of a full-rank ``X = U S W^H``, ``(..., n, k)``.
+
+    It is the point of the Stiefel manifold nearest to ``X`` (in any unitarily invariant
+    norm) and equals :math:`X (X^H X)^{-1/2}`. The gradient uses the stable formula of
+    :class:`_PolarFactor` (denominators :math:`s_i + s_j`), finite at repeated singular
+    values. Tall (``n >= k``) input.
+
+    Cost: one thin SVD, :math:`O(n k^2)`; backward :math:`O(n k^2)`.
+
+    Reference: Higham, "Functions of Matrices" (2008), Ch. 8.
+    """
+    check_matrix(X, "X", tall=True)
+    check_floating(X, "X")
+    return _PolarFactor.apply(X)
+
+
+@upcast_half
+def stiefel_polar(B: Tensor, V: Tensor) -> Tensor:
+    r"""Polar retraction: the unitary polar factor of :math:`B + V`.
+
+    .. math:: R_B(V) = (B + V)(I + V^H V)^{-1/2} = U W^H, \qquad B + V = U S W^H,
+
+    since :math:`B^H V` is skew, :math:`(B + V)^H (B + V) = I + V^H V`. It is the
+    metric projection of :math:`B + V` onto the manifold, a second-order retraction. The
+    backward pass is the stable closed form of :func:`polar_factor`, finite at ``V = 0``.
+
+    Args:
+        B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
+        V: tangent vectors at ``B``, same shape.
+
+    Cost: one thin SVD of an ``n x k`` matrix, :math:`O(n k^2)`.
+
+    Reference: Absil, Mahony & Sepulchre (2008), Sec. 4.1 (the polar retraction);
+    Higham (2008), Ch. 8.
+    """
+    _check(B, V)
+    return _PolarFactor.apply(B + V)
+
+
+def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> Tensor:
+    r"""``G^{-1/2}`` of a Hermitian positive definite ``G`` by coupled Newton--Schulz."""
+    k = G.shape[-1]
+    I = _eye(k, G)
+    with torch.no_grad():
+        fro = torch.linalg.matrix_norm(G)
+        inf = G.abs().sum(-1).amax(-1)  # |G|_inf >= lambda_max for Hermitian G
+        c = torch.minimum(fro, inf).clamp(min=torch.finfo(fro.dtype).tiny)
+        c = c.unsqueeze(-1).unsqueeze(-1)
+    Y = G / c.to(G.dtype)
+    Z = I.expand_as(G)
+    tol = math.sqrt(eps(G.dtype))
+    n_iter = 100 if iters is None else iters
+    for _ in range(n_iter):
+        R = I - Z @ Y
+        T = I + R / 2
+        Y = Y @ T
+        Z = T @ Z
+        if iters is None and float(R.detach().abs().amax()) <= tol:
+            break
+    return Z / c.sqrt().to(G.dtype)
+
+
+@upcast_half
+def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) -> Tensor:
+    r"""Polar retraction by a matmul-only Newton--Schulz iteration (no SVD, no solve).
+
+    .. math:: R_B(V) = X\, G^{-1/2}, \qquad X = B + V,\quad G = X^H X\ (= I + V^H V),
+
+    where :math:`G^{-1/2}` comes from the coupled Newton--Schulz iteration on the
+    ``k x k`` Gram matrix, scaled by :math:`c = \min(\|G\|_F, \|G\|_\infty) \ge
+    \lambda_{\max}(G)` so that the spectrum of :math:`G/c` lies in ``(0, 1]``:
+
+    .. math:: Y_0 = G/c,\ Z_0 = I,\quad T = \tfrac12(3I - Z_j Y_j),\quad
+              Y_{j+1} = Y_j T,\ Z_{j+1} = T Z_j,\qquad G^{-1/2} = \lim Z_j / \sqrt{c}.
+
+    Convergence is quadratic once :math:`\|I - Z_j Y_j\| < 1`. Equal to
+    :func:`stiefel_polar` up to the iteration tolerance; differentiable through the
+    matmuls, including at ``V = 0``.
+
+    Args:
+        B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
+        V: tangent vectors at ``B``, same shape.
+        iters: number of iterations. ``None`` iterates until
+            :math:`\max|I - Z Y| \le \sqrt{\epsilon}` (one more step then reaches
+            :math:`\epsilon`), at most 100 steps; this reads one scalar per step back from the
+            device. An integer (>= 1) runs exactly that many steps, with no host synchronisation.
+
+    Cost: :math:`O(n k^2)` for the Gram matrix and the final product, plus
+    :math:`O(k^3)` per iteration.
+
+    Reference: Higham, "Functions of Matrices" (2008), Ch. 6 (coupled Newton--Schulz
+    iteration) and Ch. 8 (polar decomposition).
+    """
+    _check(B, V)
+    if iters is not None and (not isinstance(iters, int) or iters < 1):
+        raise ValueError(f"iters: expected None or a positive int, got {iters!r}")
+    X = B + V
+    G = X.mH @ X
+    G = (G + G.mH) / 2
+    return X @ _inv_sqrt_newton_schulz(G, iters)
+
+
+@upcast_half
+def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
+    r"""Inverse of :func:`stiefel_polar` at ``B``: the tangent ``V`` with ``polar(B + V) = Q``.
+
+    Writing :math:`B + V = Q S` with ``S`` Hermitian positive definite, tangency
+    :math:`B^H V + V^H B = 0` is the Lyapunov equation, with :math:`M = B^H Q`,
+
+    .. math:: M S + S M^H = 2 I,
+
+    solved as the :math:`k^2 \times k^2` linear system
+    :math:`(M \otimes I + I \otimes \bar M)\operatorname{vec}(S) = \operatorname{vec}(2I)`.
+    Then :math:`V = Q S - B`.
+
+    Args:
+        B: points of the Stiefel manifold, ``(..., n, k)``.
+        Q: points of the Stiefel manifold, same shape.
+
+    Raises:
+        ValueError: if ``Q`` is not in the image of the polar retraction at ``B`` (``S``
+            not positive definite).
+
+    Cost: :math:`O(n k^2)` for :math:`B^H Q` and :math:`Q S`, plus a dense solve of size
+    :math:`k^2`, :math:`O(k^6)`: cheap for ``k`` up to a few tens.
+
+    Reference: Kaneko, Fiori & Tanaka (2013).
+    """
+    _check(B, Q, "Q")
+    M = B.mH @ Q
+    k = M.shape[-1]
+    I = _eye(k, M)
+    K = torch.einsum("...il,jm->...ijlm", M, I) + torch.einsum("il,...jm->...ijlm", I, M.conj())
+    K = K.reshape(*M.shape[:-2], k * k, k * k)
+    rhs = (2 * I).reshape(k * k).expand(*M.shape[:-2], k * k)
+    S = torch.linalg.solve(K, rhs).reshape(M.shape)
+    S = (S + S.mH) / 2
+    with torch.no_grad():
+        lam = torch.linalg.eigvalsh(S)
+    if not bool(torch.isfinite(lam).all()) or bool((lam <= 0).any()):
+        lam_min = float(lam.nan_to_num(-1.0).min())
+        raise ValueError(
+            "Q: expected a point in the image of the polar retraction at B (positive "
+            f"definite S in B + V = Q S), got min eigenvalue {lam_min:.3g}"
+        )
+    return Q @ S - B
+
+
+# --------------------------------------------------------------------------- Cayley
+
+
+@upcast_half
+def stiefel_cayley(B: Tensor, V: Tensor) -> Tensor:
+    r"""Cayley retraction in low-rank (Woodbury) form (Wen & Yin, 2013).
+
+    With :math:`P = I - \tfrac12 B B^H` (applied as :math:`PV = V - \tfrac12 B (B^H V)`),
+    :math:`U = [PV, B]` and :math:`W = [B, -PV]` (both ``n x 2k``),
+
+    .. math:: R_B(V) = B + U \left(I_{2k} - \tfrac12 W^H U\right)^{-1} W^H B,
+
+    which equals the dense Cayley transform :math:`(I - \Omega/2)^{-1}(I + \Omega/2) B` of
+    the skew :math:`\Omega = U W^H = PV B^H - B (PV)^H` (Sherman--Morrison--Woodbury), and
+    :math:`\Omega B = V` for tangent ``V``. For square ``B`` it is
+    :math:`B\,\operatorname{cayley}(B^H V)`; at ``B = I_{n,k}`` it is what
+    ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map="cayley")`` computes
+    on tall weights. The Gram products use the actual ``B`` (not :math:`B^H B = I`), so the
+    identity with the dense formula holds exactly for any ``B``.
+
+    Args:
+        B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
+        V: tangent vectors at ``B``, same shape.
+
+    Cost: five ``n x k`` by ``k x k`` products/Gram matrices and one ``2k x 2k`` solve,
+    :math:`O(n k^2 + k^3)`.
+
+    Reference: Wen & Yin (2013), Sec. 2 (the Sherman--Morrison--Woodbury form of the update).
+    """
+    _check(B, V)
+    k = B.shape[-1]
+    BhV = B.mH @ V
+    PV = V - B @ BhV / 2
+    BB = B.mH @ B
+    BP = B.mH @ PV
+    PP = PV.mH @ PV
+    WhU = torch.cat(
+        [torch.cat([BP, BB], dim=-1), torch.cat([-PP, -BP.mH], dim=-1)], dim=-2
+    )  # W^H U, (2k, 2k)
+    WhB = torch.cat([BB, -BP.mH], dim=-2)  # W^H B, (2k, k)
+    Y = torch.linalg.solve(_eye(2 * k, B) - WhU / 2, WhB)
+    return B + PV @ Y[..., :k, :] + B @ Y[..., k:, :]
+
+
+# --------------------------------------------------------------------------- geodesics
+
+
+@upcast_half
+def stiefel_exp(B: Tensor, V: Tensor) -> Tensor:
+    r"""Exponential map of the embedded (Euclidean) metric: the geodesic at time 1.
+
+    With :math:`A = B^H V` (skew) and :math:`S = V^H V`,
+
+    .. math:: \gamma(1) = [B, V]\, \exp\!\begin{pmatrix} A & -S \\ I & A \end{pmatrix}
+              \begin{pmatrix} \exp(-A) \\ 0 \end{pmatrix},
+
+    a ``2k x 2k`` and a ``k x k`` matrix exponential. The curve
+    :math:`\gamma(t) = R_B(tV)` solves :math:`\gamma'' = -\gamma\,(\gamma'^H \gamma')`: its
+    acceleration is normal to the manifold. For square ``B`` it is
+    :math:`B \exp(B^H V)`. The block matrix is balanced by a scalar similarity
+    ``diag(I, sI)``, ``s = max(1, |V|_F)``, which leaves the result unchanged.
+
+    Args:
+        B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
+        V: tangent vectors at ``B``, same shape.
+
+    Cost: two Gram matrices and two ``n x k`` by ``k x k`` products, :math:`O(n k^2)`,
+    plus exponentials of size ``2k`` and ``k``, :math:`O(k^3)`.
+
+    Reference: Edelman, Arias & Smith (1998), geodesics of the Euclidean metric.
+    """
+    _check(B, V)
+    k = B.shape[-1]
+    A = B.mH @ V
+    S = V.mH @ V
+    s = _balance(V)
+    I = _eye(k, B).expand_as(A)
+    K = torch.cat(
+        [torch.cat([A, -S / s], dim=-1), torch.cat([s * I, A], dim=-1)], dim=-2
+    )
+    F = torch.linalg.matrix_exp(K)[..., :, :k] @ torch.linalg.matrix_exp(-A)
+    return B @ F[..., :k, :] + (V / s) @ F[..., k:, :]
+
+
+@upcast_half
+def stiefel_exp_canonical(B: Tensor, V: Tensor) -> Tensor:
+    r"""Exponential map of the canonical metric: :math:`\exp(\Omega) B` without forming Ω.
+
+    With :math:`A = B^H V`, the normal part :math:`N = (I - B B^H) V = QR` and
+    :math:`\Omega = B A B^H + N B^H - B N^H` (``n x n`` skew, :math:`\Omega B = V`), the
+    canonical geodesic is
+
+    .. math:: \gamma(1) = \exp(\Omega) B = B M + Q R\,\tilde N, \qquad
+              \begin{pmatrix} M \\ R \tilde N \end{pmatrix}
+              = \exp\!\begin{pmatrix} A & -R^H \\ R & 0 \end{pmatrix}
+                \begin{pmatrix} I \\ 0 \end{pmatrix}.
+
+    Since only :math:`QR = N` and :math:`R^H R = N^H N` enter, it is computed without a
+    QR (so also when ``N`` is rank deficient, e.g. ``n < 2k``) as
+    :math:`B M + N \tilde N` with
+    :math:`[M; \tilde N] = \exp\begin{pmatrix} A & -N^H N \\ I & 0\end{pmatrix}[I; 0]`,
+    balanced by a scalar similarity ``diag(I, sI)``, ``s = max(1, |N|_F)``.
+
+    This is what ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map=
+    "matrix_exp")`` computes on tall weights: with ``Y = [X.tril(), 0]`` (``n x n``) and
+    ``A = Y - Y^H``, ``matrix_exp(A)[:, :k] == stiefel_exp_canonical(eye(n, k), A[:, :k])``,
+    here in :math:`O(n k^2)` instead of :math:`O(n^3)`. For square ``B`` it is
+    :math:`B \exp(B^H V)`.
+
+    Args:
+        B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
+        V: tangent vectors at ``B``, same shape.
+
+    Cost: three ``n x k`` by ``k x k`` products and two Gram matrices, :math:`O(n k^2)`,
+    plus one exponential of size ``2k``, :math:`O(k^3)`.
+
+    Reference: Edelman, Arias & Smith (1998), geodesics of the canonical metric.
+    """
+    _check(B, V)
+    k = B.shape[-1]
+    A = B.mH @ V
+    N = V - B @ A
+    C = N.mH @ N
+    s = _balance(N)
+    I = _eye(k, B).expand_as(A)
+    K = torch.cat(
+        [torch.cat([A, -C / s], dim=-1), torch.cat([s * I, torch.zeros_like(A)], dim=-1)],
+        dim=-2,
+    )
+    F = torch.linalg.matrix_exp(K)[..., :, :k]
+    return B @ F[..., :k, :] + (N / s) @ F[..., k:, :]
+
+
+# --------------------------------------------------------------------------- registry
+
+register("stiefel", "qr", stiefel_qr, stiefel_qr_inverse)
+register("stiefel", "polar", stiefel_polar, stiefel_polar_inverse)
+register("stiefel", "polar_ns", stiefel_polar_newton_schulz, stiefel_polar_inverse)
+register("stiefel", "cayley", stiefel_cayley)
+register("stiefel", "exp", stiefel_exp)
+register("stiefel", "exp_canonical", stiefel_exp_canonical)
