@@ -1,0 +1,115 @@
+"""The sphere of radius ``r`` in :math:`\\mathbb{R}^n` (or :math:`\\mathbb{C}^n`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dtriv.manifolds.base import Manifold
+from dtriv.retractions.sphere import (
+    sphere_exp,
+    sphere_log,
+    sphere_projective,
+    sphere_projective_inverse,
+)
+
+__all__ = ["Sphere"]
+
+
+def _real_inner(x: Tensor, v: Tensor) -> Tensor:
+    """``Re <x, v>`` over the last dimension, keeping it."""
+    return (x.conj() * v).real.sum(dim=-1, keepdim=True)
+
+
+class Sphere(Manifold):
+    r"""The sphere :math:`S^{n-1}_r = \{x \in \mathbb{R}^n : \|x\| = r\}` of radius ``r``.
+
+    Points are vectors (the last dimension); leading dimensions are a batch. Complex
+    tensors are points of the sphere of :math:`\mathbb{C}^n \cong \mathbb{R}^{2n}`.
+
+    * **Metric**: the embedded one, :math:`\langle u, v\rangle = \operatorname{Re}(u^H v)`.
+    * **Tangent space** at ``x``: :math:`\{v : \operatorname{Re}\langle x, v\rangle = 0\}`;
+      projection :math:`P_x(v) = v - x \operatorname{Re}\langle x, v\rangle / r^2`.
+    * **Projection** onto the sphere: :math:`r x / \|x\|` (the zero vector, whose nearest
+      points are all of the sphere, goes to :math:`r e_1`).
+    * **Retractions** (``retractions``), with :math:`\hat x = x / r`, :math:`\hat v = v/r`:
+
+      - ``"exp"`` (default): the geodesic
+        :math:`r(\cos\|\hat v\|\,\hat x + \sin\|\hat v\|\,\hat v / \|\hat v\|)`,
+        inverse the Riemannian logarithm;
+      - ``"projective"``: :math:`r (x + v) / \|x + v\|`, inverse
+        :math:`r(\hat y / \langle \hat x, \hat y\rangle - \hat x)`.
+    * **Constraint error** (:meth:`distance`): the relative radius error
+      :math:`|\|x\|/r - 1|`.
+    * **Sampling**: ``init="haar"``, the uniform law, as :math:`r g / \|g\|` with ``g``
+      standard Gaussian (Muller 1959).
+    * **Dimension**: ``n - 1`` (``2n - 1`` for complex tensors).
+
+    Cost: O(n) per point for every method.
+
+    References: Absil, Mahony & Sepulchre, *Optimization Algorithms on Matrix Manifolds*
+    (2008), Sec. 3.6 and 4.1; pymanopt's ``Sphere``.
+    """
+
+    def __init__(self, n: int, radius: float = 1.0) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive integer (n >= 1), got {n!r}")
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0:
+            raise ValueError(f"radius: expected a positive number, got {radius!r}")
+        if radius == float("inf"):
+            raise ValueError(f"radius: expected a finite positive number, got {radius!r}")
+        self.n = n
+        self.radius = float(radius)
+
+    def _signature(self) -> str:
+        return f"n={self.n}" + ("" if self.radius == 1.0 else f", radius={self.radius}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n,)
+
+    @property
+    def dim(self) -> int:
+        return self.n - 1
+
+    @property
+    def retractions(self) -> tuple[str, ...]:
+        return ("exp", "projective")
+
+    def _constraints(self, X: Tensor) -> list[tuple[str, Tensor]]:
+        err = (torch.linalg.vector_norm(X, dim=-1) / self.radius - 1).abs()
+        return [(f"the relative radius error | |X| / {self.radius:g} - 1 |", err)]
+
+    def project(self, X: Tensor) -> Tensor:
+        """``r X / |X|``; O(n)."""
+        self.validate(X)
+        norm = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+        e1 = torch.zeros_like(X)
+        e1[..., 0] = 1
+        X = torch.where(norm > 0, X, e1)
+        norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+        return self.radius * X / norm
+
+    def proj_tangent(self, B: Tensor, V: Tensor) -> Tensor:
+        r""":math:`V - B \operatorname{Re}\langle B, V\rangle / r^2`; O(n)."""
+        self.validate(B, "B")
+        self.validate(V, "V")
+        return V - B * (_real_inner(B, V) / self.radius**2)
+
+    def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:
+        r = self.radius
+        fn = sphere_exp if method == "exp" else sphere_projective
+        return r * fn(B / r, V / r)
+
+    def _inverse(self, method: str) -> Callable[[Tensor, Tensor], Tensor] | None:
+        r = self.radius
+        fn = sphere_log if method == "exp" else sphere_projective_inverse
+        return lambda B, X: r * fn(B / r, X / r)
+
+    def _sample(self, batch, generator, dtype, device, init) -> Tensor:
+        if init != "haar":
+            raise self._bad_init(init, ("haar",))
+        g = torch.randn(*batch, self.n, generator=generator, dtype=dtype, device=device)
+        return self.project(g)
