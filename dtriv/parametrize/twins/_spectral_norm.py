@@ -1,0 +1,154 @@
+r"""Twin of :func:`torch.nn.utils.parametrizations.spectral_norm`.
+
+.. math::
+    W_{SN} = W / \sigma(W), \qquad \sigma(W) \approx u^H W v,
+
+with ``u, v`` the left/right singular-vector estimates kept as buffers and refined by one
+(``n_power_iterations``) power-iteration step per access in training mode
+(:func:`~dtriv.retractions.spectral.power_iteration_`, in place, no grad). A 1-D weight is
+simply normalized. ``W`` of more than two dimensions is reshaped to ``(size(dim), -1)``.
+Cost per access: ``O(n_power_iterations * h * w)``.
+
+Same signature, defaults, buffers (``_u``, ``_v``), random-number consumption (``u`` then ``v``,
+then 15 warm-up iterations), ``state_dict`` keys, errors and results as torch's. In addition,
+``state_dict`` s of the legacy :func:`torch.nn.utils.spectral_norm` (keys ``weight_orig``,
+``weight_u``, ``weight_v``, and the stored ``weight`` of its oldest format) load.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from dtriv.retractions.spectral import (
+    power_iteration_,
+    power_iteration_init,
+    spectral_norm_estimate,
+)
+
+__all__ = ["spectral_norm"]
+
+
+class _SpectralNorm(nn.Module):
+    r"""``W -> W / (u^H W_mat v)``, ``W_mat`` the weight with ``dim`` first, flattened to 2-D."""
+
+    def __init__(
+        self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12
+    ) -> None:
+        super().__init__()
+        ndim = weight.ndim
+        if dim >= ndim or dim < -ndim:
+            raise IndexError(
+                "Dimension out of range (expected to be in range of "
+                f"[-{ndim}, {ndim - 1}] but got {dim})"
+            )
+        if n_power_iterations <= 0:
+            raise ValueError(
+                "Expected n_power_iterations to be positive, but "
+                f"got n_power_iterations={n_power_iterations}"
+            )
+        self.dim = dim if dim >= 0 else dim + ndim
+        self.eps = eps
+        if ndim > 1:
+            self.n_power_iterations = n_power_iterations
+            with torch.no_grad():
+                u, v = power_iteration_init(self._reshape_weight_to_matrix(weight), eps=eps)
+            self.register_buffer("_u", u)
+            self.register_buffer("_v", v)
+
+    def _reshape_weight_to_matrix(self, weight: Tensor) -> Tensor:
+        """``weight`` with ``dim`` moved first, flattened to ``(size(dim), -1)``."""
+        if self.dim != 0:
+            weight = weight.permute(self.dim, *(d for d in range(weight.dim()) if d != self.dim))
+        return weight.flatten(1)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)
+        weight_mat = self._reshape_weight_to_matrix(weight)
+        if self.training:
+            power_iteration_(weight_mat.detach(), self._u, self._v, self.n_power_iterations,
+                             eps=self.eps)
+        # the estimate uses clones of u, v: a backward through two forwards sees the u, v of
+        # its own forward although the buffers are updated in place
+        return weight / spectral_norm_estimate(weight_mat, self._u, self._v)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value
+
+
+def _solve_v_and_rescale(weight_mat: Tensor, u: Tensor, target_sigma: Tensor) -> Tensor:
+    """The ``v`` of the oldest legacy format: ``v = pinv(W^T W) W^T u``, ``u^T W v = sigma``."""
+    v = torch.linalg.multi_dot(
+        [weight_mat.mT.mm(weight_mat).pinverse(), weight_mat.mT, u.unsqueeze(1)]
+    ).squeeze(1)
+    return v.mul_(target_sigma / torch.dot(u, torch.mv(weight_mat, v)))
+
+
+class _LegacyKeysHook:
+    """Load-state-dict pre-hook: legacy ``{name}_orig, {name}_u, {name}_v`` -> parametrization keys.
+
+    The oldest legacy format stored ``{name}`` (= ``{name}_orig / sigma``) instead of
+    ``{name}_v``; ``v`` is then recovered as the legacy loader does.
+    """
+
+    def __init__(self, name: str, index: int, sn: _SpectralNorm) -> None:
+        self.name, self.index, self.sn = name, index, sn
+
+    def __call__(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                 unexpected_keys, error_msgs) -> None:
+        key = prefix + self.name
+        if key + "_orig" not in state_dict or key + "_u" not in state_dict:
+            return
+        weight_orig = state_dict.pop(key + "_orig")
+        u = state_dict.pop(key + "_u")
+        weight = state_dict.pop(key, None)
+        v = state_dict.pop(key + "_v", None)
+        if v is None and weight is not None:
+            with torch.no_grad():
+                sigma = (weight_orig / weight).mean()
+                v = _solve_v_and_rescale(self.sn._reshape_weight_to_matrix(weight_orig), u, sigma)
+        new = f"{prefix}parametrizations.{self.name}."
+        state_dict[new + "original"] = weight_orig
+        state_dict[f"{new}{self.index}._u"] = u
+        if v is not None:
+            state_dict[f"{new}{self.index}._v"] = v
+
+
+def spectral_norm(
+    module: nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+) -> nn.Module:
+    r"""Apply spectral normalization to a parameter in the given module.
+
+    Drop-in twin of :func:`torch.nn.utils.parametrizations.spectral_norm`:
+    ``W_SN = W / sigma(W)`` with ``sigma`` estimated by power iteration (``u, v`` buffers,
+    ``n_power_iterations`` steps per access in training mode); a 1-D tensor is normalized.
+
+    Args:
+        module: containing module.
+        name: name of the weight parameter. Default: ``"weight"``.
+        n_power_iterations: power-iteration steps per access (positive). Default: 1.
+        eps: epsilon of the normalizations. Default: ``1e-12``.
+        dim: dimension of the outputs. Default: 0, except 1 for ``ConvTranspose{1,2,3}d``.
+
+    Returns:
+        The module, with the parametrization registered on ``name``. Legacy
+        (:func:`torch.nn.utils.spectral_norm`) ``state_dict`` keys load into it.
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if dim is None:
+        transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        dim = 1 if isinstance(module, transposed) else 0
+    sn = _SpectralNorm(weight, n_power_iterations, dim, eps)
+    parametrize.register_parametrization(module, name, sn)
+    index = len(module.parametrizations[name]) - 1
+    module._register_load_state_dict_pre_hook(_LegacyKeysHook(name, index, sn))
+    return module

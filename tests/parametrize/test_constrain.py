@@ -1,0 +1,140 @@
+"""constrain and its shortcuts; trivializations(model) and refresh(model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dtriv.parametrize as P
+from dtriv.manifolds import Orthogonal, SpectrallyBounded, Stiefel
+from dtriv.parametrize import (
+    constrain,
+    orthogonal,
+    refresh,
+    register_parametrization,
+    spectrally_bounded,
+    sphere,
+    trivializations,
+)
+
+F64 = torch.float64
+
+
+def perturb(model, scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_constrain_returns_the_module_and_keeps_its_class_behaviour():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 5).double()
+    x = torch.randn(2, 3, dtype=F64)
+    assert constrain(layer, "weight", Stiefel(5, 3)) is layer
+    assert isinstance(layer, nn.Linear)
+    assert torch.allclose(layer(x), x @ layer.weight.T + layer.bias)
+
+
+def test_sphere_rows_and_radius():
+    torch.manual_seed(1)
+    layer = nn.Linear(4, 3).double()
+    W0 = layer.weight.detach().clone()
+    sphere(layer, radius=2.0)
+    triv = layer.parametrizations.weight[0]
+    assert repr(triv.manifold) == "Sphere(n=4, radius=2.0)"
+    assert torch.allclose(layer.weight, 2 * W0 / W0.norm(dim=-1, keepdim=True), atol=1e-12)
+    perturb(layer)
+    assert torch.allclose(layer.weight.norm(dim=-1), torch.full((3,), 2.0, dtype=F64))
+
+
+def test_sphere_flattened_whole_tensor():
+    torch.manual_seed(2)
+    conv = nn.Conv1d(2, 3, 2).double()
+    sphere(conv, flatten=True)
+    perturb(conv)
+    assert conv.parametrizations.weight[0].manifold.shape == (12,)
+    assert float(conv.weight.detach().norm()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_spectrally_bounded_matrix_and_conv():
+    torch.manual_seed(3)
+    layer = nn.Linear(6, 4).double()
+    with torch.no_grad():
+        layer.weight.mul_(10)
+    spectrally_bounded(layer, upper=0.8, lower=0.1)
+    assert isinstance(layer.parametrizations.weight[0].manifold, SpectrallyBounded)
+    perturb(layer, scale=2.0)
+    s = torch.linalg.svdvals(layer.weight.detach())
+    assert float(s.max()) <= 0.8 + 1e-12 and float(s.min()) >= 0.1 - 1e-12
+
+    conv = nn.Conv2d(3, 5, 3).double()
+    with torch.no_grad():
+        conv.weight.mul_(10)
+    spectrally_bounded(conv, upper=1.0)  # read as 5 x 27, like spectral_norm
+    assert conv.parametrizations.weight[0].base.shape == (5, 27)
+    perturb(conv, scale=2.0)
+    assert float(torch.linalg.matrix_norm(conv.weight.detach().reshape(5, 27), ord=2)) <= 1 + 1e-12
+
+
+def test_trivializations_and_refresh_over_a_model():
+    class Identity(nn.Module):
+        def forward(self, X):
+            return X
+
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 5), nn.Linear(5, 5),
+        nn.Linear(5, 3),
+    ).double()
+    constrain(model[0], "weight", Orthogonal(4))
+    constrain(model[1], "weight", Stiefel(6, 4), "cayley")
+    constrain(model[2], "weight", Orthogonal(6), dynamic=False)  # static: not listed
+    orthogonal(model[3])  # the torch twin with use_trivialization=True: listed
+    register_parametrization(model[4], "weight", Identity())  # not a trivialization
+    sphere(model[5])
+    found = [(module, name, type(p).__name__) for module, name, p in trivializations(model)]
+    assert [(m, n) for m, n, _ in found] == [
+        (model[0], "weight"), (model[1], "weight"), (model[3], "weight"), (model[5], "weight"),
+    ]
+    perturb(model, scale=0.1)
+    weights = [m.weight.detach().clone() for m in model]
+    assert refresh(model) == 4
+    for m, W in zip(model, weights):
+        assert torch.allclose(m.weight, W, atol=1e-10)
+    for i in (0, 1, 5):
+        assert torch.equal(model[i].parametrizations.weight.original,
+                           torch.zeros_like(model[i].parametrizations.weight.original))
+    # static and plain parametrizations are untouched
+    assert not torch.equal(model[2].parametrizations.weight.original,
+                           torch.zeros_like(model[2].parametrizations.weight.original))
+
+
+def test_refresh_then_training_step_moves_on_the_manifold():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    constrain(model[0], "weight", Orthogonal(5))
+    constrain(model[2], "weight", Stiefel(2, 5))
+    x, y = torch.randn(16, 5, dtype=F64), torch.randn(16, 2, dtype=F64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for step in range(30):
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step % 5 == 4:
+            refresh(model)
+    assert losses[-1] < losses[0]
+    assert Orthogonal(5).check(model[0].weight.detach())
+    assert Stiefel(2, 5).check(model[2].weight.detach())
+
+
+def test_public_names():
+    for name in ("Trivialization", "constrain", "sphere", "spectrally_bounded",
+                 "trivializations", "refresh", "cache_per_forward", "cached",
+                 "register_parametrization", "remove_parametrizations", "is_parametrized",
+                 "orthogonal", "spectral_norm", "weight_norm", "weight_norm_init_"):
+        assert name in P.__all__ and hasattr(P, name), name

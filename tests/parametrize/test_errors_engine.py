@@ -1,0 +1,129 @@
+"""Bad input to the engine: each error names the argument, what was expected and what it got."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dtriv.manifolds import Orthogonal, Sphere, Stiefel
+from dtriv.parametrize import (
+    Trivialization,
+    constrain,
+    register_parametrization,
+    spectrally_bounded,
+    sphere,
+)
+
+F64 = torch.float64
+
+
+def constrained(manifold=None, strict=False, shape=(4, 4), seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(shape[1], shape[0]).double()
+    return constrain(layer, "weight", manifold or Orthogonal(4), strict=strict)
+
+
+def test_strict_assignment_off_the_manifold_raises_with_the_constraint_error():
+    layer = constrained(strict=True)
+    weight = layer.weight.detach().clone()
+    base = layer.parametrizations.weight[0].base.clone()
+    with pytest.raises(ValueError, match=r"weight: expected a point of Orthogonal\(n=4\) "
+                                         r"\(strict=True\).*orthonormality error"):
+        layer.weight = 2 * torch.eye(4, dtype=F64)
+    # nothing changed
+    assert torch.equal(layer.weight, weight)
+    assert torch.equal(layer.parametrizations.weight[0].base, base)
+    # a point on the manifold is accepted
+    Q = Orthogonal(4).sample(dtype=F64, generator=torch.Generator().manual_seed(1))
+    layer.weight = Q
+    assert torch.allclose(layer.weight, Q, atol=1e-12)
+
+
+def test_non_strict_assignment_projects():
+    layer = constrained()
+    A = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    layer.weight = A
+    assert torch.allclose(layer.weight, Orthogonal(4).project(A), atol=1e-12)
+    layer.weight = 3 * torch.eye(4, dtype=F64)
+    assert torch.allclose(layer.weight, torch.eye(4, dtype=F64), atol=1e-12)
+
+
+def test_non_finite_assignment_raises():
+    layer = constrained()
+    bad = torch.full((4, 4), float("nan"), dtype=F64)
+    with pytest.raises(ValueError, match="weight: expected finite entries"):
+        layer.weight = bad
+
+
+def torch_error_type(module, name):
+    try:
+        register_parametrization(module, name, nn.Identity())
+    except Exception as e:
+        return type(e)
+    raise AssertionError("register_parametrization accepted a missing tensor")
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: constrain(m, "kernel", Orthogonal(4)),
+    lambda m: sphere(m, "kernel"),
+    lambda m: spectrally_bounded(m, "kernel"),
+])
+def test_missing_tensor_raises_like_register_parametrization(call):
+    expected = torch_error_type(nn.Linear(4, 4), "kernel")
+    with pytest.raises(expected, match="kernel"):
+        call(nn.Linear(4, 4))
+
+
+def test_shape_mismatch_names_expected_and_got():
+    with pytest.raises(ValueError, match=r"weight: expected a tensor of shape \(\.\.\., 5, 3\)"
+                                         r".*Stiefel\(n=5, k=3\), got shape \(3, 4\)"):
+        constrain(nn.Linear(4, 3), "weight", Stiefel(5, 3))
+    with pytest.raises(ValueError, match=r"expected a tensor of shape \(\.\.\., 6\).*got shape"):
+        constrain(nn.Linear(4, 3), "weight", Sphere(6), flatten=False)
+    # assignment of another shape
+    layer = constrained()
+    with pytest.raises(ValueError, match=r"weight: expected a tensor of shape \(4, 4\).*"
+                                         r"got shape \(4, 5\)"):
+        layer.weight = torch.zeros(4, 5, dtype=F64)
+
+
+def test_dtype_mismatch_on_assignment():
+    layer = constrained()
+    with pytest.raises(ValueError, match="weight: expected dtype torch.float64, got torch.float32"):
+        layer.weight = torch.eye(4)
+
+
+def test_bad_arguments_of_the_trivialization():
+    with pytest.raises(ValueError, match=r"retraction: expected one of expm, cayley.*got 'nope'"):
+        Trivialization(Orthogonal(4), "nope")
+    with pytest.raises(ValueError, match="manifold: expected a dtriv.manifolds.Manifold"):
+        Trivialization("orthogonal")
+    with pytest.raises(ValueError, match="flatten: expected None, True or False"):
+        Trivialization(Orthogonal(4), flatten="yes")
+
+
+def test_already_parametrized_tensor_is_refused():
+    layer = constrained()
+    with pytest.raises(ValueError, match="weight: expected a tensor that is not parametrized"):
+        constrain(layer, "weight", Orthogonal(4))
+
+
+def test_refresh_without_a_known_parameter():
+    triv = Trivialization(Orthogonal(3))
+    with pytest.raises(RuntimeError, match="does not know its parameter"):
+        triv.refresh()
+    with pytest.raises(RuntimeError, match="no base point"):
+        triv(torch.zeros(3, 3))
+
+
+def test_sphere_and_spectral_shortcut_errors():
+    module = nn.Module()
+    module.scalar = nn.Parameter(torch.tensor(1.0))
+    module.vector = nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="scalar: expected a tensor with at least one dimension"):
+        sphere(module, "scalar")
+    with pytest.raises(ValueError, match=r"vector: expected a matrix \(\.\.\., n, k\), got shape"):
+        spectrally_bounded(module, "vector", flatten=False)
+    with pytest.raises(ValueError, match="upper"):
+        spectrally_bounded(nn.Linear(3, 3), "weight", upper=-1.0)

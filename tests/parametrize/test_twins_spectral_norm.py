@@ -1,0 +1,169 @@
+"""The spectral_norm twin against torch.nn.utils.parametrizations.spectral_norm and legacy keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations as tp
+from torch.nn.utils import spectral_norm as legacy_spectral_norm
+
+from dtriv.parametrize import twins
+
+
+class Vector(nn.Module):
+    """A module holding a 1-D parameter ``weight``."""
+
+    def __init__(self, n=6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+MODULES = {
+    "linear": (lambda: nn.Linear(5, 7), (3, 5)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6)),
+    "convtranspose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 5, 5)),
+    "vector": (lambda: Vector(), (2, 6)),
+    "complex": (lambda: nn.Linear(5, 4, dtype=torch.complex64), (3, 5)),
+}
+
+
+def _pair(make, seed=0, **kw):
+    out = []
+    for fn in (tp.spectral_norm, twins.spectral_norm):
+        torch.manual_seed(seed)
+        m = make()
+        fn(m, **kw)
+        out.append(m)
+    return out
+
+
+def _err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_parity_with_torch(kind):
+    for kw in [{}, {"n_power_iterations": 3}, {"dim": 1}, {"dim": -1}]:
+        if not (kind == "vector" and kw.get("dim") == 1):  # no dim 1 (error tested below)
+            _check_parity(kind, kw)
+
+
+def _check_parity(kind, kw):
+    make, in_shape = MODULES[kind]
+    m_t, m_d = _pair(make, **kw)
+    # same random draws: identical buffers and keys at registration
+    assert m_t.state_dict().keys() == m_d.state_dict().keys()
+    for key, val in m_t.state_dict().items():
+        assert torch.equal(m_d.state_dict()[key], val), key
+    dtype = m_t.parametrizations.weight.original.dtype
+    x = torch.randn(in_shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    for step in range(4):  # several training forwards, then eval
+        if step == 3:
+            m_t.eval()
+            m_d.eval()
+        for m in (m_t, m_d):
+            m.zero_grad()
+            (m(x).abs() ** 2).sum().backward()
+        assert _err(m_d.weight, m_t.weight) <= 1e-6
+        g_t = m_t.parametrizations.weight.original.grad
+        g_d = m_d.parametrizations.weight.original.grad
+        assert _err(g_d, g_t) <= 1e-6
+        for key, val in m_t.state_dict().items():
+            assert _err(m_d.state_dict()[key], val) <= 1e-6, key
+
+
+def test_backward_through_two_forwards():
+    # the GAN pattern: loss = D(real) - D(fake), u, v updated in place between the two
+    m_t, m_d = _pair(lambda: nn.Linear(4, 4))
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    for m in (m_t, m_d):
+        (m(x).sum() - m(y).sum()).backward()
+    g_t = m_t.parametrizations.weight.original.grad
+    g_d = m_d.parametrizations.weight.original.grad
+    assert _err(g_d, g_t) <= 1e-6
+
+
+def test_state_dicts_load_both_ways():
+    src_t, src_d = _pair(lambda: nn.Conv2d(3, 4, 3), seed=0)
+    dst_t, dst_d = _pair(lambda: nn.Conv2d(3, 4, 3), seed=1)
+    for m in (src_t, src_d, dst_t, dst_d):
+        m.eval()
+    assert _err(dst_d.weight, src_t.weight) > 1e-3
+    dst_d.load_state_dict(src_t.state_dict())
+    dst_t.load_state_dict(src_d.state_dict())
+    assert torch.equal(dst_d.weight, src_t.weight)
+    assert torch.equal(dst_t.weight, src_d.weight)
+
+
+@pytest.mark.parametrize("make, in_shape", [(lambda: nn.Linear(5, 7), (3, 5)),
+                                            (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 5, 5))])
+def test_legacy_state_dict_loads(make, in_shape):
+    torch.manual_seed(0)
+    old = legacy_spectral_norm(make())
+    x = torch.randn(in_shape)
+    for _ in range(3):
+        old(x)  # power iterations in training mode
+    old.eval()
+    expected = old(x)
+    sd = old.state_dict()
+    assert {"weight_orig", "weight_u", "weight_v"} <= sd.keys()
+    torch.manual_seed(1)
+    new = twins.spectral_norm(make()).eval()
+    new.load_state_dict(sd)  # strict
+    assert _err(new(x), expected) <= 1e-6
+    assert _err(new.weight, old.weight) <= 1e-6
+
+
+def test_oldest_legacy_format_recovers_v():
+    # before version 1 the legacy state_dict held weight = weight_orig / sigma and no weight_v
+    torch.manual_seed(0)
+    old = legacy_spectral_norm(nn.Linear(6, 4))
+    for _ in range(5):
+        old(torch.randn(2, 6))
+    old.eval()
+    old(torch.randn(1, 6))
+    sd = old.state_dict()
+    sd["weight"] = old.weight.detach().clone()
+    del sd["weight_v"]
+    new = twins.spectral_norm(nn.Linear(6, 4)).eval()
+    new.load_state_dict(sd)
+    assert _err(new.weight, old.weight) <= 1e-5
+
+
+def _raised(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make, kw",
+    [
+        (lambda: nn.Linear(3, 4), {"n_power_iterations": 0}),
+        (lambda: nn.Linear(3, 4), {"n_power_iterations": -2}),
+        (lambda: nn.Linear(3, 4), {"dim": 2}),
+        (lambda: nn.Linear(3, 4), {"dim": -3}),
+        (lambda: Vector(), {"dim": 1}),
+        (lambda: nn.Linear(3, 4), {"name": "nonexistent"}),
+        (lambda: nn.Linear(3, 4, bias=False), {"name": "bias"}),
+    ],
+)
+def test_errors_match_torch(make, kw):
+    assert _raised(lambda: twins.spectral_norm(make(), **kw)) == _raised(
+        lambda: tp.spectral_norm(make(), **kw)
+    )
+
+
+def test_result_has_unit_spectral_norm():
+    torch.manual_seed(0)
+    m = nn.Linear(20, 30, dtype=torch.float64)
+    with torch.no_grad():
+        m.weight[0] *= 10  # a clear gap between the two largest singular values
+    twins.spectral_norm(m, n_power_iterations=20)
+    W = m.weight.detach()
+    sigma = torch.linalg.matrix_norm(W, 2)
+    assert abs(sigma.item() - 1.0) <= 1e-8
