@@ -48,7 +48,14 @@ def _attach(module: nn.Module, name: str) -> None:
     """
     plist = module.parametrizations[name]
     first = plist[0]
-    if isinstance(first, Trivialization):
+    # dtriv's Trivialization, or any dynamic trivialization that follows its refresh protocol
+    # (the orthogonal twin): a ``base`` buffer, ``refresh`` and a ``_owner`` link.
+    follows_protocol = (
+        callable(getattr(first, "refresh", None))
+        and getattr(first, "base", None) is not None
+        and hasattr(first, "_owner")
+    )
+    if isinstance(first, Trivialization) or follows_protocol:
         if first._owner() is not plist:
             first._owner = _Link(plist)
         if getattr(plist.original, "_dtriv_trivialization", lambda: None)() is not first:
