@@ -1,0 +1,326 @@
+r"""Matrix exponential by scaling and squaring with Padé approximants, and its adjoint derivative.
+
+Forward (Higham 2005, "The scaling and squaring method for the matrix exponential revisited",
+Algorithm 2.3): with :math:`B = 2^{-s} A`, the diagonal Padé approximant
+:math:`r_m(B) = (V - U)^{-1}(V + U)`, where :math:`U = B\,\sum_k b_{2k+1} B^{2k}` and
+:math:`V = \sum_k b_{2k} B^{2k}` are its odd and even parts, and then
+:math:`e^A \approx R_s`, :math:`R_0 = r_m(B)`, :math:`R_{j+1} = R_j^2`.
+The degree :math:`m \in \{3, 5, 7, 9, 13\}` and :math:`s` come from the 1-norm and the
+thresholds :math:`\theta_m` of the table for the working precision:
+
+* double (float64, complex128): :math:`\theta_{3,5,7,9,13}` of Higham's Table 2.3; the
+  smallest :math:`m \le 9` with :math:`\|A\|_1 \le \theta_m` and :math:`s = 0`, else
+  :math:`m = 13`, :math:`s = \max(0, \lceil \log_2(\|A\|_1 / \theta_{13}) \rceil)`;
+* single (float32, complex64): Higham's single-precision thresholds
+  :math:`\theta_{3,5,7}` (his recommended :math:`m_{\max} = 7` for IEEE single, as in
+  Eigen's ``MatrixExponential``), so that the truncation error is at the level of the
+  single-precision unit roundoff; degree 7 with squarings beyond :math:`\theta_7`. This is
+  cheaper than running the double-precision table in single precision and as accurate as
+  the format allows (about :math:`10^{-7}` relative on orthogonal results).
+
+The degree and :math:`s` are chosen once per call from the largest 1-norm over the batch
+(one host synchronisation, every matrix of the batch goes through the same batched
+products; a small matrix in a batch with a large one gets a few more squarings than it
+needs alone, which only changes the result at the rounding level).
+
+Backward: for :math:`Q = e^A` the gradient is the adjoint of the Fréchet derivative,
+:math:`\bar A = L_{\exp}(A)^*[G] = L_{\exp}(A^H, G)`. Since the computed function
+:math:`f(X) = r_m(2^{-s}X)^{2^s}` is a rational function with real coefficients,
+:math:`f(A^H) = f(A)^H` with the same :math:`m, s`, and the recurrences of Al-Mohy & Higham
+(2009, "Computing the Fréchet derivative of the matrix exponential, with an application
+to condition number estimation", Algorithm 6.4) at :math:`A^H` reuse everything the
+forward stored: the powers (:math:`(B^H)^{2k} = (B^{2k})^H`), the pieces of :math:`U, V`,
+the LU factors of :math:`V - U` (:math:`V(B^H) - U(B^H) = (V - U)^H`) and the squarings
+:math:`R_j`. In reverse-mode order:
+
+.. math::
+
+    G_s = G,\quad G_j = R_j^H G_{j+1} + G_{j+1} R_j^H\ (j = s-1, \dots, 0),\quad
+    E = 2^{-s} G_0,\quad \bar A = L_{r_m}(B^H, E),
+
+with :math:`L_{r_m}(X, E) = (V - U)^{-1}(L_U + L_V + (L_U - L_V) r_m(X))` and
+:math:`L_U, L_V` from :math:`M_2 = XE + EX`, :math:`M_{2k}` the derivatives of the even
+powers. The squaring operators :math:`G \mapsto R_j^H G + G R_j^H` commute (the
+:math:`R_j` are powers of one matrix), so this equals the forward-order recurrence of
+Al-Mohy & Higham at :math:`A^H` in exact arithmetic. No degree depends on :math:`G`, unlike
+the :math:`2n \times 2n` exponential of :math:`[[A^H, G], [0, A^H]]` that
+``torch.linalg.matrix_exp`` differentiates through.
+
+Implementation: everything is evaluated in conjugate-transposed form,
+:math:`\bar A^H = L_{\exp}(A, G^H)`, so the stored powers, pieces and squarings are used as
+they are (no conjugated copies). The forward factors :math:`(V - U)^H` (the transpose of a
+row-major matrix is what LAPACK's column-major routines read without a copy) and both the
+forward solve with :math:`V - U` and the backward one are ``lu_solve(..., adjoint=True)``
+with these factors (measured the fastest of the layouts on CPU).
+
+Double backward (``create_graph=True``) is computed by torch's block formula from
+differentiable operations (see :class:`ExpmPade`).
+
+Cost (n x n products; one LU + solve is about 1.3 products in flops):
+forward :math:`\pi_m + s` products and one LU with :math:`n` right-hand sides
+(:math:`\pi_{3,5,7,9,13} = 2, 3, 4, 5, 6`); backward :math:`2\pi_m + 1` products (13 for
+:math:`m = 13`), one pair of triangular solves and :math:`2s` products, about 2x the
+forward. Memory: the forward keeps :math:`B`, its even powers, the pieces of :math:`U, V`,
+the LU factors and :math:`R_0, \dots, R_{s-1}` (about :math:`9 + s` matrices).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["expm_pade", "expm_frechet_adjoint", "expm_pade_autograd", "choose_degree",
+           "ExpmPade"]
+
+# Padé coefficients b_0, ..., b_m of r_m (Higham 2005, eqs. (2.1)-(2.2)).
+_COEFFS: dict[int, tuple[float, ...]] = {
+    3: (120.0, 60.0, 12.0, 1.0),
+    5: (30240.0, 15120.0, 3360.0, 420.0, 30.0, 1.0),
+    7: (17297280.0, 8648640.0, 1995840.0, 277200.0, 25200.0, 1512.0, 56.0, 1.0),
+    9: (17643225600.0, 8821612800.0, 2075673600.0, 302702400.0, 30270240.0, 2162160.0,
+        110880.0, 3960.0, 90.0, 1.0),
+    13: (64764752532480000.0, 32382376266240000.0, 7771770303897600.0, 1187353796428800.0,
+         129060195264000.0, 10559470521600.0, 670442572800.0, 33522128640.0, 1323241920.0,
+         40840800.0, 960960.0, 16380.0, 182.0, 1.0),
+}
+
+# theta_m: the largest 1-norm for which r_m has backward error below the unit roundoff.
+# Double: Higham 2005, Table 2.3. Single: Higham's single-precision values (m_max = 7).
+THETA_DOUBLE: tuple[tuple[int, float], ...] = (
+    (3, 1.495585217958292e-2),
+    (5, 2.539398330063230e-1),
+    (7, 9.504178996162932e-1),
+    (9, 2.097847961257068e0),
+    (13, 5.371920351148152e0),
+)
+THETA_SINGLE: tuple[tuple[int, float], ...] = (
+    (3, 4.258730016922831e-1),
+    (5, 1.880152677804762e0),
+    (7, 3.925724783138660e0),
+)
+
+
+def _is_single(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.complex64)
+
+
+def choose_degree(norm: float, dtype: torch.dtype) -> tuple[int, int]:
+    r"""Padé degree ``m`` and number of squarings ``s`` for a 1-norm ``norm`` (finite, >= 0).
+
+    The smallest tabulated degree with :math:`\|A\|_1 \le \theta_m` and ``s = 0``; beyond the
+    last threshold the top degree with :math:`s = \lceil\log_2(\|A\|_1/\theta_{m})\rceil`.
+    """
+    table = THETA_SINGLE if _is_single(dtype) else THETA_DOUBLE
+    for m, theta in table[:-1]:
+        if norm <= theta:
+            return m, 0
+    m, theta = table[-1]
+    s = max(0, math.ceil(math.log2(norm / theta))) if norm > theta else 0
+    return m, s
+
+
+def _lincomb(terms: list[tuple[float, Tensor]], diag: float = 0.0) -> Tensor:
+    """``sum(c * X) + diag * I`` in a fresh tensor."""
+    (c0, X0), rest = terms[0], terms[1:]
+    out = X0 * c0
+    for c, X in rest:
+        out.add_(X, alpha=c)
+    if diag:
+        out.diagonal(dim1=-2, dim2=-1).add_(diag)
+    return out
+
+
+def _sandwich(X: Tensor, E: Tensor, Y: Tensor, F: Tensor) -> Tensor:
+    """``X @ E + F @ Y`` (the derivative of a product of two commuting powers)."""
+    out = X @ E
+    out += F @ Y
+    return out
+
+
+def expm_pade(A: Tensor, m: int, s: int) -> tuple[Tensor, dict[str, object]]:
+    r""":math:`r_m(2^{-s}A)^{2^s}` and what its derivative needs.
+
+    Returns ``(Q, saved)`` where ``saved`` holds ``B`` (the scaled input), ``powers``
+    (:math:`B^2, B^4, \dots`), the pieces of :math:`U, V` (``W`` with :math:`U = BW`, and for
+    :math:`m = 13` ``W1``, ``Z1``), ``LU``/``pivots`` of :math:`V - U`, and ``R`` =
+    :math:`[R_0, \dots, R_{s-1}]` (``[R_0]`` when ``s = 0``). Plain tensor operations, meant
+    to run inside :class:`ExpmPade` (where no graph is recorded).
+    """
+    b = _COEFFS[m]
+    B = A * (2.0 ** -s) if s else A
+    B2 = B @ B
+    saved: dict[str, object] = {"m": m, "s": s, "B": B}
+    if m == 13:
+        B4 = B2 @ B2
+        B6 = B4 @ B2
+        W1 = _lincomb([(b[13], B6), (b[11], B4), (b[9], B2)])
+        W2 = _lincomb([(b[7], B6), (b[5], B4), (b[3], B2)], b[1])
+        Z1 = _lincomb([(b[12], B6), (b[10], B4), (b[8], B2)])
+        Z2 = _lincomb([(b[6], B6), (b[4], B4), (b[2], B2)], b[0])
+        W = B6 @ W1
+        W += W2
+        V = B6 @ Z1
+        V += Z2
+        saved.update(powers=[B2, B4, B6], W1=W1, Z1=Z1)
+    else:
+        powers = [B2]
+        for _ in range(2, (m - 1) // 2 + 1):
+            powers.append(powers[-1] @ B2)
+        W = _lincomb([(b[2 * k + 1], P) for k, P in enumerate(powers, 1)], b[1])
+        V = _lincomb([(b[2 * k], P) for k, P in enumerate(powers, 1)], b[0])
+        saved.update(powers=powers)
+    U = B @ W
+    saved["W"] = W
+    # Factor (V - U)^H and solve with its adjoint: LAPACK's column-major layout makes both
+    # the factorisation of the transpose of a row-major matrix and the adjoint solve faster.
+    # (V - U is well conditioned for ||B||_1 <= theta_m, Higham 2005 sec. 2; a singular one
+    # only arises from non-finite input, which the caller sends elsewhere.)
+    LU, pivots, _ = torch.linalg.lu_factor_ex((V - U).mH)
+    V += U
+    R = torch.linalg.lu_solve(LU, pivots, V, adjoint=True)
+    squares = [R]
+    for _ in range(s):
+        squares.append(squares[-1] @ squares[-1])
+    saved.update(LU=LU, pivots=pivots, R=squares[:-1] if s else squares)
+    # The solve returns column-major storage; return a fresh row-major result (also when s = 0,
+    # so that the caller may modify it in place without touching the saved R_0).
+    Q = squares[-1] if s else R.clone(memory_format=torch.contiguous_format)
+    return Q, saved
+
+
+def expm_frechet_adjoint(saved: dict[str, object], G: Tensor) -> Tensor:
+    r""":math:`L_{\exp}(A)^*[G] = L_{\exp}(A^H, G)` from the forward's ``saved`` quantities.
+
+    Exact derivative (to rounding) of the computed :math:`r_m(2^{-s}A)^{2^s}`; see the module
+    docstring for the recurrences. Evaluated in conjugate-transposed form,
+    :math:`L_{\exp}(A^H, G) = L_{\exp}(A, G^H)^H`, so that the saved powers, the pieces of
+    :math:`U, V` and the squarings are used as stored and the solve with :math:`V - U` is the
+    adjoint solve with the stored factors of :math:`(V - U)^H`. Cost: about
+    :math:`2\pi_m + 1 + 2s` products and one pair of triangular solves.
+    """
+    m, s = saved["m"], saved["s"]
+    b = _COEFFS[m]
+    R: list[Tensor] = saved["R"]  # type: ignore[assignment]
+    # Squaring phase in reverse order: the adjoint of X -> X^2 at R_j maps G to
+    # R_j^H G + G R_j^H; conjugate-transposed, H = G^H goes to R_j H + H R_j.
+    E = G.mH
+    if s:
+        for Rj in reversed(R):
+            E = _sandwich(Rj, E, Rj, E)
+        E = E * (2.0 ** -s)
+    B: Tensor = saved["B"]  # type: ignore[assignment]
+    P: list[Tensor] = list(saved["powers"])  # type: ignore[arg-type]
+    M2 = _sandwich(B, E, B, E)
+    if m == 13:
+        B2, B4, B6 = P
+        M4 = _sandwich(B2, M2, B2, M2)
+        M6 = _sandwich(B4, M2, B2, M4)
+        Lw1 = _lincomb([(b[13], M6), (b[11], M4), (b[9], M2)])
+        Lw = _lincomb([(b[7], M6), (b[5], M4), (b[3], M2)])
+        Lz1 = _lincomb([(b[12], M6), (b[10], M4), (b[8], M2)])
+        Lv = _lincomb([(b[6], M6), (b[4], M4), (b[2], M2)])
+        Lw += B6 @ Lw1
+        Lw += M6 @ saved["W1"]  # type: ignore[operator]
+        Lv += B6 @ Lz1
+        Lv += M6 @ saved["Z1"]  # type: ignore[operator]
+    else:
+        Ms = [M2]
+        if m >= 5:
+            Ms.append(_sandwich(P[0], M2, P[0], M2))  # M4
+        if m >= 7:
+            Ms.append(_sandwich(P[1], M2, P[0], Ms[1]))  # M6
+        if m >= 9:
+            Ms.append(_sandwich(P[1], Ms[1], P[1], Ms[1]))  # M8
+        Lw = _lincomb([(b[2 * k + 1], M) for k, M in enumerate(Ms, 1)])
+        Lv = _lincomb([(b[2 * k], M) for k, M in enumerate(Ms, 1)])
+    Lu = B @ Lw
+    Lu += E @ saved["W"]  # type: ignore[operator]
+    # L_r(B, E) = (V - U)^{-1} (Lu + Lv + (Lu - Lv) r_m(B)), r_m(B) = R_0.
+    rhs = (Lu - Lv) @ R[0]
+    rhs += Lu
+    rhs += Lv
+    Y = torch.linalg.lu_solve(saved["LU"], saved["pivots"], rhs, adjoint=True)
+    return Y.mH
+
+
+def _frechet_adjoint_block(A: Tensor, G: Tensor) -> Tensor:
+    """``L(A^H, G)`` as the upper-right block of ``expm([[A^H, G], [0, A^H]])`` (torch's own
+    formula), built from differentiable operations: used for second derivatives."""
+    n = A.shape[-1]
+    Ah = A.mH
+    top = torch.cat([Ah, G], dim=-1)
+    bottom = torch.cat([torch.zeros_like(Ah), Ah], dim=-1)
+    return torch.linalg.matrix_exp(torch.cat([top, bottom], dim=-2))[..., :n, n:]
+
+
+class ExpmPade(torch.autograd.Function):
+    """Autograd function ``A -> r_m(2^{-s}A)^{2^s}`` with the Al-Mohy--Higham backward.
+
+    ``ExpmPade.apply(A, m, s)`` returns ``(Q, *saved)``: the result, then the non-differentiable
+    forward intermediates that the backward reuses (returned as outputs, the pattern that
+    ``torch.func`` transforms require of a function with ``setup_context``); use
+    :func:`expm_pade_autograd` for ``Q`` alone. First derivatives reuse the forward's factors.
+    When the backward itself is differentiated (``create_graph=True``, or under
+    ``torch.func.grad``, which records the backward for higher orders) it is computed instead
+    by torch's differentiable block formula (a :math:`2n \\times 2n` exponential), so higher
+    derivatives are exact but cost as much as ``torch.linalg.matrix_exp``'s. Forward mode
+    (``jvp``, ``torch.func.jvp``/``jacfwd``) uses the same recurrences:
+    :math:`L_{\\exp}(A, \\dot A) = L_{\\exp}(A^H, \\dot A^H)^H`, first order only.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(A: Tensor, m: int, s: int) -> tuple[Tensor, ...]:  # type: ignore[override]
+        Q, saved = expm_pade(A, m, s)
+        scaled = [saved["B"]] if s else []  # B is A itself when s = 0: not returned
+        extra = [saved["W1"], saved["Z1"]] if m == 13 else []
+        return (Q, *scaled, saved["W"], saved["LU"], saved["pivots"],  # type: ignore[misc]
+                *saved["powers"], *saved["R"], *extra)  # type: ignore[misc]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        A, m, s = inputs
+        ctx.m, ctx.s = m, s
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(A, *output[1:])
+        ctx.save_for_forward(A, *output[1:])
+
+    @staticmethod
+    def _unpack(ctx) -> tuple[Tensor, dict[str, object]]:
+        A, *rest = ctx.saved_tensors
+        m, s = ctx.m, ctx.s
+        if s:
+            B, *rest = rest
+        else:
+            B = A
+        W, LU, pivots, *rest = rest
+        p = {3: 1, 5: 2, 7: 3, 9: 4, 13: 3}[m]
+        r = max(s, 1)
+        saved = {"m": m, "s": s, "B": B, "W": W, "LU": LU, "pivots": pivots,
+                 "powers": rest[:p], "R": rest[p:p + r]}
+        if m == 13:
+            saved["W1"], saved["Z1"] = rest[p + r:]
+        return A, saved
+
+    @staticmethod
+    def backward(ctx, G: Tensor, *unused: Tensor):  # type: ignore[override]
+        A, saved = ExpmPade._unpack(ctx)
+        if torch.is_grad_enabled():
+            return _frechet_adjoint_block(A, G), None, None
+        return expm_frechet_adjoint(saved, G.to(A.dtype)), None, None
+
+    @staticmethod
+    def jvp(ctx, dA: Tensor, *unused):  # type: ignore[override]
+        # Forward mode: L(A, dA) = L(A^H, dA^H)^H, the same recurrences.
+        A, saved = ExpmPade._unpack(ctx)
+        dQ = expm_frechet_adjoint(saved, dA.to(A.dtype).mH).mH
+        n_saved = len(ctx.saved_tensors) - 1
+        return (dQ, *([None] * n_saved))
+
+
+def expm_pade_autograd(A: Tensor, m: int, s: int) -> Tensor:
+    """:math:`r_m(2^{-s}A)^{2^s}` through :class:`ExpmPade` (differentiable in ``A``)."""
+    return ExpmPade.apply(A, m, s)[0]
