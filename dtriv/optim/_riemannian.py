@@ -1,0 +1,244 @@
+"""Machinery shared by the Riemannian optimizers: argument checks, buckets, Euclidean steps.
+
+A Riemannian optimizer here is a subclass of a torch optimizer (``SGD``, ``Adam``) that
+
+* hands the Euclidean parameters of every group (plain tensors) to the torch optimizer's
+  own ``step``, so that they get exactly the torch update (same code, same state);
+* splits the manifold parameters (:class:`~dtriv.optim.ManifoldParameter`) of a group into
+  *buckets* of equal manifold, shape, dtype, device and retraction, stacks each bucket into
+  one batch ``(m, *shape)`` and calls the manifold maps once per bucket, not once per
+  parameter (the maps are batched over leading dimensions).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dtriv.manifolds.base import Manifold
+
+from .parameter import manifold_of
+
+__all__ = ["check_nonnegative", "check_lr", "Bucket", "RiemannianMixin"]
+
+
+def check_nonnegative(value: Any, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is a finite number ``>= 0``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a non-negative number, got {value!r}") from None
+    if not (v >= 0.0 and math.isfinite(v)):
+        raise ValueError(f"{name}: expected a non-negative finite number, got {value!r}")
+
+
+def check_lr(lr: Any) -> None:
+    """``ValueError`` unless the learning rate is a non-negative finite number."""
+    check_nonnegative(lr, "lr")
+
+
+def check_unit_interval(value: Any, name: str) -> None:
+    """``ValueError`` unless ``0 <= value < 1``."""
+    check_nonnegative(value, name)
+    if not float(value) < 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+
+
+def stack(tensors: list[Tensor]) -> Tensor:
+    """Stack into a batch ``(m, ...)``; a single tensor becomes a view (no copy)."""
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    return torch.stack(tensors)
+
+
+def copy_rows(dst: list[Tensor], src: Tensor) -> None:
+    """``dst[i].copy_(src[i])`` for all rows, with one fused foreach call."""
+    torch._foreach_copy_(dst, list(src.unbind(0)))
+
+
+class Bucket:
+    """Manifold parameters of one group updated together by one batched call.
+
+    Attributes: ``manifold``, ``method`` (the retraction name) and ``params``.
+    """
+
+    __slots__ = ("manifold", "method", "params")
+
+    def __init__(self, manifold: Manifold, method: str, params: list[Tensor]) -> None:
+        self.manifold = manifold
+        self.method = method
+        self.params = params
+
+
+def _manifold_key(manifold: Manifold) -> tuple:
+    # Manifolds hold no data: the type and the arguments shown by repr identify them.
+    return (type(manifold), repr(manifold))
+
+
+def resolve_retraction(spec: Any, manifold: Manifold) -> str:
+    """The retraction name a group's ``retraction`` entry selects for ``manifold``.
+
+    ``spec`` is ``None`` (the manifold's :attr:`default_retraction`), a name, or a mapping
+    from manifold classes (or their names) to names; a manifold absent from the mapping
+    uses its default.
+    """
+    if spec is None:
+        return manifold.default_retraction
+    if isinstance(spec, Mapping):
+        for cls in type(manifold).__mro__:
+            for key in (cls, cls.__name__):
+                if key in spec:
+                    return resolve_retraction(spec[key], manifold)
+        return manifold.default_retraction
+    if not isinstance(spec, str):
+        raise ValueError(
+            "retraction: expected None, a retraction name or a mapping from manifold "
+            f"classes to names, got {spec!r}"
+        )
+    if spec not in manifold.retractions:
+        raise ValueError(
+            f"retraction: expected one of {', '.join(manifold.retractions)} for {manifold!r}, "
+            f"got {spec!r}"
+        )
+    return spec
+
+
+def _unhooked_step(cls: type) -> Callable:
+    """``cls.step`` without the profiling/hook layer torch adds to optimizer classes.
+
+    The step hooks of the Riemannian optimizer run once, around its own ``step``; the
+    Euclidean part reuses the torch class's step body and must not run them again.
+    """
+    fn = cls.step
+    while getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+class RiemannianMixin:
+    """Param-group handling shared by :class:`RiemannianSGD` and :class:`RiemannianAdam`.
+
+    Subclasses set ``_torch_optimizer`` (the torch class whose ``step`` updates the
+    Euclidean parameters) and implement ``_update_bucket(group, bucket)``.
+    """
+
+    _torch_optimizer: type[torch.optim.Optimizer]
+    #: state entries that are tangent vectors (projected by :meth:`stabilize`)
+    _tangent_state: tuple[str, ...] = ()
+    param_groups: list[dict[str, Any]]
+    state: Any
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group.setdefault("retraction", self._default_retraction_spec)
+        param_group.setdefault("stabilize", self._default_stabilize)
+        param_group.setdefault("step", 0)
+        stabilize = param_group["stabilize"]
+        if stabilize is not None and (
+            isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1
+        ):
+            raise ValueError(
+                f"stabilize: expected None or a positive integer, got {stabilize!r}"
+            )
+        super().add_param_group(param_group)  # type: ignore[misc]
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            manifold = manifold_of(p)
+            if manifold is not None:
+                resolve_retraction(group["retraction"], manifold)  # validates
+                if p.is_complex():
+                    raise ValueError(
+                        "params: expected real manifold parameters, got a complex one "
+                        f"of shape {tuple(p.shape)}"
+                    )
+
+    # ---------------------------------------------------------------- splitting
+    @staticmethod
+    def _euclidean(group: dict[str, Any]) -> list[Tensor]:
+        return [p for p in group["params"] if manifold_of(p) is None]
+
+    def _buckets(self, group: dict[str, Any]) -> Iterator[Bucket]:
+        buckets: dict[tuple, Bucket] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            manifold = manifold_of(p)
+            if manifold is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients "
+                    f"(parameter of shape {tuple(p.shape)} on {manifold!r})"
+                )
+            method = resolve_retraction(group["retraction"], manifold)
+            key = (_manifold_key(manifold), method, tuple(p.shape), p.dtype, p.device)
+            if key not in buckets:
+                buckets[key] = Bucket(manifold, method, [])
+            buckets[key].params.append(p)
+        return iter(buckets.values())
+
+    def _euclidean_step(self) -> None:
+        """Run the torch optimizer's step on the Euclidean parameters of every group."""
+        groups = self.param_groups
+        filtered = []
+        for group in groups:
+            params = self._euclidean(group)
+            if params:
+                filtered.append({**group, "params": params})
+        if not filtered:
+            return
+        step = _unhooked_step(self._torch_optimizer)
+        self.param_groups = filtered
+        try:
+            step(self)
+        finally:
+            self.param_groups = groups
+
+    def _riemannian_step(self, closure: Callable[[], Any] | None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._euclidean_step()
+        with torch.no_grad():
+            for group in self.param_groups:
+                for bucket in self._buckets(group):
+                    self._update_bucket(group, bucket)
+                group["step"] = group.get("step", 0) + 1
+                if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
+                    self._stabilize_group(group)
+        return loss
+
+    @torch.no_grad()
+    def stabilize(self) -> None:
+        """Project every manifold parameter onto its manifold and its momenta onto the
+        tangent space there (float drift of long runs with non-projecting retractions)."""
+        for group in self.param_groups:
+            self._stabilize_group(group)
+
+    def _stabilize_group(self, group: dict[str, Any]) -> None:
+        buckets: dict[tuple, list[Tensor]] = {}
+        manifolds: dict[tuple, Manifold] = {}
+        for p in group["params"]:
+            manifold = manifold_of(p)
+            if manifold is None:
+                continue
+            key = (_manifold_key(manifold), tuple(p.shape), p.dtype, p.device)
+            buckets.setdefault(key, []).append(p)
+            manifolds[key] = manifold
+        for key, params in buckets.items():
+            manifold = manifolds[key]
+            X = manifold.project(stack(params))
+            copy_rows(params, X)
+            for name in self._tangent_state:
+                rows = [i for i, p in enumerate(params) if self.state[p].get(name) is not None]
+                if not rows:
+                    continue
+                vectors = [self.state[params[i]][name] for i in rows]
+                copy_rows(vectors, manifold.proj_tangent(X[rows], stack(vectors)))
+
+    def _update_bucket(self, group: dict[str, Any], bucket: Bucket) -> None:
+        raise NotImplementedError

@@ -1,0 +1,160 @@
+"""Riemannian Adam (Bécigneul & Ganea, 2019), in geoopt's convention."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._riemannian import (
+    Bucket,
+    RiemannianMixin,
+    check_lr,
+    check_nonnegative,
+    check_unit_interval,
+    copy_rows,
+    stack,
+)
+
+__all__ = ["RiemannianAdam"]
+
+
+class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
+    r"""Adam on manifolds, with the arguments of :class:`torch.optim.Adam`.
+
+    For a :class:`~dtriv.optim.ManifoldParameter` ``X`` with Euclidean gradient :math:`G`,
+    step :math:`t` is
+
+    .. math::
+
+        g &= P_X(G + \lambda X) \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g, \qquad
+        v \leftarrow \beta_2 v + (1 - \beta_2) \langle g, g \rangle_X \\
+        d &= \frac{m / (1 - \beta_1^t)}{\sqrt{\hat v / (1 - \beta_2^t)} + \epsilon},
+            \qquad \hat v = v \text{ or } \max_{s \le t} v_s \text{ (amsgrad)} \\
+        X' &= R_X(-\eta\, d), \qquad m \leftarrow \mathcal{T}_{X \to X'}(m)
+
+    The second moment :math:`v` is one number per point (the squared Riemannian norm of
+    the gradient, :meth:`Manifold.inner`), since coordinate-wise scaling would leave the
+    tangent space; it is stored with the batch shape of the point and singleton manifold
+    dimensions. This is geoopt's ``RiemannianAdam``: with the same retraction and
+    transport both follow the same trajectory.
+
+    ``stabilize``: every that many steps of a group, its manifold parameters are projected
+    onto their manifold and their first moments onto the tangent space there (geoopt's option of
+    the same name), so that the float drift of non-projecting retractions (``expm``,
+    ``cayley``) does not accumulate; ``None`` (default): never. :meth:`stabilize` does it
+    at once.
+
+    Plain parameters in the same groups get exactly the update of :class:`torch.optim.Adam`
+    (the torch step runs on them). Manifold parameters of equal manifold, shape, dtype,
+    device and retraction are stacked and updated together: per bucket one tangent
+    projection, one inner product, one retraction and one transport (Stiefel ``(n, k)``:
+    O(m n k^2)).
+    """
+
+    _tangent_state = ("exp_avg",)
+    _torch_optimizer = torch.optim.Adam
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        retraction: Any = None,
+        stabilize: int | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        check_nonnegative(eps, "eps")
+        check_nonnegative(weight_decay, "weight_decay")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+        check_unit_interval(betas[0], "betas[0]")
+        check_unit_interval(betas[1], "betas[1]")
+        self._default_retraction_spec = retraction
+        self._default_stabilize = stabilize
+        super().__init__(
+            params,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("retraction", None)
+        self.__dict__.setdefault("_default_retraction_spec", None)
+        self.__dict__.setdefault("_default_stabilize", None)
+        for group in self.param_groups:
+            group.setdefault("stabilize", None)
+            group.setdefault("step", 0)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step on every parameter; ``closure`` re-evaluates the loss (optional)."""
+        return self._riemannian_step(closure)
+
+    def _update_bucket(self, group: dict[str, Any], bucket: Bucket) -> None:
+        manifold, params = bucket.manifold, bucket.params
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
+        p0 = params[0]
+        point_dims = len(manifold.shape)
+        scalar_shape = tuple(p0.shape[: p0.ndim - point_dims]) + (1,) * point_dims
+
+        states = [self.state[p] for p in params]
+        for s in states:
+            if len(s) == 0:
+                s["step"] = torch.tensor(0.0, dtype=torch.float32)
+                s["exp_avg"] = torch.zeros_like(p0, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = p0.new_zeros(scalar_shape)
+                if amsgrad:
+                    s["max_exp_avg_sq"] = p0.new_zeros(scalar_shape)
+            elif amsgrad and "max_exp_avg_sq" not in s:
+                s["max_exp_avg_sq"] = p0.new_zeros(scalar_shape)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
+
+        X = stack(params)
+        G = stack([p.grad for p in params])
+        if group["maximize"]:
+            G = -G
+        if weight_decay != 0:
+            G = G.add(X, alpha=weight_decay)
+        grad = manifold.proj_tangent(X, G)
+
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        m = stack(exp_avgs).mul(beta1).add_(grad, alpha=1 - beta1)
+        sq_norm = manifold.inner(X, grad, grad).reshape((len(params),) + scalar_shape)
+        v = stack(exp_avg_sqs).mul(beta2).add_(sq_norm, alpha=1 - beta2)
+
+        col = (-1,) + (1,) * (X.ndim - 1)
+        bc1 = torch.tensor([1 - beta1**t for t in counts], dtype=X.dtype, device=X.device)
+        bc2 = torch.tensor([1 - beta2**t for t in counts], dtype=X.dtype, device=X.device)
+        if amsgrad:
+            max_sqs = [s["max_exp_avg_sq"] for s in states]
+            v_hat = torch.maximum(stack(max_sqs), v)
+            copy_rows(max_sqs, v_hat)
+        else:
+            v_hat = v
+        denom = v_hat.div(bc2.view(col)).sqrt_().add_(eps)
+        direction = m.div(bc1.view(col)).div_(denom)
+
+        X_new = manifold.retract(X, direction.mul_(-lr), bucket.method)
+        copy_rows(exp_avgs, manifold.transport(X, X_new, m))
+        copy_rows(exp_avg_sqs, v)
+        copy_rows(params, X_new)

@@ -1,0 +1,309 @@
+"""RiemannianSGD / RiemannianAdam: against geoopt, against torch on Euclidean parameters,
+against explicit formulas, batching of equal manifolds, state dicts and argument checks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dtriv.manifolds import Sphere, Stiefel
+from dtriv.optim import ManifoldParameter, RiemannianAdam, RiemannianSGD
+
+with warnings.catch_warnings():  # geoopt scripts functions with the deprecated torch.jit
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import geoopt
+
+DT = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _problem(shape, seed=0):
+    """A loss with a non-tangent Euclidean gradient: -tr(X^T A X) - <C, X> (batched)."""
+    g = _gen(seed)
+    n = shape[-2] if len(shape) >= 2 else shape[-1]
+    A = torch.randn(n, n, generator=g, dtype=DT)
+    A = (A + A.T) / 2
+    C = torch.randn(*shape, generator=g, dtype=DT)
+
+    def loss(X):
+        if X.ndim >= 2 and len(shape) >= 2:
+            quad = (X * (A @ X)).sum()
+        else:
+            quad = (X * (X @ A)).sum()
+        return -quad - (C * X).sum()
+
+    return loss
+
+
+def _run(param, opt, loss, steps, hook=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(param).backward()
+        if hook is not None:
+            param.grad = hook(param.detach(), param.grad)
+        opt.step()
+    return param.detach().clone()
+
+
+CASES = [
+    # (dtriv manifold, geoopt manifold, dtriv retraction, shape). geoopt's Sphere and
+    # EuclideanStiefel retract by projection (normalisation; QR with diag(R) > 0) and
+    # transport by projection; their "Exact" variants use the exponential maps (the sphere's
+    # great circles, the Edelman-Arias-Smith geodesic of the embedded metric). geoopt's
+    # default CanonicalStiefel has another metric (its Riemannian gradient differs), so no
+    # dtriv configuration follows it.
+    (Sphere(7), geoopt.Sphere(), "projective", (7,)),
+    (Sphere(7), geoopt.Sphere(), "projective", (3, 7)),
+    (Stiefel(8, 3), geoopt.Stiefel(canonical=False), "qr", (8, 3)),
+    (Stiefel(8, 3), geoopt.Stiefel(canonical=False), "qr", (2, 8, 3)),
+]
+EXACT = [
+    (Sphere(7), geoopt.SphereExact(), "exp", (7,)),
+    (Stiefel(8, 3), geoopt.EuclideanStiefelExact(), "exp", (8, 3)),
+]
+ALGOS = [
+    ("sgd", dict(lr=0.02)),
+    ("sgd", dict(lr=0.02, weight_decay=0.1)),
+    # geoopt seeds the momentum buffer with the Euclidean gradient and then applies the
+    # momentum update at once: with tangent gradients and dampening = momentum this is
+    # torch's convention (buffer = first gradient), which dtriv follows.
+    ("sgd_tangent", dict(lr=0.02, momentum=0.6, dampening=0.6)),
+    ("adam", dict(lr=0.02)),
+    ("adam", dict(lr=0.02, betas=(0.8, 0.99), weight_decay=0.05, amsgrad=True)),
+]
+COMBOS = [case + algo for case in CASES for algo in ALGOS] + [
+    case + algo for case in EXACT for algo in (ALGOS[2], ALGOS[4])
+]
+
+
+@pytest.mark.parametrize("manifold,gmanifold,method,shape,algo,kwargs", COMBOS,
+                         ids=lambda c: repr(c))
+def test_matches_geoopt_for_100_steps(manifold, gmanifold, method, shape, algo, kwargs):
+    X0 = manifold.sample(*shape[: len(shape) - len(manifold.shape)], generator=_gen(1), dtype=DT)
+    ours = ManifoldParameter(X0.clone(), manifold)
+    theirs = geoopt.ManifoldParameter(X0.clone(), manifold=gmanifold)
+    loss = _problem(shape, seed=2)
+    hook = None
+    if algo.startswith("sgd"):
+        o1 = RiemannianSGD([ours], retraction=method, **kwargs)
+        o2 = geoopt.optim.RiemannianSGD([theirs], **kwargs)
+        if algo == "sgd_tangent":
+            def hook(X, G):
+                return manifold.proj_tangent(X, G)
+    else:
+        o1 = RiemannianAdam([ours], retraction=method, **kwargs)
+        o2 = geoopt.optim.RiemannianAdam([theirs], **kwargs)
+    a = _run(ours, o1, loss, 100, hook)
+    b = _run(theirs, o2, loss, 100, hook)
+    assert (a - X0).abs().max() > 1e-2  # it moved
+    err = (a - b).abs().max().item()
+    assert err < 1e-9, err  # measured: <= 2e-15 after 100 steps
+    # exponential maps do not re-orthonormalize: rounding accumulates slowly (both libraries)
+    assert manifold.distance(a).max() < 1e-11
+
+
+def test_sgd_nesterov_matches_explicit_formula():
+    """Explicit RSGD with nesterov momentum, dampening and weight decay, step by step."""
+    M = Stiefel(9, 4)
+    X = M.sample(generator=_gen(3), dtype=DT)
+    loss = _problem((9, 4), seed=4)
+    p = ManifoldParameter(X.clone(), M)
+    lr, mom, wd = 0.03, 0.7, 0.01
+    opt = RiemannianSGD([p], lr=lr, momentum=mom, weight_decay=wd, nesterov=True,
+                        retraction="polar")
+    buf = None
+    for _ in range(25):
+        Xr = X.clone().requires_grad_(True)
+        G = torch.autograd.grad(loss(Xr), Xr)[0]
+        g = M.proj_tangent(X, G + wd * X)
+        buf = g.clone() if buf is None else mom * buf + g
+        d = g + mom * buf
+        X_new = M.retract(X, -lr * d, "polar")
+        buf = M.transport(X, X_new, buf)
+        X = X_new
+        opt.zero_grad()
+        loss(p).backward()
+        opt.step()
+    torch.testing.assert_close(p.detach(), X, rtol=0, atol=1e-12)
+
+
+def test_sgd_dampening_matches_explicit_formula():
+    M = Sphere(6)
+    x = M.sample(generator=_gen(5), dtype=DT)
+    loss = _problem((6,), seed=6)
+    p = ManifoldParameter(x.clone(), M)
+    lr, mom, damp = 0.05, 0.9, 0.3
+    opt = RiemannianSGD([p], lr=lr, momentum=mom, dampening=damp)
+    buf = None
+    for _ in range(25):
+        xr = x.clone().requires_grad_(True)
+        g = M.proj_tangent(x, torch.autograd.grad(loss(xr), xr)[0])
+        buf = g.clone() if buf is None else mom * buf + (1 - damp) * g
+        x_new = M.retract(x, -lr * buf)  # default retraction of the sphere
+        buf = M.transport(x, x_new, buf)
+        x = x_new
+        opt.zero_grad()
+        loss(p).backward()
+        opt.step()
+    torch.testing.assert_close(p.detach(), x, rtol=0, atol=1e-12)
+
+
+def _euclidean_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)).double()
+
+
+@pytest.mark.parametrize(
+    "ours,theirs,kwargs",
+    [
+        (RiemannianSGD, torch.optim.SGD, dict(lr=0.1)),
+        (RiemannianSGD, torch.optim.SGD,
+         dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+        (RiemannianSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.5, dampening=0.2)),
+        (RiemannianAdam, torch.optim.Adam, dict(lr=0.01)),
+        (RiemannianAdam, torch.optim.Adam,
+         dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True)),
+    ],
+)
+def test_euclidean_parameters_get_the_torch_update_bit_for_bit(ours, theirs, kwargs):
+    m1, m2 = _euclidean_model(), _euclidean_model()
+    # a manifold parameter in the same group must not disturb the Euclidean ones
+    sphere = ManifoldParameter(Sphere(4).sample(generator=_gen(0), dtype=DT), Sphere(4))
+    o1 = ours([*m1.parameters(), sphere], **kwargs)
+    o2 = theirs(m2.parameters(), **kwargs)
+    x = torch.randn(16, 5, generator=_gen(1), dtype=DT)
+    y = torch.randn(16, 2, generator=_gen(2), dtype=DT)
+    for _ in range(20):
+        for m, o, extra in ((m1, o1, sphere), (m2, o2, None)):
+            o.zero_grad()
+            loss = ((m(x) - y) ** 2).mean()
+            if extra is not None:
+                loss = loss + extra.sum()
+            loss.backward()
+            o.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(o1.state_dict()["state"].values(), o2.state_dict()["state"].values()):
+        for key in b:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+class CountingStiefel(Stiefel):
+    calls = 0
+
+    def retract(self, B, V, method=None):
+        CountingStiefel.calls += 1
+        return super().retract(B, V, method)
+
+
+@pytest.mark.parametrize("algo", [RiemannianSGD, RiemannianAdam])
+def test_equal_manifolds_are_updated_in_one_batched_call(algo):
+    M = CountingStiefel(8, 3)
+    starts = [M.sample(generator=_gen(10 + i), dtype=DT) for i in range(3)]
+    losses = [_problem((8, 3), seed=20 + i) for i in range(3)]
+    together = [ManifoldParameter(X.clone(), M) for X in starts]
+    alone = [ManifoldParameter(X.clone(), Stiefel(8, 3)) for X in starts]
+    kw = dict(lr=0.02, momentum=0.5) if algo is RiemannianSGD else dict(lr=0.02)
+    o_together = algo(together, **kw)
+    o_alone = [algo([p], **kw) for p in alone]
+    CountingStiefel.calls = 0
+    for _ in range(15):
+        o_together.zero_grad()
+        sum(f(p) for f, p in zip(losses, together)).backward()
+        o_together.step()
+        for f, p, o in zip(losses, alone, o_alone):
+            o.zero_grad()
+            f(p).backward()
+            o.step()
+    assert CountingStiefel.calls == 15  # one retraction per step for the three parameters
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-12)
+
+
+def test_retraction_per_group_and_per_manifold_class():
+    S, P = Stiefel(7, 2), Sphere(5)
+    X = S.sample(generator=_gen(0), dtype=DT)
+    x = P.sample(generator=_gen(1), dtype=DT)
+    p1, p2 = ManifoldParameter(X.clone(), S), ManifoldParameter(x.clone(), P)
+    opt = RiemannianSGD(
+        [{"params": [p1], "retraction": "exp"},
+         {"params": [p2], "retraction": {"Sphere": "exp"}}],
+        lr=0.1,
+    )
+    f1, f2 = _problem((7, 2), seed=3), _problem((5,), seed=4)
+    opt.zero_grad()
+    (f1(p1) + f2(p2)).backward()
+    G1, G2 = p1.grad.clone(), p2.grad.clone()
+    opt.step()
+    torch.testing.assert_close(p1.detach(), S.retract(X, -0.1 * S.proj_tangent(X, G1), "exp"),
+                               rtol=0, atol=1e-14)
+    torch.testing.assert_close(p2.detach(), P.retract(x, -0.1 * P.proj_tangent(x, G2), "exp"),
+                               rtol=0, atol=1e-14)
+    assert not torch.allclose(
+        S.retract(X, -0.1 * S.proj_tangent(X, G1), "exp"),
+        S.retract(X, -0.1 * S.proj_tangent(X, G1), "qr"), rtol=0, atol=1e-8)
+
+
+def test_state_dict_resume_is_bit_for_bit():
+    M = Stiefel(6, 2)
+    X0 = M.sample(generator=_gen(7), dtype=DT)
+    f = _problem((6, 2), seed=8)
+    ref = ManifoldParameter(X0.clone(), M)
+    o_ref = RiemannianAdam([ref], lr=0.05, amsgrad=True)
+    _run(ref, o_ref, f, 30)
+    p = ManifoldParameter(X0.clone(), M)
+    o = RiemannianAdam([p], lr=0.05, amsgrad=True)
+    _run(p, o, f, 12)
+    saved_p, saved_o = p.detach().clone(), o.state_dict()
+    q = ManifoldParameter(saved_p, M)
+    o2 = RiemannianAdam([q], lr=0.05, amsgrad=True)
+    o2.load_state_dict(saved_o)
+    _run(q, o2, f, 18)
+    assert torch.equal(q.detach(), ref.detach())
+
+
+def test_bad_arguments_name_the_argument():
+    p = ManifoldParameter(Sphere(3).sample(generator=_gen(0)), Sphere(3))
+    with pytest.raises(ValueError, match=r"lr: expected a non-negative .*got -0.1"):
+        RiemannianSGD([p], lr=-0.1)
+    with pytest.raises(ValueError, match=r"lr: expected a non-negative .*got -1"):
+        RiemannianAdam([p], lr=-1)
+    with pytest.raises(ValueError, match=r"momentum: expected a non-negative"):
+        RiemannianSGD([p], lr=0.1, momentum=-0.5)
+    with pytest.raises(ValueError, match=r"nesterov: expected momentum > 0 and dampening = 0"):
+        RiemannianSGD([p], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"betas\[1\]: expected a number in \[0, 1\), got 1.0"):
+        RiemannianAdam([p], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match=r"retraction: expected one of exp, projective .*'qr'"):
+        RiemannianSGD([p], lr=0.1, retraction="qr")
+    g = geoopt.ManifoldParameter(torch.tensor([1.0, 0.0, 0.0]), manifold=geoopt.Sphere())
+    with pytest.raises(ValueError, match=r"params: expected plain tensors or dtriv"):
+        RiemannianAdam([g])
+
+
+@pytest.mark.parametrize("algo,key", [(RiemannianSGD, "momentum_buffer"),
+                                      (RiemannianAdam, "exp_avg")])
+def test_stabilize_projects_points_and_momenta(algo, key):
+    M = Stiefel(6, 3)
+    X0 = M.sample(generator=_gen(0), dtype=DT)
+    f = _problem((6, 3), seed=1)
+    p = ManifoldParameter(X0.clone(), M)
+    kw = dict(momentum=0.9) if algo is RiemannianSGD else {}
+    opt = algo([p], lr=0.01, stabilize=3, retraction="cayley", **kw)
+    _run(p, opt, f, 2)
+    with torch.no_grad():
+        p.mul_(1 + 1e-4)  # off the manifold
+        opt.state[p][key].add_(p, alpha=1e-3)  # off the tangent space
+    _run(p, opt, f, 1)  # third step: stabilised after the update
+    assert M.distance(p.detach()) < 1e-14
+    buf = opt.state[p][key]
+    torch.testing.assert_close(M.proj_tangent(p.detach(), buf), buf, rtol=0, atol=1e-15)
+    assert opt.param_groups[0]["step"] == 3
+    with pytest.raises(ValueError, match=r"stabilize: expected None or a positive integer"):
+        algo([p], lr=0.01, stabilize=0)

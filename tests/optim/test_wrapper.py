@@ -1,0 +1,494 @@
+"""DynamicTrivialization: K = 1 is Riemannian gradient descent, refresh schedule, optimizer
+state, schedulers, closures, resume, non-finite gradients, bad input, and the
+parametrizations of torch and geotorch."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import geotorch
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations as P
+
+from dtriv.manifolds import Orthogonal, Stiefel
+from dtriv.optim import DynamicTrivialization, NonFiniteGradientError
+from dtriv.parametrize import constrain
+from dtriv.parametrize import orthogonal as dtriv_orthogonal
+
+DT = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _sym(n: int, seed: int) -> torch.Tensor:
+    A = torch.randn(n, n, generator=_gen(seed), dtype=DT)
+    return (A + A.T) / 2
+
+
+def _stiefel_linear(n=8, k=3, seed=0, retraction=None, bias=False):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias).to(DT)
+    constrain(lin, "weight", Stiefel(n, k), retraction=retraction)
+    return lin
+
+
+def _loss_fn(n, k, seed=1):
+    """f(W) = -tr(W^T A W) - <C, W>: Euclidean gradient G = -2 A W - C (not tangent)."""
+    A = _sym(n, seed)
+    C = torch.randn(n, k, generator=_gen(seed + 1), dtype=DT)
+    return (lambda W: -(W * (A @ W)).sum() - (C * W).sum()), (lambda W: -2 * A @ W - C)
+
+
+def _square_loss_fn(n, seed):
+    """f(W) = -tr(D W^T A W) - <C, W>, not constant on O(n): G = -2 A W D - C."""
+    A = _sym(n, seed)
+    D = torch.diag(torch.arange(1.0, n + 1, dtype=DT))
+    C = torch.randn(n, n, generator=_gen(seed + 1), dtype=DT)
+    return (lambda W: -(W * (A @ W @ D)).sum() - (C * W).sum()), (lambda W: -2 * A @ W @ D - C)
+
+
+def _weight(lin):
+    return lin.weight.detach().clone()
+
+
+# --------------------------------------------------------------- K = 1 is RGD
+def _cayley_dense(B, V):
+    """(I - O/2)^{-1}(I + O/2) B with O = P V B^T - B (P V)^T, P = I - B B^T / 2."""
+    n = B.shape[0]
+    PV = V - B @ (B.T @ V) / 2
+    O = PV @ B.T - B @ PV.T
+    I = torch.eye(n, dtype=B.dtype)
+    return torch.linalg.solve(I - O / 2, (I + O / 2) @ B)
+
+
+def _qr_retraction(B, V):
+    Q, R = torch.linalg.qr(B + V)
+    return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
+
+
+def _proj(B, G):
+    S = B.T @ G
+    return G - B @ (S + S.T) / 2
+
+
+@pytest.mark.parametrize("retraction,oracle", [("cayley", _cayley_dense), ("qr", _qr_retraction)])
+def test_K1_with_sgd_is_riemannian_gradient_descent(retraction, oracle):
+    n, k, lr = 8, 3, 0.05
+    lin = _stiefel_linear(n, k, retraction=retraction)
+    f, grad = _loss_fn(n, k)
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=lr), K=1)
+    W = _weight(lin)
+    for _ in range(20):
+        W = oracle(W, -lr * _proj(W, grad(W)))
+        opt.zero_grad()
+        f(lin.weight).backward()
+        opt.step()
+        torch.testing.assert_close(_weight(lin), W, rtol=0, atol=1e-10)
+    assert opt.steps == 20 and opt.refreshes == 20
+    assert torch.count_nonzero(lin.parametrizations.weight.original) == 0
+
+
+def test_K1_on_the_square_group_is_the_exponential_map():
+    """W = B expm(skew X): K = 1 gives W <- W expm(-lr skew(W^T G))."""
+    n, lr = 6, 0.1
+    torch.manual_seed(3)
+    lin = nn.Linear(n, n, bias=False).to(DT)
+    constrain(lin, "weight", Orthogonal(n))
+    f, grad = _square_loss_fn(n, 4)
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=lr), K=1)
+    W = _weight(lin).numpy()
+    W0 = W.copy()
+    for _ in range(20):
+        S = W.T @ grad(torch.from_numpy(W)).numpy()
+        W = W @ scipy.linalg.expm(-lr * (S - S.T) / 2)
+        opt.zero_grad()
+        f(lin.weight).backward()
+        opt.step()
+    assert abs(W - W0).max() > 1e-2
+    torch.testing.assert_close(_weight(lin), torch.from_numpy(W), rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------- schedule and state
+def test_refresh_schedule_and_static_K():
+    lin = _stiefel_linear()
+    f, _ = _loss_fn(8, 3)
+    triv = lin.parametrizations.weight[0]
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=0.01), K=3)
+    bases = []
+    for step in range(1, 8):
+        opt.zero_grad()
+        f(lin.weight).backward()
+        opt.step()
+        X = lin.parametrizations.weight.original
+        assert (torch.count_nonzero(X) == 0) == (step % 3 == 0), step
+        bases.append(triv.base.clone())
+    assert opt.refreshes == 2
+    assert torch.equal(bases[0], bases[1]) and not torch.equal(bases[1], bases[2])
+
+    static = _stiefel_linear()
+    base0 = static.parametrizations.weight[0].base.clone()
+    opt = DynamicTrivialization(torch.optim.SGD(static.parameters(), lr=0.01), K=math.inf)
+    for _ in range(10):
+        opt.zero_grad()
+        f(static.weight).backward()
+        opt.step()
+    assert opt.refreshes == 0
+    assert torch.equal(static.parametrizations.weight[0].base, base0)
+    assert torch.count_nonzero(static.parametrizations.weight.original) > 0
+    assert Stiefel(8, 3).check(static.weight.detach())
+
+
+@pytest.mark.parametrize("mode", ["keep", "reset"])
+def test_optimizer_state_at_refresh(mode):
+    lin = _stiefel_linear(bias=True)
+    f, _ = _loss_fn(8, 3)
+    opt = DynamicTrivialization(torch.optim.Adam(lin.parameters(), lr=0.01), K=2, state=mode)
+    X = lin.parametrizations.weight.original
+    for _ in range(2):
+        opt.zero_grad()
+        (f(lin.weight) + lin.bias.sum()).backward()
+        opt.step()
+    if mode == "keep":
+        assert opt.state[X]["step"] == 2
+    else:
+        assert len(opt.state[X]) == 0
+    assert opt.state[lin.bias]["step"] == 2  # only trivialized parameters are reset
+
+
+class CountingStiefel(Stiefel):
+    projections = 0
+
+    def project(self, X):
+        CountingStiefel.projections += 1
+        return super().project(X)
+
+
+def test_reproject_every_M_refreshes():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 8, bias=False).to(DT)
+    constrain(lin, "weight", CountingStiefel(8, 3))
+    f, _ = _loss_fn(8, 3)
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=0.01), K=2,
+                                reproject_every=3)
+    CountingStiefel.projections = 0
+    for _ in range(12):  # 6 refreshes -> 2 re-projections
+        opt.zero_grad()
+        f(lin.weight).backward()
+        opt.step()
+    assert opt.refreshes == 6
+    assert CountingStiefel.projections == 2
+
+
+# --------------------------------------------------------------- Optimizer surface
+def test_lr_scheduler_on_the_wrapper_and_on_the_inner_optimizer():
+    lin = _stiefel_linear()
+    f, _ = _loss_fn(8, 3)
+    inner = torch.optim.SGD(lin.parameters(), lr=0.4)
+    opt = DynamicTrivialization(inner, K=2)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(6):
+        opt.zero_grad()
+        f(lin.weight).backward()
+        opt.step()
+        sched.step()
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.05)
+    sched2 = torch.optim.lr_scheduler.ExponentialLR(inner, gamma=0.5)
+    opt.step()
+    sched2.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_zero_grad_add_param_group_and_closure():
+    lin = _stiefel_linear()
+    other = _stiefel_linear(seed=5)
+    f, _ = _loss_fn(8, 3)
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=0.01), K=1)
+    assert len(opt.targets) == 1
+    opt.add_param_group({"params": other.parameters(), "lr": 0.02})
+    assert len(opt.targets) == 2
+
+    def closure():
+        opt.zero_grad()
+        loss = f(lin.weight) + f(other.weight)
+        loss.backward()
+        return loss
+
+    before = f(lin.weight).item() + f(other.weight).item()
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(before)
+    assert torch.count_nonzero(other.parametrizations.weight.original) == 0
+    opt.zero_grad()
+    assert lin.parametrizations.weight.original.grad is None
+
+    # LBFGS re-evaluates the closure: the wrapper hands it the first loss, then the closure
+    lbfgs = DynamicTrivialization(torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=5), K=1)
+    losses = [lbfgs.step(lambda: (lbfgs.zero_grad(), f(lin.weight).backward(),
+                                  f(lin.weight))[-1]).item() for _ in range(4)]
+    assert losses[-1] < losses[0]
+    assert Stiefel(8, 3).check(lin.weight.detach())
+
+
+# --------------------------------------------------------------- resume
+def _make_run(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8, bias=False)).to(DT)
+    constrain(model[2], "weight", Orthogonal(8))
+    constrain(model[0], "weight", Stiefel(8, 4))
+    opt = DynamicTrivialization(torch.optim.Adam(model.parameters(), lr=0.01), K=7,
+                                reproject_every=3)
+    return model, opt
+
+
+def _train(model, opt, start, stop):
+    for t in range(start, stop):
+        g = _gen(1000 + t)
+        x = torch.randn(16, 4, generator=g, dtype=DT)
+        y = torch.randn(16, 8, generator=g, dtype=DT)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
+def test_resume_from_state_dicts_is_bit_for_bit():
+    model, opt = _make_run()
+    _train(model, opt, 0, 500)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    _train(model, opt, 500, 600)
+
+    model2, opt2 = _make_run(seed=123)  # different initialisation, overwritten by the load
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    assert opt2.steps == 500 and opt2.refreshes == 500 // 7
+    _train(model2, opt2, 500, 600)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+    assert opt2.steps == 600 and opt2.refreshes == opt.refreshes
+
+
+# --------------------------------------------------------------- non-finite gradients
+def _snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()["state"])
+
+
+def _assert_same(snapshot, model, opt):
+    (ms, os_) = snapshot
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, ms[name]), name
+    for key, value in opt.state_dict()["state"].items():
+        for k, v in value.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(os_[key][k])), k
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_and_leaves_the_model_untouched(bad):
+    model, opt = _make_run()
+    _train(model, opt, 0, 5)
+    snap = _snapshot(model, opt)
+    opt.zero_grad()
+    x = torch.randn(4, 4, generator=_gen(0), dtype=DT)
+    model(x).sum().backward()
+    model[2].parametrizations.weight.original.grad[1, 0] = bad
+    with pytest.raises(NonFiniteGradientError, match=r"param_groups\[0\]\['params'\]\[2\]"):
+        opt.step()
+    _assert_same(snap, model, opt)
+    assert opt.steps == 5
+
+
+def test_nonfinite_gradient_skip():
+    model, opt = _make_run()
+    opt.nonfinite = "skip"
+    _train(model, opt, 0, 6)  # the 7th step would refresh
+    snap = _snapshot(model, opt)
+    opt.zero_grad()
+    model(torch.full((2, 4), float("nan"), dtype=DT)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="skipped a step with a non-finite gradient"):
+        opt.step()
+    _assert_same(snap, model, opt)
+    assert opt.skipped_steps == 1 and opt.steps == 6 and opt.refreshes == 0
+    _train(model, opt, 6, 7)
+    assert opt.refreshes == 1
+
+
+def test_finite_check_is_exact():
+    """Sums flag NaN and inf; a sum that overflows on finite entries is checked exactly."""
+    nan, inf = float("nan"), float("inf")
+    tensors = [torch.tensor([3e38, 3e38]), torch.tensor([1.0, nan]), torch.tensor([inf, -inf]),
+               torch.zeros(0), torch.tensor([1 + 1j, complex(0, nan)]), torch.ones(3, 3)]
+    assert DynamicTrivialization._finite(tensors) == [True, False, False, True, False, True]
+
+
+def test_nonfinite_parameter_never_reaches_a_base():
+    lin = _stiefel_linear()
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=0.01), K=1)
+    base = lin.parametrizations.weight[0].base.clone()
+    with torch.no_grad():
+        lin.parametrizations.weight.original[0, 0] = float("inf")
+    with pytest.raises(NonFiniteGradientError, match="bases were not refreshed"):
+        opt.refresh()
+    assert torch.equal(lin.parametrizations.weight[0].base, base)
+
+
+# --------------------------------------------------------------- bad input
+def test_bad_arguments_name_the_argument():
+    lin = _stiefel_linear()
+    sgd = torch.optim.SGD(lin.parameters(), lr=0.1)
+    for K in (0, -3, 1.5, "10", True, -math.inf):
+        with pytest.raises(ValueError, match=r"K: expected a positive integer or math.inf, got"):
+            DynamicTrivialization(sgd, K=K)
+    with pytest.raises(ValueError, match=r"state: expected one of 'keep', 'reset', got 'clear'"):
+        DynamicTrivialization(sgd, state="clear")
+    with pytest.raises(ValueError, match=r"nonfinite: expected one of 'raise', 'skip'"):
+        DynamicTrivialization(sgd, nonfinite="ignore")
+    with pytest.raises(ValueError, match=r"reproject_every: expected None or a positive"):
+        DynamicTrivialization(sgd, reproject_every=0)
+    with pytest.raises(ValueError, match=r"optimizer: expected a torch.optim.Optimizer, got list"):
+        DynamicTrivialization([sgd])
+    sgd.param_groups[0]["lr"] = -0.1
+    with pytest.raises(ValueError, match=r"lr: expected non-negative learning rates, got -0.1"):
+        DynamicTrivialization(sgd)
+
+
+def test_no_constrained_parameter_warns():
+    model = nn.Linear(3, 3)
+    with pytest.warns(UserWarning, match=r"expected parameters of dynamic trivializations.*got "
+                                         r"none among its 2 parameters"):
+        opt = DynamicTrivialization(torch.optim.SGD(model.parameters(), lr=0.1), K=1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert opt.steps == 1 and opt.refreshes == 0 and opt.targets == []
+
+
+# --------------------------------------------------------------- torch and geotorch
+def _so_rgd_reference(W, G, lr):
+    """W expm(-lr (W^T G - G^T W)): one step of the map base @ expm(tril(X) - tril(X)^T)."""
+    S = W.T @ G
+    return W @ torch.linalg.matrix_exp(-lr * (S - S.T))
+
+
+def _square_model(kind, seed=0, n=6):
+    torch.manual_seed(seed)
+    lin = nn.Linear(n, n, bias=False).to(DT)
+    if kind == "torch":
+        P.orthogonal(lin, "weight", orthogonal_map="matrix_exp", use_trivialization=True)
+    elif kind == "dtriv":
+        dtriv_orthogonal(lin, "weight", orthogonal_map="matrix_exp", use_trivialization=True)
+    else:
+        geotorch.orthogonal(lin, "weight")
+    return lin
+
+
+@pytest.mark.parametrize("kind,use_modules", [("torch", False), ("torch", True),
+                                              ("geotorch", False), ("geotorch", True),
+                                              ("dtriv", False)])
+def test_square_torch_geotorch_and_twin_orthogonal_gain_rgd(kind, use_modules):
+    """torch's orthogonal (found with and without ``modules``), geotorch's and dtriv's twin:
+    with K = 1 and SGD, W <- W expm(-lr (W^T G - G^T W)); the base follows the weight."""
+    n, lr = 6, 0.05
+    lin = _square_model(kind, n=n)
+    f, grad = _square_loss_fn(n, 7)
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=lr), K=1,
+                                modules=lin if use_modules else None, reproject_every=5)
+    assert [t.kind for t in opt.targets] == [kind]
+    W = _weight(lin)
+    base0 = lin.parametrizations.weight[0].base.clone()
+    for _ in range(20):
+        W = _so_rgd_reference(W, grad(W), lr)
+        opt.zero_grad()
+        f(lin.weight).backward()
+        opt.step()
+    torch.testing.assert_close(_weight(lin), W, rtol=0, atol=1e-10)
+    base = lin.parametrizations.weight[0].base
+    assert (base - base0).abs().max() > 1e-2  # the base moved
+    torch.testing.assert_close(base, W, rtol=0, atol=1e-12)
+
+
+def test_torch_square_refresh_equals_torch_assignment():
+    """For square weights the refresh is torch's own ``module.weight = module.weight``."""
+    ours, theirs = _square_model("torch", seed=1), _square_model("torch", seed=1)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.parametrizations.weight.original.normal_(generator=_gen(2))
+    opt = DynamicTrivialization(torch.optim.SGD(ours.parameters(), lr=0.1), K=1)
+    opt.refresh()
+    with torch.no_grad():
+        theirs.weight = theirs.weight
+    torch.testing.assert_close(ours.parametrizations.weight[0].base,
+                               theirs.parametrizations.weight[0].base, rtol=0, atol=1e-13)
+    assert torch.equal(ours.parametrizations.weight.original,
+                       theirs.parametrizations.weight.original)
+
+
+@pytest.mark.parametrize("kind,omap", [("torch", "householder"), ("torch", "cayley"),
+                                       ("torch", "matrix_exp"), ("geotorch", None)])
+@pytest.mark.parametrize("shape", [(8, 3), (3, 8)])
+def test_rectangular_torch_and_geotorch_weights_stay_orthogonal(kind, omap, shape):
+    n, k = max(shape), min(shape)
+    torch.manual_seed(0)
+    lin = nn.Linear(shape[1], shape[0], bias=False).to(DT)
+    if kind == "torch":
+        P.orthogonal(lin, "weight", orthogonal_map=omap)
+    else:
+        geotorch.orthogonal(lin, "weight")
+    plist = lin.parametrizations.weight
+    A = _sym(n, 9)
+
+    def tall(W):
+        return W if shape[0] >= shape[1] else W.T
+
+    opt = DynamicTrivialization(torch.optim.Adam(lin.parameters(), lr=0.05), K=3, modules=lin)
+    base0 = plist[0].base.clone()
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = -(tall(lin.weight) * (A @ tall(lin.weight))).sum()
+        loss.backward()
+        losses.append(loss.item())
+        W_before = _weight(lin)
+        opt.step()
+        if opt.steps % 3 == 0:
+            # the refresh does not move the weight: forward(original) recomputes it
+            W_step = _weight(lin)
+            with torch.no_grad():
+                W_reeval = plist[0](plist.original)
+            torch.testing.assert_close(W_reeval, W_step, rtol=0, atol=1e-12)
+            assert not torch.equal(W_step, W_before)
+    W = _weight(lin)
+    Wt = W if shape[0] >= shape[1] else W.T
+    torch.testing.assert_close(Wt.T @ Wt, torch.eye(k, dtype=DT), rtol=0, atol=1e-12)
+    base = plist[0].base
+    torch.testing.assert_close(base.T @ base, torch.eye(n, dtype=DT), rtol=0, atol=1e-12)
+    torch.testing.assert_close(base[:, :k], Wt, rtol=0, atol=1e-12)
+    assert (base - base0).abs().max() > 1e-2
+    assert losses[-1] < losses[0]
+
+
+def test_geotorch_sphere_is_refreshed_through_its_right_inverse():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4).to(DT)
+    geotorch.sphere(lin, "bias")
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=0.1), K=2,
+                                reproject_every=1)
+    assert [t.kind for t in opt.targets] == ["geotorch"]
+    c = torch.randn(4, generator=_gen(1), dtype=DT)
+    base0 = lin.parametrizations.bias[0].base.clone()
+    for _ in range(4):
+        opt.zero_grad()
+        (-(lin.bias * c).sum()).backward()
+        b = lin.bias.detach().clone()
+        opt.step()
+    bias = lin.bias.detach()
+    torch.testing.assert_close(lin.parametrizations.bias[0].base, bias, rtol=0, atol=1e-14)
+    assert torch.count_nonzero(lin.parametrizations.bias.original) == 0
+    assert abs(bias.norm().item() - 1) < 1e-14
+    assert (bias - base0).abs().max() > 1e-2 and not torch.equal(bias, b)
