@@ -1,0 +1,153 @@
+"""Config validation (errors name file, key and allowed values) and sweep expansion."""
+
+from __future__ import annotations
+
+import math
+import shlex
+
+import pytest
+
+from experiments.backend import make_manifold
+from experiments.cli import demo_config_path, main
+from experiments.config import ConfigError, expand_sweep, load_config, parse_override
+from experiments.sweep import commands
+
+
+def test_defaults_are_filled(write_config):
+    path = write_config(optim={"K": "inf"})
+    run = load_config(path)
+    cfg = run.config
+    assert cfg["optim"]["K"] == math.inf
+    assert cfg["model"]["manifold"] == "orthogonal" and cfg["optim"]["state"] == "keep"
+    assert cfg["train"]["device"] == "cpu" and cfg["task"]["length"] == 5
+    assert run.name == "seed=3" and cfg["run"]["group"] == "default"
+    assert run.directory == path.parent / "results" / "tiny" / "seed=3"
+
+
+def test_name_defaults_to_file_name(write_config, tmp_path):
+    base = {k: v for k, v in load_config(write_config()).config.items()
+            if k in ("task", "model", "optim", "train")}
+    path = write_config("my-experiment.toml", base=base)
+    assert load_config(path).config["name"] == "my-experiment"
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"model": {"hiden": 8}}, r"model\.hiden: expected a key of \[model\]: name, hidden"),
+    ({"tarin": {"steps": 1}}, r"tarin: expected a top-level key or table among name, output, "
+                              r"task, model, optim, train, sweep"),
+    ({"task": {"name": "copy"}}, r"task\.name: expected one of 'copying', 'adding', 'digits', "
+                                 r"'mnist', got 'copy'"),
+    ({"train": {"steps": "many"}}, r"train\.steps: expected an integer >= 1, got 'many'"),
+    ({"train": {"steps": 0}}, r"train\.steps: expected an integer >= 1, got 0"),
+    ({"optim": {"lr": -1.0}}, r"optim\.lr: expected a number > 0, got -1\.0"),
+    ({"optim": {"K": 0}}, r'optim\.K: expected an integer >= 1 or "inf"'),
+    ({"train": {"device": "gpu"}}, r"train\.device: expected 'cpu', 'cuda'"),
+    ({"task": {"permuted": True}}, r"task\.permuted: expected no value"),
+    ({"optim": {"name": "riemannian_adam"}, "model": {"name": "lstm"}},
+     r"optim\.name: expected rmsprop, adam or sgd"),
+])
+def test_errors_name_file_key_and_allowed(write_config, changes, pattern):
+    path = write_config(**changes)
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_retraction_error_lists_the_manifolds_retractions(write_config):
+    path = write_config(model={"retraction": "housholder"})
+    allowed = make_manifold("orthogonal", 8).retractions
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert f"{path}: model.retraction" in msg and "'housholder'" in msg
+    assert f"({', '.join(allowed)})" in msg
+
+
+def test_mnist_needs_a_path(write_config):
+    with pytest.raises(ConfigError, match=r"task\.path: .*t10k-images-idx3-ubyte"):
+        load_config(write_config(task={"name": "mnist"}, base={
+            k: v for k, v in load_config(write_config()).config.items()
+            if k in ("model", "optim", "train")}))
+
+
+def test_sweep_expansion(write_config):
+    path = write_config(sweep={"model.retraction": ["expm", "cayley"], "K": [1, "inf"],
+                               "train.seed": [0, 1]})
+    runs = expand_sweep(path)
+    assert len(runs) == 8
+    names = [r.name for r in runs]
+    assert names[:3] == ["retraction=expm_K=1_seed=0", "retraction=expm_K=1_seed=1",
+                         "retraction=expm_K=inf_seed=0"]
+    assert len(set(names)) == 8
+    first = runs[0].config
+    assert first["model"]["retraction"] == "expm" and first["optim"]["K"] == 1
+    assert runs[-1].config["model"]["retraction"] == "cayley"
+    assert runs[-1].config["optim"]["K"] == math.inf and runs[-1].config["train"]["seed"] == 1
+    groups = {r.config["run"]["group"] for r in runs}
+    assert groups == {"retraction=expm_K=1", "retraction=expm_K=inf",
+                      "retraction=cayley_K=1", "retraction=cayley_K=inf"}
+    # `run` ignores the sweep table; overrides pin a key for all runs of a sweep
+    assert load_config(path).config["model"]["retraction"] == "expm"
+    pinned = expand_sweep(path, ["optim.K=3"])
+    assert len(pinned) == 4 and {r.config["optim"]["K"] for r in pinned} == {3}
+
+
+def test_sweep_errors(write_config):
+    with pytest.raises(ConfigError, match=r"sweep key 'retractoin' is unknown"):
+        expand_sweep(write_config(sweep={"retractoin": ["expm"]}))
+    with pytest.raises(ConfigError, match=r"sweep key 'name' is ambiguous"):
+        expand_sweep(write_config(sweep={"name": ["lstm"]}))
+    with pytest.raises(ConfigError, match=r"sweep\.K: expected a non-empty list"):
+        expand_sweep(write_config(sweep={"K": 3}))
+    with pytest.raises(ConfigError,
+                       match=r"model\.retraction: .*'nope'.*sweep combination"):
+        expand_sweep(write_config(sweep={"model.retraction": ["expm", "nope"]}))
+
+
+def test_print_commands_reproduce_the_sweep(write_config, capsys):
+    path = write_config(sweep={"model.retraction": ["expm", "cayley"], "optim.K": [1, "inf"]})
+    runs = expand_sweep(path)
+    lines = commands(runs, str(path))
+    assert len(lines) == 4
+    for line, run in zip(lines, runs):
+        argv = shlex.split(line)
+        assert argv[1:5] == ["-m", "experiments", "run", str(path)]
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        again = load_config(path, sets)
+        assert again.config == run.config and again.directory == run.directory
+    assert main(["sweep", str(path), "--print-commands"]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+
+
+def test_parse_override():
+    assert parse_override("optim.K=10") == ("optim.K", 10)
+    assert parse_override("retraction=cayley") == ("model.retraction", "cayley")
+    assert parse_override("task.permuted=true") == ("task.permuted", True)
+    assert parse_override("lr=3e-4") == ("optim.lr", 3e-4)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("K")
+
+
+def test_cli_reports_config_errors(write_config, capsys):
+    path = write_config(model={"hiden": 8})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.hiden" in err and str(path) in err
+
+
+def test_shipped_configs_are_valid():
+    folder = demo_config_path().parent
+    names = sorted(p.name for p in folder.glob("*.toml"))
+    assert {"demo.toml", "copying.toml", "adding.toml", "digits.toml", "mnist.toml"} <= set(names)
+    for p in folder.glob("*.toml"):
+        assert expand_sweep(p)
+    demo = expand_sweep(demo_config_path())
+    assert len({r.config["model"]["retraction"] for r in demo}) == 2
+    assert len({r.config["optim"]["K"] for r in demo}) == 2
+
+
+def test_run_names_leave_out_execution_keys(write_config):
+    path = write_config()
+    run = load_config(path, ["train.threads=2", "train.device=cpu", "optim.lr=0.5",
+                             "train.log_every=1"])
+    assert run.name == "lr=0.5_seed=3" and run.config["train"]["threads"] == 2

@@ -1,0 +1,94 @@
+"""Report: summary.md numbers (mean ± std over seeds, baseline) and the PNG plots."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from matplotlib import image
+
+from experiments.checkpoint import MetricsLog, write_json
+from experiments.cli import main
+from experiments.config import expand_sweep
+from experiments.report import mean_std, report
+from experiments.sweep import run_all
+
+PNGS = ("loss.png", "constraint_error.png", "time_per_step.png")
+
+
+def fake_runs(write_config):
+    """Runs with known metrics: final loss = 0.1 * (K index + 1) + 0.01 * seed."""
+    path = write_config(sweep={"optim.K": [1, 100], "train.seed": [0, 1, 2]},
+                        task={"length": 10})
+    runs = expand_sweep(path)
+    expected = {}
+    for run in runs:
+        k_index = [1, 100].index(run.config["optim"]["K"])
+        seed = run.config["train"]["seed"]
+        run.directory.mkdir(parents=True)
+        write_json(run.directory / "config.json", run.config)
+        log = MetricsLog(run.directory / "metrics.jsonl")
+        final = 0.1 * (k_index + 1) + 0.01 * seed
+        for step, loss in ((10, 2.0), (20, 0.05 + final), (30, final)):
+            log.append({"step": step, "loss": loss, "accuracy": 0.5,
+                        "constraint_error": 1e-7 * (seed + 1), "seconds": step * 0.002})
+        expected.setdefault(run.config["run"]["group"], []).append(final)
+    return runs, expected
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([4.0]) == (4.0, 0.0)
+    assert mean_std([None, float("nan")]) is None
+
+
+def test_report_summary_and_plots(write_config):
+    runs, expected = fake_runs(write_config)
+    folder = runs[0].directory.parent
+    summary, plots = report(folder)
+    text = summary.read_text()
+    baseline = 10 * math.log(8) / 30
+    assert f"Baseline loss: **{baseline:.4f}**" in text
+    for group, finals in expected.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {group} |"))
+        mean, std = np.mean(finals), np.std(finals, ddof=1)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "3" and cells[2] == "30"
+        assert cells[3] == f"{mean:.4g} ± {std:.2g}"  # final loss
+        assert cells[4] == cells[3]  # the best logged loss is the final one here
+        assert cells[6] == cells[7] == "–"  # no test set
+        assert cells[9] == "2 ± 0"  # ms per step = 0.06 s / 30 steps
+        assert cells[10] == f"{mean / baseline:.3f}x"
+    assert [p.name for p in plots] == list(PNGS)
+    for name in PNGS:
+        data = (folder / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert image.imread(folder / name).shape[0] > 100
+
+
+def test_report_cli_and_errors(write_config, tmp_path, capsys):
+    runs, _ = fake_runs(write_config)
+    folder = runs[0].directory.parent.parent  # the results root also works
+    assert main(["report", str(folder)]) == 0
+    assert "| K=1 |" in capsys.readouterr().out
+    assert (folder / "summary.md").exists()
+    assert main(["report", str(tmp_path / "empty")]) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no runs"):
+        report(tmp_path / "empty")
+
+
+def test_sweep_runs_and_reports(write_config, capsys):
+    path = write_config(sweep={"model.retraction": ["expm", "cayley"]},
+                        train={"steps": 10, "log_every": 5})
+    assert main(["sweep", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs" in out and "retraction=cayley_seed=3: step 10" in out
+    assert "| retraction=expm |" in out and "Baseline loss" in out
+    folder = expand_sweep(path)[0].directory.parent
+    assert all((folder / name).exists() for name in ("summary.md", *PNGS))
+    # a failing run is reported and does not stop the others
+    runs = expand_sweep(path)
+    results = run_all(runs, jobs=1, progress=False)  # they exist: both fail, cleanly
+    assert all("RunExistsError" in r["error"] for r in results)

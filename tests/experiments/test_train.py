@@ -1,0 +1,209 @@
+"""Runs: the files they write, exact resume after an interruption, crash-safe writes."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+
+import pytest
+import torch
+
+from experiments import checkpoint as ckpt_mod
+from experiments.checkpoint import MetricsLog, load_checkpoint, read_jsonl, save_checkpoint
+from experiments.cli import main
+from experiments.config import load_config
+from experiments.distributed import from_env
+from experiments.progress import ProgressBar, format_duration
+from experiments.train import RunExistsError, train
+
+METRICS = ("step", "loss", "accuracy", "constraint_error", "test_loss", "test_accuracy")
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step_to_crash: int):
+    def callback(step: int) -> None:
+        if step == step_to_crash:
+            raise Crash(step)
+    return callback
+
+
+def metrics(directory):
+    return [{k: r.get(k) for k in METRICS} for r in read_jsonl(directory / "metrics.jsonl")]
+
+
+def test_tiny_run_writes_its_files(write_config):
+    run = load_config(write_config())
+    final = train(run, progress=False)
+    d = run.directory
+    assert sorted(p.name for p in d.iterdir()) == ["checkpoint.pt", "config.json", "final.json",
+                                                   "metrics.jsonl"]
+    assert json.loads((d / "config.json").read_text()) == json.loads(json.dumps(run.config))
+    records = read_jsonl(d / "metrics.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    for r in records:
+        assert set(r) == {"step", "loss", "accuracy", "constraint_error", "seconds"}
+        assert r["loss"] > 0 and 0 <= r["accuracy"] <= 1 and r["constraint_error"] < 1e-5
+    assert all(a["seconds"] < b["seconds"] for a, b in zip(records, records[1:]))
+    state = load_checkpoint(d / "checkpoint.pt")  # weights_only=True
+    assert state["step"] == 30 and state["finished"] is True
+    assert {"model", "optimizer", "ranks", "rng"} <= set(state)
+    assert final["step"] == 30 and final["loss"] == records[-1]["loss"]
+    assert final["baseline"] == pytest.approx(10 * torch.log(torch.tensor(8.0)).item() / 25)
+    assert final["best_loss"] == min(r["loss"] for r in records)
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(run, progress=False)
+    assert train(run, resume=True, progress=False)["loss"] == final["loss"]  # already done
+
+
+@pytest.mark.parametrize("changes", [
+    {},  # copying, dynamic trivialization K = 7 (refreshes between checkpoints)
+    {"optim": {"K": "inf"}, "model": {"retraction": "cayley", "init": "cayley"}},
+    {"task": {"name": "adding", "length": 6}, "optim": {"name": "riemannian_adam"}},
+    {"task": {"name": "digits", "permuted": True},
+     "train": {"steps": 30, "eval_every": 10, "eval_batch": 512, "batch": 4}},
+])
+def test_resume_reproduces_the_uninterrupted_run(write_config, tmp_path, changes):
+    if changes.get("task", {}).get("name") == "digits":
+        base = {k: v for k, v in load_config(write_config()).config.items()
+                if k in ("model", "optim", "train")}
+        path = write_config(base=base, **changes)
+    else:
+        path = write_config(**changes)
+    reference = load_config(path, output=str(tmp_path / "a"))
+    final_ref = train(reference, progress=False)
+
+    run = load_config(path, output=str(tmp_path / "b"))
+    with pytest.raises(Crash):
+        train(run, progress=False, callback=crash_at(24))  # last checkpoint at step 20
+    assert [r["step"] for r in metrics(run.directory)][-1] == 20
+    assert load_checkpoint(run.directory / "checkpoint.pt")["step"] == 20
+    final = train(run, resume=True, progress=False)
+
+    assert metrics(run.directory) == metrics(reference.directory)
+    assert final["loss"] == final_ref["loss"]
+    a = load_checkpoint(reference.directory / "checkpoint.pt")["model"]
+    b = load_checkpoint(run.directory / "checkpoint.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(write_config, monkeypatch):
+    run = load_config(write_config())
+    real_save = torch.save
+
+    def torn_save(obj, f, *args, **kwargs):
+        if obj.get("step") == 20:  # write half the bytes of the step-20 checkpoint, then die
+            import io
+
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
+            raise Crash("killed mid-write")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", torn_save)
+    with pytest.raises(Crash):
+        train(run, progress=False)
+    d = run.directory
+    assert load_checkpoint(d / "checkpoint.pt")["step"] == 10  # the previous one, intact
+    assert not [p for p in os.listdir(d) if p.endswith(".tmp")]
+    monkeypatch.undo()
+    final = train(run, resume=True, progress=False)
+    reference = train(load_config(write_config(), output=str(d.parent.parent / "ref")),
+                      progress=False)
+    assert final["loss"] == reference["loss"] and final["step"] == 30
+
+
+def test_torn_log_line_is_ignored_and_dropped_on_resume(write_config):
+    run = load_config(write_config())
+    with pytest.raises(Crash):
+        train(run, progress=False, callback=crash_at(12))
+    log = run.directory / "metrics.jsonl"
+    with open(log, "ab") as f:  # a write cut short by a kill
+        f.write(b'{"step": 15, "loss": 0.12')
+    steps = [r["step"] for r in read_jsonl(log)]
+    assert steps == [5, 10]
+    train(run, resume=True, progress=False)
+    assert [r["step"] for r in read_jsonl(log)] == [5, 10, 15, 20, 25, 30]
+    assert log.read_bytes().endswith(b"}\n")
+
+
+def test_log_and_checkpoint_primitives(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for s in (1, 2, 3):
+        log.append({"step": s, "loss": float("nan") if s == 2 else 1.0 / s})
+    assert [r["loss"] for r in log] == [1.0, None, 1 / 3]
+    log.truncate(2)
+    assert [r["step"] for r in log] == [1, 2]
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(tmp_path / "bad.jsonl")
+    save_checkpoint(tmp_path / "c.pt", {"w": torch.ones(2), "n": 3, "s": "x"})
+    assert load_checkpoint(tmp_path / "c.pt")["n"] == 3
+
+    torch.save({"obj": datetime.date(2020, 1, 1)}, tmp_path / "evil.pt")  # arbitrary pickles
+    with pytest.raises(Exception, match="(?i)weights_only"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_cli_run_and_resume(write_config, capsys):
+    path = write_config()
+    assert main(["run", str(path), "--no-progress", "--set", "train.steps=10"]) == 0
+    out = capsys.readouterr().out
+    assert "step 10" in out and "baseline 0.8318" in out and "constraint error" in out
+    assert main(["run", str(path), "--no-progress", "--set", "train.steps=10"]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main(["run", str(path), "--no-progress", "--set", "train.steps=10",
+                 "--overwrite"]) == 0
+
+
+def test_torchrun_environment():
+    assert from_env({}) == (0, 1, 0)
+    assert from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
+    with pytest.raises(ValueError, match="RANK"):
+        from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_resume_before_the_first_checkpoint_starts_over(write_config, tmp_path):
+    path = write_config()
+    run = load_config(path)
+    with pytest.raises(Crash):
+        train(run, progress=False, callback=crash_at(7))  # logged step 5, no checkpoint yet
+    assert [r["step"] for r in read_jsonl(run.directory / "metrics.jsonl")] == [5]
+    assert not (run.directory / "checkpoint.pt").exists()
+    train(run, resume=True, progress=False)
+    reference = load_config(path, output=str(tmp_path / "ref"))
+    train(reference, progress=False)
+    assert metrics(run.directory) == metrics(reference.directory)
+
+
+def test_progress_bar_shows_step_loss_and_constraint_error(write_config):
+    stream = io.StringIO()
+    bar = ProgressBar(40, desc="demo", stream=stream, interval=0.0)
+    bar.update(10, loss=1.2345, baseline=0.69, err=3.2e-6)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("demo [######------------------] 10/40")
+    assert "loss=1.23 baseline=0.69 err=3.2e-06" in lines[0]
+    assert format_duration(3725) == "1:02:05" and format_duration(75.3) == "1:15"
+
+
+def test_resume_extends_a_finished_run(write_config, tmp_path):
+    short = load_config(write_config(train={"steps": 10}))
+    train(short, progress=False)
+    longer = load_config(write_config(train={"steps": 20}))  # same file, more steps
+    assert longer.directory == short.directory
+    train(longer, resume=True, progress=False)
+    reference = load_config(write_config(train={"steps": 20}), output=str(tmp_path / "ref"))
+    train(reference, progress=False)
+    assert metrics(longer.directory) == metrics(reference.directory)
+    assert [r["step"] for r in metrics(longer.directory)] == [5, 10, 15, 20]
