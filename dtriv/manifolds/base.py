@@ -165,6 +165,15 @@ class Manifold(abc.ABC):
     def project(self, X: Tensor) -> Tensor:
         """The nearest point of the manifold to ``X`` (Frobenius norm)."""
 
+    def polish(self, X: Tensor) -> Tensor:
+        """A cheap correction of a point ``X`` that is already close to the manifold.
+
+        Used to cancel rounding drift (e.g. at every refresh of a trivialization) where a full
+        :meth:`project` would cost more than needed. Here it is :meth:`project`; manifolds with
+        a cheaper local correction override it.
+        """
+        return self.project(X)
+
     @abc.abstractmethod
     def proj_tangent(self, B: Tensor, V: Tensor) -> Tensor:
         """Orthogonal projection of ``V`` onto the tangent space at ``B`` (embedded metric)."""

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dtriv.manifolds.base import Manifold
+from dtriv.retractions._common import eps as _eps
 
 __all__ = ["Trivialization"]
 
@@ -344,7 +345,8 @@ class Trivialization(nn.Module):
         """Move the base to the current point and zero the free tensor, in place.
 
         ``base <- forward(original)``, re-projected onto the manifold when its constraint
-        error exceeds :meth:`reproject_atol` (so float drift never accumulates), then
+        error exceeds :meth:`reproject_atol`, or polished (one cheap correction step) when it
+        exceeds :meth:`polish_atol` (so float drift never accumulates), then
         ``original <- 0``; the weight is unchanged (up to that re-projection). ``original``
         defaults to the parameter this trivialization was registered on by ``constrain``.
         Cost: one forward, plus one projection when re-projecting.
@@ -361,10 +363,23 @@ class Trivialization(nn.Module):
         P = self.manifold.retract(
             self.base, self.manifold.tangent(self.base, self._to_point(original)), self.retraction
         )
-        if bool((self.manifold.distance(P) > self.reproject_atol(P.dtype)).any()):
+        error = self.manifold.distance(P)
+        if bool((error > self.reproject_atol(P.dtype)).any()):
             P = self.manifold.project(P)
+        elif bool((error > self.polish_atol(P.dtype)).any()):
+            P = self.manifold.polish(P)
         self.base.copy_(P)
         original.zero_()
+
+    def polish_atol(self, dtype: torch.dtype) -> float:
+        """The constraint error above which :meth:`refresh` polishes the base.
+
+        ``sqrt(max(shape)) eps``: a rounding-level error of a freshly computed point. Above it,
+        :meth:`Manifold.polish` (for Stiefel one Newton–Schulz step, two matmuls) brings the
+        base back to rounding level, so the error of a trivialization refreshed at every step
+        stays at rounding level instead of growing as a random walk.
+        """
+        return math.sqrt(max(self.manifold.shape)) * _eps(dtype)
 
     def reproject_atol(self, dtype: torch.dtype) -> float:
         """The constraint error above which :meth:`refresh` re-projects the base.

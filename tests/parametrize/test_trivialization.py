@@ -344,3 +344,27 @@ def test_complex_unitary_weight():
     assert float((W.mH @ W - torch.eye(5, dtype=W.dtype)).abs().max()) < 1e-12
     module.parametrizations.weight[0].refresh()
     assert torch.allclose(module.weight.detach(), W, atol=1e-12)
+
+
+def test_refresh_polishes_rounding_drift_without_a_full_projection(monkeypatch):
+    # a base a little off the manifold (below the re-projection threshold) is polished back
+    # to rounding level by one Newton-Schulz step at refresh, never by an SVD projection
+    import dtriv
+    from dtriv.manifolds import Orthogonal
+
+    torch.manual_seed(0)
+    n = 32
+    layer = torch.nn.Linear(n, n, bias=False)
+    dtriv.constrain(layer, "weight", Orthogonal(n))
+    triv = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        triv.base.add_(1e-6 * torch.randn(n, n))
+    error = float(triv.manifold.distance(triv.base))
+    assert triv.polish_atol(torch.float32) < error < triv.reproject_atol(torch.float32)
+
+    def no_projection(X):
+        raise AssertionError("refresh projected instead of polishing")
+
+    monkeypatch.setattr(triv.manifold, "project", no_projection)
+    triv.refresh()
+    assert float(triv.manifold.distance(triv.base)) < triv.polish_atol(torch.float32)
