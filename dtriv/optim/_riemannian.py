@@ -132,6 +132,20 @@ class RiemannianMixin:
     param_groups: list[dict[str, Any]]
     state: Any
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("retraction", None)
+        self.__dict__.setdefault("_default_retraction_spec", None)
+        self.__dict__.setdefault("_default_stabilize", None)
+        for group in self.param_groups:
+            group.setdefault("stabilize", None)
+            group.setdefault("step", 0)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step on every parameter; ``closure`` re-evaluates the loss (optional)."""
+        return self._riemannian_step(closure)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group.setdefault("retraction", self._default_retraction_spec)
         param_group.setdefault("stabilize", self._default_stabilize)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,20 +90,6 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             maximize=maximize,
             foreach=foreach,
         )
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("retraction", None)
-        self.__dict__.setdefault("_default_retraction_spec", None)
-        self.__dict__.setdefault("_default_stabilize", None)
-        for group in self.param_groups:
-            group.setdefault("stabilize", None)
-            group.setdefault("step", 0)
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step on every parameter; ``closure`` re-evaluates the loss (optional)."""
-        return self._riemannian_step(closure)
 
     def _update_bucket(self, group: dict[str, Any], bucket: Bucket) -> None:
         manifold, params = bucket.manifold, bucket.params
