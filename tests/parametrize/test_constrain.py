@@ -124,7 +124,7 @@ def test_refresh_then_training_step_moves_on_the_manifold():
         loss = (model(x) - y).square().mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 5 == 4:
             refresh(model)
     assert losses[-1] < losses[0]
