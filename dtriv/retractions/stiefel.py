@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ._common import check_floating, check_matrix, check_same_shape, eps, upcast_half
+from .lie import expm
 from .registry import register
 
 __all__ = [
@@ -450,7 +451,7 @@ def stiefel_exp(B: Tensor, V: Tensor) -> Tensor:
     K = torch.cat(
         [torch.cat([A, -S / s], dim=-1), torch.cat([s * I, A], dim=-1)], dim=-2
     )
-    F = torch.linalg.matrix_exp(K)[..., :, :k] @ torch.linalg.matrix_exp(-A)
+    F = expm(K)[..., :, :k] @ expm(-A)
     return B @ F[..., :k, :] + (V / s) @ F[..., k:, :]
 
 
@@ -499,7 +500,7 @@ def stiefel_exp_canonical(B: Tensor, V: Tensor) -> Tensor:
         [torch.cat([A, -C / s], dim=-1), torch.cat([s * I, torch.zeros_like(A)], dim=-1)],
         dim=-2,
     )
-    F = torch.linalg.matrix_exp(K)[..., :, :k]
+    F = expm(K)[..., :, :k]
     return B @ F[..., :k, :] + (N / s) @ F[..., k:, :]
 
 
