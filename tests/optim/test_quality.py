@@ -87,10 +87,9 @@ def solve(problem: Problem, method: str, K, steps: int, dtype=F32):
     if method == "wrapper":
         holder = _Holder(problem.start.to(dtype))
         constrain(holder, "w", problem.manifold)
-        # float32 drift of the bases: a re-projection about every 20 steps keeps the
-        # constraint error near one rounding (refresh alone re-projects above 10 n eps)
+        # default settings: every refresh polishes the base back to rounding level
         opt = DynamicTrivialization(torch.optim.Adam(holder.parameters(), lr=0.05), K=K,
-                                    reproject_every=max(1, 20 // K), modules=holder)
+                                    modules=holder)
 
         def point():
             return holder.w
