@@ -44,6 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import ParametrizationList
 
+from dtriv.retractions.stiefel import polar_factor
+
 __all__ = ["Target", "find_targets"]
 
 
@@ -87,12 +89,6 @@ def _seed(index: int, count: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _polar(A: Tensor) -> Tensor:
-    """The orthogonal polar factor ``U V^H`` of ``A`` (nearest orthogonal matrix), by SVD."""
-    U, _, Vh = torch.linalg.svd(A, full_matrices=False)
-    return U @ Vh
-
-
 class DtrivTarget(Target):
     """A :class:`dtriv.parametrize.Trivialization`: its own ``refresh(original)``."""
 
@@ -108,7 +104,7 @@ class DtrivTarget(Target):
             if manifold is not None:
                 p.base.copy_(manifold.project(p.base))
             else:  # the orthogonal twin: an orthogonal (n x n) base
-                p.base.copy_(_polar(p.base))
+                p.base.copy_(polar_factor(p.base))
 
 
 class TorchOrthogonalTarget(Target):
@@ -155,7 +151,7 @@ class TorchOrthogonalTarget(Target):
 
     def reproject(self) -> None:
         with torch.no_grad():
-            self.base.copy_(_polar(self.base))
+            self.base.copy_(polar_factor(self.base))
 
 
 class GeotorchSOTarget(Target):
@@ -182,7 +178,7 @@ class GeotorchSOTarget(Target):
 
     def reproject(self) -> None:
         with torch.no_grad():
-            self.base.copy_(_polar(self.base))
+            self.base.copy_(polar_factor(self.base))
 
 
 class GeotorchSphereTarget(Target):
