@@ -1,0 +1,76 @@
+"""The benchmark harness: statistics, tables, report assembly (no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+harness = _load("harness")
+run_all = _load("run_all")
+bench_tall = _load("bench_tall")
+
+
+def test_timing_median_and_quartiles():
+    samples = [5.0, 1.0, 3.0, 2.0, 4.0]
+    t = harness.Timing.of(samples)
+    assert t.median == statistics.median(samples) == 3.0
+    assert (t.q1, t.q3) == (2.0, 4.0)
+    assert t.spread == pytest.approx(2.0 / 3.0)
+    assert t.n == 5
+    assert str(t) == "3 s ±33%"
+
+
+def test_timing_rejects_no_samples():
+    with pytest.raises(ValueError, match="samples"):
+        harness.Timing.of([])
+
+
+def test_measure_interleaves_and_counts_rounds():
+    calls: list[str] = []
+    cases = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    out = harness.measure(cases, repeats=3, warmup=1, budget_s=100.0)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # order alternates by round
+    assert out["a"].n == out["b"].n == 3
+
+
+def test_ratio_and_table():
+    fast, slow = harness.Timing.of([1.0]), harness.Timing.of([2.5])
+    assert harness.ratio(slow, fast) == "2.5x"
+    assert harness.ratio(None, fast) == "-"
+    table = harness.md_table(["x", "y"], [["1", "2"]])
+    assert table.splitlines() == ["| x | y |", "|---|---|", "| 1 | 2 |"]
+    with pytest.raises(ValueError, match=r"rows\[0\]"):
+        harness.md_table(["x"], [["1", "2"]])
+
+
+def test_readme_markers_replaced_and_required():
+    text = f"intro\n{run_all.START}\nold\n{run_all.END}\nrest\n"
+    new = run_all.replace_between_markers(text, "new table")
+    assert new == f"intro\n{run_all.START}\nnew table\n{run_all.END}\nrest\n"
+    with pytest.raises(ValueError, match="markers"):
+        run_all.replace_between_markers("no markers", "x")
+
+
+def test_loglog_slope():
+    ns = [1, 2, 4, 8]
+    assert bench_tall.slope(ns, [3.0 * n for n in ns]) == pytest.approx(1.0)
+    assert bench_tall.slope(ns, [n**2 for n in ns]) == pytest.approx(2.0)
