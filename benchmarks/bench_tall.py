@@ -110,9 +110,11 @@ def slope(ns: list[int], ts: list[float]) -> float:
 
 
 # --------------------------------------------------------------------------- tables
-def table_vs_torch(args, device) -> None:
+def table_vs_torch(args, device) -> dict[str, float]:
+    """The comparison table; returns ``{"map triv": torch / dtriv}``."""
     n, k = args.shape
     rows = []
+    ratios: dict[str, float] = {}
     for orthogonal_map in MAPS:
         for triv in (False, True):
             cases = {"dtriv": fwd_bwd(twin("dtriv", orthogonal_map, triv, n, k,
@@ -135,6 +137,8 @@ def table_vs_torch(args, device) -> None:
                 torch_note = f" (torch at {torch_n}x{k}; dtriv there: {ts['dtriv']})"
                 t["ratio_at"] = ts["dtriv"]
             ref = t.get("ratio_at", t["dtriv"])
+            if torch_n == n:
+                ratios[f"{orthogonal_map} triv={triv}"] = t["torch"].median / ref.median
             rows.append([orthogonal_map, str(triv), str(t["dtriv"]),
                          str(t["torch"]) + torch_note, harness.ratio(t["torch"], ref)])
             print(rows[-1], flush=True)
@@ -145,6 +149,7 @@ def table_vs_torch(args, device) -> None:
         "torch embeds the weight in an n x n matrix; dtriv uses O(n k^2) Stiefel maps. "
         "Where torch is timed at fewer rows, the ratio is taken against dtriv at those rows.",
     )
+    return ratios
 
 
 def scaling_cases(n: int, k: int, device) -> dict[str, Callable[[], None]]:
@@ -158,7 +163,8 @@ def scaling_cases(n: int, k: int, device) -> dict[str, Callable[[], None]]:
     return cases
 
 
-def table_scaling(args, device) -> None:
+def table_scaling(args, device) -> dict[str, float]:
+    """The scaling table; returns ``{map: log-log slope}``."""
     k = args.k
     names: list[str] = []
     per_n: dict[int, dict[str, harness.Timing]] = {}
@@ -169,15 +175,16 @@ def table_scaling(args, device) -> None:
                                    budget_s=args.budget or 6.0, device=device)
         print(n, {name: str(t) for name, t in per_n[n].items()}, flush=True)
     rows = []
+    slopes = {}
     for name in names:
-        ts = [per_n[n][name].median for n in args.ns]
-        rows.append([name] + [str(per_n[n][name]) for n in args.ns]
-                    + [f"{slope(args.ns, ts):.2f}"])
+        slopes[name] = slope(args.ns, [per_n[n][name].median for n in args.ns])
+        rows.append([name] + [str(per_n[n][name]) for n in args.ns] + [f"{slopes[name]:.2f}"])
     harness.emit(
         args, f"Scaling in n at k = {k} (float32, fwd+bwd)",
         harness.md_table(["map"] + [f"n = {n}" for n in args.ns] + ["log-log slope"], rows),
         "Slope of log(time) against log(n), least squares over the sizes (1 = linear).",
     )
+    return slopes
 
 
 # --------------------------------------------------------------------------- memory
@@ -210,10 +217,12 @@ def memory_child(ns: list[int], k: int) -> None:
     print(json.dumps(out))
 
 
-def table_memory(args) -> None:
+def table_memory(args) -> dict[str, float]:
+    """The peak-memory table; returns ``{map: peak at the largest n / peak at the smallest}``
+    (in units of one weight, so 1 means O(n k))."""
     if not os.path.exists("/proc/self/clear_refs"):
         print("peak memory: skipped (needs Linux /proc/self/clear_refs)")
-        return
+        return {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384", MALLOC_TOP_PAD_="0")
     cmd = [sys.executable, __file__, "--memory-child", "--k", str(args.k),
            "--ns", *map(str, args.ns)]
@@ -229,6 +238,8 @@ def table_memory(args) -> None:
         "Measured as the peak resident set above the level before the call, all "
         "allocations mmap-ed; constant across n means O(n k) memory.",
     )
+    lo, hi = str(min(args.ns)), str(max(args.ns))
+    return {name: data[name][hi] / data[name][lo] for name in data}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,10 +266,27 @@ def main(argv: list[str] | None = None) -> None:
         args.shape = args.shape or (4096, 64)
         args.ns = args.ns or [1024, 2048, 4096, 8192, 16384, 32768, 65536]
         args.torch_expm_n = args.torch_expm_n or 1024
-    table_vs_torch(args, device)
-    table_scaling(args, device)
-    if device.type == "cpu":
-        table_memory(args)
+    ratios = table_vs_torch(args, device)
+    slopes = table_scaling(args, device)
+    growth = table_memory(args) if device.type == "cpu" else {}
+    n, k = args.shape
+    worst = min(ratios, key=ratios.get)
+    steep = max(slopes, key=slopes.get)
+    rows = [
+        (f"tall {n}x{k}: every map vs torch's orthogonal (same map)", ">= 10x",
+         f"min {ratios[worst]:,.0f}x ({worst}; torch's matrix_exp at {n} rows only with "
+         f"--torch-expm-n {n})" if ratios else "-",
+         (ratios[worst] >= 10 and (n, k) == (4096, 64)) if ratios else None),
+        (f"time linear in n at k = {k}, n = {min(args.ns)}..{max(args.ns)}",
+         "log-log slope <= 1.1", f"max {slopes[steep]:.2f} ({steep})",
+         slopes[steep] <= 1.1 if max(args.ns) >= 64 * min(args.ns) else None),
+    ]
+    if growth:
+        big = max(growth, key=growth.get)
+        rows.append((f"peak memory O(n k), n = {min(args.ns)}..{max(args.ns)}",
+                     "per-weight peak constant (ratio <= 1.25)",
+                     f"max ratio {growth[big]:.2f} ({big})", growth[big] <= 1.25))
+    harness.emit_summary(args, "tall weights", rows)
 
 
 def argparse_hidden() -> str:

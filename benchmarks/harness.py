@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "Timing",
     "emit",
+    "emit_summary",
     "environment",
     "environment_md",
     "matmul_case",
@@ -228,3 +229,16 @@ def emit(args: argparse.Namespace, title: str, table: str, notes: str = "") -> N
     if path is not None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(text + "\n")
+
+
+def emit_summary(args: argparse.Namespace, topic: str,
+                 rows: list[tuple[str, str, str, bool | None]]) -> None:
+    """A "Summary" section: one row per target, ``(target, goal, measured, met)``.
+
+    ``run_all.py --readme`` copies the summary sections into the README. ``met`` is
+    ``None`` when the run did not measure what the target needs (e.g. under ``--quick``).
+    """
+    mark = {True: "yes", False: "**no**", None: "not measured"}
+    table = md_table(["target", "goal", "measured", "met"],
+                     [[t, g, m, mark[ok]] for t, g, m, ok in rows])
+    emit(args, f"Summary: {topic}", table)
