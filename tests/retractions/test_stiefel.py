@@ -382,3 +382,58 @@ def test_registry():
         assert registry.get("stiefel", name).map is fn
     with pytest.raises(ValueError, match="available: .*qr"):
         registry.get("stiefel", "no-such-map")
+
+
+# --------------------------------------------------------------------------- Cholesky QR
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.complex128, 1e-12),
+                                       (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (3, 40, 8)])
+def test_cholesky_qf_equals_householder_and_scipy(shape, dtype, tol):
+    from dtriv.retractions.stiefel import cholesky_qf, householder_qf
+
+    B = point(*shape, dtype=dtype, seed=3)
+    V = tangent(B, scale=0.02, seed=4)
+    Q = cholesky_qf(B + V)
+    assert Q is not None  # a small step: the fast path is taken
+    assert maxdiff(Q, householder_qf(B + V)) < tol
+    assert orth_error(Q) < tol
+    X = (B + V)[(0,) * (len(shape) - 2)].numpy()
+    Qs, Rs = scipy.linalg.qr(X, mode="economic")
+    d = np.diag(Rs)
+    Qs = Qs * (d / np.abs(d))[None, :]  # diag(R) > 0
+    assert maxdiff(Q[(0,) * (len(shape) - 2)], Qs) < tol
+    torch.testing.assert_close(stiefel_qr(B, V), Q, rtol=0, atol=0)
+
+
+def test_cholesky_qf_declines_ill_conditioned_input_and_qr_falls_back():
+    from dtriv.retractions.stiefel import cholesky_qf, householder_qf
+
+    B = point(2, 30, 6, seed=5)
+    V = tangent(B, scale=3.0, seed=6)  # |V^H V| far above 0.5 for the second point
+    V[0] *= 1e-3  # the first is a small step: one bad point sends the batch to Householder
+    assert cholesky_qf(B + V) is None
+    assert cholesky_qf(B[0] + V[0]) is not None
+    torch.testing.assert_close(stiefel_qr(B, V), householder_qf(B + V), rtol=0, atol=0)
+    nan = B.clone()
+    nan[0, 0, 0] = float("nan")
+    assert cholesky_qf(nan) is None
+    # rank deficient: the Gram is singular, Householder handles it
+    X = B[0].clone()
+    X[:, 1] = X[:, 0]
+    assert cholesky_qf(X) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_cholesky_qr_gradient_matches_householder_and_gradcheck(dtype):
+    from dtriv.retractions.stiefel import cholesky_qf, householder_qf
+
+    B = point(9, 4, dtype=dtype, seed=7)
+    V = tangent(B, scale=0.1, seed=8).requires_grad_(True)
+    W = torch.randn(9, 4, dtype=dtype, generator=_gen(9))
+    (g1,) = torch.autograd.grad((cholesky_qf(B + V) * W.conj()).real.sum(), V)
+    (g2,) = torch.autograd.grad((householder_qf(B + V) * W.conj()).real.sum(), V)
+    assert maxdiff(g1, g2) < 1e-12
+    assert torch.autograd.gradcheck(lambda v: stiefel_qr(B, v), (V,))
+    assert torch.autograd.gradgradcheck(lambda v: stiefel_qr(B, v), (V,))
