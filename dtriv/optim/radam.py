@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from . import _stiefel
 from ._riemannian import (
     Bucket,
     RiemannianMixin,
@@ -119,23 +120,43 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
             G = -G
         if weight_decay != 0:
             G = G.add(X, alpha=weight_decay)
-        grad = manifold.proj_tangent(X, G)
-
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        m = stack(exp_avgs).mul(beta1).add_(grad, alpha=1 - beta1)
-        sq_norm = manifold.inner(X, grad, grad).reshape((len(params),) + scalar_shape)
-        v = stack(exp_avg_sqs).mul(beta2).add_(sq_norm, alpha=1 - beta2)
-
         col = (-1,) + (1,) * (X.ndim - 1)
         bc1 = torch.tensor([1 - beta1**t for t in counts], dtype=X.dtype, device=X.device)
         bc2 = torch.tensor([1 - beta2**t for t in counts], dtype=X.dtype, device=X.device)
+
+        if _stiefel.fast_stiefel(manifold, X):
+            # fused path: the same formulas on the tall batch (m, n, k)
+            Xb = _stiefel.as_batch(manifold, X)
+            grad = _stiefel.riemannian_grad(Xb, _stiefel.as_batch(manifold, G))
+            sq_norm = _stiefel.sq_norms(grad).reshape((len(params),) + scalar_shape)
+            m = _stiefel.as_batch(manifold, stack(exp_avgs))
+            m = m.mul(beta1).add_(grad, alpha=1 - beta1)
+        else:
+            grad = manifold.proj_tangent(X, G)
+            m = stack(exp_avgs).mul(beta1).add_(grad, alpha=1 - beta1)
+            sq_norm = manifold.inner(X, grad, grad).reshape((len(params),) + scalar_shape)
+        v = stack(exp_avg_sqs).mul(beta2).add_(sq_norm, alpha=1 - beta2)
         if amsgrad:
             max_sqs = [s["max_exp_avg_sq"] for s in states]
             v_hat = torch.maximum(stack(max_sqs), v)
             copy_rows(max_sqs, v_hat)
         else:
             v_hat = v
+
+        if _stiefel.fast_stiefel(manifold, X):
+            # direction -lr m / (bc1 (sqrt(v_hat / bc2) + eps)): one scalar per point
+            c = v_hat.div(bc2.view(col)).sqrt_().add_(eps).mul_(bc1.view(col)).reciprocal_()
+            c = c.mul_(-lr).reshape(-1, 1, 1)
+            Q = _stiefel.retract(manifold, bucket.method, Xb, m, c)
+            m_new = _stiefel.transport(Q, m)
+            if manifold.wide:
+                Q, m_new = Q.mT, m_new.mT
+            copy_rows(exp_avgs, m_new.reshape(X.shape))
+            copy_rows(exp_avg_sqs, v)
+            copy_rows(params, Q.reshape(X.shape))
+            return
         denom = v_hat.div(bc2.view(col)).sqrt_().add_(eps)
         direction = m.div(bc1.view(col)).div_(denom)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from . import _stiefel
 from ._riemannian import (
     Bucket,
     RiemannianMixin,
@@ -102,10 +104,22 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             G = -G
         if weight_decay != 0:
             G = G.add(X, alpha=weight_decay)
-        grad = manifold.proj_tangent(X, G)
+        fused = _stiefel.fast_stiefel(manifold, X)
+        if fused:
+            # fused path: the same formulas on the tall batch (m, n, k)
+            Xb = _stiefel.as_batch(manifold, X)
+            grad = _stiefel.riemannian_grad(Xb, _stiefel.as_batch(manifold, G))
+        else:
+            grad = manifold.proj_tangent(X, G)
+
+        def move(direction: Tensor) -> Tensor:
+            if not fused:
+                return manifold.retract(X, direction.mul(-lr), bucket.method)
+            Q = _stiefel.retract(manifold, bucket.method, Xb, direction, -lr)
+            return (Q.mT if manifold.wide else Q).reshape(X.shape)
 
         if momentum == 0:
-            copy_rows(params, manifold.retract(X, grad.mul(-lr), bucket.method))
+            copy_rows(params, move(grad))
             return
 
         states = [self.state[p] for p in params]
@@ -114,11 +128,23 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             if new:
                 s["momentum_buffer"] = torch.zeros_like(params[0])
         buffers = [s["momentum_buffer"] for s in states]
-        buf = stack(buffers).mul(momentum).add_(grad, alpha=1 - dampening)
+        buf = stack(buffers)
+        if fused:
+            buf = _stiefel.as_batch(manifold, buf)
+        buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
         if any(fresh):
-            mask = torch.tensor(fresh, device=X.device).view((-1,) + (1,) * (X.ndim - 1))
+            mask = torch.tensor(fresh, device=X.device)
+            if fused:  # one row per point of the tall batch
+                mask = mask.repeat_interleave(buf.shape[0] // len(params))
+            mask = mask.view((-1,) + (1,) * (buf.ndim - 1))
             buf = torch.where(mask, grad, buf)
         direction = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-        X_new = manifold.retract(X, direction.mul(-lr), bucket.method)
-        copy_rows(buffers, manifold.transport(X, X_new, buf))
+        X_new = move(direction)
+        if fused:
+            Q = _stiefel.as_batch(manifold, X_new)
+            moved = _stiefel.transport(Q, buf)
+            moved = (moved.mT if manifold.wide else moved).reshape(X.shape)
+        else:
+            moved = manifold.transport(X, X_new, buf)
+        copy_rows(buffers, moved)
         copy_rows(params, X_new)
