@@ -1,70 +1,55 @@
-"""Cost of one optimizer step on the Stiefel manifold, side by side.
+"""One Riemannian optimizer step on the Stiefel manifold: dtriv against geoopt, side by side.
 
-For each shape ``(n, k)`` it times ``optimizer.step()`` (gradients set beforehand, so
-neither the forward nor the backward of a model is counted) for
+For each case the script times ``optimizer.step()`` (the gradients are set beforehand, so
+no forward or backward pass is counted), interleaved in one ``measure`` call:
 
-* ``adam``: :class:`torch.optim.Adam` on an unconstrained ``n x k`` tensor (the reference);
-* ``wrapper K=1`` / ``wrapper K=100``: :class:`dtriv.optim.DynamicTrivialization` around
-  Adam on a tensor constrained by :func:`dtriv.parametrize.constrain`; the refresh every
-  ``K`` steps is amortised over the timed steps;
-* ``dtriv radam``: :class:`dtriv.optim.RiemannianAdam` on a
-  :class:`dtriv.optim.ManifoldParameter` (default retraction of the manifold, and ``qr``);
-* ``geoopt radam``: :class:`geoopt.optim.RiemannianAdam` on geoopt's Euclidean Stiefel
-  (QR retraction, projection transport: the same algorithm as ``dtriv radam (qr)``) and on
-  its default canonical Stiefel (Cayley retraction and transport), when geoopt is installed;
+* ``dtriv adam`` / ``dtriv sgd``: :class:`dtriv.optim.RiemannianAdam` /
+  :class:`dtriv.optim.RiemannianSGD` (momentum 0.9) on :class:`dtriv.optim.ManifoldParameter`
+  s with the QR retraction (``retraction="qr"``);
+* ``geoopt adam`` / ``geoopt sgd``: geoopt's ``RiemannianAdam`` / ``RiemannianSGD`` on
+  ``geoopt.ManifoldParameter`` s of ``geoopt.Stiefel(canonical=False)`` (EuclideanStiefel:
+  the same algorithm, QR retraction with diag(R) > 0 and transport by projection);
+* ``torch adam``: :class:`torch.optim.Adam` on unconstrained tensors of the same shapes
+  (the floor: what an unconstrained step costs);
+* ``matmul``: one 512 x 512 product, the unit of the "matmuls" column.
 
-and ``map fwd``, one forward of the trivialization (``module.weight``), which every
-training step of a trivialized model pays anyway. Ratios: each row over ``adam``; for the
-wrapper also over ``adam + fwd/K``, the cost model of a step plus the amortised refresh
-(the K = 100 run is extended to 200 steps so that its refreshes are timed). Targets:
-``dtriv radam (qr)`` no slower than geoopt's, ``wrapper K=100`` within 1.2x of
-``adam + map fwd``.
+Cases: one ``(512, 512)`` parameter, one ``(1024, 256)`` parameter, twenty ``(256, 256)``
+parameters in one optimizer. Ratio columns: geoopt / dtriv (above 1: dtriv is faster).
+
+The full run also reports the constraint error ``max|X^T X - I|`` after 1,000 float32
+Adam steps at ``(256, 256)`` for dtriv (QR), geoopt's EuclideanStiefel (QR) and geoopt's
+default canonical Stiefel (Cayley retraction).
 
 Usage::
 
-    python benchmarks/bench_optim.py --shapes 512x512 1024x256 --steps 20 --device cuda
+    python benchmarks/bench_optim.py [--quick] [--threads 2] [--markdown results.md]
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-from collections.abc import Callable
+import warnings
 
 import torch
-from torch import nn
 
 from dtriv.manifolds import Stiefel
-from dtriv.optim import DynamicTrivialization, ManifoldParameter, RiemannianAdam
-from dtriv.parametrize import constrain
+from dtriv.optim import ManifoldParameter, RiemannianAdam, RiemannianSGD
+
+from harness import emit, emit_summary, matmul_case, md_table, measure, parser, ratio, setup
+
+with warnings.catch_warnings():  # geoopt scripts functions with the deprecated torch.jit
+    warnings.simplefilter("ignore")
+    import geoopt
+
+LR = 1e-3
+MOMENTUM = 0.9
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _points(count: int, n: int, k: int, dtype, device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [Stiefel(n, k).sample(generator=g, dtype=dtype).to(device) for _ in range(count)]
 
 
-def _time(fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
-    """Mean seconds per call of ``fn`` over ``steps`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
-
-
-class _Holder(nn.Module):
-    def __init__(self, X: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(X.clone())
-
-
-def _stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor], scale: float = 1e-3):
-    grads = [scale * torch.randn_like(p) for p in params]
-
+def _stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]):
     def step() -> None:
         for p, g in zip(params, grads):
             p.grad = g
@@ -73,94 +58,100 @@ def _stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor], scale: floa
     return step
 
 
-def bench_shape(n: int, k: int, args, device: torch.device, dtype: torch.dtype) -> list[tuple]:
-    manifold = Stiefel(n, k)
-    g = torch.Generator().manual_seed(0)
-    X0 = manifold.sample(generator=g, dtype=dtype).to(device)
-    rows: list[tuple[str, float]] = []
+def cases_for(count: int, n: int, k: int, device, dtype=torch.float32) -> dict:
+    """The timed callables of one case (``count`` parameters of shape ``(n, k)``)."""
+    X0 = _points(count, n, k, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(n, k, generator=g, dtype=dtype).to(device) for _ in range(count)]
+    M = Stiefel(n, k)
+    out = {}
+    for name, make in (
+        ("dtriv adam", lambda ps: RiemannianAdam(ps, lr=LR, retraction="qr")),
+        ("geoopt adam", lambda ps: geoopt.optim.RiemannianAdam(ps, lr=LR)),
+        ("dtriv sgd", lambda ps: RiemannianSGD(ps, lr=LR, momentum=MOMENTUM, retraction="qr")),
+        ("geoopt sgd", lambda ps: geoopt.optim.RiemannianSGD(ps, lr=LR, momentum=MOMENTUM)),
+        ("torch adam", lambda ps: torch.optim.Adam(ps, lr=LR)),
+    ):
+        if name.startswith("dtriv"):
+            ps = [ManifoldParameter(X.clone(), M) for X in X0]
+        elif name.startswith("geoopt"):
+            ps = [geoopt.ManifoldParameter(X.clone(), manifold=geoopt.Stiefel(canonical=False))
+                  for X in X0]
+        else:
+            ps = [torch.nn.Parameter(X.clone()) for X in X0]
+        out[name] = _stepper(make(ps), ps, grads)
+    out["matmul"] = matmul_case(512, dtype, device)
+    return out
 
-    def run(name: str, make: Callable[[], tuple], steps: int | None = None) -> None:
-        opt, params = make()
-        seconds = _time(_stepper(opt, params), steps or args.steps, args.warmup, device)
-        rows.append((name, seconds))
 
-    free = nn.Parameter(torch.randn(n, k, generator=g, dtype=dtype).to(device))
-    run("adam", lambda: (torch.optim.Adam([free], lr=1e-3), [free]))
-
-    holder = _Holder(X0)
-    constrain(holder, "weight", manifold)
-    X = holder.parametrizations.weight.original
-    with torch.no_grad():
-        map_fwd = _time(lambda: holder.weight, args.steps, args.warmup, device)
-    for K in (1, 100):
-        steps = max(args.steps, 2 * K) if K > 1 and args.amortise else args.steps
-        run(f"wrapper K={K}",
-            lambda K=K: (DynamicTrivialization(torch.optim.Adam([X], lr=1e-3), K=K,
-                                               modules=holder), [X]),
-            steps)
-
-    def radam(method: str | None):
-        p = ManifoldParameter(X0.clone(), manifold)
-        return RiemannianAdam([p], lr=1e-3, retraction=method), [p]
-
-    run(f"dtriv radam ({manifold.default_retraction})", lambda: radam(None))
-    if "qr" in manifold.retractions and manifold.default_retraction != "qr":
-        run("dtriv radam (qr)", lambda: radam("qr"))
-    try:
-        import geoopt
-    except ImportError:
-        geoopt = None
-    if geoopt is not None:
-        for label, canonical in (("geoopt radam (euclidean, qr)", False),
-                                 ("geoopt radam (canonical, cayley)", True)):
-            def make(canonical=canonical):
-                p = geoopt.ManifoldParameter(X0.clone(),
-                                             manifold=geoopt.Stiefel(canonical=canonical))
-                return geoopt.optim.RiemannianAdam([p], lr=1e-3), [p]
-            run(label, make)
-    rows.insert(1, ("map fwd (one forward)", map_fwd))
-    return rows
+def constraint_after(steps: int, n: int, k: int, device) -> dict[str, float]:
+    """``max|X^T X - I|`` after ``steps`` float32 Adam steps on a fixed quadratic loss."""
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(n, n, generator=g).to(device)
+    A = A + A.T
+    X0 = _points(1, n, k, torch.float32, device)[0]
+    setups = {
+        "dtriv adam (qr)": lambda: (p := ManifoldParameter(X0.clone(), Stiefel(n, k)),
+                                    RiemannianAdam([p], lr=1e-2, retraction="qr")),
+        "geoopt adam, EuclideanStiefel (qr)": lambda: (
+            p := geoopt.ManifoldParameter(X0.clone(), manifold=geoopt.Stiefel(canonical=False)),
+            geoopt.optim.RiemannianAdam([p], lr=1e-2)),
+        "geoopt adam, canonical Stiefel (cayley)": lambda: (
+            p := geoopt.ManifoldParameter(X0.clone(), manifold=geoopt.Stiefel()),
+            geoopt.optim.RiemannianAdam([p], lr=1e-2)),
+    }
+    errors = {}
+    eye = torch.eye(k, device=device)
+    for name, make in setups.items():
+        p, opt = make()
+        for _ in range(steps):
+            with torch.no_grad():
+                p.grad = -(A @ p)
+            opt.step()
+        with torch.no_grad():
+            errors[name] = float((p.T @ p - eye).abs().max())
+    return errors
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["512x512", "1024x256"],
-                        help="Stiefel shapes n x k (default: 512x512 1024x256)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (default 3)")
-    parser.add_argument("--no-amortise", dest="amortise", action="store_false",
-                        help="do not extend the K=100 run to 2K steps (quick smoke runs)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, device {device}, dtype {args.dtype}, "
-          f"threads {torch.get_num_threads()}, {args.steps} timed steps")
-    for shape in args.shapes:
-        n, k = (int(s) for s in shape.lower().split("x"))
-        rows = bench_shape(n, k, args, device, dtype)
-        times = dict(rows)
-        adam, fwd = times["adam"], times["map fwd (one forward)"]
-        print(f"\nStiefel({n}, {k})")
-        print(f"{'method':36s} {'ms/step':>10s} {'x adam':>9s} {'x (adam + fwd/K)':>17s}")
-        for name, seconds in rows:
-            model = ""
-            if name.startswith("wrapper K="):
-                K = int(name.split("=")[1])
-                model = f"{seconds / (adam + fwd / K):17.2f}"
-            print(f"{name:36s} {1e3 * seconds:10.3f} {seconds / adam:9.2f} {model}")
-        geo = times.get("geoopt radam (euclidean, qr)")
-        ours = times.get("dtriv radam (qr)")
-        if geo is not None and ours is not None:
-            print(f"dtriv radam (qr) / geoopt radam (euclidean, qr): {ours / geo:.2f} "
-                  "(target <= 1)")
-        w100 = times["wrapper K=100"]
-        print(f"wrapper K=100 / (adam + one map forward): {w100 / (adam + fwd):.2f} "
-              f"(target <= 1.2); / (adam + map forward / 100): {w100 / (adam + fwd / 100):.2f}")
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    device = setup(args)
+    quick = args.quick
+    shapes = [(1, 512, 512)] if quick else [(1, 512, 512), (1, 1024, 256), (20, 256, 256)]
+    budget = args.budget if args.budget is not None else (2.5 if quick else 14.0)
+    repeats = args.repeats if args.repeats is not None else (5 if quick else 15)
+    warmup = args.warmup if args.warmup is not None else 2
+    rows, summary = [], []
+    for count, n, k in shapes:
+        t = measure(cases_for(count, n, k, device), repeats=repeats, warmup=warmup,
+                    budget_s=budget, device=device)
+        label = f"{count} x ({n}, {k})" if count > 1 else f"({n}, {k})"
+        mm = t["matmul"].median
+        for algo in ("adam", "sgd"):
+            ours, theirs = t[f"dtriv {algo}"], t[f"geoopt {algo}"]
+            rows.append([label, algo, str(ours), str(theirs), ratio(theirs, ours),
+                         f"{ours.median / mm:.1f}", f"{theirs.median / mm:.1f}",
+                         str(t["torch adam"])])
+        r = t["geoopt adam"].median / t["dtriv adam"].median
+        goal, need = ("≥ 3x", 3.0) if count > 1 else ("≥ 2x (step ≤ 0.5x)", 2.0)
+        summary.append((f"RiemannianAdam step {label} vs geoopt", goal, f"{r:.2f}x", r >= need))
+    headers = ["parameters", "optimizer", "dtriv", "geoopt", "geoopt / dtriv",
+               "dtriv (matmuls)", "geoopt (matmuls)", "torch Adam (floor)"]
+    emit(args, "Riemannian optimizer step on Stiefel (float32, QR retraction)",
+         md_table(headers, rows),
+         "One `step()` with the gradients set; dtriv `retraction=\"qr\"` against geoopt's "
+         "EuclideanStiefel (the same algorithm). matmuls: the step in units of one 512 x 512 "
+         f"float32 product. SGD with momentum {MOMENTUM}; lr {LR}.")
+    if not quick:
+        errors = constraint_after(1000, 256, 256, device)
+        emit(args, "Constraint error after 1,000 float32 Adam steps, Stiefel (256, 256)",
+             md_table(["optimizer", "max abs(X^T X - I)"],
+                      [[name, f"{e:.2e}"] for name, e in errors.items()]))
+        e = errors["dtriv adam (qr)"]
+        summary.append(("constraint error after 1,000 float32 steps (256, 256)",
+                        "rounding level (≤ 1e-5)", f"{e:.1e}", e <= 1e-5))
+    emit_summary(args, "Riemannian optimizers", summary)
+
 
 if __name__ == "__main__":
     main()

@@ -143,10 +143,10 @@ def cholesky_qf(
         worst = torch.linalg.matrix_norm(dev).amax() if G.numel() else G.new_zeros(()).real
         if not bool(worst <= max_deviation):  # also False for NaN
             return None
-    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    L, info = torch.linalg.cholesky_ex(G)  # G = L L^H, R = L^H
     if k and bool(info.any()):
         return None
-    return torch.linalg.solve_triangular(R, X, upper=True, left=False)
+    return torch.linalg.solve_triangular(L.mH, X, upper=True, left=False)
 
 
 @upcast_half
