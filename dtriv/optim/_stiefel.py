@@ -27,7 +27,7 @@ from torch import Tensor
 from dtriv.manifolds.stiefel import Stiefel
 from dtriv.retractions.stiefel import qf
 
-__all__ = ["fast_stiefel", "riemannian_grad", "retract", "transport"]
+__all__ = ["fast_stiefel", "moment_and_sq_norm", "riemannian_grad", "retract", "transport"]
 
 
 _FUSED = ("proj_tangent", "inner", "retract", "_retract", "transport")
@@ -86,3 +86,41 @@ def transport(Q: Tensor, m: Tensor) -> Tensor:
     r"""Transport by projection onto the tangent space at ``Q``: :math:`m - Q
     \operatorname{sym}(Q^T m)`."""
     return riemannian_grad(Q, m)
+
+
+#: the squared norm of the Riemannian gradient is taken from the identity below only when
+#: it keeps at least this fraction of |G|^2 (bounded cancellation); else it is computed
+#: from the explicit gradient.
+IDENTITY_MIN_FRACTION = 0.25
+
+
+def moment_and_sq_norm(X: Tensor, G: Tensor, m: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    r"""The transported and updated moment and the squared Riemannian gradient norms.
+
+    For tall points ``X`` (``(b, n, k)``, :math:`X^T X = I`), Euclidean gradients ``G`` and
+    moments ``m`` stored at the previous points (not yet transported), returns
+
+    .. math:: m' = P_X(\beta m + (1 - \beta) G)
+                 = \beta\, \mathcal{T}(m) + (1 - \beta)\, \operatorname{grad},
+              \qquad \|\operatorname{grad}\|^2 = \|G\|^2 - \|\operatorname{sym}(X^T G)\|^2,
+
+    by linearity of the projection :math:`P_X(V) = V - X \operatorname{sym}(X^T V)` (the
+    transport) and, for the norm, :math:`\langle P_X G, P_X G\rangle = \langle G, P_X G
+    \rangle` (an orthogonal projection). The norm identity is used when it keeps at least
+    :data:`IDENTITY_MIN_FRACTION` of :math:`\|G\|^2` for every point (so its cancellation
+    costs at most a factor 4 of rounding); otherwise the gradient is formed explicitly.
+
+    ``beta`` in ``[0, 1)``. Cost: two products :math:`X^T G`, :math:`X^T m` and one :math:`X S`
+    (:math:`6 b n k^2` flops), against four for the projection of ``G`` and the transport.
+    """
+    Ag = torch.bmm(X.mT, G)
+    Sg = _sym_(Ag)
+    S = _sym_(torch.bmm(X.mT, m)).mul_(beta).add_(Sg, alpha=1 - beta)
+    # beta m + (1 - beta) G - X S = (1 - beta) (M - X S / (1 - beta)), M = G + beta m/(1 - beta)
+    M = torch.add(G, m, alpha=beta / (1 - beta))
+    new = torch.baddbmm(M, X, S, alpha=-1 / (1 - beta)).mul_(1 - beta)
+    G2 = sq_norms(G)
+    sq = G2 - sq_norms(Sg)
+    if not bool((sq >= IDENTITY_MIN_FRACTION * G2).all()):
+        sq = sq_norms(riemannian_grad(X, G))
+    return new, sq

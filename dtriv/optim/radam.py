@@ -47,6 +47,14 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
     ``cayley``) does not accumulate; ``None`` (default): never. :meth:`stabilize` does it
     at once.
 
+    Real :class:`~dtriv.manifolds.Stiefel` buckets take a fused path (batched products, see
+    :mod:`dtriv.optim._stiefel`) that defers the transport of the first moment (a
+    projection, hence linear) to the next step, where it is fused with the projection of
+    the next gradient: :math:`\beta_1 P_X(m) + (1 - \beta_1) P_X(G) = P_X(\beta_1 m + (1 -
+    \beta_1) G)`, the same iterates for three ``n x k`` products per step instead of four;
+    ``exp_avg`` then holds the moment at the previous point (its projection at the
+    parameter is the transported moment, what :meth:`stabilize` stores).
+
     Plain parameters in the same groups get exactly the update of :class:`torch.optim.Adam`
     (the torch step runs on them). Manifold parameters of equal manifold, shape, dtype,
     device and retraction are stacked and updated together: per bucket one tangent
@@ -128,11 +136,12 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
 
         if _stiefel.fast_stiefel(manifold, X):
             # fused path: the same formulas on the tall batch (m, n, k)
+            # with the transport of the first moment deferred (see the class docstring)
             Xb = _stiefel.as_batch(manifold, X)
-            grad = _stiefel.riemannian_grad(Xb, _stiefel.as_batch(manifold, G))
-            sq_norm = _stiefel.sq_norms(grad).reshape((len(params),) + scalar_shape)
-            m = _stiefel.as_batch(manifold, stack(exp_avgs))
-            m = m.mul(beta1).add_(grad, alpha=1 - beta1)
+            Gb = _stiefel.as_batch(manifold, G)
+            raw = _stiefel.as_batch(manifold, stack(exp_avgs))
+            m, sq = _stiefel.moment_and_sq_norm(Xb, Gb, raw, beta1)
+            sq_norm = sq.reshape((len(params),) + scalar_shape)
         else:
             grad = manifold.proj_tangent(X, G)
             m = stack(exp_avgs).mul(beta1).add_(grad, alpha=1 - beta1)
@@ -150,10 +159,9 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
             c = v_hat.div(bc2.view(col)).sqrt_().add_(eps).mul_(bc1.view(col)).reciprocal_()
             c = c.mul_(-lr).reshape(-1, 1, 1)
             Q = _stiefel.retract(manifold, bucket.method, Xb, m, c)
-            m_new = _stiefel.transport(Q, m)
             if manifold.wide:
-                Q, m_new = Q.mT, m_new.mT
-            copy_rows(exp_avgs, m_new.reshape(X.shape))
+                Q, m = Q.mT, m.mT
+            copy_rows(exp_avgs, m.reshape(X.shape))
             copy_rows(exp_avg_sqs, v)
             copy_rows(params, Q.reshape(X.shape))
             return

@@ -104,3 +104,23 @@ def test_constraint_holds_over_1000_float32_steps():
     loss = _loss((4, 48, 16), torch.float32, seed=3)
     _run([p], opt, loss, 1000)
     assert M.distance(p.detach()).max() < 2e-6
+
+
+@pytest.mark.parametrize("normal_part", [0.0, 1e3])  # the identity, then the explicit fallback
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_moment_and_sq_norm_against_explicit_formulas(normal_part, beta):
+    from dtriv.optim._stiefel import moment_and_sq_norm
+
+    M = Stiefel(9, 4)
+    X = M.sample(3, generator=_gen(0), dtype=torch.float64)
+    B = M.sample(3, generator=_gen(1), dtype=torch.float64)  # the previous points
+    m = M.proj_tangent(B, torch.randn(3, 9, 4, generator=_gen(2), dtype=torch.float64))
+    H = torch.randn(3, 4, 4, generator=_gen(3), dtype=torch.float64)
+    G = torch.randn(3, 9, 4, generator=_gen(4), dtype=torch.float64)
+    G = G + normal_part * X @ (H + H.mT)  # a mostly normal gradient defeats the identity
+    new, sq = moment_and_sq_norm(X, G, m, beta)
+    grad = M.proj_tangent(X, G)
+    expected = beta * M.transport(B, X, m) + (1 - beta) * grad
+    scale = G.abs().max()
+    assert (new - expected).abs().max() < 1e-13 * scale
+    torch.testing.assert_close(sq, (grad * grad).sum((-2, -1)), rtol=1e-12, atol=0)
