@@ -9,18 +9,14 @@ from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
 from dtriv.retractions.sphere import (
-    sphere_exp,
+    exp_radius,
+    projective_radius,
     sphere_log,
-    sphere_projective,
     sphere_projective_inverse,
+    tangent_radius,
 )
 
 __all__ = ["Sphere"]
-
-
-def _real_inner(x: Tensor, v: Tensor) -> Tensor:
-    """``Re <x, v>`` over the last dimension, keeping it."""
-    return (x.conj() * v).real.sum(dim=-1, keepdim=True)
 
 
 class Sphere(Manifold):
@@ -92,16 +88,39 @@ class Sphere(Manifold):
         norm = torch.where(norm > 0, norm, torch.ones_like(norm))
         return self.radius * X / norm
 
+    def validate(self, X: Tensor, name: str = "X") -> None:
+        """As :meth:`Manifold.validate`, with the common case (a float tensor of trailing
+        size ``n``) decided in two comparisons: it runs at every forward of a trivialization."""
+        if (isinstance(X, Tensor) and X.ndim >= 1 and X.shape[-1] == self.n
+                and (X.is_floating_point() or X.is_complex())):
+            return
+        super().validate(X, name)
+
     def proj_tangent(self, B: Tensor, V: Tensor) -> Tensor:
-        r""":math:`V - B \operatorname{Re}\langle B, V\rangle / r^2`; O(n)."""
+        r""":math:`V - B \operatorname{Re}\langle B, V\rangle / r^2`; O(n).
+
+        One autograd node (one dot product and one pass each way)."""
         self.validate(B, "B")
         self.validate(V, "V")
-        return V - B * (_real_inner(B, V) / self.radius**2)
+        return tangent_radius(B, V, self.radius)
+
+    def tangent(self, B: Tensor, X: Tensor) -> Tensor:
+        """``proj_tangent(B, X)`` (the chart of the sphere is the identity)."""
+        self.validate(X)
+        self.validate(B, "B")
+        return tangent_radius(B, X, self.radius)
+
+    def retract(self, B: Tensor, V: Tensor, method: str | None = None) -> Tensor:
+        """As :meth:`Manifold.retract`; each retraction is one fused autograd node, O(n)."""
+        if method is not None and method not in ("exp", "projective"):
+            method = self._method(method)  # raises, listing the choices
+        self.validate(B, "B")
+        self.validate(V, "V")
+        return self._retract(B, V, method or "exp")
 
     def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:
-        r = self.radius
-        fn = sphere_exp if method == "exp" else sphere_projective
-        return r * fn(B / r, V / r)
+        fn = exp_radius if method == "exp" else projective_radius
+        return fn(B, V, self.radius)
 
     def _inverse(self, method: str) -> Callable[[Tensor, Tensor], Tensor] | None:
         r = self.radius

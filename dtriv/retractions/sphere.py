@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import check_floating, check_same_shape, eps, upcast_half
+from ._common import check_floating, check_same_shape, compute_dtype, eps, upcast_half
 from .registry import register
 
 __all__ = ["sphere_exp", "sphere_log", "sphere_projective", "sphere_projective_inverse"]
@@ -36,6 +36,8 @@ _COS = tuple((-1) ** j / math.factorial(2 * j) for j in range(5))
 _SINC = tuple((-1) ** j / math.factorial(2 * j + 1) for j in range(5))
 # arctan(z)/z = sum_j (-1)^j z^(2j) / (2j+1), j = 0..7.
 _ATANC = tuple((-1) ** j / (2 * j + 1) for j in range(8))
+# d/dz [sin(sqrt z)/sqrt z] = sum_j (-1)^j j z^(j-1) / (2j+1)!, j = 1..6.
+_DSINC = tuple((-1) ** j * j / math.factorial(2 * j + 1) for j in range(1, 7))
 
 
 def _horner(coeffs: tuple[float, ...], z: Tensor) -> Tensor:
@@ -75,6 +77,188 @@ def _cos_sinc(t2: Tensor) -> tuple[Tensor, Tensor]:
     return cos, sinc
 
 
+# ---------------------------------------------------------------- fused autograd functions
+def _rdot_fast(x: Tensor, y: Tensor) -> Tensor:
+    """:math:`\\operatorname{Re}\\langle x, y\\rangle` over the last dimension, keepdim."""
+    d = torch.linalg.vecdot(x, y, dim=-1)
+    return (d.real if d.is_complex() else d).unsqueeze(-1)
+
+
+def _cos_sinc_values(z: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`\cos\sqrt z` and :math:`\sin\sqrt z/\sqrt z` (values, not differentiable at 0)."""
+    t = torch.sqrt(z)
+    return torch.cos(t), torch.sinc(t / math.pi)
+
+
+def _dsinc(z: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:
+    r"""The derivative of :math:`\operatorname{sinc}(z) = \sin\sqrt z/\sqrt z` in :math:`z`.
+
+    :math:`\frac{\cos\sqrt z - \operatorname{sinc}(z)}{2z}`, or its power series for
+    :math:`z < 10^{-2}`, where the difference cancels.
+    """
+    small = z < _SERIES
+    direct = (cos - sinc) / (2 * torch.where(small, torch.ones_like(z), z))
+    return torch.where(small, _horner(_DSINC, z), direct)
+
+
+class _SphereExp(torch.autograd.Function):
+    r"""``(x, v, r) -> cos(t) x + sinc(t) v`` with :math:`z = t^2 = \|v\|^2/r^2`: one node.
+
+    With radius ``r`` this is the exponential map of the sphere of radius ``r`` (``x`` of
+    norm ``r``): :math:`\cos(\|v\|/r)\,x + r\sin(\|v\|/r)\,v/\|v\|`. Backward, with
+    :math:`a = \operatorname{Re}\langle x, g\rangle`, :math:`b = \operatorname{Re}\langle v,
+    g\rangle` and :math:`\frac{d}{dz}\cos\sqrt z = -\operatorname{sinc}/2`:
+
+    .. math::
+        \bar x = \cos(t)\,g, \qquad
+        \bar v = \operatorname{sinc}(t)\,g
+                 + \frac{2\,b\,\operatorname{sinc}'(z) - a\,\operatorname{sinc}(t)}{r^2}\,v.
+
+    Cost: forward one norm and two scaled passes; backward two dot products and two scaled
+    passes, O(n) per vector. ``apply`` returns ``(y, z, cos, sinc)`` (the last three
+    non-differentiable, kept for the backward; ``torch.func`` requires ``setup_context``).
+    When the backward is differentiated (``create_graph=True``) the coefficients are
+    recomputed differentiably from the saved ``x, v``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, v: Tensor, radius: float):  # type: ignore[override]
+        z = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_()
+        if radius != 1.0:
+            z.div_(radius * radius)
+        cos, sinc = _cos_sinc_values(z)
+        return torch.addcmul(cos * x, sinc, v), z, cos, sinc
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, v, radius = inputs
+        ctx.radius = radius
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x, v, *output[1:])
+
+    @staticmethod
+    def backward(ctx, g: Tensor, *unused: Tensor):  # type: ignore[override]
+        x, v, z, cos, sinc = ctx.saved_tensors
+        r2 = ctx.radius * ctx.radius
+        if torch.is_grad_enabled():  # differentiable recomputation for higher orders
+            z = _sqnorm(v) / r2
+            cos, sinc = _cos_sinc(z)
+        gx = cos * g if ctx.needs_input_grad[0] else None
+        gv = None
+        if ctx.needs_input_grad[1]:
+            coef = 2 * _dsinc(z, cos, sinc) * _rdot_fast(v, g) - sinc * _rdot_fast(x, g)
+            if r2 != 1.0:
+                coef = coef / r2
+            gv = torch.addcmul(sinc * g, coef, v)
+        return gx, gv, None
+
+
+class _SphereProjective(torch.autograd.Function):
+    r"""``(x, v, r) -> r (x + v)/\|x + v\|``: one node.
+
+    Backward, with :math:`w = x + v`, :math:`y` the result:
+    :math:`\bar x = \bar v = \frac{r}{\|w\|}\left(g - y\,\frac{\operatorname{Re}\langle y,
+    g\rangle}{r^2}\right)` (the projection of ``g`` orthogonal to ``y``, scaled).
+    Cost: forward one sum, one norm, one scaling; backward one dot product and two passes.
+    ``apply`` returns ``(y, r/|w|)``, the second non-differentiable.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, v: Tensor, radius: float):  # type: ignore[override]
+        w = x + v
+        scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).reciprocal_()
+        if radius != 1.0:
+            scale.mul_(radius)
+        return w.mul_(scale), scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, v, radius = inputs
+        ctx.radius = radius
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, v, *output)
+
+    @staticmethod
+    def backward(ctx, g: Tensor, *unused: Tensor):  # type: ignore[override]
+        x, v, y, scale = ctx.saved_tensors
+        r2 = ctx.radius * ctx.radius
+        if torch.is_grad_enabled():  # differentiable recomputation for higher orders
+            w = x + v
+            scale = ctx.radius / torch.sqrt(_sqnorm(w))
+            y = w * scale
+        c = _rdot_fast(y, g)
+        if r2 != 1.0:
+            c = c / r2
+        gw = torch.addcmul(g, y, c, value=-1) * scale
+        need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (gw if need_x else None,
+                (gw.clone() if need_x else gw) if need_v else None, None)
+
+
+class _SphereTangent(torch.autograd.Function):
+    r"""``(x, v, r) -> v - x Re<x, v>/r^2``, the tangent projection at ``x``: one node.
+
+    Backward: :math:`\bar v = g - x\,\operatorname{Re}\langle x, g\rangle/r^2` (the
+    projection is self-adjoint) and :math:`\bar x = -(\operatorname{Re}\langle x, v\rangle\,g
+    + \operatorname{Re}\langle x, g\rangle\,v)/r^2`. Cost: one dot product and one pass each
+    way (two for :math:`\bar x`).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, v: Tensor, radius: float) -> Tensor:  # type: ignore[override]
+        c = _rdot_fast(x, v)
+        if radius != 1.0:
+            c.div_(radius * radius)
+        return torch.addcmul(v, x, c, value=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, v, radius = inputs
+        ctx.radius = radius
+        ctx.save_for_backward(x, v)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, v = ctx.saved_tensors
+        r2 = ctx.radius * ctx.radius
+        cg = _rdot_fast(x, g)
+        if r2 != 1.0:
+            cg = cg / r2
+        gv = torch.addcmul(g, x, cg, value=-1) if ctx.needs_input_grad[1] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = -(_rdot_fast(x, v) / r2 * g + cg * v)
+        return gx, gv, None
+
+
+def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: float) -> Tensor:
+    out = fn.apply(x, v, radius)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _fused(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: float) -> Tensor:
+    """``fn.apply(x, v, radius)``, half precision through float32 (arguments not checked)."""
+    if x.dtype in (torch.float16, torch.bfloat16) or v.dtype != x.dtype:
+        dtype = torch.promote_types(compute_dtype(x.dtype), compute_dtype(v.dtype))
+        return _apply(fn, x.to(dtype), v.to(dtype), radius).to(x.dtype)
+    return _apply(fn, x, v, radius)
+
+
+def exp_radius(x: Tensor, v: Tensor, radius: float = 1.0) -> Tensor:
+    """Exponential map of the sphere of radius ``radius`` (unchecked, for the manifolds)."""
+    return _fused(_SphereExp, x, v, float(radius))
+
+
+def projective_radius(x: Tensor, v: Tensor, radius: float = 1.0) -> Tensor:
+    """Projective retraction of the sphere of radius ``radius`` (unchecked)."""
+    return _fused(_SphereProjective, x, v, float(radius))
+
+
+def tangent_radius(x: Tensor, v: Tensor, radius: float = 1.0) -> Tensor:
+    """Tangent projection at ``x`` on the sphere of radius ``radius`` (unchecked)."""
+    return _fused(_SphereTangent, x, v, float(radius))
+
+
 @upcast_half
 def sphere_exp(x: Tensor, v: Tensor) -> Tensor:
     r"""Exponential map of the unit sphere: :math:`\cos\|v\|\,x + \frac{\sin\|v\|}{\|v\|}\,v`.
@@ -95,8 +279,7 @@ def sphere_exp(x: Tensor, v: Tensor) -> Tensor:
     Cost: :math:`O(n)` per vector (one norm, two scalings).
     """
     _check_vectors(x, v, "x", "v")
-    cos, sinc = _cos_sinc(_sqnorm(v))
-    return cos * x + sinc * v
+    return _apply(_SphereExp, x, v, 1.0)
 
 
 @upcast_half
@@ -164,8 +347,7 @@ def sphere_projective(x: Tensor, v: Tensor) -> Tensor:
     Cost: :math:`O(n)` per vector.
     """
     _check_vectors(x, v, "x", "v")
-    w = x + v
-    return w / torch.sqrt(_sqnorm(w))
+    return _apply(_SphereProjective, x, v, 1.0)
 
 
 @upcast_half

@@ -1,0 +1,76 @@
+"""The fused sphere maps (one autograd node each) against their plain formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+from dtriv.retractions import sphere as S
+
+
+def ref_exp(x, v, r=1.0):
+    cos, sinc = S._cos_sinc(S._sqnorm(v) / r**2)
+    return cos * x + sinc * v
+
+
+def ref_projective(x, v, r=1.0):
+    w = x + v
+    return r * w / torch.sqrt(S._sqnorm(w))
+
+
+def ref_tangent(x, v, r=1.0):
+    return v - x * S._rdot(x, v) / r**2
+
+
+MAPS = [(S.exp_radius, ref_exp), (S.projective_radius, ref_projective),
+        (S.tangent_radius, ref_tangent)]
+
+
+def point_and_tangent(dtype, r, scale, shape=(3, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, dtype=dtype, generator=g)
+    x = r * x / torch.sqrt(S._sqnorm(x))
+    v = ref_tangent(x, scale * torch.randn(shape, dtype=dtype, generator=g), r)
+    return x.requires_grad_(), v.requires_grad_()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.complex128, 1e-12),
+                                       (torch.float32, 1e-6)])
+@pytest.mark.parametrize("r", [1.0, 2.5])
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 1.0, 3.0])
+@pytest.mark.parametrize("fn,ref", MAPS)
+def test_values_and_gradients_equal_the_formula(fn, ref, scale, r, dtype, tol):
+    x, v = point_and_tangent(dtype, r, scale)
+    a, b = fn(x, v, r), ref(x, v, r)
+    assert (a - b).abs().max() <= tol * r
+    g = torch.randn_like(a)
+    for ga, gb in zip(torch.autograd.grad(a, (x, v), g), torch.autograd.grad(b, (x, v), g)):
+        assert (ga - gb).abs().max() <= tol * max(1.0, r)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 1.0])
+@pytest.mark.parametrize("fn,ref", MAPS)
+def test_gradcheck_and_gradgradcheck(fn, ref, scale):
+    for dtype in (torch.float64, torch.complex128):
+        x, v = point_and_tangent(dtype, 1.7, scale)
+        assert gradcheck(lambda x, v: fn(x, v, 1.7), (x, v))
+        assert gradgradcheck(lambda x, v: fn(x, v, 1.7), (x, v))
+
+
+def test_only_the_needed_gradient_is_computed():
+    x, v = point_and_tangent(torch.float64, 1.0, 0.5)
+    x = x.detach()
+    for fn, _ in MAPS:
+        (g,) = torch.autograd.grad(fn(x, v, 1.0).sum(), v)
+        assert torch.isfinite(g).all()
+
+
+def test_public_maps_use_the_fused_nodes_and_upcast_half():
+    x, v = point_and_tangent(torch.float64, 1.0, 0.3)
+    assert torch.allclose(S.sphere_exp(x, v), ref_exp(x, v), atol=1e-12, rtol=0)
+    assert torch.allclose(S.sphere_projective(x, v), ref_projective(x, v), atol=1e-12, rtol=0)
+    xh, vh = x.detach().half(), v.detach().half()
+    out = S.sphere_exp(xh, vh)
+    assert out.dtype == torch.float16
+    assert torch.allclose(out.double(), ref_exp(xh.double(), vh.double()), atol=2e-3)
