@@ -1,0 +1,201 @@
+"""expm of skew-Hermitian matrices: optimized Taylor schemes, against the Padé path and scipy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from numpy.polynomial import polynomial as P
+from torch.autograd import gradcheck, gradgradcheck
+
+from dtriv.retractions import _expm, expm
+from dtriv.retractions._expm import (
+    TAYLOR_DOUBLE,
+    TAYLOR_SINGLE,
+    expm_pade_autograd,
+    expm_skew_taylor,
+    taylor_plan,
+)
+
+# torch.func's forward mode scripts a helper on first use (a torch-internal deprecation notice).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+ALL_PLANS = [(m, s) for m in (2, 4, 8, 12, 18) for s in (0, 2)]
+
+
+def _mono(k):
+    c = np.zeros(k + 1)
+    c[k] = 1.0
+    return c
+
+
+def _comb(coeffs, powers):
+    out = coeffs[0] * _mono(0)
+    for c, p in zip(coeffs[1:], powers):
+        out = P.polyadd(out, c * p)
+    return out
+
+
+def _scheme_polynomials():
+    """Each scheme evaluated on the scalar polynomial x (coefficients of its expansion)."""
+    x, x2, x3, x6 = _mono(1), _mono(2), _mono(3), _mono(6)
+    c = _expm._T8
+    a4 = P.polymul(x2, _comb((0.0, c["x1"], c["x2"]), [x, x2]))
+    t8 = P.polyadd(_comb((1.0, 1.0, c["y2"]), [x, x2]),
+                   P.polymul(_comb((0.0, c["x3"], 1.0), [x2, a4]),
+                             _comb((c["x4"], c["x5"], c["x6"], c["x7"]), [x, x2, a4])))
+    b = [_comb(row, [x, x2, x3]) for row in _expm._T12]
+    a6 = P.polyadd(b[2], P.polymul(b[3], b[3]))
+    t12 = P.polyadd(b[0], P.polymul(P.polyadd(b[1], a6), a6))
+    b = [_comb(row, [x, x2, x3, x6]) for row in _expm._T18]
+    a9 = P.polyadd(P.polymul(b[0], b[4]), b[3])
+    t18 = P.polyadd(b[1], P.polymul(P.polyadd(b[2], a9), a9))
+    return {8: t8, 12: t12, 18: t18}
+
+
+@pytest.mark.parametrize("m", [8, 12, 18])
+def test_schemes_are_the_taylor_polynomials(m):
+    coeffs = _scheme_polynomials()[m]
+    assert len(coeffs) == m + 1
+    exact = np.array([1.0 / math.factorial(k) for k in range(m + 1)])
+    np.testing.assert_allclose(coeffs, exact, rtol=1e-12, atol=1e-15)
+
+
+def test_plan_is_the_cheapest_with_the_bound_below_theta():
+    for table, dtype in [(TAYLOR_SINGLE, torch.float32), (TAYLOR_DOUBLE, torch.float64)]:
+        for bound in [0.0, 1e-9, 1e-3, 0.04, 0.3, 1.0, 2.5, 4.6, 30.0, 1e4]:
+            m, s = taylor_plan(bound, dtype)
+            theta = {mm: th for mm, _, th in table}
+            products = {mm: pi for mm, pi, _ in table}
+            assert bound * 2.0 ** -s <= theta[m]
+            best = min(pi + max(0, math.ceil(math.log2(bound / th))) if bound > th else pi
+                       for _, pi, th in table)
+            assert products[m] + s == best
+
+
+def _forced(monkeypatch, plan):
+    """Run expm_skew_taylor with the plan (m, s) whatever the norm."""
+    monkeypatch.setattr(_expm, "taylor_plan", lambda bound, dtype, degrees=None: plan)
+
+
+def _skew(gen, *shape, dtype=torch.float64, radius=1.0):
+    n = shape[-1]
+    if dtype.is_complex:
+        real = torch.randn(*shape, n, 2, dtype=torch.float64, generator=gen)
+        X = torch.view_as_complex(real).to(dtype)
+    else:
+        X = torch.randn(*shape, n, dtype=torch.float64, generator=gen).to(dtype)
+    A = X - X.mH
+    return A * (radius / torch.linalg.matrix_norm(A, 2).amax())
+
+
+def _scipy(A):
+    return torch.from_numpy(scipy.linalg.expm(A.detach().resolve_conj().numpy()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("plan", ALL_PLANS, ids=str)
+def test_every_scheme_matches_scipy(monkeypatch, gen, dtype, plan):
+    A = _skew(gen, 2, 7, dtype=dtype, radius=0.05)
+    _forced(monkeypatch, plan)
+    Q = expm_skew_taylor(A)
+    m, s = plan
+    # truncation error of T_m at 2^-s * 0.05 (tiny for the high degrees)
+    r = 0.05 * 2.0 ** -s
+    bound = 2.0 ** s * r ** (m + 1) / math.factorial(m + 1) * 2 + 1e-14
+    for a, q in zip(A, Q):
+        assert (q - _scipy(a)).abs().max() < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("radius", [1e-6, 1e-2, 0.3, 1.0, 3.0, 10.0, 80.0])
+def test_expm_of_skew_matches_scipy_and_the_pade_path(gen, dtype, radius):
+    A = _skew(gen, 3, 24, dtype=dtype, radius=radius)
+    Q = expm(A)
+    for a, q in zip(A, Q):
+        ref = _scipy(a)
+        assert ((q - ref).norm() / ref.norm()) < 1e-12 * max(1.0, radius)
+    from dtriv.retractions._expm import choose_degree
+
+    m, s = choose_degree(float(A.abs().sum(-2).amax()), dtype)
+    assert (Q - expm_pade_autograd(A, m, s)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+@pytest.mark.parametrize("radius", [1e-3, 0.5, 2.0, 6.0])
+def test_single_precision_matches_the_reference_within_1e_5(gen, dtype, radius):
+    A = _skew(gen, 2, 96, dtype=dtype, radius=radius)
+    Q = expm(A)
+    ref = torch.linalg.matrix_exp(A.to(torch.complex128 if dtype.is_complex else torch.float64))
+    assert (Q.to(ref.dtype) - ref).abs().max() < 1e-5
+    Id = torch.eye(96, dtype=dtype)
+    assert (Q.mH @ Q - Id).abs().max() < 1e-5
+
+
+def test_single_precision_gradient_matches_double(gen):
+    L = torch.randn(128, 128, dtype=torch.float64, generator=gen).tril() / 128 ** 0.5
+    G = torch.randn(128, 128, dtype=torch.float64, generator=gen)
+
+    def grad(dtype):
+        X = L.to(dtype).detach().requires_grad_()
+        (expm(X - X.mH) * G.to(dtype)).sum().backward()
+        return X.grad.double()
+
+    ref = grad(torch.float64)
+    assert (grad(torch.float32) - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("plan", [(2, 1), (4, 0), (8, 1), (12, 0), (18, 1)], ids=str)
+def test_gradcheck_every_scheme(monkeypatch, gen, dtype, plan):
+    """The gradient with respect to a skew input through X - X^H (the twin's use)."""
+    X = torch.randn(4, 4, dtype=torch.float64, generator=gen).to(dtype) * 0.3
+    _forced(monkeypatch, plan)
+    assert gradcheck(lambda X: expm_skew_taylor(X - X.mH), (X.requires_grad_(),))
+
+
+def test_gradient_equals_the_pade_and_torch_gradients(gen):
+    for radius in [0.01, 1.0, 5.0]:
+        A = _skew(gen, 2, 20, radius=radius)
+        G = torch.randn(2, 20, 20, dtype=torch.float64, generator=gen)
+
+        def vjp(fn, A=A, G=G):
+            a = A.clone().requires_grad_()
+            (g,) = torch.autograd.grad(fn(a), a, G)
+            return g
+
+        ref = vjp(torch.linalg.matrix_exp)
+        assert (vjp(expm) - ref).abs().max() < 1e-10 * ref.abs().max()
+
+
+def test_second_derivatives_and_forward_mode(gen):
+    X = (torch.randn(4, 4, dtype=torch.float64, generator=gen) * 0.4).requires_grad_()
+    assert gradgradcheck(lambda X: expm(X - X.mT), (X,))
+    A, E = _skew(gen, 6, radius=1.5), torch.randn(6, 6, dtype=torch.float64, generator=gen)
+    _, dQ = torch.func.jvp(expm, (A,), (E,))
+    ref = torch.from_numpy(scipy.linalg.expm_frechet(A.numpy(), E.numpy(), compute_expm=False))
+    assert (dQ - ref).abs().max() < 1e-12
+
+
+def test_only_exactly_skew_inputs_take_the_taylor_path(gen, monkeypatch):
+    calls = []
+    real = _expm.expm_skew_taylor
+
+    def spy(A):
+        calls.append(A.shape)
+        return real(A)
+
+    from dtriv.retractions import lie
+
+    monkeypatch.setattr(lie, "expm_skew_taylor", spy)
+    A = _skew(gen, 6)
+    expm(A)
+    assert len(calls) == 1
+    B = A.clone()
+    B[0, 1] += 1e-3
+    expm(B)
+    assert len(calls) == 1
