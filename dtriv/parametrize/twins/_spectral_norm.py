@@ -31,6 +31,44 @@ from dtriv.retractions.spectral import (
 __all__ = ["spectral_norm"]
 
 
+class _DivideBySigma(torch.autograd.Function):
+    r"""``(W, u, v) -> W / sigma``, :math:`\sigma = u^T W_{mat} v`, real ``W``: one node.
+
+    ``W_mat = W.reshape(h, -1)``; ``u, v`` are constants (copies taken at the forward, so a
+    later in-place power-iteration step does not change this node's backward). The forward
+    is torch's ``vdot(u, mv(W_mat, v))`` then ``W / sigma``, bit for bit. Backward, with
+    :math:`Y = W/\sigma`:
+
+    .. math::
+        \bar W = \frac{1}{\sigma}\left(G - \langle G, Y\rangle\, u v^T\right)
+
+    (the derivative of :math:`W/\sigma` plus that of :math:`\sigma` through
+    :math:`\partial\sigma/\partial W = u v^T`). Cost: forward one matrix-vector product and
+    one scaling; backward one dot product, one rank-one update and one scaling, O(h w).
+    Double backward recomputes through differentiable torch operations.
+    """
+
+    @staticmethod
+    def forward(W: Tensor, u: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        sigma = torch.vdot(u, torch.mv(W.reshape(u.shape[0], -1), v))
+        return W / sigma, sigma
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        W, u, v = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(W, u, v, output[1])
+
+    @staticmethod
+    def backward(ctx, G: Tensor, *unused: Tensor):  # type: ignore[override]
+        W, u, v, sigma = ctx.saved_tensors
+        if torch.is_grad_enabled():  # differentiable recomputation for higher orders
+            sigma = torch.vdot(u, torch.mv(W.reshape(u.shape[0], -1), v))
+        c = torch.vdot(G.reshape(-1), W.reshape(-1)) / sigma
+        gW = torch.addr(G.reshape(u.shape[0], -1), u, v * -c) / sigma
+        return gW.reshape(W.shape), None, None
+
+
 class _SpectralNorm(nn.Module):
     r"""``W -> W / (u^H W_mat v)``, ``W_mat`` the weight with ``dim`` first, flattened to 2-D."""
 
@@ -73,7 +111,11 @@ class _SpectralNorm(nn.Module):
                              eps=self.eps)
         # the estimate uses clones of u, v: a backward through two forwards sees the u, v of
         # its own forward although the buffers are updated in place
-        return weight / spectral_norm_estimate(weight_mat, self._u, self._v)
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        if self.dim == 0 and weight.dtype in (torch.float32, torch.float64):
+            return _DivideBySigma.apply(weight, u, v)[0]
+        return weight / spectral_norm_estimate(weight_mat, u, v)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
