@@ -7,7 +7,10 @@ torch's), this package adds
   assignment through ``right_inverse`` and an in-place ``refresh``;
 * :func:`constrain` and the shortcuts :func:`sphere`, :func:`spectrally_bounded`;
   :func:`trivializations` and :func:`refresh` over a whole model;
-* :func:`cache_per_forward`: each parametrized tensor computed once per forward;
+* once per forward by default: dtriv's parametrizations memoize their value until the
+  parameter or base changes or backward consumes its graph (:class:`ForwardMemo`;
+  :func:`memoize` turns it off); :func:`cache_per_forward` does the same for any
+  parametrization through torch's ``cached()``;
 * drop-in twins of :mod:`torch.nn.utils.parametrizations`: :func:`orthogonal`,
   :func:`spectral_norm`, :func:`weight_norm` (and :func:`weight_norm_init_`);
 * torch's :func:`register_parametrization`, :func:`remove_parametrizations`,
@@ -17,9 +20,11 @@ torch's), this package adds
 
 from dtriv.parametrize.cache import (
     CachePerForward,
+    ForwardMemo,
     cache_per_forward,
     cached,
     is_parametrized,
+    memoize,
     register_parametrization,
     remove_parametrizations,
 )
@@ -35,11 +40,13 @@ from dtriv.parametrize.twins import orthogonal, spectral_norm, weight_norm, weig
 
 __all__ = [
     "CachePerForward",
+    "ForwardMemo",
     "Trivialization",
     "cache_per_forward",
     "cached",
     "constrain",
     "is_parametrized",
+    "memoize",
     "orthogonal",
     "refresh",
     "register_parametrization",

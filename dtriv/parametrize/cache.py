@@ -1,8 +1,19 @@
 """Evaluate each parametrized tensor once per forward, and torch's parametrize re-exports.
 
 A model that reads a parametrized tensor many times in one forward (an RNN cell reads its
-recurrent kernel at every time step) recomputes the parametrization at every read, unless
-the reads happen inside :func:`torch.nn.utils.parametrize.cached`. The one line
+recurrent kernel at every time step) would recompute the parametrization at every read, as
+torch's parametrizations do outside :func:`torch.nn.utils.parametrize.cached`.
+
+**By default** dtriv's parametrizations (:class:`~dtriv.parametrize.Trivialization`, and the
+``orthogonal`` twin) do not: each keeps a :class:`ForwardMemo` of its last value, which later
+reads return while the parameter, the base, the grad mode and the rest of what the value depends
+on are unchanged, and which is dropped as soon as backward has consumed its graph (a gradient
+hook on the value) or an optimizer step / ``refresh`` / assignment / ``load_state_dict`` changes
+the tensors. The map is thus computed once per forward and backward runs through it once, with
+no code in the model. :func:`memoize` ``(model, False)`` (or ``parametrization.memoize =
+False``) opts out. See :class:`ForwardMemo` for what is cached and when it is dropped.
+
+For parametrizations that are not dtriv's (torch's own, a user's), the one line
 
 .. code-block:: python
 
@@ -14,7 +25,9 @@ forward raises. Nothing else changes:
 
 * **Nesting.** ``cached()`` counts its entries and only the outermost exit clears the
   cache, so the hooks compose with an explicit ``with cached():`` around the call (the
-  values then live until that outer block ends) and with hooks on submodules.
+  values then live until that outer block ends) and with hooks on submodules; both compose
+  with the memo of dtriv's parametrizations (torch's cache then calls the parametrization
+  once, and the memo holds that value).
 * **Gradients.** The first read in a forward computes the tensor with its autograd graph;
   later reads return the same tensor, so the graph of the map is built once and backward
   sums the gradients of all the reads through it: the gradients equal those of the
@@ -31,10 +44,13 @@ that removes them on exit (``with cache_per_forward(model): ...``).
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn.utils.parametrize import (
     cached,
     is_parametrized,
@@ -44,9 +60,11 @@ from torch.nn.utils.parametrize import (
 
 __all__ = [
     "CachePerForward",
+    "ForwardMemo",
     "cache_per_forward",
     "cached",
     "is_parametrized",
+    "memoize",
     "register_parametrization",
     "remove_parametrizations",
 ]
@@ -107,3 +125,174 @@ def cache_per_forward(module: nn.Module) -> CachePerForward:
     Cost: two hook calls per forward; each parametrized tensor is computed at its first read.
     """
     return CachePerForward(module)
+
+
+# ---------------------------------------------------------------------------- the memo
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _memo_allowed(X: Any, base: Any) -> bool:
+    """Whether a parametrization may reuse its last value: eager code on plain tensors.
+
+    Not under ``torch.compile``/dynamo (the compiled graph computes the map itself), ``torch.jit``
+    tracing or scripting, or ``torch.func`` transforms (``vmap``, ``grad``, ...); not for
+    tensor subclasses (functorch wrappers, fake or meta-programming tensors).
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and type(X) in _PLAIN
+        and (base is None or type(base) in _PLAIN)
+        and torch._C._get_tracing_state() is None
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
+def _version(t: Tensor) -> int:
+    """``t._version``; ``-1`` for inference tensors (they have no version counter)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def _state(X: Tensor, base: Tensor | None) -> tuple:
+    """What the memoized value depends on besides the identity of ``X`` and ``base``."""
+    autocast = torch._C._is_any_autocast_enabled()
+    return (
+        _version(X),
+        X.data_ptr(),  # ``X.data = ...`` changes the storage without bumping the version
+        X.dtype,
+        X.device,
+        X.requires_grad,
+        -1 if base is None else _version(base),
+        -1 if base is None else base.data_ptr(),
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        autocast and torch.get_autocast_dtype(X.device.type),
+    )
+
+
+def _drop_when_consumed(memo_ref: weakref.ref, token: object) -> Callable[[Tensor], None]:
+    """A gradient hook that drops the memo entry ``token`` (holds no strong reference to it).
+
+    The hook of the memoized output fires when backward computes the output's gradient; the
+    backward then runs through the map's graph and (``retain_graph=False``) frees it, so the
+    value must not be handed out again.
+    """
+
+    def hook(grad: Tensor) -> None:
+        memo = memo_ref()
+        if memo is not None and memo._entry is not None and memo._entry[0] is token:
+            memo._entry = None
+
+    return hook
+
+
+class ForwardMemo:
+    r"""The last value of a parametrization, reused while nothing it depends on has changed.
+
+    A parametrization ``P`` evaluated as ``memo(X, base, P.compute)`` computes ``P(X)`` once
+    and returns that same tensor (with its autograd graph) to the following reads while all of
+    these hold:
+
+    * ``X`` and ``base`` are the same tensor objects, with the same ``_version`` (in-place
+      updates: optimizer steps, ``refresh``, ``load_state_dict``, ``copy_`` bump it) and the
+      same storage (``X.data = ...``), dtype and device;
+    * grad mode, inference mode, autocast and ``X.requires_grad`` are unchanged;
+    * the value was not modified in place (its ``_version``; inference tensors have none);
+    * backward has not consumed its graph: when the value requires grad a hook on it drops the
+      memo as soon as backward computes its gradient, which is when (``retain_graph=False``) the
+      graph of the map is freed. The next read computes a fresh value with a fresh graph.
+
+    So in a training loop the map is computed once per forward however many times the weight is
+    read (an RNN cell reads it at every step), and backward runs through it once, with the sum
+    of the gradients of all the reads: gradients equal those of the recompute-per-read forward
+    (up to rounding). The owner also drops it explicitly (:meth:`clear`) on ``refresh``,
+    ``right_inverse`` and ``load_state_dict``.
+
+    Limits. Writes that bypass the version counter, through ``tensor.data`` (as in
+    ``p.data.copy_(ema)``, or ``torch.autograd.gradcheck``'s perturbations of its inputs), are
+    not seen: a value memoized before such a write (one read under ``no_grad``, or in grad
+    mode and not backpropagated) would be handed out again; write under ``torch.no_grad()``
+    instead, or call :func:`memoize` ``(model)`` (which clears the memos) after the write. A
+    training loop is safe either way, since backward drops the memo before the step. Two
+    forwards between which nothing changed share one value and one graph of the
+    map: backpropagate their losses together (``(loss_a + loss_b).backward()``), or the first
+    backward with ``retain_graph=True``; a second ``backward`` through a graph that the first
+    one freed raises torch's "backward through the graph a second time" error, exactly as under
+    :func:`torch.nn.utils.parametrize.cached`. A value read in grad mode and never
+    backpropagated keeps its graph (the map's intermediates) alive until the next read that
+    recomputes. The memo is bypassed (the map is computed at every read) under
+    ``torch.compile``, ``torch.jit`` tracing, ``torch.func`` transforms and for tensor
+    subclasses; it is not copied by ``deepcopy`` or pickled.
+
+    Cost of a read that hits: a handful of attribute reads (about a microsecond).
+    """
+
+    __slots__ = ("_entry", "__weakref__")
+
+    def __init__(self) -> None:
+        #: ``(token, weakref(X), weakref(base) | None, state, value, value._version)`` or None
+        self._entry: tuple | None = None
+
+    def clear(self) -> None:
+        """Forget the memoized value; the next read recomputes it."""
+        self._entry = None
+
+    @property
+    def value(self) -> Tensor | None:
+        """The memoized tensor, or ``None``."""
+        return None if self._entry is None else self._entry[4]
+
+    def __call__(
+        self, X: Tensor, base: Tensor | None, compute: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """``compute(X)``, or the memoized value of it when still valid (see the class doc)."""
+        if not _memo_allowed(X, base):
+            return compute(X)
+        state = _state(X, base)
+        entry = self._entry
+        if (
+            entry is not None
+            and entry[1]() is X
+            and (base is None or entry[2]() is base)
+            and entry[3] == state
+            and _version(entry[4]) == entry[5]
+        ):
+            return entry[4]
+        self._entry = None  # frees the old value (and its graph) before computing the new one
+        value = compute(X)
+        token = object()
+        if value.requires_grad:
+            value.register_hook(_drop_when_consumed(weakref.ref(self), token))
+        base_ref = None if base is None else weakref.ref(base)
+        self._entry = (token, weakref.ref(X), base_ref, state, value, _version(value))
+        return value
+
+    def __deepcopy__(self, memo: dict) -> ForwardMemo:
+        return ForwardMemo()
+
+    def __reduce__(self):
+        return (ForwardMemo, ())
+
+
+def memoize(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the once-per-forward memo of every dtriv parametrization of ``model`` on or off.
+
+    dtriv's :class:`~dtriv.parametrize.Trivialization` and the ``orthogonal`` twin memoize
+    their value by default (:class:`ForwardMemo`); ``memoize(model, False)`` restores the
+    recompute-at-every-read behaviour of torch's parametrizations (each read builds its own
+    graph of the map). Sets the ``memoize`` attribute of each such parametrization (which may
+    also be set one by one) and clears its memo. Returns how many were set.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled: expected True or False, got {enabled!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "_memo", None), ForwardMemo):
+            module.memoize = enabled
+            module._memo.clear()
+            count += 1
+    return count

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dtriv.manifolds.base import Manifold
+from dtriv.parametrize.cache import ForwardMemo
 from dtriv.retractions._common import eps as _eps
 
 __all__ = ["Trivialization"]
@@ -122,14 +123,24 @@ class Trivialization(nn.Module):
     retraction and the reading of the tensor; loading a state dict saved with a different
     one is an error naming the key, reported like torch's size mismatches.
 
+    **Once per forward.** The value is memoized (:class:`~dtriv.parametrize.ForwardMemo`):
+    reads that follow return the same tensor, with its graph, until the parameter or the base
+    changes (an optimizer step, :meth:`refresh`, an assignment, ``load_state_dict``), the grad
+    mode changes, or backward consumes the graph. So a weight read at every step of an RNN is
+    computed once per forward and backpropagated through once, with the gradients of the
+    recompute-per-read forward. ``memoize = False`` (attribute) recomputes at every read.
+
     Cost: one tangent map and one retraction of the manifold per evaluation (for
-    ``Stiefel(n, k)``: O(n k^2) tall, O(n^3) square).
+    ``Stiefel(n, k)``: O(n k^2) tall, O(n^3) square); a read that hits the memo costs about a
+    microsecond.
 
     The parametrization must be the first of its tensor's list (the one that receives the
     registered parameter), which :func:`dtriv.parametrize.constrain` ensures.
     """
 
     base: Tensor | None
+    #: whether reads reuse the memoized value (see the class doc); ``False``: recompute per read
+    memoize: bool = True
 
     def __init__(
         self,
@@ -170,6 +181,7 @@ class Trivialization(nn.Module):
         self._flat = False
         self._owner = _Link()
         self._loading = False
+        self._memo = ForwardMemo()
         self.register_buffer("base", None)
 
     # ------------------------------------------------------------------ description
@@ -247,9 +259,24 @@ class Trivialization(nn.Module):
                 "register_parametrization calls when the trivialization is the first "
                 "parametrization of a tensor (use dtriv.parametrize.constrain)"
             )
+        if self.memoize and not torch.compiler.is_compiling():
+            memo = self.__dict__.get("_memo")
+            if memo is None:  # unpickled from a version without the memo
+                memo = self._memo = ForwardMemo()
+            return memo(X, self.base, self._evaluate)
+        return self._evaluate(X)
+
+    def _evaluate(self, X: Tensor) -> Tensor:
+        """The map itself, without the memo."""
         B = self.base
         V = self.manifold.tangent(B, self._to_point(X))
         return self._from_point(self.manifold.retract(B, V, self.retraction))
+
+    def _forget(self) -> None:
+        """Drop the memoized value (the tensors it depends on are about to change)."""
+        memo = self.__dict__.get("_memo")
+        if memo is not None:
+            memo.clear()
 
     # ------------------------------------------------------------------ assignment
     def _on_manifold(self, W: Tensor, strict: bool) -> Tensor:
@@ -279,6 +306,7 @@ class Trivialization(nn.Module):
         """
         if not isinstance(W, Tensor):
             raise TypeError(f"{self.tensor_name}: expected a torch.Tensor, got {type(W).__name__}")
+        self._forget()
         shape = tuple(W.shape)
         if self._tensor_shape is None:
             flat = self._resolve(shape)
@@ -360,6 +388,7 @@ class Trivialization(nn.Module):
             original = self._original()
         if self.base is None:
             raise RuntimeError("refresh: the trivialization has no base point yet")
+        self._forget()
         P = self.manifold.retract(
             self.base, self.manifold.tangent(self.base, self._to_point(original)), self.retraction
         )
@@ -434,6 +463,7 @@ class Trivialization(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
     ) -> None:
+        self._forget()
         key = prefix + _EXTRA_STATE
         if key in state_dict:
             problem = self._mismatch(state_dict[key])

@@ -1,29 +1,67 @@
-"""Once per forward: an RNN reading its constrained kernel at every step computes it once."""
+"""Once per forward: an RNN reading its constrained kernel at every step computes it once.
+
+By default through the memo of dtriv's parametrizations (``ForwardMemo``); opt-in for any
+parametrization through ``cache_per_forward`` (torch's ``cached()``). Every test compares with
+the recompute-per-read forward (``memoize(model, False)``), the behaviour of torch's
+parametrizations.
+"""
 
 from __future__ import annotations
+
+import copy
+import gc
+import io
+import warnings
+import weakref
 
 import pytest
 import torch
 import torch.nn.utils.parametrize as torch_parametrize
 from torch import nn
 
-from dtriv.manifolds import Orthogonal
-from dtriv.parametrize import cache_per_forward, cached, constrain
+from dtriv.manifolds import Orthogonal, Stiefel
+from dtriv.parametrize import (
+    ForwardMemo,
+    cache_per_forward,
+    cached,
+    constrain,
+    memoize,
+    orthogonal,
+    refresh,
+)
 
 F64 = torch.float64
-STEPS = 200
+STEPS = 12
+
+# how the recurrent kernel is constrained: dtriv's trivialization, the orthogonal twin with its
+# default (trivialized matrix_exp) and with the bare maps
+KINDS = ["constrain", "twin", "twin-cayley-notriv"]
+
+
+def constrain_kernel(layer, kind):
+    if kind == "constrain":
+        constrain(layer, "weight", Orthogonal(layer.weight.shape[0]))
+    elif kind == "twin":
+        orthogonal(layer)
+    elif kind == "twin-cayley-notriv":
+        orthogonal(layer, orthogonal_map="cayley", use_trivialization=False)
+    else:
+        raise AssertionError(kind)
 
 
 class RNN(nn.Module):
-    def __init__(self, n_in=3, n_hidden=6, seed=0):
+    """``h <- tanh(W h + U x_t)``: reads ``recurrent.weight`` at every step."""
+
+    def __init__(self, n_in=3, n_hidden=6, seed=0, kind="constrain", memo=True):
         super().__init__()
         torch.manual_seed(seed)
         self.input = nn.Linear(n_in, n_hidden).double()
         self.recurrent = nn.Linear(n_hidden, n_hidden, bias=False).double()
-        constrain(self.recurrent, "weight", Orthogonal(n_hidden))
+        constrain_kernel(self.recurrent, kind)
         with torch.no_grad():  # a non-trivial point of the chart
             self.recurrent.parametrizations.weight.original.normal_(0, 0.3)
         self.n_hidden = n_hidden
+        memoize(self, memo)
 
     def forward(self, x):  # x: (steps, batch, n_in)
         h = x.new_zeros(x.shape[1], self.n_hidden)
@@ -32,24 +70,33 @@ class RNN(nn.Module):
         return h
 
 
-def count_retractions(model):
-    """Wrap the manifold's retract on this trivialization; returns the call counter."""
-    triv = model.recurrent.parametrizations.weight[0]
-    manifold = triv.manifold
-    retract = manifold.retract
+def kernel_param(model):
+    return model.recurrent.parametrizations.weight.original
+
+
+def count_maps(model):
+    """Count the evaluations of the map (memo hits are not evaluations)."""
+    param = model.recurrent.parametrizations.weight[0]
+    evaluate = param._evaluate
     counter = {"calls": 0}
 
-    def counting(*args, **kwargs):
+    def counting(X):
         counter["calls"] += 1
-        return retract(*args, **kwargs)
+        return evaluate(X)
 
-    manifold.retract = counting
+    param._evaluate = counting
     return counter
 
 
-def inputs(seed=1):
+def perturb_(param, seed=0, scale=0.1):
+    """Add a random step in place (a constant would not change the skew part)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(STEPS, 4, 3, generator=g, dtype=F64)
+    param.add_(scale * torch.randn(param.shape, generator=g, dtype=param.dtype))
+
+
+def inputs(seed=1, steps=STEPS):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(steps, 4, 3, generator=g, dtype=F64)
 
 
 def loss_and_grads(model, x):
@@ -59,27 +106,361 @@ def loss_and_grads(model, x):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_uncached_forward_computes_the_kernel_at_every_step():
-    model = RNN()
-    counter = count_retractions(model)
+def assert_same_grads(grads, reference, rtol=1e-10, atol=1e-12):
+    assert grads.keys() == reference.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], reference[name], rtol=rtol, atol=atol), name
+
+
+# ------------------------------------------------------------------ the default memo
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_computes_once_per_forward_with_the_uncached_gradients(kind):
+    x = inputs()
+    plain = RNN(seed=2, kind=kind, memo=False)
+    counter_plain = count_maps(plain)
+    loss_plain, grads_plain = loss_and_grads(plain, x)
+    assert counter_plain["calls"] == STEPS  # torch's behaviour: one map per read
+
+    model = RNN(seed=2, kind=kind)
+    counter = count_maps(model)
+    loss, grads = loss_and_grads(model, x)
+    assert counter["calls"] == 1
+    assert torch.allclose(loss, loss_plain, rtol=1e-12, atol=0)
+    assert_same_grads(grads, grads_plain)
+    # backward consumed the graph: the memo is gone, the next forward computes afresh
+    assert model.recurrent.parametrizations.weight[0]._memo.value is None
+    model(x)
+    assert counter["calls"] == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_through_the_memo(kind):
+    # three reads of the weight per call share one memoized value; gradcheck perturbs its input
+    # through ``.data`` (invisible to version counters), so each call reads a fresh tensor
+    model = RNN(n_hidden=4, seed=3, kind=kind)
+    x = inputs(steps=3)[:, :2]
+    key = "recurrent.parametrizations.weight.original"
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    counter = count_maps(model)
+
+    def f(X):
+        return torch.func.functional_call(
+            model, {**params, **buffers, key: X.clone()}, (x,)
+        )
+
+    X = kernel_param(model).detach().clone().requires_grad_()
+    f(X)
+    assert counter["calls"] == 1  # functional_call goes through the memo (3 reads)
+    assert torch.autograd.gradcheck(f, (X,))
+
+
+def test_writes_through_data_are_not_seen_until_cleared():
+    # the documented limit: ``.data`` writes bypass the version counter
+    model = RNN(seed=21)
+    with torch.no_grad():
+        stale = model.recurrent.weight.clone()
+        perturb_(kernel_param(model).data)
+        assert torch.equal(model.recurrent.weight, stale)
+        memoize(model)  # clears
+        assert not torch.allclose(model.recurrent.weight, stale)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_forwards_one_backward(kind):
+    x1, x2 = inputs(1), inputs(2)
+
+    def run(model):
+        model.zero_grad()
+        (model(x1).sum() + model(x2).square().sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = RNN(seed=4, kind=kind, memo=False)
+    model = RNN(seed=4, kind=kind)
+    counter = count_maps(model)
+    assert_same_grads(run(model), run(plain))
+    assert counter["calls"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_backward_twice_without_a_step(kind):
+    x = inputs()
+    plain = RNN(seed=5, kind=kind, memo=False)
+    model = RNN(seed=5, kind=kind)
+    counter = count_maps(model)
+    for _ in range(2):  # gradient accumulation: no "backward through the graph a second time"
+        model(x).square().sum().backward()
+        plain(x).square().sum().backward()
+    assert counter["calls"] == 2
+    assert_same_grads({n: p.grad for n, p in model.named_parameters()},
+                      {n: p.grad for n, p in plain.named_parameters()})
+
+
+def test_retain_graph_backward_twice():
+    x = inputs()
+    plain, model = RNN(seed=6, memo=False), RNN(seed=6)
+    for m in (plain, model):
+        loss = m(x).square().sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert_same_grads({n: p.grad for n, p in model.named_parameters()},
+                      {n: p.grad for n, p in plain.named_parameters()})
+
+
+def test_separate_backwards_of_two_forwards_share_one_graph():
+    # the documented limit (that of torch's cached()): two forwards with nothing changed between
+    # them share the graph of the map, which the first backward frees
+    x = inputs()
+    model = RNN(seed=7)
+    a, b = model(x).sum(), model(x).square().sum()
+    a.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        b.backward()
+    # retain_graph on the first one, or the opt-out, make it work
+    model.zero_grad()
+    a, b = model(x).sum(), model(x).square().sum()
+    a.backward(retain_graph=True)
+    b.backward()
+    memoize(model, False)
+    a, b = model(x).sum(), model(x).square().sum()
+    a.backward()
+    b.backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=0.05, foreach=True),
+    lambda p: torch.optim.Adam(p, lr=0.05, foreach=False),
+], ids=["sgd", "adam-foreach", "adam-for-loop"])
+def test_optimizer_step_invalidates(kind, make_opt):
+    x = inputs()
+    model = RNN(seed=8, kind=kind)
+    plain = RNN(seed=8, kind=kind, memo=False)
+    opts = [make_opt(model.parameters()), make_opt(plain.parameters())]
+    for _ in range(3):
+        for m, opt in zip((model, plain), opts):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+        # a read in no_grad mode after the step (as an evaluation would do)
+        with torch.no_grad():
+            assert torch.allclose(model(x), plain(x), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(model.recurrent.weight, plain.recurrent.weight, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["constrain", "twin"])
+def test_refresh_invalidates(kind):
+    x = inputs()
+    model = RNN(seed=9, kind=kind)
+    counter = count_maps(model)
+    with torch.no_grad():
+        before = model(x)
+        memo = model.recurrent.parametrizations.weight[0]._memo
+        assert memo.value is not None
+        assert refresh(model) == 1
+        assert memo.value is None  # dropped explicitly
+        after = model(x)
+    assert counter["calls"] == 2
+    assert torch.allclose(before, after, rtol=1e-9, atol=1e-11)
+    assert not kernel_param(model).any()
+
+
+def test_assignment_and_in_place_edits_invalidate():
+    model = RNN(seed=10)
+    W = model.recurrent.weight.detach()
+    Q = Orthogonal(6).sample(generator=torch.Generator().manual_seed(0), dtype=F64)
+    model.recurrent.weight = Q
+    assert torch.allclose(model.recurrent.weight, Q, atol=1e-12)
+    model.recurrent.weight = W
+    # the memoized value edited in place by the user is not handed out again
+    with torch.no_grad():
+        value = model.recurrent.weight
+        value.mul_(2)
+    assert torch.allclose(model.recurrent.weight, W, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["constrain", "twin"])
+def test_grad_modes(kind):
+    x = inputs()
+    plain = RNN(seed=11, kind=kind, memo=False)
+    _, grads_plain = loss_and_grads(plain, x)
+    model = RNN(seed=11, kind=kind)
+    counter = count_maps(model)
+    with torch.no_grad():
+        model(x)
+    with torch.inference_mode():
+        model(x)
+    assert counter["calls"] == 2
+    assert model.recurrent.weight.requires_grad
+    _, grads = loss_and_grads(model, x)  # not the no-grad value
+    assert_same_grads(grads, grads_plain)
+    # a parameter that stops requiring grad
+    kernel_param(model).requires_grad_(False)
+    assert not model.recurrent.weight.requires_grad
+    kernel_param(model).requires_grad_(True)
+    assert model.recurrent.weight.requires_grad
+
+
+def test_no_grad_reads_are_memoized():
+    model = RNN(seed=12)
+    counter = count_maps(model)
+    with torch.no_grad():
+        model(inputs())
+        model(inputs())
+    assert counter["calls"] == 1
+
+
+def test_dtype_change_and_data_assignment_invalidate():
+    model = RNN(seed=13)
+    model.recurrent.weight
+    model.float()
+    assert model.recurrent.weight.dtype == torch.float32
+    model.double()
+    W = model.recurrent.weight.detach().clone()
+    param = kernel_param(model)
+    param.data = torch.zeros_like(param)  # no version bump, a new storage
+    assert not torch.allclose(model.recurrent.weight, W)
+
+
+@pytest.mark.parametrize("kind", ["constrain", "twin"])
+def test_functional_call(kind):
+    x = inputs()
+    model = RNN(seed=14, kind=kind)
+    own = model(x).detach()
+    key = "recurrent.parametrizations.weight.original"
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    X = torch.randn(6, 6, generator=torch.Generator().manual_seed(1), dtype=F64)
+    out = torch.func.functional_call(model, {**params, **dict(model.named_buffers()), key: X},
+                                     (x,))
+    reference = RNN(seed=14, kind=kind, memo=False)
+    with torch.no_grad():
+        kernel_param(reference).copy_(X)
+    assert torch.allclose(out, reference(x), rtol=1e-10, atol=1e-12)
+    # the module's own parameter is read again afterwards
+    assert torch.allclose(model(x), own, rtol=1e-12, atol=1e-14)
+
+
+def test_torch_func_grad_and_vmap_bypass_the_memo():
+    model = RNN(n_hidden=4, seed=15)
+    x = inputs(steps=4)
+    key = "recurrent.parametrizations.weight.original"
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(X):
+        return torch.func.functional_call(model, {**params, **buffers, key: X}, (x,)).sum()
+
+    X = kernel_param(model).detach().clone()
+    grad = torch.func.grad(loss)(X)
+    model.zero_grad()
+    model(x).sum().backward()
+    assert torch.allclose(grad, kernel_param(model).grad, rtol=1e-10, atol=1e-12)
+    Xs = X + 0.1 * torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(2), dtype=F64)
+    batched = torch.func.vmap(loss)(Xs)
+    for X_i, value in zip(Xs, batched):
+        assert torch.allclose(loss(X_i), value, rtol=1e-10, atol=1e-12)
+
+
+def test_jit_trace_bypasses_the_memo():
+    model = RNN(n_hidden=4, seed=16)
+    x = inputs(steps=3)
+    model(x)  # a memoized value exists
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+    with torch.no_grad():
+        perturb_(kernel_param(model), scale=0.01)
+    # the trace recorded the map, not the memoized tensor as a constant
+    assert torch.allclose(traced(x), model(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["constrain", "twin"])
+def test_deepcopy_pickle_and_state_dict(kind):
+    x = inputs()
+    model = RNN(seed=17, kind=kind)
+    out = model(x)  # a live memo with its graph
+    clone = copy.deepcopy(model)
+    assert torch.allclose(clone(x), out, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        perturb_(kernel_param(clone))
+    assert not torch.allclose(clone(x), out)
+    assert torch.allclose(model(x), out, rtol=1e-12, atol=1e-14)
+    # a parametrization pickles without its memo (torch pickles parametrized modules only
+    # through state_dict)
+    parametrization = model.recurrent.parametrizations.weight[0]
+    assert parametrization._memo.value is not None
+    buffer = io.BytesIO()
+    torch.save(parametrization, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded._memo.value is None
+    X = kernel_param(model).detach()
+    assert torch.allclose(loaded(X), model.recurrent.weight, rtol=1e-12, atol=1e-14)
+    # loading the clone's state invalidates the memo
+    model(x)
+    model.load_state_dict(clone.state_dict())
+    assert model.recurrent.parametrizations.weight[0]._memo.value is None
+    assert torch.allclose(model(x), clone(x), rtol=1e-12, atol=1e-14)
+
+
+def test_memo_holds_no_reference_cycle():
+    model = RNN(seed=18)
+    value = weakref.ref(model.recurrent.weight)
+    memo = weakref.ref(model.recurrent.parametrizations.weight[0]._memo)
+    assert value() is not None
+    del model
+    gc.collect()
+    assert value() is None and memo() is None
+
+
+def test_tall_stiefel_and_batched_weights():
+    layer = nn.Linear(3, 5, bias=False).double()
+    constrain(layer, "weight", Stiefel(5, 3), "cayley")
+    ref = nn.Linear(3, 5, bias=False).double()
+    constrain(ref, "weight", Stiefel(5, 3), "cayley")
+    memoize(ref, False)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.normal_(0, 0.3)
+        ref.parametrizations.weight.original.copy_(layer.parametrizations.weight.original)
+        ref.parametrizations.weight[0].base.copy_(layer.parametrizations.weight[0].base)
+    x = torch.randn(7, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    for m in (layer, ref):
+        m(m(x).tanh()[:, :3]).square().sum().backward()
+    g, g_ref = (m.parametrizations.weight.original.grad for m in (layer, ref))
+    assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_memoize_switch_and_errors():
+    model = RNN(seed=19)
+    assert memoize(model, False) == 1
+    assert model.recurrent.parametrizations.weight[0].memoize is False
+    counter = count_maps(model)
     model(inputs())
     assert counter["calls"] == STEPS
+    assert memoize(model) == 1
+    model(inputs())
+    assert counter["calls"] == STEPS + 1
+    with pytest.raises(ValueError, match="model: expected a torch.nn.Module, got int"):
+        memoize(3)
+    with pytest.raises(ValueError, match="enabled: expected True or False, got 1"):
+        memoize(model, 1)
+    assert isinstance(copy.deepcopy(ForwardMemo()), ForwardMemo)
 
 
+# ------------------------------------------------------------------ cache_per_forward
 def test_cache_per_forward_computes_once_with_equal_gradients():
     x = inputs()
-    plain = RNN(seed=2)
+    plain = RNN(seed=2, memo=False)
     loss_plain, grads_plain = loss_and_grads(plain, x)
 
-    model = RNN(seed=2)
-    counter = count_retractions(model)
+    model = RNN(seed=2, memo=False)
+    counter = count_maps(model)
     handle = cache_per_forward(model)
     loss, grads = loss_and_grads(model, x)
     assert counter["calls"] == 1
     assert torch.allclose(loss, loss_plain, rtol=1e-12, atol=0)
-    assert grads.keys() == grads_plain.keys()
-    for name in grads:
-        assert torch.allclose(grads[name], grads_plain[name], rtol=1e-10, atol=1e-12), name
+    assert_same_grads(grads, grads_plain)
     # the cache lives for one forward: the next forward recomputes (once)
     assert torch_parametrize._cache_enabled == 0 and torch_parametrize._cache == {}
     model(x)
@@ -90,18 +471,36 @@ def test_cache_per_forward_computes_once_with_equal_gradients():
     assert counter["calls"] == 2 + STEPS
 
 
+@pytest.mark.parametrize("memo", [True, False])
+def test_cache_per_forward_and_cached_compose_with_the_memo(memo):
+    x = inputs()
+    plain = RNN(seed=20, memo=False)
+    _, grads_plain = loss_and_grads(plain, x)
+    model = RNN(seed=20, memo=memo)
+    counter = count_maps(model)
+    with cache_per_forward(model):
+        _, grads = loss_and_grads(model, x)
+        assert_same_grads(grads, grads_plain)
+        with cached():
+            model(x)
+            model(x)
+    assert counter["calls"] == 2
+    _, grads = loss_and_grads(model, x)
+    assert_same_grads(grads, grads_plain)
+
+
 def test_cache_sees_parameter_updates_between_forwards():
     x = inputs()
-    model = RNN(seed=3)
+    model = RNN(seed=3, memo=False)
     cache_per_forward(model)
     before = model(x).detach()
     step = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
     with torch.no_grad():
-        model.recurrent.parametrizations.weight.original.add_(step)
+        kernel_param(model).add_(step)
     after = model(x).detach()
     reference = RNN(seed=3)
     with torch.no_grad():
-        reference.recurrent.parametrizations.weight.original.add_(step)
+        kernel_param(reference).add_(step)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, reference(x).detach(), rtol=1e-12, atol=1e-14)
 
@@ -121,8 +520,8 @@ def test_exception_in_forward_leaves_the_cache():
 
 def test_context_manager_removes_hooks_and_nests_with_cached():
     x = inputs()
-    model = RNN(seed=5)
-    counter = count_retractions(model)
+    model = RNN(seed=5, memo=False)
+    counter = count_maps(model)
     with cache_per_forward(model):
         model(x)
         assert counter["calls"] == 1
@@ -140,8 +539,8 @@ def test_context_manager_removes_hooks_and_nests_with_cached():
 
 def test_hooks_on_a_submodule_and_on_the_model_compose():
     x = inputs()
-    model = RNN(seed=6)
-    counter = count_retractions(model)
+    model = RNN(seed=6, memo=False)
+    counter = count_maps(model)
     cache_per_forward(model)
     cache_per_forward(model.recurrent)  # inner hooks nest inside the outer ones
     model(x)

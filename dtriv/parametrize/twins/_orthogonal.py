@@ -24,6 +24,12 @@ errors as torch's; the weights and their gradients agree to rounding. What it ad
   and the parameter carries ``_dtriv_trivialization`` (a weak reference to the
   parametrization) so that optimizers can find it.
 
+* The weight is computed once per forward by default: the value is memoized
+  (:class:`~dtriv.parametrize.ForwardMemo`) until the parameter or the base changes or backward
+  consumes its graph, so an RNN reading it at every step costs one map per forward, without
+  ``torch.nn.utils.parametrize.cached()``. ``memoize = False`` on the parametrization (or
+  :func:`dtriv.parametrize.memoize`) recomputes at every read, as torch does.
+
 Two conventions differ from torch without changing any weight or gradient: after an
 assignment with a base, the ``"matrix_exp"``/``"cayley"`` parameter is 0 (torch: ``-I``,
 whose skew part ``X.tril() - X.tril()^H`` is 0 as well); ``"householder"`` takes the column
@@ -40,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from dtriv.parametrize.cache import ForwardMemo
 from dtriv.parametrize.trivialization import _Link
 from dtriv.retractions.householder import householder, householder_inverse
 from dtriv.retractions.lie import cayley, cayley_inverse, expm, logm
@@ -150,11 +157,19 @@ class _Orthogonal(nn.Module):
     With ``use_trivialization=True`` the result is ``base @ Q`` with an ``n x n`` orthogonal
     buffer ``base``: a dynamic trivialization (see :meth:`refresh`).
 
+    The value is memoized (:class:`~dtriv.parametrize.ForwardMemo`): later reads return it
+    until ``X`` or ``base`` changes (optimizer step, :meth:`refresh`, assignment,
+    ``load_state_dict``), the grad mode changes or backward consumes its graph;
+    ``memoize = False`` recomputes at every read.
+
     Cost (tall frame, ``n x k``): square ``O(n^3)``; tall ``O(n k^2)`` for the map plus
-    ``O(n^2 k)`` for the product with ``base``; householder ``O(n k^2)``.
+    ``O(n^2 k)`` for the product with ``base``; householder ``O(n k^2)``; a read that hits the
+    memo about a microsecond.
     """
 
     base: Tensor
+    #: whether reads reuse the memoized value; ``False``: recompute at every read (torch's way)
+    memoize: bool = True
 
     def __init__(
         self, weight: Tensor, orthogonal_map: _OrthMaps, *, use_trivialization: bool = True
@@ -168,6 +183,7 @@ class _Orthogonal(nn.Module):
         # matrix_exp/cayley maps without trivialization), so initial values match torch's.
         self._registering = False
         self._owner = _Link()  # the ParametrizationList, re-targeted by deepcopy
+        self._memo = ForwardMemo()
         if use_trivialization:
             self.register_buffer("base", None)
 
@@ -188,6 +204,25 @@ class _Orthogonal(nn.Module):
         return stiefel_cayley(E, V)
 
     def forward(self, X: Tensor) -> Tensor:
+        if self.memoize and not torch.compiler.is_compiling():
+            memo = self.__dict__.get("_memo")
+            if memo is None:  # unpickled from a version without the memo
+                memo = self._memo = ForwardMemo()
+            return memo(X, getattr(self, "base", None), self._evaluate)
+        return self._evaluate(X)
+
+    def _forget(self) -> None:
+        """Drop the memoized value (the tensors it depends on are about to change)."""
+        memo = self.__dict__.get("_memo")
+        if memo is not None:
+            memo.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._forget()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _evaluate(self, X: Tensor) -> Tensor:
+        """The weight for the parameter ``X``, without the memo."""
         transposed = X.size(-2) < X.size(-1)
         if transposed:
             X = X.mT
@@ -215,6 +250,7 @@ class _Orthogonal(nn.Module):
                 f"Expected a matrix or batch of matrices of shape {self.shape}. "
                 f"Got a tensor of shape {Q.shape}."
             )
+        self._forget()
         Q_init = Q
         n, k = Q.size(-2), Q.size(-1)
         transpose = n < k
@@ -287,6 +323,7 @@ class _Orthogonal(nn.Module):
             )
         if original is None:
             original = self._find_original()
+        self._forget()
         if original.shape != self.shape:
             raise ValueError(
                 f"refresh: expected original of shape {tuple(self.shape)}, "
