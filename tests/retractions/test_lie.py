@@ -294,3 +294,48 @@ def test_logm_second_derivatives_are_refused(random_orthogonal):
 def test_cayley_inverse_gradcheck(random_orthogonal, dtype):
     Q = random_orthogonal(2, 3, dtype=dtype).requires_grad_()
     assert gradcheck(cayley_inverse, (Q,))
+
+
+# --------------------------------------------------------------------------- cayley, fast path
+
+
+def _cayley_by_solve(A):
+    Id = torch.eye(A.shape[-1], dtype=A.dtype)
+    return torch.linalg.solve(Id - A / 2, Id + A / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
+                                   torch.complex128])
+@pytest.mark.parametrize("skew", [True, False], ids=["skew", "general"])
+def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew):
+    """2 (I - A/2)^{-1} - I and the backward M^{-H} G M^{-H} against torch's solve."""
+    X = randn(3, 40, 40, dtype=torch.complex128 if dtype.is_complex else torch.float64)
+    A = (X - X.mH if skew else X) / 40 ** 0.5
+    G = randn(*A.shape, dtype=A.dtype)
+    tol = 1e-5 if dtype in (torch.float32, torch.complex64) else 1e-10
+
+    def value_and_grad(fn, dt):
+        a = A.to(dt).requires_grad_()
+        Q = fn(a)
+        (g,) = torch.autograd.grad(Q, a, G.to(dt))
+        return Q.to(A.dtype), g.to(A.dtype)
+
+    Q, g = value_and_grad(cayley, dtype)
+    Q_ref, g_ref = value_and_grad(_cayley_by_solve, A.dtype)
+    assert (Q - Q_ref).abs().max() < tol * max(1.0, Q_ref.abs().max())
+    assert (g - g_ref).abs().max() < tol * max(1.0, g_ref.abs().max())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_cayley_second_derivatives_and_forward_mode(randn):
+    X = (randn(4, 4) * 0.5).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda X: cayley(X - X.mT), (X,))
+    A, E = randn(5, 5) * 0.3, randn(5, 5)
+    _, dQ = torch.func.jvp(cayley, (A,), (E,))
+    _, dQ_ref = torch.func.jvp(_cayley_by_solve, (A,), (E,))
+    assert (dQ - dQ_ref).abs().max() < 1e-12
+
+
+def test_cayley_of_a_singular_shift_raises():
+    with pytest.raises(ValueError, match=r"A: expected .* I - A/2 invertible"):
+        cayley(2 * torch.eye(3, dtype=torch.float64))
