@@ -1,27 +1,25 @@
-"""Forward + backward time of orthogonal parametrizations: dtriv's twin, torch's, geotorch's.
+"""Forward + backward of square orthogonal parametrizations: dtriv's twin, torch's, geotorch's.
 
-For each shape and map, one weight is parametrized by
+For each size n, map and ``use_trivialization`` value, one ``n x n`` weight is parametrized by
 
-* ``dtriv.parametrize.orthogonal`` (the twin of torch's),
-* ``torch.nn.utils.parametrizations.orthogonal``,
-* ``geotorch.orthogonal`` (``triv="expm"``/``"cayley"``; it has no householder and always
-  keeps an ``n x n`` base),
+* ``dtriv.parametrize.twins.orthogonal`` (the twin of torch's),
+* ``torch.nn.utils.parametrizations.orthogonal`` (same ``orthogonal_map``),
+* ``geotorch.orthogonal`` (``triv="expm"``/``"cayley"``; it has no householder map and no
+  ``use_trivialization`` option, so it is timed once per size and map),
 
-and ``W = module.weight; (W * C).sum().backward()`` is timed (median of ``--repeats`` runs
-after ``--warmup`` runs). Times in milliseconds; ratios > 1 mean dtriv is faster.
+all holding the same parameter, and ``W = module.weight; (W**2 * C).sum().backward()`` is
+timed interleaved with one ``n x n`` matmul (the unit of the "in matmuls" column). Ratios are
+peer / dtriv (above 1: dtriv is faster). ``matrix_exp`` runs in two regimes: ``large``
+(parameter entries N(0, 1/n): random generators, ``|A|_1 ~ 0.8 sqrt(n)``, ``|A|_2 ~ 2``) and
+``small`` (scaled to ``|A|_1 = 1``, typical of dynamic trivialization near its base).
+Tall weights are covered by ``bench_stiefel_retractions.py``.
 
-Tall weights use the ``O(n k^2)`` Stiefel maps in dtriv and the ``n x n`` embedding in torch
-and geotorch. Example::
-
-    python benchmarks/bench_orthogonal.py                       # the full table
-    python benchmarks/bench_orthogonal.py --square 32 64 --tall 256x16 --repeats 3
+    python benchmarks/bench_orthogonal.py            # n = 64 ... 1024 (about 2.5 min)
+    python benchmarks/bench_orthogonal.py --quick    # n = 64, 512, one regime (about 10 s)
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -30,70 +28,35 @@ from torch.nn.utils import parametrizations as torch_param
 
 from dtriv.parametrize import twins
 
+from harness import emit, emit_summary, matmul_case, md_table, measure, parser, ratio, setup
+
 try:
     import geotorch
 except ImportError:  # optional
     geotorch = None
 
+SIZES = [64, 128, 256, 512, 1024]
+MAPS = ["matrix_exp", "cayley", "householder"]
+
 
 class Holder(nn.Module):
-    def __init__(self, shape, dtype, device):
+    def __init__(self, n: int, device: torch.device):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(shape, dtype=dtype, device=device))
+        self.weight = nn.Parameter(torch.randn(n, n, device=device))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _fwd_bwd(module: nn.Module, C: torch.Tensor) -> float:
-    """Seconds of one ``(module.weight * C).sum().backward()``."""
-    for p in module.parameters():
-        p.grad = None
-    _sync(C.device)
-    t0 = time.perf_counter()
-    (module.weight * C).sum().backward()
-    _sync(C.device)
-    return time.perf_counter() - t0
-
-
-def time_fwd_bwd(modules: dict[str, nn.Module], repeats: int, warmup: int,
-                 budget: float) -> dict[str, float]:
-    """Median seconds of a forward + backward of each module, interleaved run by run.
-
-    Interleaving (in alternating order) spreads fluctuations of the machine's load and
-    cache effects over all implementations.
-    Stops early (at least one timed run each) once ``budget`` seconds have passed.
-    """
-    any_module = next(iter(modules.values()))
-    C = torch.randn_like(any_module.weight.detach())
-    times: dict[str, list[float]] = {name: [] for name in modules}
-    start = time.perf_counter()
-    order = list(modules.items())
-    for i in range(warmup + repeats):
-        for name, module in order if i % 2 == 0 else order[::-1]:
-            t = _fwd_bwd(module, C)
-            if i >= warmup:
-                times[name].append(t)
-        if i >= warmup and time.perf_counter() - start > budget:
-            break
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-@torch.no_grad()
-def _set_parameter_(module: nn.Module, orthogonal_map: str, scale: float, seed: int) -> None:
-    """The same parameter in every implementation: ``N(0, scale^2 / max(n, k))`` entries.
-
-    (After registration with a base the parameter is the identity value, for which the maps
-    are trivially cheap.) Householder keeps its diagonal of signs.
-    """
-    for p in module.parameters():
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        P = torch.randn(p.shape, generator=g, dtype=p.dtype) * (scale / max(p.shape[-2:]) ** 0.5)
-        if orthogonal_map == "householder":
-            P.diagonal(dim1=-2, dim2=-1).copy_(p.diagonal(dim1=-2, dim2=-1))
-        p.copy_(P)
+def _parameter(n: int, orthogonal_map: str, regime: str, seed: int = 0) -> torch.Tensor:
+    """The parameter every implementation holds: entries N(0, 1/n) (``large``), or scaled so
+    that the generator ``A = L - L^T`` (``L = X.tril()``) has ``|A|_1 = 1`` (``small``).
+    Householder gets a diagonal of ones (its column signs)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, n, generator=g) / n ** 0.5
+    if regime == "small":
+        L = X.tril()
+        X = X / (L - L.mT).abs().sum(dim=-2).amax()
+    if orthogonal_map == "householder":
+        X.diagonal().fill_(1.0)
+    return X
 
 
 def _builders(orthogonal_map: str, triv: bool) -> dict[str, Callable[[nn.Module], object]]:
@@ -109,90 +72,117 @@ def _builders(orthogonal_map: str, triv: bool) -> dict[str, Callable[[nn.Module]
     return out
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    shapes = [(n, n) for n in args.square]
-    shapes += [tuple(int(s) for s in t.lower().split("x")) for t in args.tall]
+def _case(module: nn.Module, C: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        for p in module.parameters():
+            p.grad = None
+        (module.weight ** 2 * C).sum().backward()
+    return run
+
+
+def _settings(args, n: int) -> dict:
+    """Fewer rounds for the big sizes: torch's backward at 1024 takes seconds per call."""
+    big = n >= 1024
+    return {
+        "repeats": args.repeats or (3 if big else 10),
+        "warmup": args.warmup if args.warmup is not None else (1 if big else 2),
+        "budget_s": args.budget or (1.0 if big else 3.0 if n >= 512 else 1.5),
+        "min_repeats": 2 if big else 3,
+    }
+
+
+def run(args, device: torch.device) -> list[dict]:
     rows = []
-    geo_cache: dict[tuple, float] = {}
-    for shape in shapes:
-        n, k = shape
+    geo_cache: dict[tuple, object] = {}
+    for n in args.sizes:
+        C = torch.randn(n, n, generator=torch.Generator().manual_seed(1)).to(device)
         for orthogonal_map in args.maps:
-            for triv in args.trivialization:
-                row = {"shape": f"{n}x{k}", "map": orthogonal_map, "triv": triv}
-                modules = {}
-                for impl, build in _builders(orthogonal_map, triv).items():
-                    if impl not in args.impls:
-                        continue
-                    if impl == "geotorch" and (shape, orthogonal_map) in geo_cache:
-                        row[impl] = geo_cache[shape, orthogonal_map]  # has no such option
-                        continue
-                    torch.manual_seed(args.seed)
-                    modules[impl] = Holder(shape, dtype, device)
-                    build(modules[impl])
-                    _set_parameter_(modules[impl], orthogonal_map, args.param_scale, args.seed)
-                row.update(time_fwd_bwd(modules, args.repeats, args.warmup, args.budget))
-                if "geotorch" in row:
-                    geo_cache[shape, orthogonal_map] = row["geotorch"]
-                rows.append(row)
-                print_row(row)
+            regimes = args.regimes if orthogonal_map == "matrix_exp" else ["large"]
+            for regime in regimes:
+                X = _parameter(n, orthogonal_map, regime).to(device)
+                for triv in args.trivialization:
+                    cases: dict[str, Callable[[], object]] = {"matmul": matmul_case(n,
+                                                                                    device=device)}
+                    key = (n, orthogonal_map, regime)
+                    for impl, build in _builders(orthogonal_map, triv).items():
+                        if impl == "geotorch" and key in geo_cache:
+                            continue
+                        torch.manual_seed(0)
+                        module = Holder(n, device)
+                        build(module)
+                        with torch.no_grad():
+                            for p in module.parameters():
+                                p.copy_(X)
+                        cases[impl] = _case(module, C)
+                    t = measure(cases, device=device, **_settings(args, n))
+                    if "geotorch" in t:
+                        geo_cache[key] = t["geotorch"]
+                    t.setdefault("geotorch", geo_cache.get(key))  # type: ignore[arg-type]
+                    row = {"n": n, "map": orthogonal_map, "regime": regime, "triv": triv, **t}
+                    rows.append(row)
+                    print(f"n={n} {orthogonal_map} {regime} triv={triv}: dtriv {t['dtriv']}, "
+                          f"torch {t['torch']} ({ratio(t['torch'], t['dtriv'])}), "
+                          f"in matmuls {t['dtriv'].median / t['matmul'].median:.1f}", flush=True)
     return rows
 
 
-def _fmt_ms(t: float | None) -> str:
-    return "-" if t is None else f"{1e3 * t:10.3f}"
+def _mm(row: dict) -> float:
+    return row["dtriv"].median / row["matmul"].median
 
 
-def _fmt_ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None else f"{a / b:8.2f}"
-
-
-HEADER = (f"{'shape':>10} {'map':>11} {'triv':>5} {'dtriv ms':>10} {'torch ms':>10} "
-          f"{'geotorch ms':>11} {'torch/dtriv':>11} {'geotorch/dtriv':>14}")
-
-
-def print_row(row: dict) -> None:
-    print(
-        f"{row['shape']:>10} {row['map']:>11} {str(row['triv']):>5} "
-        f"{_fmt_ms(row.get('dtriv')):>10} {_fmt_ms(row.get('torch')):>10} "
-        f"{_fmt_ms(row.get('geotorch')):>11} "
-        f"{_fmt_ratio(row.get('torch'), row.get('dtriv')):>11} "
-        f"{_fmt_ratio(row.get('geotorch'), row.get('dtriv')):>14}",
-        flush=True,
-    )
+def report(args, rows: list[dict]) -> None:
+    headers = ["n", "map", "regime", "triv", "dtriv", "torch", "geotorch", "torch/dtriv",
+               "geotorch/dtriv", "dtriv in n x n matmuls"]
+    table = [[str(r["n"]), r["map"], r["regime"], str(r["triv"]), str(r["dtriv"]),
+              str(r["torch"]), str(r["geotorch"] or "-"), ratio(r["torch"], r["dtriv"]),
+              ratio(r.get("geotorch"), r["dtriv"]), f"{_mm(r):.1f}"] for r in rows]
+    emit(args, "Square orthogonal maps: forward + backward through the parametrization",
+         md_table(headers, table),
+         "Loss `(W**2 * C).sum()`, CPU float32, medians ± IQR/median of interleaved rounds; "
+         "ratios peer/dtriv (above 1: dtriv faster); last column: dtriv's time over one "
+         "n x n matmul timed in the same rounds.")
+    summary = []
+    at512 = {r["map"]: r for r in rows
+             if r["n"] == 512 and not r["triv"] and r["regime"] == "large"}
+    for name, goal in [("matrix_exp", 15), ("cayley", 8), ("householder", 30)]:
+        r = at512.get(name)
+        summary.append((f"{name} at n = 512 (large generators), in 512-matmuls", f"<= {goal}",
+                        f"{_mm(r):.1f}" if r else "-", (_mm(r) <= goal) if r else None))
+    if rows:
+        worst = min(rows, key=lambda r: min(
+            r["torch"].median / r["dtriv"].median,
+            r["geotorch"].median / r["dtriv"].median if r.get("geotorch") else float("inf")))
+        w = min(worst["torch"].median / worst["dtriv"].median,
+                worst["geotorch"].median / worst["dtriv"].median
+                if worst.get("geotorch") else float("inf"))
+        full = set(args.sizes) >= set(SIZES)
+        summary.append(("never slower than torch / geotorch (every n, map, regime, triv)",
+                        ">= 1x", f"worst {w:.2f}x ({worst['map']}, n = {worst['n']}, "
+                        f"{worst['regime']}, triv {worst['triv']})", (w >= 1.0) if full else None))
+        big = [r for r in rows if r["n"] >= 256 and r["map"] in ("matrix_exp", "householder")]
+        if big:
+            b = min(big, key=lambda r: r["torch"].median / r["dtriv"].median)
+            rb = b["torch"].median / b["dtriv"].median
+            summary.append(("expm and householder vs torch at n >= 256", ">= 5x",
+                            f"worst {rb:.1f}x ({b['map']}, n = {b['n']}, {b['regime']})",
+                            (rb >= 5.0) if full else None))
+    emit_summary(args, "square orthogonal maps", summary)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--square", type=int, nargs="*", default=[64, 128, 256, 512, 1024],
-                        help="sizes n of square n x n weights")
-    parser.add_argument("--tall", nargs="*", default=["4096x64"],
-                        help="tall shapes NxK (N > K)")
-    parser.add_argument("--maps", nargs="+", default=["matrix_exp", "cayley", "householder"],
-                        choices=["matrix_exp", "cayley", "householder"])
-    parser.add_argument("--trivialization", nargs="+", type=lambda s: s.lower() == "true",
-                        default=[False, True], help="use_trivialization values: true false")
-    parser.add_argument("--impls", nargs="+", default=["dtriv", "torch", "geotorch"],
-                        choices=["dtriv", "torch", "geotorch"], help="implementations to time")
-    parser.add_argument("--param-scale", type=float, default=1.0,
-                        help="parameter entries ~ N(0, scale^2 / n) (the same in all)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=30.0,
-                        help="seconds per measurement; fewer repeats once exceeded")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, "
-          f"threads {torch.get_num_threads()}, geotorch "
-          f"{'yes' if geotorch is not None else 'not installed'}; median of {args.repeats}")
-    print(HEADER)
-    run(args)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help=f"default {SIZES}")
+    p.add_argument("--maps", nargs="+", default=MAPS, choices=MAPS)
+    p.add_argument("--regimes", nargs="+", default=None, choices=["large", "small"],
+                   help="matrix_exp parameter regimes (default both; --quick: large)")
+    p.add_argument("--trivialization", nargs="+", type=lambda s: s.lower() == "true",
+                   default=None, help="use_trivialization values (default: false true)")
+    args = p.parse_args(argv)
+    device = setup(args)
+    args.sizes = args.sizes or ([64, 512] if args.quick else SIZES)
+    args.regimes = args.regimes or (["large"] if args.quick else ["large", "small"])
+    args.trivialization = args.trivialization or ([False] if args.quick else [False, True])
+    report(args, run(args, device))
 
 
 if __name__ == "__main__":
