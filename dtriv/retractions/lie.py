@@ -158,6 +158,11 @@ def expm(A: Tensor) -> Tensor:
     return expm_pade_autograd(A, m, s)
 
 
+# Up to this size cayley is one torch.linalg.solve (fewer Python-level autograd nodes; the
+# inverse with its two-product backward wins from about n = 96 on CPU).
+CAYLEY_SOLVE_MAX_N = 95
+
+
 def _cayley_check(info: Tensor) -> None:
     if bool((info != 0).any()):
         raise ValueError(
@@ -220,7 +225,8 @@ def cayley(A: Tensor) -> Tensor:
     :math:`\bar A = M^{-H} G M^{-H}`: two products with the forward's :math:`M^{-1}`
     (torch's ``solve`` backward needs a solve with :math:`M^H` and a product). Any square
     :math:`A` with :math:`I - A/2` invertible is accepted; second derivatives and forward
-    mode are supported.
+    mode are supported. For ``n <= CAYLEY_SOLVE_MAX_N`` it is one
+    ``torch.linalg.solve(I - A/2, I + A/2)`` instead (less overhead at small sizes).
 
     Args:
         A: ``(..., n, n)`` real or complex (skew-Hermitian for an orthogonal result).
@@ -229,7 +235,8 @@ def cayley(A: Tensor) -> Tensor:
         ``(..., n, n)``, same dtype as ``A``.
 
     Raises:
-        ValueError: when :math:`I - A/2` is singular.
+        ValueError: when :math:`I - A/2` is singular (inverse path; the solve path raises
+            torch's error).
 
     Cost: one inverse (LU of :math:`M^H` and the adjoint solve with :math:`n` right-hand
     sides, about :math:`8n^3/3` flops, 4 products' time on CPU) forward; two products
@@ -239,6 +246,10 @@ def cayley(A: Tensor) -> Tensor:
     check_floating(A, "A")
     if A.numel() == 0:
         return A.clone()
+    if A.shape[-1] <= CAYLEY_SOLVE_MAX_N:
+        # small n: one C++ solve node costs less than the Python autograd.Function overhead
+        Id = _eye(A)
+        return torch.linalg.solve(torch.add(Id, A, alpha=-0.5), torch.add(Id, A, alpha=0.5))
     return _Cayley.apply(A)[0]
 
 

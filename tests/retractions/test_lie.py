@@ -307,10 +307,11 @@ def _cayley_by_solve(A):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
                                    torch.complex128])
 @pytest.mark.parametrize("skew", [True, False], ids=["skew", "general"])
-def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew):
+@pytest.mark.parametrize("n", [40, 100], ids=["solve_path", "inverse_path"])
+def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew, n):
     """2 (I - A/2)^{-1} - I and the backward M^{-H} G M^{-H} against torch's solve."""
-    X = randn(3, 40, 40, dtype=torch.complex128 if dtype.is_complex else torch.float64)
-    A = (X - X.mH if skew else X) / 40 ** 0.5
+    X = randn(2, n, n, dtype=torch.complex128 if dtype.is_complex else torch.float64)
+    A = (X - X.mH if skew else X) / n ** 0.5
     G = randn(*A.shape, dtype=A.dtype)
     tol = 1e-5 if dtype in (torch.float32, torch.complex64) else 1e-10
 
@@ -327,8 +328,12 @@ def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-def test_cayley_second_derivatives_and_forward_mode(randn):
+def test_cayley_second_derivatives_and_forward_mode(randn, monkeypatch):
+    from dtriv.retractions import lie
+
+    monkeypatch.setattr(lie, "CAYLEY_SOLVE_MAX_N", 0)  # the inverse path at small n
     X = (randn(4, 4) * 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda X: cayley(X - X.mT), (X,))
     assert torch.autograd.gradgradcheck(lambda X: cayley(X - X.mT), (X,))
     A, E = randn(5, 5) * 0.3, randn(5, 5)
     _, dQ = torch.func.jvp(cayley, (A,), (E,))
@@ -336,6 +341,9 @@ def test_cayley_second_derivatives_and_forward_mode(randn):
     assert (dQ - dQ_ref).abs().max() < 1e-12
 
 
-def test_cayley_of_a_singular_shift_raises():
+def test_cayley_of_a_singular_shift_raises(monkeypatch):
+    from dtriv.retractions import lie
+
+    monkeypatch.setattr(lie, "CAYLEY_SOLVE_MAX_N", 0)
     with pytest.raises(ValueError, match=r"A: expected .* I - A/2 invertible"):
         cayley(2 * torch.eye(3, dtype=torch.float64))
