@@ -1,160 +1,96 @@
-"""Time ``dtriv.retractions.expm`` against ``torch.linalg.matrix_exp`` on skew matrices.
+"""``dtriv.retractions.expm`` against ``torch.linalg.matrix_exp`` on skew matrices (the raw map).
 
-For each size n and dtype the script times the forward (under ``no_grad``) and the forward +
-backward (gradient of ``<W, expm(A)>`` with respect to ``A``) of both maps at a random skew
-``A`` scaled to a given 1-norm, and prints the medians and the ratio torch / dtriv (above 1:
-dtriv is faster). dtriv's forward is a Padé scaling and squaring whose backward reuses the
-forward's factors (Al-Mohy & Higham); torch's backward is a 2n x 2n exponential.
+For each size n and regime, a skew ``A = L - L^T`` (``L`` lower triangular) is built and the
+forward (under ``no_grad``) and the forward + backward (gradient of ``(expm(A)**2 * C).sum()``
+with respect to ``L``) of both maps are timed interleaved with one n x n matmul. Regimes:
+``small`` (``|A|_1 = 1``, typical near the base of a dynamic trivialization) and ``large``
+(``L`` entries N(0, 1/n), random generators: ``|A|_1 ~ 0.8 sqrt(n)``, ``|A|_2 ~ 2``). dtriv
+takes its skew path (Taylor schemes, degree and scaling from ``min_k |A^k|_1^(1/k)``);
+torch's backward is a 2n x 2n exponential.
 
-Example::
-
-    python benchmarks/bench_expm.py --threads 1
-    python benchmarks/bench_expm.py --sizes 64 256 --dtypes float64 --norms 0.5 3 30
-    python benchmarks/bench_expm.py --small      # the crossover for tiny n (batched)
-
-On a shared CPU, ``--threads 1`` gives steadier numbers.
+    python benchmarks/bench_expm.py              # n = 64 ... 1024, float32
+    python benchmarks/bench_expm.py --quick      # n = 64, 512, large regime
+    python benchmarks/bench_expm.py --dtype float64
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from dtriv.retractions import expm
-from dtriv.retractions._expm import choose_degree
 
-DEFAULT_SIZES = [64, 128, 256, 512, 1024]
+from harness import emit, matmul_case, md_table, measure, parser, ratio, setup
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+SIZES = [64, 128, 256, 512, 1024]
 
 
-def median_time(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int,
-                budget_s: float) -> float:
-    """Median wall time in milliseconds of ``fn()`` after ``warmup`` untimed calls (stops
-    repeating once ``budget_s`` seconds are spent, after at least 3 timed calls)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 3 and time.perf_counter() - start > budget_s:
-            break
-    return 1e3 * statistics.median(times)
-
-
-def skew_problem(batch: tuple[int, ...], n: int, dtype: torch.dtype, norm: float,
-                 device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A skew ``A`` with largest 1-norm ``norm`` and a weight ``W`` for the loss <W, e^A>."""
+def problem(n: int, regime: str, dtype: torch.dtype, device: torch.device,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(*batch, n, n, dtype=dtype, generator=g)
-    A = X - X.mH
-    scale = A.abs().sum(dim=-2).amax()
-    A = A * (norm / scale) if scale > 0 else A  # a real 1 x 1 skew matrix is 0
-    W = torch.randn(*batch, n, n, dtype=dtype, generator=g)
-    return A.to(device), W.to(device)
+    L = torch.randn(n, n, generator=g, dtype=torch.float64).tril() / n ** 0.5
+    if regime == "small":
+        L = L / (L - L.mT).abs().sum(dim=-2).amax()
+    C = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return L.to(device, dtype), C.to(device, dtype)
 
 
-def timings(fn: Callable[[torch.Tensor], torch.Tensor], A: torch.Tensor, W: torch.Tensor,
-            args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
-    """(forward ms, forward + backward ms) of ``fn`` at ``A``."""
+def cases(fn: Callable[[torch.Tensor], torch.Tensor], L: torch.Tensor,
+          C: torch.Tensor) -> tuple[Callable[[], object], Callable[[], object]]:
+    leaf = L.clone().requires_grad_()
+    A0 = (L - L.mT).contiguous()
 
-    def forward():
+    def forward() -> None:
         with torch.no_grad():
-            fn(A)
+            fn(A0)
 
-    leaf = A.detach().clone().requires_grad_()
-
-    def forward_backward():
+    def forward_backward() -> None:
         leaf.grad = None
-        (fn(leaf) * W).sum().backward()
+        (fn(leaf - leaf.mT) ** 2 * C).sum().backward()
 
-    fwd = median_time(forward, device, args.warmup, args.repeat, args.budget)
-    fwdbwd = median_time(forward_backward, device, args.warmup, args.repeat, args.budget)
-    return fwd, fwdbwd
-
-
-def run(args: argparse.Namespace) -> list[dict]:
-    device = torch.device(args.device)
-    batch = tuple(args.batch)
-    rows = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for norm in args.norms:
-            for n in args.sizes:
-                A, W = skew_problem(batch, n, dtype, norm, device)
-                m, s = choose_degree(norm, dtype)
-                t_fwd, t_fb = timings(torch.linalg.matrix_exp, A, W, args, device)
-                d_fwd, d_fb = timings(expm, A, W, args, device)
-                rows.append({
-                    "dtype": dtype_name, "norm": norm, "n": n, "batch": batch, "m": m, "s": s,
-                    "torch_fwd": t_fwd, "dtriv_fwd": d_fwd, "torch_fb": t_fb, "dtriv_fb": d_fb,
-                })
-    return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    header = (f"{'dtype':<9}{'|A|_1':>7}{'batch':>9}{'n':>6}{'m,s':>7}"
-              f"{'torch fwd':>11}{'dtriv fwd':>11}{'ratio':>7}"
-              f"{'torch f+b':>11}{'dtriv f+b':>11}{'ratio':>7}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        batch = "x".join(map(str, r["batch"])) or "-"
-        print(f"{r['dtype']:<9}{r['norm']:>7g}{batch:>9}{r['n']:>6}{r['m']:>4},{r['s']:<2}"
-              f"{r['torch_fwd']:>11.3f}{r['dtriv_fwd']:>11.3f}"
-              f"{r['torch_fwd'] / r['dtriv_fwd']:>7.2f}"
-              f"{r['torch_fb']:>11.3f}{r['dtriv_fb']:>11.3f}"
-              f"{r['torch_fb'] / r['dtriv_fb']:>7.2f}")
-    print("times in ms (median); ratio = torch / dtriv (> 1: dtriv faster); m,s = Padé degree "
-          "and squarings of dtriv")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help=f"matrix sizes n (default {DEFAULT_SIZES})")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
-                   choices=["float32", "float64", "complex64", "complex128"])
-    p.add_argument("--norms", type=float, nargs="+", default=[3.0],
-                   help="largest 1-norm of the skew input (default 3: one Padé-13 / "
-                        "Padé-7 step without squaring)")
-    p.add_argument("--batch", type=int, nargs="*", default=[],
-                   help="leading batch shape (default: none)")
-    p.add_argument("--small", action="store_true",
-                   help="time tiny matrices instead (n = 1, 2, 3, 4, 8, 16; add --batch 64 for "
-                        "a batch): the crossover below which expm defers to torch")
-    p.add_argument("--repeat", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--budget", type=float, default=5.0,
-                   help="seconds per timing after which repeats stop (min 3 repeats)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    if args.small:
-        args.sizes = args.sizes or [1, 2, 3, 4, 8, 16]
-        args.repeat = max(args.repeat, 50)
-    args.sizes = args.sizes or DEFAULT_SIZES
-    return args
+    return forward, forward_backward
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
-    print_table(run(args))
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help=f"default {SIZES}")
+    p.add_argument("--regimes", nargs="+", default=None, choices=["small", "large"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    args = p.parse_args(argv)
+    device = setup(args)
+    dtype = getattr(torch, args.dtype)
+    sizes = args.sizes or ([64, 512] if args.quick else SIZES)
+    regimes = args.regimes or (["large"] if args.quick else ["small", "large"])
+    rows = []
+    for regime in regimes:
+        for n in sizes:
+            L, C = problem(n, regime, dtype, device)
+            d_f, d_fb = cases(expm, L, C)
+            t_f, t_fb = cases(torch.linalg.matrix_exp, L, C)
+            big = n >= 1024
+            t = measure({"matmul": matmul_case(n, dtype, device), "dtriv fwd": d_f,
+                         "torch fwd": t_f, "dtriv f+b": d_fb, "torch f+b": t_fb},
+                        repeats=args.repeats or (3 if big else 10),
+                        warmup=args.warmup if args.warmup is not None else 1,
+                        budget_s=args.budget or (1.0 if big else 2.0),
+                        min_repeats=2 if big else 3, device=device)
+            mm = t["matmul"].median
+            norm = float((L - L.mT).abs().sum(dim=-2).amax())
+            rows.append([regime, str(n), f"{norm:.3g}", str(t["dtriv fwd"]),
+                         str(t["torch fwd"]), ratio(t["torch fwd"], t["dtriv fwd"]),
+                         str(t["dtriv f+b"]), str(t["torch f+b"]),
+                         ratio(t["torch f+b"], t["dtriv f+b"]),
+                         f"{t['dtriv f+b'].median / mm:.1f}",
+                         f"{t['torch f+b'].median / mm:.1f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    emit(args, f"expm of skew matrices ({args.dtype}): dtriv vs torch.linalg.matrix_exp",
+         md_table(["regime", "n", "1-norm of A", "dtriv fwd", "torch fwd", "torch/dtriv",
+                   "dtriv f+b", "torch f+b", "torch/dtriv", "dtriv f+b in matmuls",
+                   "torch f+b in matmuls"], rows),
+         "Medians ± IQR/median of interleaved rounds; f+b: gradient of "
+         "`(expm(L - L^T)**2 * C).sum()` in L; ratios torch/dtriv (above 1: dtriv faster); "
+         "matmuls: one n x n product timed in the same rounds.")
 
 
 if __name__ == "__main__":
