@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 import dtriv.parametrize as dp
 from dtriv.manifolds import Orthogonal
 
-from harness import emit, emit_summary, md_table, measure, parser, ratio, setup
+from harness import emit, emit_summary, fmt_seconds, md_table, measure, parser, ratio, setup
 
 try:
     import geotorch
@@ -167,7 +167,7 @@ def table(results: dict[str, tuple], T: int) -> str:
         if t == T:
             at_T, where = str(timing), f"{t}"
         else:
-            at_T = f"~{timing.median * T / t * 1e3:.4g} ms (extrapolated x{T // t})"
+            at_T = f"~{fmt_seconds(timing.median * T / t)} (extrapolated x{T // t})"
             where = f"{t} (short)"
         rows.append([label.replace(" @ short T", ""), where, str(timing), at_T, r])
     return md_table(["variant", "T measured", "time per call", f"time at T = {T}",

@@ -8,8 +8,10 @@ neural networks")::
 
 with unconstrained input map ``U`` (Kaiming-normal init, no bias) and readout ``V, c``,
 and ``W`` kept on the orthogonal group by a dtriv trivialization (or a Riemannian
-optimizer). ``W`` is read once per forward, inside ``once_per_forward()``, so its map
-(``expm``, ``cayley``, ...) is evaluated once per sequence, not once per step.
+optimizer). The cell reads ``W`` at every step (``self.recurrent(h)``), with no caching code:
+dtriv's trivializations compute their value once per forward by default (their memo is
+dropped when backward consumes it or a step changes the parameter), so the map (``expm``,
+``cayley``, ...) is evaluated once per sequence, not once per step.
 Cost per step: one ``n x n`` matrix-vector product per sequence in the batch.
 """
 
@@ -60,15 +62,16 @@ class OrthogonalRNN(nn.Module):
         self.readout = nn.Linear(hidden, output_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        with backend.once_per_forward():
-            W = self.recurrent.weight  # evaluated once for the whole sequence
-            inputs = self.input_kernel(x)  # (batch, T, hidden), all steps at once
-            h = x.new_zeros(x.shape[0], self.hidden)
-            states = []
-            for t in range(x.shape[1]):
-                h = self.nonlinearity(inputs[:, t] + h @ W.T)
-                if self.output == "sequence":
-                    states.append(h)
+        # all steps' inputs at once; unbind gives one backward node for all of them (indexing
+        # inputs[:, t] would allocate a full (batch, T, hidden) gradient at every step)
+        inputs = self.input_kernel(x).unbind(1)
+        h = x.new_zeros(x.shape[0], self.hidden)
+        states = []
+        for u_t in inputs:
+            # reads W at every step; the trivialization computes it once per forward
+            h = self.nonlinearity(u_t + self.recurrent(h))
+            if self.output == "sequence":
+                states.append(h)
         if self.output == "sequence":
             return self.readout(torch.stack(states, dim=1))
         return self.readout(h)

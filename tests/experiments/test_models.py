@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dtriv.manifolds import generator_init
+from dtriv.parametrize import memoize
 from experiments import backend
 from experiments.models import BaselineRNN, ModReLU, OrthogonalRNN, build_model
 from experiments.tasks import AddingTask, CopyingTask
@@ -72,28 +73,57 @@ def test_initial_kernel_is_expm_of_the_generator(K, retraction, init):
 
 
 def _count_kernel_evaluations(model):
+    """Count the evaluations of the kernel's map (reads that reuse the memo are not)."""
+    memoize(model)  # drops a value memoized while the model was built
     calls = []
     param = model.recurrent.parametrizations.weight[0]
-    handle = param.register_forward_hook(lambda *_: calls.append(1))
-    return calls, handle
+    evaluate = param._evaluate
+
+    def counting(X):
+        calls.append(1)
+        return evaluate(X)
+
+    param._evaluate = counting
+    return calls
 
 
 @pytest.mark.parametrize("K", [3, math.inf])
 def test_kernel_computed_once_per_forward(K):
+    # the cell reads W at each of the 30 steps; the library's default path computes it once
     task = CopyingTask(10, seed=0)
     m = build_model(model_cfg(), {**OPTIM, "K": K}, task, torch.Generator().manual_seed(0))
-    calls, handle = _count_kernel_evaluations(m)
+    reads = []
+    m.recurrent.register_forward_pre_hook(lambda *_: reads.append(1))
+    calls = _count_kernel_evaluations(m)
     x, y = task.batch(4)
     out = m(x)
-    assert len(calls) == 1  # 30 time steps, one evaluation of the map
+    assert len(reads) == x.shape[1] and len(calls) == 1
     task.loss(out, y)[0].backward()
     assert len(calls) == 1
     m(x)
-    assert len(calls) == 2  # a new forward recomputes it (the cache does not outlive it)
-    handle.remove()
-    # and reading the weight outside a forward is not cached
-    m.recurrent.weight
-    m.recurrent.weight
+    assert len(calls) == 2  # backward consumed the first value: a new forward recomputes
+
+
+@pytest.mark.parametrize("K", [3, math.inf])
+def test_gradients_equal_those_of_the_recompute_per_read_forward(K):
+    task = CopyingTask(6, seed=0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(model_cfg(), {**OPTIM, "K": K}, task,
+                                  torch.Generator().manual_seed(0)).double())
+    assert memoize(models[1], False) == 1
+    with torch.no_grad():
+        for m in models:
+            m.recurrent.parametrizations.weight.original.normal_(
+                0, 0.1, generator=torch.Generator().manual_seed(3))
+    x, _ = task.batch(3)
+    grads = []
+    for m in models:
+        m(x.double()).square().sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-12), name
 
 
 @pytest.mark.parametrize("optim", [
