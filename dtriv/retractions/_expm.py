@@ -440,6 +440,225 @@ def _combine(coeffs: tuple[float, ...], powers: list[Tensor]) -> Tensor:
     return out
 
 
+def _taylor_powers(A: Tensor) -> tuple[int, int, list[Tensor]]:
+    """The plan ``(m, s)`` and the powers ``[A^2, A^3, A^6]`` (as many as it needs) of a
+    skew ``A``, computed without recording a graph."""
+    dtype = A.dtype
+    A2 = A @ A
+    bound = _one_norm(A2) ** 0.5
+    m, s = taylor_plan(bound, dtype)
+    high = taylor_plan(bound, dtype, (12, 18))
+    if _cost(*high) <= _cost(m, s):
+        # The schemes of degree 12 and 18 need A^3 anyway: refine the bound with it.
+        A3 = A2 @ A
+        bound = min(bound, _one_norm(A3) ** (1.0 / 3.0))
+        m, s = taylor_plan(bound, dtype, (12, 18))
+        top = taylor_plan(bound, dtype, (18,))
+        if m == 18 or (_cost(*top) == _cost(m, s) and top[1] > 0):
+            # Degree 18 needs A^6, whose bound may save a squaring.
+            A6 = A3 @ A3
+            bound = min(bound, _one_norm(A6) ** (1.0 / 6.0))
+            m, s = taylor_plan(bound, dtype, (18,))
+            return m, s, [A2, A3, A6]
+        return m, s, [A2, A3]
+    return m, s, [A2]
+
+
+def _mm_into(out: Tensor | None, X: Tensor, Y: Tensor) -> Tensor:
+    """``out + X @ Y`` (in place when ``out`` is given, fused for 2- and 3-dimensional)."""
+    if out is None:
+        return X @ Y
+    if out.dim() == 2 and X.dim() == 2 and Y.dim() == 2:
+        return out.addmm_(X, Y)
+    if out.dim() == 3 and X.dim() == 3 and Y.dim() == 3:
+        return out.baddbmm_(X, Y)
+    return out.add_(X @ Y)
+
+
+def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
+                 ) -> tuple[dict[str, Tensor], list[tuple]]:
+    r"""Evaluate :math:`T_m(2^{-s}A)^{2^s}` and record the operations for the backward.
+
+    Returns the values by name (the result is ``"Q"``) and the tape: ``("mm", out, x, y,
+    add)`` for ``out = add + x @ y`` and ``("comb", out, ((c, src), ...), d)`` for
+    ``out = sum c * src + d I``. ``powers`` are :math:`A^2` (and :math:`A^3, A^6`), computed
+    by :func:`_taylor_powers`; their products are on the tape too.
+    """
+    v: dict[str, Tensor] = {"A": A, "A2": powers[0]}
+    tape: list[tuple] = [("mm", "A2", "A", "A", None)]
+    if len(powers) > 1:
+        v["A3"] = powers[1]
+        tape.append(("mm", "A3", "A2", "A", None))
+    if len(powers) > 2:
+        v["A6"] = powers[2]
+        tape.append(("mm", "A6", "A3", "A3", None))
+    Id = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+    def comb(out: str, terms: list[tuple[float, str]], d: float = 0.0) -> None:
+        terms = [(c, src) for c, src in terms if c != 0.0]
+        (c0, s0), rest = terms[0], terms[1:]
+        X = v[s0] * c0
+        for c, src in rest:
+            X.add_(v[src], alpha=c)
+        if d:
+            X.diagonal(dim1=-2, dim2=-1).add_(d)
+        v[out] = X
+        tape.append(("comb", out, tuple(terms), d))
+
+    def mm(out: str, x: str, y: str, add: str | None = None) -> None:
+        if add is None:
+            v[out] = v[x] @ v[y]
+        else:
+            v[out] = _mm_into(v[add].clone(), v[x], v[y])
+        tape.append(("mm", out, x, y, add))
+
+    c = 2.0 ** -s
+    if m == 2:
+        comb("R", [(c, "A"), (c * c / 2.0, "A2")], 1.0)
+    elif m == 4:
+        comb("L", [(c * c, "A2")])
+        comb("P", [(c / 6.0, "A"), (c * c / 24.0, "A2")], 0.5)
+        comb("S", [(c, "A")], 1.0)
+        mm("R", "L", "P", "S")
+    elif m == 8:
+        x = _T8
+        comb("X4", [(x["x1"] * c ** 3, "A"), (x["x2"] * c ** 4, "A2")])
+        mm("A4", "A2", "X4")
+        comb("Lf", [(x["x3"] * c * c, "A2"), (1.0, "A4")])
+        comb("Rt", [(x["x5"] * c, "A"), (x["x6"] * c * c, "A2"), (x["x7"], "A4")], x["x4"])
+        comb("S", [(c, "A"), (x["y2"] * c * c, "A2")], 1.0)
+        mm("R", "Lf", "Rt", "S")
+    elif m == 12:
+        names = ["A", "A2", "A3"]
+        for k, row in enumerate(_T12):
+            comb(f"B{k}", [(b * c ** j, nm) for j, (b, nm) in enumerate(zip(row[1:], names), 1)],
+                 row[0])
+        mm("A6s", "B3", "B3", "B2")
+        comb("X", [(1.0, "B1"), (1.0, "A6s")])
+        mm("R", "X", "A6s", "B0")
+    else:
+        names, exps = ["A", "A2", "A3", "A6"], (1, 2, 3, 6)
+        for k, row in enumerate(_T18):
+            comb(f"B{k}", [(b * c ** e, nm) for b, e, nm in zip(row[1:], exps, names)], row[0])
+        mm("A9", "B0", "B4", "B3")
+        comb("X", [(1.0, "B2"), (1.0, "A9")])
+        mm("R", "X", "A9", "B1")
+    last = "R"
+    for j in range(s):
+        mm(f"R{j + 1}", last, last)
+        last = f"R{j + 1}"
+    v["Q"] = v[last]
+    del Id
+    _TAPES.setdefault((m, s, len(powers)), tape)
+    return v, tape
+
+
+# tape structures by (m, s, number of powers): the backward rebuilds its names from these
+_TAPES: dict[tuple[int, int, int], list[tuple]] = {}
+_POWERS = ("A2", "A3", "A6")
+
+
+def _saved_names(tape: list[tuple]) -> list[str]:
+    """The values the reverse pass reads: the factors of the products (``A`` aside)."""
+    return sorted({name for op in tape if op[0] == "mm" for name in op[2:4]} - {"A"})
+
+
+def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: Tensor
+                         ) -> Tensor:
+    r"""Reverse pass over the tape: the gradient of :math:`\mathrm{Re}\langle G, v_{out}\rangle`
+    with respect to ``A``. Two products per recorded product, accumulated in place."""
+    grads: dict[str, list] = {out: [G, False]}  # name -> [tensor, owned (writable)]
+
+    def acc(name: str, t: Tensor, c: float = 1.0, owned: bool = True) -> None:
+        cur = grads.get(name)
+        if cur is None:
+            if c != 1.0:
+                t, owned = t * c, True
+            grads[name] = [t, owned]
+        elif cur[1]:
+            cur[0].add_(t, alpha=c)
+        else:
+            grads[name] = [torch.add(cur[0], t, alpha=c), True]
+
+    def acc_mm(name: str, X: Tensor, Y: Tensor) -> None:
+        cur = grads.get(name)
+        if cur is not None and cur[1]:
+            _mm_into(cur[0], X, Y)
+        else:
+            acc(name, X @ Y)
+
+    for op in reversed(tape):
+        entry = grads.pop(op[1], None)
+        if entry is None:
+            continue
+        g = entry[0]
+        if op[0] == "mm":
+            _, _, x, y, add = op
+            if add is not None:
+                acc(add, g, owned=False)
+            acc_mm(x, g, v[y].mH)
+            acc_mm(y, v[x].mH, g)
+        else:
+            for c, src in op[2]:
+                acc(src, g, c, owned=False)
+    return grads["A"][0]
+
+
+class ExpmTaylor(torch.autograd.Function):
+    """``A -> T_m(2^{-s}A)^{2^s}`` (skew ``A``) with the hand-written reverse pass.
+
+    ``ExpmTaylor.apply(A, m, s, *powers)`` returns ``(Q, *saved)``; ``powers`` are the
+    (detached) :math:`A^2, A^3, A^6` of :func:`_taylor_powers`, treated as functions of ``A``
+    by the backward (their products are on the tape).
+    """
+
+    @staticmethod
+    def forward(A: Tensor, m: int, s: int, *powers: Tensor):  # type: ignore[override]
+        v, tape = _taylor_tape(A, m, s, list(powers))
+        # the result is no factor of any product: never saved, the caller may modify it
+        return (v["Q"], *[v[k] for k in _saved_names(tape) if k not in _POWERS])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        A, m, s, *powers = inputs
+        ctx.m, ctx.s, ctx.n_powers = m, s, len(powers)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(A, *powers, *output[1:])
+        ctx.save_for_forward(A, *powers, *output[1:])
+
+    @staticmethod
+    def _restore(ctx) -> tuple[Tensor, dict[str, Tensor], list[tuple]]:
+        A, *saved = ctx.saved_tensors
+        tape = _TAPES[ctx.m, ctx.s, ctx.n_powers]
+        names = list(_POWERS[:ctx.n_powers])
+        names += [k for k in _saved_names(tape) if k not in _POWERS]
+        v = dict(zip(names, saved))
+        v["A"] = A
+        return A, v, tape
+
+    @staticmethod
+    def backward(ctx, G: Tensor, *unused: Tensor):  # type: ignore[override]
+        A, v, tape = ExpmTaylor._restore(ctx)
+        grad: Tensor
+        if torch.is_grad_enabled():  # double backward: differentiate the recorded version
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(A), A, G,
+                                              create_graph=True)
+        else:
+            grad = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype))
+        return (grad, None, None, *([None] * ctx.n_powers))
+
+    @staticmethod
+    def jvp(ctx, dA: Tensor, *unused):  # type: ignore[override]
+        A, v, tape = ExpmTaylor._restore(ctx)
+        dQ = _taylor_tape_adjoint(v, tape, _final(tape), dA.to(A.dtype).mH).mH
+        return (dQ, *([None] * (len(ctx.saved_tensors) - 1 - ctx.n_powers)))
+
+
+def _final(tape: list[tuple]) -> str:
+    return tape[-1][1]
+
+
 def expm_skew_taylor(A: Tensor) -> Tensor:
     r""":math:`e^A` for a skew-Hermitian ``A``: :math:`T_m(2^{-s}A)^{2^s}`, products only.
 
@@ -457,31 +676,31 @@ def expm_skew_taylor(A: Tensor) -> Tensor:
     with :math:`\|B^k\| \le \|B\|^k`, which the 2-norm of a normal matrix satisfies with
     equality). The scaling :math:`2^{-s}` is folded into the coefficients.
 
-    Differentiable by autograd through the products: the backward costs two products per
-    forward product (the exact derivative of the computed polynomial), no solve; higher
-    derivatives and forward mode come for free.
+    Backward: the exact derivative of the computed polynomial, two products per forward
+    product (no solve), evaluated by :class:`ExpmTaylor` from the saved intermediates with
+    fused accumulations (fewer passes over memory and autograd nodes than recording every
+    product and sum). Second derivatives differentiate :func:`expm_skew_taylor_autograd`
+    (the same computation recorded by autograd); forward mode uses
+    :math:`L_f(A)[E] = (L_f(A)^*[E^H])^H` (real coefficients).
 
     Cost: forward :math:`\pi_m + s` products (plus at most one product more when the refined
     bound makes the scheme switch), backward :math:`2(\pi_m + s)`; elementwise work
     :math:`O(n^2)` per term. Memory: the intermediate powers and combinations (about
     :math:`2\pi_m + s` matrices).
     """
-    dtype = A.dtype
+    with torch.no_grad():
+        m, s, powers = _taylor_powers(A.detach())
+    return ExpmTaylor.apply(A, m, s, *powers)[0]
+
+
+def expm_skew_taylor_autograd(A: Tensor) -> Tensor:
+    """:func:`expm_skew_taylor` recorded op by op by autograd (any order of derivatives)."""
+    m, s, pw = _taylor_powers(A.detach())
     A2 = A @ A
-    bound = _one_norm(A2) ** 0.5
-    m, s = taylor_plan(bound, dtype)
-    high = taylor_plan(bound, dtype, (12, 18))
-    if _cost(*high) <= _cost(m, s):
-        # The schemes of degree 12 and 18 need A^3 anyway: refine the bound with it.
+    if m >= 12:
         A3 = A2 @ A
-        bound = min(bound, _one_norm(A3) ** (1.0 / 3.0))
-        m, s = taylor_plan(bound, dtype, (12, 18))
-        top = taylor_plan(bound, dtype, (18,))
-        if m == 18 or (_cost(*top) == _cost(m, s) and top[1] > 0):
-            # Degree 18 needs A^6, whose bound may save a squaring.
-            A6 = A3 @ A3
-            bound = min(bound, _one_norm(A6) ** (1.0 / 6.0))
-            m, s = taylor_plan(bound, dtype, (18,))
+    if m == 18:
+        A6 = A3 @ A3
     c = 2.0 ** -s
     if m == 2:
         R = _combine((1.0, c, c * c / 2.0), [A, A2])
