@@ -549,3 +549,45 @@ def test_hooks_on_a_submodule_and_on_the_model_compose():
     model(x)
     assert counter["calls"] == 1
     assert torch_parametrize._cache_enabled == 0
+
+
+# ------------------------------------------------------------------ fast reads
+@pytest.mark.parametrize("kind", ["constrain", "twin", "twin-cayley-notriv"])
+def test_fast_read_serves_the_memo_and_defers_to_torch_otherwise(kind):
+    model = RNN(seed=22, kind=kind)
+    layer = model.recurrent
+    assert type(layer).__dict__["weight"].fget._dtriv_fast_read
+    W = layer.weight
+    assert layer.weight is W  # served from the memo
+    # a forward hook on the parametrization sees every read (the fast path steps aside)
+    seen = []
+    handle = layer.parametrizations.weight[0].register_forward_hook(lambda *_: seen.append(1))
+    layer.weight
+    layer.weight
+    assert len(seen) == 2
+    handle.remove()
+    # a second parametrization in the list is applied
+    torch_parametrize.register_parametrization(layer, "weight", Scale())
+    assert torch.allclose(layer.weight, 2 * W, rtol=1e-12, atol=0)
+    torch_parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    assert type(layer) is nn.Linear
+    assert torch.allclose(layer.weight, 2 * W.detach(), rtol=1e-12, atol=0)
+    assert isinstance(layer.weight, nn.Parameter)
+
+
+class Scale(nn.Module):
+    def forward(self, X):
+        return 2 * X
+
+
+def test_fast_read_after_remove_and_register_again():
+    layer = nn.Linear(4, 4).double()
+    constrain(layer, "weight", Orthogonal(4))
+    torch_parametrize.remove_parametrizations(layer, "weight")  # leaves the orthogonal value
+    assert type(layer) is nn.Linear
+    orthogonal(layer)
+    assert type(layer).__dict__["weight"].fget._dtriv_fast_read
+    W = layer.weight
+    assert torch.allclose(W.mT @ W, torch.eye(4, dtype=F64), atol=1e-12)
+    layer.weight = torch.eye(4, dtype=F64)  # torch's setter
+    assert torch.allclose(layer.weight, torch.eye(4, dtype=F64), atol=1e-12)

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from dtriv.parametrize.cache import ForwardMemo
+from dtriv.parametrize.cache import ForwardMemo, install_fast_read
 from dtriv.parametrize.trivialization import _Link
 from dtriv.retractions.householder import householder, householder_inverse
 from dtriv.retractions.lie import cayley, cayley_inverse, expm, logm
@@ -399,4 +399,5 @@ def orthogonal(
     orth._owner = _Link(plist)
     if use_trivialization and len(plist) == 1:
         plist.original._dtriv_trivialization = weakref.ref(orth)
+    install_fast_read(module, name)  # reads served from the memo (once per forward)
     return module
