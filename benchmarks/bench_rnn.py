@@ -23,7 +23,7 @@ All variants of one table run interleaved in one ``measure`` call, at 1 and 2 th
 (``torch.set_num_threads``; ``--threads N`` for one count). ``--quick``: hidden 190, ``T = 50``,
 the current thread count (about 10 s). The full run takes under 2 minutes on 2 cores.
 
-    python benchmarks/bench_rnn.py [--quick] [--threads N] [--markdown PATH]
+    python benchmarks/bench_rnn.py [--quick] [--threads N] [--hidden 190 512] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -176,13 +176,15 @@ def table(results: dict[str, tuple], T: int) -> str:
 
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, nargs="+", default=[190, 512],
+                   help="hidden sizes of the full run (default: 190 512)")
     args = p.parse_args(argv)
     device = setup(args)
     if args.quick:
         plan = [(torch.get_num_threads(), 190, 50)]
     else:
         threads = [args.threads] if args.threads else [1, 2]
-        plan = [(th, n, T_FULL) for th in threads for n in (190, 512)]
+        plan = [(th, n, T_FULL) for th in threads for n in args.hidden]
     summary = []
     for threads, hidden, T in plan:
         torch.set_num_threads(threads)
