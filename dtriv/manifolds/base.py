@@ -203,6 +203,21 @@ class Manifold(abc.ABC):
         ``proj_tangent(B, chart(X))``."""
         return self.proj_tangent(B, self.chart(X))
 
+    def trivialize(self, B: Tensor, X: Tensor, method: str) -> Tensor:
+        r"""The map of a trivialization at the base ``B``: :math:`R_B(T_B(X))`.
+
+        :math:`T_B` is :meth:`tangent` (the tangent vector at ``B`` that the free tensor ``X``
+        denotes) and :math:`R_B` the retraction ``method``, so this is
+        ``retract(B, tangent(B, X), method)``, which it returns here. ``method`` is one of
+        :attr:`retractions`, checked by the caller once (at the registration of a
+        :class:`~dtriv.parametrize.Trivialization`, which calls this at every evaluation).
+        Manifolds override it to fuse the two maps (one autograd node instead of two, no
+        validation per call); the value and its derivatives must equal the composition.
+
+        Cost: that of :meth:`tangent` plus that of the retraction.
+        """
+        return self.retract(B, self.tangent(B, X), method)
+
     # ------------------------------------------------------------------ retractions
     def _method(self, method: str | None) -> str:
         if method is None:

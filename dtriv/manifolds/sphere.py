@@ -14,6 +14,8 @@ from dtriv.retractions.sphere import (
     sphere_log,
     sphere_projective_inverse,
     tangent_radius,
+    trivialize_exp_radius,
+    trivialize_projective_radius,
 )
 
 __all__ = ["Sphere"]
@@ -121,6 +123,12 @@ class Sphere(Manifold):
     def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:
         fn = exp_radius if method == "exp" else projective_radius
         return fn(B, V, self.radius)
+
+    def trivialize(self, B: Tensor, X: Tensor, method: str) -> Tensor:
+        r""":math:`R_B(P_B(X))`, the tangent projection and the retraction ``method`` in one
+        autograd node, unchecked (see :meth:`Manifold.trivialize`); O(n) per vector."""
+        fn = trivialize_exp_radius if method == "exp" else trivialize_projective_radius
+        return fn(B, X, self.radius)
 
     def _inverse(self, method: str) -> Callable[[Tensor, Tensor], Tensor] | None:
         r = self.radius

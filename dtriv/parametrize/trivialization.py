@@ -91,7 +91,8 @@ class Trivialization(nn.Module):
     .. math::
 
         \text{forward}(X) = R_B(T_B(X)) =
-        \texttt{manifold.retract(base, manifold.tangent(base, X), retraction)}.
+        \texttt{manifold.trivialize(base, X, retraction)}
+        = \texttt{manifold.retract(base, manifold.tangent(base, X), retraction)}.
 
     Args:
         manifold: a :class:`dtriv.manifolds.Manifold` (``Stiefel``, ``Orthogonal``,
@@ -268,9 +269,11 @@ class Trivialization(nn.Module):
 
     def _evaluate(self, X: Tensor) -> Tensor:
         """The map itself, without the memo."""
-        B = self.base
-        V = self.manifold.tangent(B, self._to_point(X))
-        return self._from_point(self.manifold.retract(B, V, self.retraction))
+        if not self._flat:  # the common case: no reshaping around the map
+            return self.manifold.trivialize(self.base, X, self.retraction)
+        return self._from_point(
+            self.manifold.trivialize(self.base, self._to_point(X), self.retraction)
+        )
 
     def _forget(self) -> None:
         """Drop the memoized value (the tensors it depends on are about to change)."""

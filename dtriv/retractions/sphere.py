@@ -231,6 +231,122 @@ class _SphereTangent(torch.autograd.Function):
         return gx, gv, None
 
 
+class _TrivializeProjective(torch.autograd.Function):
+    r"""``(x, X, r) -> r w/|w|`` with ``w = x + P_x(X)``, :math:`P_x(X) = X - x\,c`,
+    :math:`c = \operatorname{Re}\langle x, X\rangle/r^2`: tangent projection and projective
+    retraction in one node.
+
+    Backward, with ``y`` the result, :math:`s = r/\|w\|` and
+    :math:`\bar w = s\,(g - y\,\operatorname{Re}\langle y, g\rangle/r^2)`:
+    :math:`\bar X = P_x(\bar w)` and
+    :math:`\bar x = \bar w - c\,\bar w - X\,\operatorname{Re}\langle x, \bar w\rangle/r^2`.
+    Cost: forward two reductions and three passes, backward two dot products and three
+    passes (four for :math:`\bar x`), O(n) per vector. When the backward is differentiated
+    (``create_graph=True``) the intermediates are recomputed differentiably from ``x, X``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, X: Tensor, radius: float):  # type: ignore[override]
+        r2 = radius * radius
+        c = _rdot_fast(x, X)
+        w = torch.addcmul(X, x, (r2 - c) / r2 if r2 != 1.0 else 1 - c)
+        scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).reciprocal_()
+        if radius != 1.0:
+            scale.mul_(radius)
+        return w.mul_(scale), scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, X, radius = inputs
+        ctx.radius = radius
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, X, *output)
+
+    @staticmethod
+    def backward(ctx, g: Tensor, *unused: Tensor):  # type: ignore[override]
+        x, X, y, scale = ctx.saved_tensors
+        r2 = ctx.radius * ctx.radius
+        if torch.is_grad_enabled():  # differentiable recomputation for higher orders
+            w = x + (X - x * (_rdot(x, X) / r2))
+            scale = ctx.radius / torch.sqrt(_sqnorm(w))
+            y = w * scale
+        a = _rdot_fast(y, g)
+        if r2 != 1.0:
+            a = a / r2
+        gw = torch.addcmul(g, y, a, value=-1) * scale
+        b = _rdot_fast(x, gw)
+        if r2 != 1.0:
+            b = b / r2
+        gX = torch.addcmul(gw, x, b, value=-1) if ctx.needs_input_grad[1] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            c = _rdot_fast(x, X) / r2
+            gx = gw - c * gw - b * X
+        return gx, gX, None
+
+
+class _TrivializeExp(torch.autograd.Function):
+    r"""``(x, X, r) -> cos(t) x + sinc(t) V`` with ``V = P_x(X)``, :math:`t^2 = z =
+    \|V\|^2/r^2`: tangent projection and exponential map in one node.
+
+    Backward, with :math:`a = \operatorname{Re}\langle x, g\rangle`, :math:`b =
+    \operatorname{Re}\langle V, g\rangle`, :math:`\bar V = \operatorname{sinc}\,g +
+    (2 b \operatorname{sinc}'(z) - a \operatorname{sinc})\,V/r^2` (the exponential map's)
+    and :math:`c = \operatorname{Re}\langle x, X\rangle/r^2`: :math:`\bar X = P_x(\bar V)`,
+    :math:`\bar x = \cos(t)\,g - c\,\bar V - X\,\operatorname{Re}\langle x, \bar V
+    \rangle/r^2`. Smooth at ``V = 0`` (power series of ``cos``, ``sinc`` and ``sinc'``).
+    Cost: forward two reductions and three passes, backward three dot products and four
+    passes, O(n) per vector. Double backward recomputes the coefficients differentiably.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, X: Tensor, radius: float):  # type: ignore[override]
+        r2 = radius * radius
+        c = _rdot_fast(x, X)
+        if r2 != 1.0:
+            c.div_(r2)
+        V = torch.addcmul(X, x, c, value=-1)
+        z = torch.linalg.vector_norm(V, dim=-1, keepdim=True).square_()
+        if r2 != 1.0:
+            z.div_(r2)
+        cos, sinc = _cos_sinc_values(z)
+        return torch.addcmul(cos * x, sinc, V), V, z, cos, sinc
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, X, radius = inputs
+        ctx.radius = radius
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x, X, *output[1:])
+
+    @staticmethod
+    def backward(ctx, g: Tensor, *unused: Tensor):  # type: ignore[override]
+        x, X, V, z, cos, sinc = ctx.saved_tensors
+        r2 = ctx.radius * ctx.radius
+        if torch.is_grad_enabled():  # differentiable recomputation for higher orders
+            V = X - x * (_rdot(x, X) / r2)
+            z = _sqnorm(V) / r2
+            cos, sinc = _cos_sinc(z)
+            d2 = 2 * _dsinc(z, cos, sinc)
+        elif bool((z < _SERIES).any()):
+            d2 = 2 * _dsinc(z, cos, sinc)
+        else:  # no vector near V = 0: the direct formula alone, 2 sinc'(z) = (cos - sinc)/z
+            d2 = (cos - sinc).div_(z)
+        coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
+        if r2 != 1.0:
+            coef = coef / r2
+        gV = torch.addcmul(sinc * g, coef, V)
+        b = _rdot_fast(x, gV)
+        if r2 != 1.0:
+            b = b / r2
+        gX = torch.addcmul(gV, x, b, value=-1) if ctx.needs_input_grad[1] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            c = _rdot_fast(x, X) / r2
+            gx = cos * g - c * gV - b * X
+        return gx, gX, None
+
+
 def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: float) -> Tensor:
     out = fn.apply(x, v, radius)
     return out[0] if isinstance(out, tuple) else out
@@ -257,6 +373,16 @@ def projective_radius(x: Tensor, v: Tensor, radius: float = 1.0) -> Tensor:
 def tangent_radius(x: Tensor, v: Tensor, radius: float = 1.0) -> Tensor:
     """Tangent projection at ``x`` on the sphere of radius ``radius`` (unchecked)."""
     return _fused(_SphereTangent, x, v, float(radius))
+
+
+def trivialize_exp_radius(x: Tensor, X: Tensor, radius: float = 1.0) -> Tensor:
+    """``exp_radius(x, tangent_radius(x, X, radius), radius)`` in one node (unchecked)."""
+    return _fused(_TrivializeExp, x, X, float(radius))
+
+
+def trivialize_projective_radius(x: Tensor, X: Tensor, radius: float = 1.0) -> Tensor:
+    """``projective_radius(x, tangent_radius(x, X, radius), radius)`` in one node (unchecked)."""
+    return _fused(_TrivializeProjective, x, X, float(radius))
 
 
 @upcast_half

@@ -54,3 +54,64 @@ def test_bad_input_errors_still_name_the_argument():
         S.retract(torch.ones(5), torch.zeros(5), "qr")
     with pytest.raises(TypeError, match="X: expected a torch.Tensor"):
         S.tangent(torch.ones(5), [1.0] * 5)
+
+
+def _composed(S, B, X, method):
+    return S.retract(B, S.tangent(B, X), method)
+
+
+@pytest.mark.parametrize("method", ["exp", "projective"])
+@pytest.mark.parametrize("radius", [1.0, 2.5])
+@pytest.mark.parametrize("scale", [0.3, 0.0, 2.0])
+def test_trivialize_is_retract_of_tangent_with_its_derivatives(method, radius, scale):
+    torch.manual_seed(1)
+    S = Sphere(7, radius)
+    B = S.sample(3, dtype=torch.float64).requires_grad_()
+    X = (scale * torch.randn(3, 7, dtype=torch.float64)).requires_grad_()
+    out, ref = S.trivialize(B, X, method), _composed(S, B, X, method)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    G = torch.randn_like(out)
+    got = torch.autograd.grad(out, (B, X), G)
+    want = torch.autograd.grad(ref, (B, X), G)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+    def f(b, x):
+        return S.trivialize(b, x, method)
+
+    assert gradcheck(f, (B, X))
+    # second derivatives, also at X = 0 (the point right after a refresh)
+    assert torch.autograd.gradgradcheck(f, (B, X))
+
+
+@pytest.mark.parametrize("method", ["exp", "projective"])
+def test_trivialize_float32_and_half_match_float64(method):
+    torch.manual_seed(2)
+    S = Sphere(4096)
+    B = S.sample(5, dtype=torch.float64)
+    X = 0.1 * torch.randn(5, 4096, dtype=torch.float64)
+    ref = _composed(S, B, X, method)
+    out32 = S.trivialize(B.float(), X.float(), method)
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), ref, rtol=0, atol=1e-5)
+    out16 = S.trivialize(B.bfloat16(), X.bfloat16(), method)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.double(), ref, rtol=0, atol=2e-2)
+
+
+def test_trivialization_evaluates_through_the_manifold_hook():
+    calls = []
+
+    class Counting(Sphere):
+        def trivialize(self, B, X, method):
+            calls.append(method)
+            return super().trivialize(B, X, method)
+
+    m = nn.Linear(5, 3, dtype=torch.float64)
+    dtriv.parametrize.constrain(m, "weight", Counting(5), "projective")
+    with torch.no_grad():
+        m.parametrizations.weight.original.normal_()
+    before = len(calls)
+    W = m.weight
+    assert calls[before:] == ["projective"]
+    torch.testing.assert_close(W.norm(dim=-1), torch.ones(3, dtype=torch.float64))

@@ -60,7 +60,8 @@ def test_forward_is_retraction_of_tangent_and_refresh_keeps_weight(manifold, ret
     set_original(module, X)
     expected = manifold.retract(triv.base, manifold.tangent(triv.base, X), retraction)
     W = module.weight
-    assert torch.equal(W, expected)
+    # equal up to rounding: manifolds may fuse the two maps (Manifold.trivialize)
+    torch.testing.assert_close(W, expected, rtol=0, atol=1e-12)
     assert manifold.check(W.detach())
     # refresh: weight unchanged, parameter zeroed, base = old weight, same tensors
     base_id, orig = id(triv.base), module.parametrizations.weight.original
