@@ -39,7 +39,7 @@ import dtriv
 from dtriv.parametrize import twins
 from dtriv.retractions import sphere_exp, sphere_projective
 
-from harness import Timing, emit, md_table, measure, parser, ratio, setup
+from harness import Timing, emit, emit_summary, md_table, measure, parser, ratio, setup
 
 try:
     import geotorch
@@ -130,8 +130,14 @@ def _inner(numel: int) -> int:
     return max(1, 200_000 // numel)
 
 
-def sphere_rows(args, device, shapes):
+def _worst(ratios):
+    """The smallest ``(ratio, label)`` of a list, or ``None`` when empty."""
+    return min(ratios) if ratios else None
+
+
+def sphere_rows(args, device, shapes, ratios=None):
     rows = []
+    ratios = [] if ratios is None else ratios
     for shape in shapes:
         C = torch.randn(shape, device=device)
         inner = _inner(C.numel())
@@ -155,14 +161,16 @@ def sphere_rows(args, device, shapes):
         for name in mods:
             if name in ("plain", "geotorch"):
                 continue
+            ratios.append((res["plain"].median / res[name].median, f"{name}, {label}"))
             rows.append([label, f"sphere({name})", str(res[name]), str(res["plain"]),
                          ratio(res["plain"], res[name]),
                          ratio(res.get("geotorch"), res[name])])
     return rows
 
 
-def retraction_rows(args, device, shapes):
+def retraction_rows(args, device, shapes, ratios=None):
     rows = []
+    ratios = [] if ratios is None else ratios
     for shape in shapes:
         g = torch.Generator().manual_seed(0)
         x = F.normalize(torch.randn(shape, generator=g), dim=-1).to(device)
@@ -187,13 +195,15 @@ def retraction_rows(args, device, shapes):
                                    "projective": case(sphere_projective)}, inner)
         label = "x".join(map(str, shape))
         for name in ("exp", "projective"):
+            ratios.append((res["plain"].median / res[name].median, f"sphere_{name}, {label}"))
             rows.append([label, f"sphere_{name}", str(res[name]), str(res["plain"]),
                          ratio(res["plain"], res[name])])
     return rows
 
 
-def weight_norm_rows(args, device, shapes):
+def weight_norm_rows(args, device, shapes, ratios=None):
     rows = []
+    ratios = [] if ratios is None else ratios
     for shape in shapes:
         dim = None if len(shape) == 1 else 0
         dims = tuple(range(len(shape))) if dim is None else tuple(range(1, len(shape)))
@@ -209,14 +219,16 @@ def weight_norm_rows(args, device, shapes):
             mods[name] = m
         res = _time(args, device, {k: _fwd_bwd(m, C, inner) for k, m in mods.items()}, inner)
         label = "x".join(map(str, shape))
+        ratios.append((res["torch"].median / res["dtriv"].median, f"dim={dim}, {label}"))
         rows.append([label, f"dim={dim}", str(res["dtriv"]), str(res["torch"]),
                      str(res["plain"]), ratio(res["torch"], res["dtriv"]),
                      ratio(res["plain"], res["dtriv"])])
     return rows
 
 
-def spectral_rows(args, device, shapes):
+def spectral_rows(args, device, shapes, ratios=None):
     rows = []
+    ratios = [] if ratios is None else ratios
     for shape in shapes:
         C = torch.randn(shape, device=device)
         mods = {}
@@ -233,6 +245,7 @@ def spectral_rows(args, device, shapes):
             for mm in mods.values():
                 mm.train(mode == "train")
             res = _time(args, device, {k: _fwd_bwd(m, C, 1) for k, m in mods.items()}, 1)
+            ratios.append((res["plain"].median / res["dtriv"].median, f"{mode}, {label}"))
             rows.append([label, mode, str(res["dtriv"]), str(res["torch"]), str(res["plain"]),
                          ratio(res["torch"], res["dtriv"]), ratio(res["plain"], res["dtriv"])])
     return rows
@@ -245,24 +258,41 @@ def main(argv=None) -> None:
     spectral_shapes = SPECTRAL_SHAPES[:1] if args.quick else SPECTRAL_SHAPES
     note = ("forward + backward of `(W * C).sum()` per call, float32; "
             "ratio = peer / dtriv (above 1: dtriv faster).")
-    rows = sphere_rows(args, device, sphere_shapes)
+    worst = {k: [] for k in ("sphere", "retraction", "weight_norm", "spectral")}
+    rows = sphere_rows(args, device, sphere_shapes, worst["sphere"])
     emit(args, "Sphere parametrizations vs the plain normalisation",
          md_table(["shape", "dtriv", "dtriv time", "plain v/|v|", "plain / dtriv",
                    "geotorch / dtriv"], rows), note)
-    rows = retraction_rows(args, device, sphere_shapes)
+    rows = retraction_rows(args, device, sphere_shapes, worst["retraction"])
     emit(args, "Sphere retractions vs (x + v)/|x + v|",
          md_table(["shape", "map", "dtriv time", "plain", "plain / dtriv"], rows),
          note + " Gradient in the tangent v.")
-    rows = weight_norm_rows(args, device, sphere_shapes)
+    rows = weight_norm_rows(args, device, sphere_shapes, worst["weight_norm"])
     emit(args, "weight_norm twin",
          md_table(["shape", "dim", "dtriv", "torch", "plain g v/|v|", "torch / dtriv",
                    "plain / dtriv"], rows), note)
-    rows = spectral_rows(args, device, spectral_shapes)
+    rows = spectral_rows(args, device, spectral_shapes, worst["spectral"])
     emit(args, "spectral_norm twin vs torch and a hand-written power iteration",
          md_table(["shape", "mode", "dtriv", "torch", "plain", "torch / dtriv",
                    "plain / dtriv"], rows),
          note + " Training mode runs one power-iteration step per forward.")
+    complete = not args.quick  # --quick leaves out sizes
 
+    def summary(target, key, what):
+        w = _worst(worst[key])
+        if w is None:
+            return (target, ">= 1x (no slower)", "not measured", None)
+        met = w[0] >= 1.0
+        measured = f"worst {w[0]:.2f}x ({w[1]}) {what}"
+        return (target, ">= 1x (no slower)", measured, met if (complete or not met) else None)
+
+    emit_summary(args, "sphere and spectral maps", [
+        summary("sphere parametrizations vs v/|v|", "sphere", "plain / dtriv"),
+        summary("sphere retractions vs (x + v)/|x + v|", "retraction", "plain / dtriv"),
+        summary("spectral_norm twin vs hand-written power iteration", "spectral",
+                "plain / dtriv"),
+        summary("weight_norm twin vs torch", "weight_norm", "torch / dtriv"),
+    ])
 
 if __name__ == "__main__":
     main()

@@ -146,7 +146,11 @@ class _SphereExp(torch.autograd.Function):
         gx = cos * g if ctx.needs_input_grad[0] else None
         gv = None
         if ctx.needs_input_grad[1]:
-            coef = 2 * _dsinc(z, cos, sinc) * _rdot_fast(v, g) - sinc * _rdot_fast(x, g)
+            if torch.is_grad_enabled() or bool((z < _SERIES).any()):
+                d2 = 2 * _dsinc(z, cos, sinc)
+            else:  # no vector near v = 0: the direct formula alone, 2 sinc'(z) = (cos - sinc)/z
+                d2 = (cos - sinc).div_(z)
+            coef = torch.addcmul(d2 * _rdot_fast(v, g), sinc, _rdot_fast(x, g), value=-1)
             if r2 != 1.0:
                 coef = coef / r2
             gv = torch.addcmul(sinc * g, coef, v)
@@ -347,8 +351,23 @@ class _TrivializeExp(torch.autograd.Function):
         return gx, gX, None
 
 
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
 def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: float) -> Tensor:
-    out = fn.apply(x, v, radius)
+    """``fn.apply(x, v, radius)[0]``.
+
+    Outside ``torch.func`` transforms and ``torch.compile`` it calls the C++ ``apply`` directly, as
+    ``Function.apply`` does after binding the arguments to ``forward``'s signature with
+    :func:`inspect.signature` (a no-op here: every argument is given, positionally), which
+    costs more than the O(n) work of a small sphere map.
+    """
+    if _transforms_active() or torch.compiler.is_compiling():
+        out = fn.apply(x, v, radius)
+    else:
+        out = super(torch.autograd.Function, fn).apply(  # type: ignore[misc]
+            _unwrap_if_dead(x), _unwrap_if_dead(v), radius)
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -115,3 +115,21 @@ def test_trivialization_evaluates_through_the_manifold_hook():
     W = m.weight
     assert calls[before:] == ["projective"]
     torch.testing.assert_close(W.norm(dim=-1), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["exp", "projective"])
+def test_trivialize_under_torch_func_transforms(method):
+    # the transforms take torch's Function.apply path (the fast C++ call is bypassed)
+    torch.manual_seed(3)
+    S = Sphere(6)
+    B = S.sample(4, dtype=torch.float64)
+    X = 0.4 * torch.randn(4, 6, dtype=torch.float64)
+    C = torch.randn(6, dtype=torch.float64)
+
+    def loss(b, x):
+        return (S.trivialize(b, x, method) * C).sum()
+
+    got = torch.func.vmap(torch.func.grad(loss, argnums=1))(B, X)
+    Xr = X.clone().requires_grad_()
+    (S.trivialize(B, Xr, method) * C).sum().backward()
+    torch.testing.assert_close(got, Xr.grad, rtol=0, atol=1e-12)
