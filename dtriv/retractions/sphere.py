@@ -251,9 +251,10 @@ class _TrivializeProjective(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, X: Tensor, radius: float):  # type: ignore[override]
-        r2 = radius * radius
         c = _rdot_fast(x, X)
-        w = torch.addcmul(X, x, (r2 - c) / r2 if r2 != 1.0 else 1 - c)
+        if radius != 1.0:
+            c.div_(radius * radius)
+        w = torch.addcmul(X + x, x, c, value=-1)  # x + X - x c (no scalar-tensor op on c)
         scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).reciprocal_()
         if radius != 1.0:
             scale.mul_(radius)
@@ -277,7 +278,7 @@ class _TrivializeProjective(torch.autograd.Function):
         a = _rdot_fast(y, g)
         if r2 != 1.0:
             a = a / r2
-        gw = torch.addcmul(g, y, a, value=-1) * scale
+        gw = torch.addcmul(g, y, a, value=-1).mul_(scale)
         b = _rdot_fast(x, gw)
         if r2 != 1.0:
             b = b / r2
