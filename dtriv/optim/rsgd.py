@@ -20,6 +20,16 @@ from ._riemannian import (
 __all__ = ["RiemannianSGD"]
 
 
+def _momentum_buffers_of(state, params: list[Tensor]) -> tuple[list[bool], list[Tensor]]:
+    """Each parameter's momentum buffer (zeros where none exists yet), and which are new."""
+    states = [state[p] for p in params]
+    fresh = [("momentum_buffer" not in s or s["momentum_buffer"] is None) for s in states]
+    for s, new in zip(states, fresh):
+        if new:
+            s["momentum_buffer"] = torch.zeros_like(params[0])
+    return fresh, [s["momentum_buffer"] for s in states]
+
+
 class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
     r"""SGD on manifolds, with the arguments of :class:`torch.optim.SGD`.
 
@@ -133,12 +143,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             copy_rows(params, move(grad))
             return
 
-        states = [self.state[p] for p in params]
-        fresh = [("momentum_buffer" not in s or s["momentum_buffer"] is None) for s in states]
-        for s, new in zip(states, fresh):
-            if new:
-                s["momentum_buffer"] = torch.zeros_like(params[0])
-        buffers = [s["momentum_buffer"] for s in states]
+        fresh, buffers = _momentum_buffers_of(self.state, params)
         buf = stack(buffers)
         if fused:
             buf = _stiefel.as_batch(manifold, buf)
@@ -174,12 +179,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         """
         manifold, params = bucket.manifold, bucket.params
         momentum, dampening, lr = group["momentum"], group["dampening"], group["lr"]
-        states = [self.state[p] for p in params]
-        fresh = [("momentum_buffer" not in s or s["momentum_buffer"] is None) for s in states]
-        for s, new in zip(states, fresh):
-            if new:
-                s["momentum_buffer"] = torch.zeros_like(params[0])
-        buffers = [s["momentum_buffer"] for s in states]
+        fresh, buffers = _momentum_buffers_of(self.state, params)
         raw = _stiefel.as_batch(manifold, stack(buffers))
         M = torch.add(Gb, raw, alpha=momentum / (1 - dampening)) if dampening != 1 else None
         if M is None or any(fresh):
