@@ -265,6 +265,21 @@ class Stiefel(Manifold):
             return B @ self.chart(X)
         return self.proj_tangent(B, self.chart(X))
 
+    def trivialize(self, B: Tensor, X: Tensor, method: str) -> Tensor:
+        r"""The map of a trivialization at ``B`` (see :meth:`Manifold.trivialize`).
+
+        For the square group with a Lie-algebra map ``f`` (``expm``, ``cayley``) it is
+        :math:`B f(\operatorname{skew}(X))`: the composition
+        ``retract(B, tangent(B, X))`` is :math:`B f(\operatorname{skew}(B^H B
+        \operatorname{skew}(X)))`, and :math:`B^H B = I` on the manifold, so the two
+        products that form the tangent and pull it back (and their two backward products
+        each) cancel. Unchecked; cost: the map plus one :math:`n \times n` product (forward
+        and backward). Other shapes and methods: the composition.
+        """
+        if self.square and method in _SQUARE_LIE:
+            return B @ _SQUARE_LIE[method][0](skew(X))
+        return super().trivialize(B, X, method)
+
     # ------------------------------------------------------------------ retractions
     def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:
         if self.square and method in _SQUARE_LIE:

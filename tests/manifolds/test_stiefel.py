@@ -10,6 +10,7 @@ import scipy.linalg
 import scipy.stats
 import torch
 from scipy.spatial.transform import Rotation
+from torch.autograd import gradcheck
 
 from dtriv.manifolds import Orthogonal, SpecialOrthogonal, Stiefel, generator_init
 from dtriv.retractions.lie import cayley
@@ -451,3 +452,26 @@ def test_rectangular_chart_and_tangent(case, gen):
     V = M.tangent(B, X)
     torch.testing.assert_close(V, M.proj_tangent(B, X), atol=0, rtol=0)
     assert tangent_residual(M, B, V) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["expm", "cayley"])
+@pytest.mark.parametrize(
+    "manifold, dtype",
+    [(Orthogonal(6), torch.float64), (SpecialOrthogonal(6), torch.float64),
+     (Orthogonal(6), torch.complex128)],
+)
+def test_square_trivialize_is_retract_of_tangent_with_its_derivatives(manifold, dtype, method):
+    # the fused group map B f(skew(X)) against the composition it replaces, both arguments
+    g = torch.Generator().manual_seed(3)
+    B = manifold.sample(2, generator=g, dtype=dtype)
+    X = 0.5 * torch.randn(2, 6, 6, generator=g, dtype=dtype)
+    fused = manifold.trivialize(B, X, method)
+    composed = manifold.retract(B, manifold.tangent(B, X), method)
+    torch.testing.assert_close(fused, composed, rtol=0, atol=1e-12)
+    assert manifold.check(fused)
+    C = torch.randn(2, 6, 6, generator=g, dtype=dtype)
+    Xf, Xc = X.clone().requires_grad_(), X.clone().requires_grad_()
+    (manifold.trivialize(B, Xf, method) * C).real.sum().backward()
+    (manifold.retract(B, manifold.tangent(B, Xc), method) * C).real.sum().backward()
+    torch.testing.assert_close(Xf.grad, Xc.grad, rtol=0, atol=1e-12)
+    assert gradcheck(lambda x: manifold.trivialize(B, x, method), (Xf.detach().requires_grad_(),))
