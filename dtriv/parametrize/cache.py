@@ -7,11 +7,12 @@ torch's parametrizations do outside :func:`torch.nn.utils.parametrize.cached`.
 **By default** dtriv's parametrizations (:class:`~dtriv.parametrize.Trivialization`, and the
 ``orthogonal`` twin) do not: each keeps a :class:`ForwardMemo` of its last value, which later
 reads return while the parameter, the base, the grad mode and the rest of what the value depends
-on are unchanged, and which is dropped as soon as backward has consumed its graph (a gradient
-hook on the value) or an optimizer step / ``refresh`` / assignment / ``load_state_dict`` changes
-the tensors. The map is thus computed once per forward and backward runs through it once, with
-no code in the model. :func:`memoize` ``(model, False)`` (or ``parametrization.memoize =
-False``) opts out. See :class:`ForwardMemo` for what is cached and when it is dropped.
+on are unchanged, and which is dropped as soon as backward has consumed its graph (a backward
+pre-hook on the value's ``grad_fn``) or an optimizer step / ``refresh`` / assignment /
+``load_state_dict`` changes the tensors. The map is thus computed once per forward and backward
+runs through it once, with no code in the model. :func:`memoize` ``(model, False)`` (or
+``parametrization.memoize = False``) opts out. See :class:`ForwardMemo` for what is cached
+and when it is dropped.
 
 For parametrizations that are not dtriv's (torch's own, a user's), the one line
 
@@ -175,14 +176,15 @@ def _state(X: Tensor, base: Tensor | None) -> tuple:
 
 
 def _drop_when_consumed(memo_ref: weakref.ref, token: object) -> Callable[[Tensor], None]:
-    """A gradient hook that drops the memo entry ``token`` (holds no strong reference to it).
+    """A backward hook that drops the memo entry ``token`` (holds no strong reference to it).
 
-    The hook of the memoized output fires when backward computes the output's gradient; the
-    backward then runs through the map's graph and (``retain_graph=False``) frees it, so the
-    value must not be handed out again.
+    It is registered as a pre-hook of the memoized output's ``grad_fn`` (as a tensor hook when
+    the output is a leaf) and fires when backward is about to run that node; the backward then
+    runs through the map's graph and (``retain_graph=False``) frees it, so the value must not
+    be handed out again.
     """
 
-    def hook(grad: Tensor) -> None:
+    def hook(grad: Any) -> None:
         memo = memo_ref()
         if memo is not None and memo._entry is not None and memo._entry[0] is token:
             memo._entry = None
@@ -202,9 +204,10 @@ class ForwardMemo:
       same storage (``X.data = ...``), dtype and device;
     * grad mode, inference mode, autocast and ``X.requires_grad`` are unchanged;
     * the value was not modified in place (its ``_version``; inference tensors have none);
-    * backward has not consumed its graph: when the value requires grad a hook on it drops the
-      memo as soon as backward computes its gradient, which is when (``retain_graph=False``) the
-      graph of the map is freed. The next read computes a fresh value with a fresh graph.
+    * backward has not consumed its graph: when the value requires grad a pre-hook on its
+      ``grad_fn`` drops the memo as soon as backward reaches the value, which is when
+      (``retain_graph=False``) the graph of the map is freed. The next read computes a fresh
+      value with a fresh graph.
 
     So in a training loop the map is computed once per forward however many times the weight is
     read (an RNN cell reads it at every step), and backward runs through it once, with the sum
@@ -260,7 +263,12 @@ class ForwardMemo:
         value = compute(X)
         token = object()
         if value.requires_grad:
-            value.register_hook(_drop_when_consumed(weakref.ref(self), token))
+            hook = _drop_when_consumed(weakref.ref(self), token)
+            node = value.grad_fn
+            if node is not None:  # a pre-hook of the node that backward runs next: ~4 us,
+                node.register_prehook(hook)  # where ``value.register_hook`` costs ~14 us
+            else:  # a leaf (the map returned a tensor that requires grad as is)
+                value.register_hook(hook)
         base_ref = None if base is None else weakref.ref(base)
         self._entry = (token, weakref.ref(X), base_ref, state, value, _version(value))
         return value
@@ -324,19 +332,30 @@ def _hooks_anywhere(plist: nn.Module, first: nn.Module) -> bool:
 
 
 def install_fast_read(module: nn.Module, name: str) -> bool:
-    """Serve reads of ``module.<name>`` straight from its parametrization's memo when valid.
+    """Serve reads of ``module.<name>`` from its parametrization's memo, or by a direct call.
 
     Reading a parametrized tensor goes through torch's property, the ``ParametrizationList``
-    call and the parametrization's call (about 15 microseconds) before the memo answers; an
-    RNN reads its kernel at every step. This wraps the property that
+    call (whose ``forward`` looks for a second parametrization with ``hasattr``, an
+    ``AttributeError`` when there is none) and the parametrization's call (about 15
+    microseconds) before the parametrization computes or its memo answers; an RNN reads its
+    kernel at every step. This wraps the property that
     :func:`~torch.nn.utils.parametrize.register_parametrization` injected into the module's
-    own class (torch creates one class per parametrized module) with a getter that returns
-    :meth:`ForwardMemo.lookup`'s value directly when the tensor has exactly one
-    parametrization, it memoizes (``memoize`` is true), torch's ``cached()`` is off and no
-    forward hook would observe the call; in every other case, and on a miss, it calls torch's
-    getter, so values, hooks and torch's cache behave exactly as without it. The setter is
-    torch's. ``remove_parametrizations`` deletes the wrapped property with torch's. Returns
-    whether it was installed. Cost of a read that hits: about 3 microseconds.
+    own class (torch creates one class per parametrized module) with a getter that, when the
+    tensor has exactly one parametrization, torch's ``cached()`` is off, no forward hook would
+    observe the call and nothing is traced or compiled, returns
+
+    * :meth:`ForwardMemo.lookup`'s value when the parametrization memoizes (a ``_memo`` and a
+      true ``memoize``) and the value is still valid;
+    * else ``parametrization.forward(*originals)``: what torch's getter computes
+      (``ParametrizationList.forward`` with one parametrization is
+      ``self[0](original)``, or ``self[0](original0, original1, ...)`` for a
+      parametrization whose ``right_inverse`` returns several tensors), without the calls
+      around it.
+
+    In every other case it calls torch's getter, so values, hooks and torch's cache behave
+    exactly as without it. The setter is torch's. ``remove_parametrizations`` deletes the
+    wrapped property with torch's. Returns whether it was installed. Cost of a read that
+    hits the memo: about 3 microseconds.
     """
     cls = type(module)
     prop = cls.__dict__.get(name)
@@ -349,19 +368,28 @@ def install_fast_read(module: nn.Module, name: str) -> bool:
     def get_parametrized(self: nn.Module) -> Tensor:
         plist = self._modules["parametrizations"]._modules[name]
         mods = plist._modules
-        if len(mods) == 1 and not torch_parametrize._cache_enabled:
+        if (
+            len(mods) == 1
+            and not torch_parametrize._cache_enabled
+            and not torch.compiler.is_compiling()
+            and torch._C._get_tracing_state() is None
+        ):
             first = mods.get("0")
-            memo = getattr(first, "_memo", None)
-            X = plist._parameters.get("original")
-            if (
-                X is not None
-                and isinstance(memo, ForwardMemo)
-                and first.memoize
-                and not _hooks_anywhere(plist, first)
-            ):
-                value = memo.lookup(X, first._buffers.get("base"))
-                if value is not None:
-                    return value
+            if first is not None and not _hooks_anywhere(plist, first):
+                params = plist._parameters
+                if plist.is_tensor:
+                    X = params.get("original")
+                    if X is not None:
+                        memo = first.__dict__.get("_memo")
+                        if isinstance(memo, ForwardMemo) and first.memoize:
+                            value = memo.lookup(X, first._buffers.get("base"))
+                            if value is not None:
+                                return value
+                        return first.forward(X)
+                else:
+                    originals = [params.get(f"original{i}") for i in range(plist.ntensors)]
+                    if all(t is not None for t in originals):
+                        return first.forward(*originals)
         return torch_get(self)
 
     get_parametrized._dtriv_fast_read = True
