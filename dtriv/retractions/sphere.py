@@ -84,10 +84,9 @@ def _rdot_fast(x: Tensor, y: Tensor) -> Tensor:
     return (d.real if d.is_complex() else d).unsqueeze(-1)
 
 
-def _cos_sinc_values(z: Tensor) -> tuple[Tensor, Tensor]:
-    r""":math:`\cos\sqrt z` and :math:`\sin\sqrt z/\sqrt z` (values, not differentiable at 0)."""
-    t = torch.sqrt(z)
-    return torch.cos(t), torch.sinc(t / math.pi)
+def _cos_sinc_values(t: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`\cos t` and :math:`\sin t/t` (values, not differentiable at 0)."""
+    return torch.cos(t), torch.sinc(t * (1 / math.pi))
 
 
 def _dsinc(z: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:
@@ -99,6 +98,51 @@ def _dsinc(z: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:
     small = z < _SERIES
     direct = (cos - sinc) / (2 * torch.where(small, torch.ones_like(z), z))
     return torch.where(small, _horner(_DSINC, z), direct)
+
+
+def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:
+    r""":math:`2\operatorname{sinc}'(z)` at :math:`z = t^2` from saved values (no graph).
+
+    The direct formula :math:`(\cos t - \operatorname{sinc} t)/t^2` when no entry has
+    :math:`t^2 < 10^{-2}` (one host check), else :func:`_dsinc` with its power series.
+    """
+    z = t * t
+    if bool((z < _SERIES).any()):
+        return 2 * _dsinc(z, cos, sinc)
+    return (cos - sinc).div_(z)
+
+
+def _normalize_(w: Tensor, radius: float) -> tuple[Tensor, Tensor]:
+    r"""``(r w/|w|, r/|w|)``, the first written into ``w`` (a fresh tensor of the caller)."""
+    scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).reciprocal_()
+    if radius != 1.0:
+        scale.mul_(radius)
+    return w.mul_(scale), scale
+
+
+def _normalize_backward(y: Tensor, scale: Tensor, g: Tensor, r2: float) -> Tensor:
+    r""":math:`\bar w = s\,(g - y\,\operatorname{Re}\langle y, g\rangle/r^2)`, the gradient of
+    ``w -> y = r w/|w|`` (``s = r/|w|``): the projection of ``g`` orthogonal to ``y``, scaled."""
+    a = _rdot_fast(y, g)
+    if r2 != 1.0:
+        a = a / r2
+    return torch.addcmul(g, y, a, value=-1).mul_(scale)
+
+
+def _tangent_backward(x: Tensor, X: Tensor, gV: Tensor, b: Tensor, r2: float,
+                      needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:
+    r"""Gradients of ``(x, X) -> V = P_x(X) = X - x Re<x, X>/r^2`` given :math:`\bar V` and
+    :math:`b = \operatorname{Re}\langle x, \bar V\rangle/r^2`: :math:`\bar X = \bar V - b\,x`
+    and the part of :math:`\bar x` through ``V``, :math:`-c\,\bar V - b\,X`
+    (:math:`c = \operatorname{Re}\langle x, X\rangle/r^2`)."""
+    gX = torch.addcmul(gV, x, b, value=-1) if needs[1] else None
+    gx = None
+    if needs[0]:
+        c = _rdot_fast(x, X)
+        if r2 != 1.0:
+            c = c / r2
+        gx = -(c * gV + b * X)
+    return gx, gX
 
 
 class _SphereExp(torch.autograd.Function):
@@ -115,30 +159,33 @@ class _SphereExp(torch.autograd.Function):
                  + \frac{2\,b\,\operatorname{sinc}'(z) - a\,\operatorname{sinc}(t)}{r^2}\,v.
 
     Cost: forward one norm and two scaled passes; backward two dot products and two scaled
-    passes, O(n) per vector. ``apply`` returns ``(y, z, cos, sinc)`` (the last three
-    non-differentiable, kept for the backward; ``torch.func`` requires ``setup_context``).
-    When the backward is differentiated (``create_graph=True``) the coefficients are
-    recomputed differentiably from the saved ``x, v``.
+    passes, O(n) per vector. ``apply`` returns ``(y, t, cos, sinc)`` (the last three
+    non-differentiable, kept for the backward; ``torch.func`` requires ``setup_context``;
+    their gradients are not materialized). When the backward is differentiated
+    (``create_graph=True``) the coefficients are recomputed differentiably from ``x, v``.
     """
 
     @staticmethod
     def forward(x: Tensor, v: Tensor, radius: float):  # type: ignore[override]
-        z = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_()
+        t = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
         if radius != 1.0:
-            z.div_(radius * radius)
-        cos, sinc = _cos_sinc_values(z)
-        return torch.addcmul(cos * x, sinc, v), z, cos, sinc
+            t.div_(radius)
+        cos, sinc = _cos_sinc_values(t)
+        return torch.addcmul(cos * x, sinc, v), t, cos, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, v, radius = inputs
         ctx.radius = radius
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(x, v, *output[1:])
 
     @staticmethod
-    def backward(ctx, g: Tensor, *unused: Tensor):  # type: ignore[override]
-        x, v, z, cos, sinc = ctx.saved_tensors
+    def backward(ctx, g: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if g is None:
+            return None, None, None
+        x, v, t, cos, sinc = ctx.saved_tensors
         r2 = ctx.radius * ctx.radius
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
             z = _sqnorm(v) / r2
@@ -146,10 +193,8 @@ class _SphereExp(torch.autograd.Function):
         gx = cos * g if ctx.needs_input_grad[0] else None
         gv = None
         if ctx.needs_input_grad[1]:
-            if torch.is_grad_enabled() or bool((z < _SERIES).any()):
-                d2 = 2 * _dsinc(z, cos, sinc)
-            else:  # no vector near v = 0: the direct formula alone, 2 sinc'(z) = (cos - sinc)/z
-                d2 = (cos - sinc).div_(z)
+            d2 = 2 * _dsinc(z, cos, sinc) if torch.is_grad_enabled() else _two_dsinc(
+                t, cos, sinc)
             coef = torch.addcmul(d2 * _rdot_fast(v, g), sinc, _rdot_fast(x, g), value=-1)
             if r2 != 1.0:
                 coef = coef / r2
@@ -169,31 +214,26 @@ class _SphereProjective(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, v: Tensor, radius: float):  # type: ignore[override]
-        w = x + v
-        scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).reciprocal_()
-        if radius != 1.0:
-            scale.mul_(radius)
-        return w.mul_(scale), scale
+        return _normalize_(x + v, radius)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, v, radius = inputs
         ctx.radius = radius
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(x, v, *output)
 
     @staticmethod
-    def backward(ctx, g: Tensor, *unused: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if g is None:
+            return None, None, None
         x, v, y, scale = ctx.saved_tensors
-        r2 = ctx.radius * ctx.radius
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
             w = x + v
             scale = ctx.radius / torch.sqrt(_sqnorm(w))
             y = w * scale
-        c = _rdot_fast(y, g)
-        if r2 != 1.0:
-            c = c / r2
-        gw = torch.addcmul(g, y, c, value=-1) * scale
+        gw = _normalize_backward(y, scale, g, ctx.radius * ctx.radius)
         need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (gw if need_x else None,
                 (gw.clone() if need_x else gw) if need_v else None, None)
@@ -228,10 +268,7 @@ class _SphereTangent(torch.autograd.Function):
         cg = _rdot_fast(x, g)
         if r2 != 1.0:
             cg = cg / r2
-        gv = torch.addcmul(g, x, cg, value=-1) if ctx.needs_input_grad[1] else None
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = -(_rdot_fast(x, v) / r2 * g + cg * v)
+        gx, gv = _tangent_backward(x, v, g, cg, r2, ctx.needs_input_grad)
         return gx, gv, None
 
 
@@ -254,39 +291,34 @@ class _TrivializeProjective(torch.autograd.Function):
         c = _rdot_fast(x, X)
         if radius != 1.0:
             c.div_(radius * radius)
-        w = torch.addcmul(X + x, x, c, value=-1)  # x + X - x c (no scalar-tensor op on c)
-        scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).reciprocal_()
-        if radius != 1.0:
-            scale.mul_(radius)
-        return w.mul_(scale), scale
+        # x + X - x c (no scalar-tensor op on c)
+        return _normalize_(torch.addcmul(X + x, x, c, value=-1), radius)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, X, radius = inputs
         ctx.radius = radius
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(x, X, *output)
 
     @staticmethod
-    def backward(ctx, g: Tensor, *unused: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if g is None:
+            return None, None, None
         x, X, y, scale = ctx.saved_tensors
         r2 = ctx.radius * ctx.radius
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
             w = x + (X - x * (_rdot(x, X) / r2))
             scale = ctx.radius / torch.sqrt(_sqnorm(w))
             y = w * scale
-        a = _rdot_fast(y, g)
-        if r2 != 1.0:
-            a = a / r2
-        gw = torch.addcmul(g, y, a, value=-1).mul_(scale)
+        gw = _normalize_backward(y, scale, g, r2)
         b = _rdot_fast(x, gw)
         if r2 != 1.0:
             b = b / r2
-        gX = torch.addcmul(gw, x, b, value=-1) if ctx.needs_input_grad[1] else None
-        gx = None
-        if ctx.needs_input_grad[0]:
-            c = _rdot_fast(x, X) / r2
-            gx = gw - c * gw - b * X
+        gx, gX = _tangent_backward(x, X, gw, b, r2, ctx.needs_input_grad)
+        if gx is not None:
+            gx = gx + gw
         return gx, gX, None
 
 
@@ -311,32 +343,33 @@ class _TrivializeExp(torch.autograd.Function):
         if r2 != 1.0:
             c.div_(r2)
         V = torch.addcmul(X, x, c, value=-1)
-        z = torch.linalg.vector_norm(V, dim=-1, keepdim=True).square_()
+        t = torch.linalg.vector_norm(V, dim=-1, keepdim=True)
         if r2 != 1.0:
-            z.div_(r2)
-        cos, sinc = _cos_sinc_values(z)
-        return torch.addcmul(cos * x, sinc, V), V, z, cos, sinc
+            t.div_(radius)
+        cos, sinc = _cos_sinc_values(t)
+        return torch.addcmul(cos * x, sinc, V), V, t, cos, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, X, radius = inputs
         ctx.radius = radius
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(x, X, *output[1:])
 
     @staticmethod
-    def backward(ctx, g: Tensor, *unused: Tensor):  # type: ignore[override]
-        x, X, V, z, cos, sinc = ctx.saved_tensors
+    def backward(ctx, g: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if g is None:
+            return None, None, None
+        x, X, V, t, cos, sinc = ctx.saved_tensors
         r2 = ctx.radius * ctx.radius
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
             V = X - x * (_rdot(x, X) / r2)
             z = _sqnorm(V) / r2
             cos, sinc = _cos_sinc(z)
             d2 = 2 * _dsinc(z, cos, sinc)
-        elif bool((z < _SERIES).any()):
-            d2 = 2 * _dsinc(z, cos, sinc)
-        else:  # no vector near V = 0: the direct formula alone, 2 sinc'(z) = (cos - sinc)/z
-            d2 = (cos - sinc).div_(z)
+        else:
+            d2 = _two_dsinc(t, cos, sinc)
         coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
         if r2 != 1.0:
             coef = coef / r2
@@ -344,11 +377,9 @@ class _TrivializeExp(torch.autograd.Function):
         b = _rdot_fast(x, gV)
         if r2 != 1.0:
             b = b / r2
-        gX = torch.addcmul(gV, x, b, value=-1) if ctx.needs_input_grad[1] else None
-        gx = None
-        if ctx.needs_input_grad[0]:
-            c = _rdot_fast(x, X) / r2
-            gx = cos * g - c * gV - b * X
+        gx, gX = _tangent_backward(x, X, gV, b, r2, ctx.needs_input_grad)
+        if gx is not None:
+            gx = gx + cos * g
         return gx, gX, None
 
 
