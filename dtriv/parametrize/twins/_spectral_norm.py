@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from dtriv.parametrize.cache import install_fast_read
 from dtriv.retractions.spectral import (
     power_iteration_,
     power_iteration_init,
@@ -43,30 +44,51 @@ class _DivideBySigma(torch.autograd.Function):
         \bar W = \frac{1}{\sigma}\left(G - \langle G, Y\rangle\, u v^T\right)
 
     (the derivative of :math:`W/\sigma` plus that of :math:`\sigma` through
-    :math:`\partial\sigma/\partial W = u v^T`). Cost: forward one matrix-vector product and
-    one scaling; backward one dot product, one rank-one update and one scaling, O(h w).
-    Double backward recomputes through differentiable torch operations.
+    :math:`\partial\sigma/\partial W = u v^T`; :math:`\langle G, Y\rangle` from the saved
+    output). Cost: forward one matrix-vector product and one scaling; backward one dot
+    product, one rank-one update and one scaling, O(h w). ``sigma``, the second output, is
+    non-differentiable and its gradient is not materialized. Double backward recomputes
+    through differentiable torch operations.
     """
 
     @staticmethod
-    def forward(W: Tensor, u: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(W: Tensor, u: Tensor, v: Tensor):  # type: ignore[override]
         sigma = torch.vdot(u, torch.mv(W.reshape(u.shape[0], -1), v))
         return W / sigma, sigma
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         W, u, v = inputs
+        ctx.set_materialize_grads(False)  # no zero gradient for ``sigma``
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(W, u, v, output[1])
+        ctx.save_for_backward(W, u, v, *output)
 
     @staticmethod
-    def backward(ctx, G: Tensor, *unused: Tensor):  # type: ignore[override]
-        W, u, v, sigma = ctx.saved_tensors
+    def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if G is None:
+            return None, None, None
+        W, u, v, Y, sigma = ctx.saved_tensors
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
             sigma = torch.vdot(u, torch.mv(W.reshape(u.shape[0], -1), v))
-        c = torch.vdot(G.reshape(-1), W.reshape(-1)) / sigma
-        gW = torch.addr(G.reshape(u.shape[0], -1), u, v * -c) / sigma
+            Y = W / sigma
+        # <G, Y> = <G, W>/sigma; gW = (G - <G, Y> u v^T)/sigma
+        c = torch.vdot(G.reshape(-1), Y.reshape(-1))
+        gW = torch.addr(G.reshape(u.shape[0], -1), u, v * c, alpha=-1).div_(sigma)
         return gW.reshape(W.shape), None, None
+
+
+def _divide_by_sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``_DivideBySigma.apply(W, u, v)[0]``; outside ``torch.func`` transforms and
+    ``torch.compile`` through the C++ ``apply`` directly (``Function.apply`` first binds the
+    arguments to ``forward``'s signature with :func:`inspect.signature`, a no-op here)."""
+    if _transforms_active() or torch.compiler.is_compiling():
+        return _DivideBySigma.apply(W, u, v)[0]
+    return super(torch.autograd.Function, _DivideBySigma).apply(  # type: ignore[misc]
+        _unwrap_if_dead(W), u, v)[0]
+
+
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 class _SpectralNorm(nn.Module):
@@ -105,17 +127,16 @@ class _SpectralNorm(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
-        weight_mat = self._reshape_weight_to_matrix(weight)
         if self.training:
-            power_iteration_(weight_mat.detach(), self._u, self._v, self.n_power_iterations,
-                             eps=self.eps)
+            power_iteration_(self._reshape_weight_to_matrix(weight.detach()), self._u, self._v,
+                             self.n_power_iterations, eps=self.eps)
         # the estimate uses clones of u, v: a backward through two forwards sees the u, v of
         # its own forward although the buffers are updated in place
         u = self._u.clone(memory_format=torch.contiguous_format)
         v = self._v.clone(memory_format=torch.contiguous_format)
         if self.dim == 0 and weight.dtype in (torch.float32, torch.float64):
-            return _DivideBySigma.apply(weight, u, v)[0]
-        return weight / spectral_norm_estimate(weight_mat, u, v)
+            return _divide_by_sigma(weight, u, v)
+        return weight / spectral_norm_estimate(self._reshape_weight_to_matrix(weight), u, v)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
@@ -191,6 +212,7 @@ def spectral_norm(
         dim = 1 if isinstance(module, transposed) else 0
     sn = _SpectralNorm(weight, n_power_iterations, dim, eps)
     parametrize.register_parametrization(module, name, sn)
+    install_fast_read(module, name)  # reads call the parametrization directly (same value)
     index = len(module.parametrizations[name]) - 1
     module._register_load_state_dict_pre_hook(_LegacyKeysHook(name, index, sn))
     return module

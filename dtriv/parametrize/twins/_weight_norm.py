@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from dtriv.parametrize.cache import install_fast_read
+
 __all__ = ["weight_norm", "weight_norm_init_"]
 
 
@@ -72,6 +74,7 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Mod
         The module, with the parametrization registered on ``name``.
     """
     parametrize.register_parametrization(module, name, _WeightNorm(dim), unsafe=True)
+    install_fast_read(module, name)  # reads call the parametrization directly (same value)
     module._register_load_state_dict_pre_hook(_LegacyKeysHook(name))
     return module
 
