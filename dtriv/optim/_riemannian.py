@@ -13,6 +13,7 @@ A Riemannian optimizer here is a subclass of a torch optimizer (``SGD``, ``Adam`
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -141,6 +142,25 @@ class RiemannianMixin:
         for group in self.param_groups:
             group.setdefault("stabilize", None)
             group.setdefault("step", 0)
+
+    def _on_manifold(self, params: list[Tensor]) -> bool:
+        """Whether every parameter still holds the point this optimizer wrote last (same
+        tensor, memory and version counter): then it lies on its manifold to rounding and
+        the fused retractions may skip their conditioning checks."""
+        marks = self.__dict__.get("_written")
+        if not marks:
+            return False
+        for p in params:
+            mark = marks.get(id(p))
+            if mark is None or mark[0]() is not p or mark[1:] != (p.data_ptr(), p._version):
+                return False
+        return True
+
+    def _mark_on_manifold(self, params: list[Tensor]) -> None:
+        """Record that ``params`` were just written by a retraction (see :meth:`_on_manifold`)."""
+        marks = self.__dict__.setdefault("_written", {})
+        for p in params:
+            marks[id(p)] = (weakref.ref(p), p.data_ptr(), p._version)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step on every parameter; ``closure`` re-evaluates the loss (optional)."""

@@ -3,20 +3,22 @@ r"""Fused Riemannian steps for buckets of real Stiefel parameters.
 The generic path of the Riemannian optimizers calls the manifold interface
 (``proj_tangent``, ``inner``, ``retract``, ``transport``), each with its own checks and
 temporaries. For :class:`~dtriv.manifolds.Stiefel` (tall; wide shapes are transposed)
-the same formulas are evaluated here directly on the stacked batch ``(m, n, k)``:
+the same formulas are evaluated here directly on the stacked batch ``(m, n, k)``, in place
+where the optimizer owns the memory:
 
-* Riemannian gradient :math:`g = G - X \operatorname{sym}(X^T G)` as one batched
-  product and one fused ``baddbmm`` (2 products of ``n x k`` by ``k x k``);
-* the squared norm :math:`\langle g, g\rangle` as one batched dot product;
-* the step :math:`Y = X + c\, d` with a per-point scalar ``c`` as one fused ``addcmul``;
-* the QR retraction by :func:`dtriv.retractions.stiefel.qf` (Cholesky QR when the Gram
-  matrix is near the identity, as it is for retraction steps; Householder otherwise);
-  the other retractions by the manifold's own map;
-* the transport by projection :math:`m - Q \operatorname{sym}(Q^T m)` (2 products).
+* Riemannian gradient :math:`g = G - X \operatorname{sym}(X^T G)` and the transport by
+  projection :math:`m - Q \operatorname{sym}(Q^T m)`, fused by linearity of the projection
+  (:func:`moment_and_sq_norm_`: three ``n x k`` by ``k x k`` products for both);
+* the squared norm :math:`\langle g, g\rangle` from :math:`\|G\|^2 - \|\operatorname{sym}
+  (X^T G)\|^2` (one reduction over ``G``);
+* the QR retraction of :math:`Y = X + c V` by recursive block Cholesky QR
+  (:func:`block_cholesky_qf_`, :math:`2 n k^2` flops, all products) when a cheap bound
+  proves it safe (:func:`safe_for_block_qr`), else by :func:`dtriv.retractions.stiefel.qf`
+  (Cholesky QR with a Gram check, Householder otherwise); the other retractions by the
+  manifold's own map.
 
 The results equal the generic path (same formulas, evaluated in another order: they agree
-to rounding). Cost per bucket: :math:`4 m n k^2` flops of products plus the retraction
-(:math:`2 m n k^2 + m k^3/3` for Cholesky QR) and a few elementwise passes.
+to rounding).
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ from torch import Tensor
 from dtriv.manifolds.stiefel import Stiefel
 from dtriv.retractions.stiefel import qf
 
-__all__ = ["fast_stiefel", "moment_and_sq_norm", "riemannian_grad", "retract", "transport"]
+__all__ = [
+    "block_cholesky_qf_",
+    "fast_stiefel",
+    "moment_and_sq_norm",
+    "moment_and_sq_norm_",
+    "retract",
+    "retract_",
+    "riemannian_grad",
+    "safe_for_block_qr",
+    "transport",
+]
 
 
 _FUSED = ("proj_tangent", "inner", "retract", "_retract", "transport")
@@ -64,8 +76,8 @@ def riemannian_grad(X: Tensor, G: Tensor) -> Tensor:
 
 def sq_norms(g: Tensor) -> Tensor:
     r"""``<g_i, g_i>`` per point of a batch ``(m, n, k)``, shape ``(m,)``."""
-    flat = g.reshape(g.shape[0], -1)
-    return torch.linalg.vecdot(flat, flat)
+    # one reduction kernel (vecdot materializes the elementwise product first)
+    return torch.linalg.vector_norm(g, dim=(-2, -1)).square()
 
 
 def retract(
@@ -94,33 +106,143 @@ def transport(Q: Tensor, m: Tensor) -> Tensor:
 IDENTITY_MIN_FRACTION = 0.25
 
 
-def moment_and_sq_norm(X: Tensor, G: Tensor, m: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    r"""The transported and updated moment and the squared Riemannian gradient norms.
+def moment_and_sq_norm_(
+    X: Tensor, G: Tensor, m: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    r"""The transported and updated moment, written into ``m``, and the squared Riemannian
+    gradient norms.
 
     For tall points ``X`` (``(b, n, k)``, :math:`X^T X = I`), Euclidean gradients ``G`` and
-    moments ``m`` stored at the previous points (not yet transported), returns
+    moments ``m`` stored at the previous points (not yet transported), overwrites ``m`` by
 
     .. math:: m' = P_X(\beta m + (1 - \beta) G)
-                 = \beta\, \mathcal{T}(m) + (1 - \beta)\, \operatorname{grad},
-              \qquad \|\operatorname{grad}\|^2 = \|G\|^2 - \|\operatorname{sym}(X^T G)\|^2,
+                 = \beta\, \mathcal{T}(m) + (1 - \beta)\, \operatorname{grad}
+                 = N - X S, \quad N = \beta m + (1 - \beta) G,\
+                 S = \beta \operatorname{sym}(X^T m) + (1 - \beta) \operatorname{sym}(X^T G),
 
     by linearity of the projection :math:`P_X(V) = V - X \operatorname{sym}(X^T V)` (the
-    transport) and, for the norm, :math:`\langle P_X G, P_X G\rangle = \langle G, P_X G
-    \rangle` (an orthogonal projection). The norm identity is used when it keeps at least
-    :data:`IDENTITY_MIN_FRACTION` of :math:`\|G\|^2` for every point (so its cancellation
-    costs at most a factor 4 of rounding); otherwise the gradient is formed explicitly.
+    transport), and returns ``(m', sq)`` with :math:`sq = \|\operatorname{grad}\|^2 =
+    \|G\|^2 - \|\operatorname{sym}(X^T G)\|^2` (:math:`\langle P_X G, P_X G\rangle =
+    \langle G, P_X G \rangle` for an orthogonal projection). The norm identity is used when
+    it keeps at least :data:`IDENTITY_MIN_FRACTION` of :math:`\|G\|^2` for every point (so
+    its cancellation costs at most a factor 4 of rounding); otherwise the gradient is
+    formed explicitly.
 
-    ``beta`` in ``[0, 1)``. Cost: two products :math:`X^T G`, :math:`X^T m` and one :math:`X S`
-    (:math:`6 b n k^2` flops), against four for the projection of ``G`` and the transport.
+    ``beta`` in ``[0, 1)``; ``m`` must not overlap ``X`` or ``G``. Cost: two products
+    :math:`X^T G`, :math:`X^T m` and one :math:`X S` (:math:`6 b n k^2` flops), one
+    ``lerp`` and one reduction pass over ``G``; no ``n x k`` temporaries.
     """
-    Ag = torch.bmm(X.mT, G)
-    Sg = _sym_(Ag)
-    S = _sym_(torch.bmm(X.mT, m)).mul_(beta).add_(Sg, alpha=1 - beta)
-    # beta m + (1 - beta) G - X S = (1 - beta) (M - X S / (1 - beta)), M = G + beta m/(1 - beta)
-    M = torch.add(G, m, alpha=beta / (1 - beta))
-    new = torch.baddbmm(M, X, S, alpha=-1 / (1 - beta)).mul_(1 - beta)
+    Sg = _sym_(torch.bmm(X.mT, G))
+    S = _sym_(torch.bmm(X.mT, m)).lerp_(Sg, 1 - beta)
+    m.lerp_(G, 1 - beta).baddbmm_(X, S, alpha=-1)
     G2 = sq_norms(G)
     sq = G2 - sq_norms(Sg)
     if not bool((sq >= IDENTITY_MIN_FRACTION * G2).all()):
         sq = sq_norms(riemannian_grad(X, G))
-    return new, sq
+    return m, sq
+
+
+def moment_and_sq_norm(X: Tensor, G: Tensor, m: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """:func:`moment_and_sq_norm_` into a new tensor (``m`` is left unchanged)."""
+    return moment_and_sq_norm_(X, G, m.clone(memory_format=torch.contiguous_format), beta)
+
+
+# --------------------------------------------------------------------------- QR
+
+
+#: width of the column blocks that :func:`block_cholesky_qf_` orthonormalizes directly
+BLOCK_QR_BASE = 64
+#: :func:`safe_for_block_qr` admits steps with ``c^2 |V|_F^2`` at most this bound
+BLOCK_QR_MAX_STEP = 0.5
+
+_EYES: dict[tuple, Tensor] = {}
+
+
+def _eye(k: int, like: Tensor) -> Tensor:
+    key = (k, like.dtype, like.device)
+    eye = _EYES.get(key)
+    if eye is None:
+        eye = _EYES[key] = torch.eye(k, dtype=like.dtype, device=like.device)
+    return eye
+
+
+def _cholesky_qf_block_(Y: Tensor, infos: list[Tensor]) -> None:
+    # Y <- Y L^{-T}, L = chol(Y^T Y); the k x k inverse is explicit (a triangular solve
+    # against I), so the n x k work is one product.
+    L, info = torch.linalg.cholesky_ex(torch.bmm(Y.mT, Y))
+    infos.append(info)
+    Linv = torch.linalg.solve_triangular(L, _eye(L.shape[-1], L).expand_as(L), upper=False)
+    Y.copy_(torch.bmm(Y, Linv.mT))
+
+
+def _block_qf_(Y: Tensor, base: int, infos: list[Tensor]) -> None:
+    k = Y.shape[-1]
+    if k <= base:
+        _cholesky_qf_block_(Y, infos)
+        return
+    h = k // 2
+    Y1, Y2 = Y[..., :h], Y[..., h:]
+    _block_qf_(Y1, base, infos)
+    Y2.baddbmm_(Y1, torch.bmm(Y1.mT, Y2), alpha=-1)  # Y2 - Q1 Q1^T Y2
+    _block_qf_(Y2, base, infos)
+
+
+def block_cholesky_qf_(Y: Tensor, base: int = BLOCK_QR_BASE) -> bool:
+    r"""Overwrite the tall batch ``Y`` (``(b, n, k)``, real) by its q-factor with diag(R) > 0.
+
+    Recursive block Cholesky QR (block classical Gram–Schmidt with Cholesky QR on the
+    blocks): with :math:`Y = [Y_1, Y_2]` split at :math:`h = \lfloor k/2 \rfloor`,
+
+    .. math:: Q_1 = \operatorname{qf}(Y_1), \qquad R_{12} = Q_1^T Y_2, \qquad
+              Q_2 = \operatorname{qf}(Y_2 - Q_1 R_{12}),
+
+    recursively down to blocks of width ``base``, which take Cholesky QR
+    (:math:`Q = Y L^{-T}`, :math:`L L^T = Y^T Y`, the ``w x w`` inverse explicit). This is
+    the QR factorization :math:`Y = [Q_1, Q_2] \begin{bmatrix} R_{11} & R_{12} \\ 0 &
+    R_{22} \end{bmatrix}` with a positive diagonal, so ``Q`` is the unique q-factor (the
+    same as Householder's). Cost: :math:`2 n k^2` flops in products plus ``k / base``
+    Cholesky factorizations of ``base x base``; no Gram matrix of the full width (half of
+    the flops of Cholesky QR with a full Gram product and solve). Its orthogonality error
+    is that of Cholesky QR, :math:`O(\kappa(Y)^2 \epsilon)`: use it only for well
+    conditioned ``Y`` (:func:`safe_for_block_qr`).
+
+    Returns whether every block's Cholesky factorization succeeded (``False`` only for a
+    rank-deficient or non-finite ``Y``; ``Y`` is then overwritten with garbage).
+    """
+    infos: list[Tensor] = []
+    _block_qf_(Y, base, infos)
+    return not bool(torch.stack(infos).any())
+
+
+def safe_for_block_qr(V: Tensor, c: Tensor | float) -> bool:
+    r"""Whether :math:`Y = X + c V` is well conditioned for every point, given that ``X`` has
+    orthonormal columns and ``V`` (``(b, n, k)``) is tangent at ``X``.
+
+    Then :math:`Y^T Y = I + c^2 V^T V` and :math:`\|V^T V\|_2 \le \|V\|_F^2`, so
+    :math:`c^2 \|V\|_F^2 \le` :data:`BLOCK_QR_MAX_STEP` bounds :math:`\kappa(Y)^2 \le 1.5`.
+    One reduction pass over ``V``.
+    """
+    step = sq_norms(V) * (c.reshape(-1) ** 2 if isinstance(c, Tensor) else c * c)
+    return bool((step <= BLOCK_QR_MAX_STEP).all())
+
+
+def retract_(
+    manifold: Stiefel, method: str, X: Tensor, V: Tensor, c: Tensor | float, trusted: bool
+) -> None:
+    r"""Overwrite the tall points ``X`` by the retraction ``method`` of the step ``c V``
+    (``c``: a number or one per point, ``(b, 1, 1)``).
+
+    For ``qr`` with ``trusted`` (``X`` is known to have orthonormal columns to rounding,
+    and ``V`` is tangent there) and a step that passes :func:`safe_for_block_qr`:
+    :math:`X \leftarrow \operatorname{qf}(X + c V)` in place by
+    :func:`block_cholesky_qf_`. Otherwise the checked :func:`retract`.
+    """
+    if method == "qr" and trusted and safe_for_block_qr(V, c):
+        Y = X.addcmul_(V, c) if isinstance(c, Tensor) else X.add_(V, alpha=c)
+        if block_cholesky_qf_(Y):
+            return
+        raise RuntimeError(
+            "the QR retraction failed on a well-conditioned step: the parameters or the "
+            "gradients are not finite"
+        )
+    X.copy_(retract(manifold, method, X, V, c))

@@ -134,13 +134,16 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         bc1 = torch.tensor([1 - beta1**t for t in counts], dtype=X.dtype, device=X.device)
         bc2 = torch.tensor([1 - beta2**t for t in counts], dtype=X.dtype, device=X.device)
 
-        if _stiefel.fast_stiefel(manifold, X):
-            # fused path: the same formulas on the tall batch (m, n, k)
-            # with the transport of the first moment deferred (see the class docstring)
+        fast = _stiefel.fast_stiefel(manifold, X)
+        if fast:
+            # fused path: the same formulas on the tall batch (m, n, k), in place, with the
+            # transport of the first moment deferred (see the class docstring)
             Xb = _stiefel.as_batch(manifold, X)
             Gb = _stiefel.as_batch(manifold, G)
-            raw = _stiefel.as_batch(manifold, stack(exp_avgs))
-            m, sq = _stiefel.moment_and_sq_norm(Xb, Gb, raw, beta1)
+            stacked_avg = stack(exp_avgs)
+            m, sq = _stiefel.moment_and_sq_norm_(
+                Xb, Gb, _stiefel.as_batch(manifold, stacked_avg), beta1
+            )
             sq_norm = sq.reshape((len(params),) + scalar_shape)
         else:
             grad = manifold.proj_tangent(X, G)
@@ -154,16 +157,17 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         else:
             v_hat = v
 
-        if _stiefel.fast_stiefel(manifold, X):
+        if fast:
             # direction -lr m / (bc1 (sqrt(v_hat / bc2) + eps)): one scalar per point
             c = v_hat.div(bc2.view(col)).sqrt_().add_(eps).mul_(bc1.view(col)).reciprocal_()
             c = c.mul_(-lr).reshape(-1, 1, 1)
-            Q = _stiefel.retract(manifold, bucket.method, Xb, m, c)
-            if manifold.wide:
-                Q, m = Q.mT, m.mT
-            copy_rows(exp_avgs, m.reshape(X.shape))
+            trusted = self._on_manifold(params)
+            _stiefel.retract_(manifold, bucket.method, Xb, m, c, trusted)
+            if len(params) > 1:  # stack() copied: write the rows back
+                copy_rows(exp_avgs, stacked_avg)
+                copy_rows(params, X)
             copy_rows(exp_avg_sqs, v)
-            copy_rows(params, Q.reshape(X.shape))
+            self._mark_on_manifold(params)
             return
         denom = v_hat.div(bc2.view(col)).sqrt_().add_(eps)
         direction = m.div(bc1.view(col)).div_(denom)

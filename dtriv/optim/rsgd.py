@@ -180,9 +180,9 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         manifold, params = bucket.manifold, bucket.params
         momentum, dampening, lr = group["momentum"], group["dampening"], group["lr"]
         fresh, buffers = _momentum_buffers_of(self.state, params)
-        raw = _stiefel.as_batch(manifold, stack(buffers))
-        M = torch.add(Gb, raw, alpha=momentum / (1 - dampening)) if dampening != 1 else None
-        if M is None or any(fresh):
+        stacked = stack(buffers)  # a view for one parameter, else a copy
+        raw = _stiefel.as_batch(manifold, stacked)
+        if dampening == 1 or any(fresh):
             # the first buffer is the Riemannian gradient itself (torch's convention)
             scale = torch.tensor(
                 [0.0 if new else momentum for new in fresh], dtype=Xb.dtype, device=Xb.device
@@ -191,12 +191,14 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
                 [1.0 if new else 1 - dampening for new in fresh],
                 dtype=Xb.dtype, device=Xb.device,
             ).repeat_interleave(Xb.shape[0] // len(params)).view(-1, 1, 1)
-            M = torch.addcmul(Gb * lead, raw, scale)
-            buf = _stiefel.riemannian_grad(Xb, M)
+            raw.copy_(_stiefel.riemannian_grad(Xb, torch.addcmul(Gb * lead, raw, scale)))
         else:
-            buf = _stiefel.riemannian_grad(Xb, M).mul_(1 - dampening)
-        Q = _stiefel.retract(manifold, bucket.method, Xb, buf, -lr)
-        if manifold.wide:
-            Q, buf = Q.mT, buf.mT
-        copy_rows(buffers, buf.reshape(X.shape))
-        copy_rows(params, Q.reshape(X.shape))
+            # in place: raw <- M = G + mu/(1 - tau) raw, then (1 - tau) (M - X sym(X^T M))
+            torch.add(Gb, raw, alpha=momentum / (1 - dampening), out=raw)
+            S = _stiefel._sym_(torch.bmm(Xb.mT, raw))
+            raw.baddbmm_(Xb, S, beta=1 - dampening, alpha=-(1 - dampening))
+        _stiefel.retract_(manifold, bucket.method, Xb, raw, -lr, self._on_manifold(params))
+        if len(params) > 1:  # stack() copied: write the rows back
+            copy_rows(buffers, stacked)
+            copy_rows(params, X)
+        self._mark_on_manifold(params)

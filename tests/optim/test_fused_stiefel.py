@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,7 @@ ALGOS = [
 @pytest.mark.parametrize("n,k,method,batch", [
     (8, 3, "qr", ()), (8, 3, "qr", (2,)), (3, 8, "qr", ()), (6, 6, "qr", ()),
     (8, 3, "cayley", ()), (3, 8, "polar", (2,)), (6, 6, "expm", ()),
+    (150, 70, "qr", ()), (70, 150, "qr", ()),  # recursive block QR (k > BLOCK_QR_BASE)
 ])
 def test_fused_equals_generic_float64(algo, kwargs, n, k, method, batch):
     dt = torch.float64
@@ -124,3 +126,81 @@ def test_moment_and_sq_norm_against_explicit_formulas(normal_part, beta):
     scale = G.abs().max()
     assert (new - expected).abs().max() < 1e-13 * scale
     torch.testing.assert_close(sq, (grad * grad).sum((-2, -1)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("algo,gopt", [
+    (RiemannianAdam, geoopt.optim.RiemannianAdam), (RiemannianSGD, geoopt.optim.RiemannianSGD),
+])
+@pytest.mark.parametrize("n,k", [(160, 130), (200, 100)])
+def test_block_qr_steps_match_geoopt_in_float32(algo, gopt, n, k):
+    """Widths above BLOCK_QR_BASE: the recursive block QR at every step after the first."""
+    dt = torch.float32
+    X0 = Stiefel(n, k).sample(generator=_gen(0), dtype=dt)
+    ours = ManifoldParameter(X0.clone(), Stiefel(n, k))
+    theirs = geoopt.ManifoldParameter(X0.clone(), manifold=geoopt.Stiefel(canonical=False))
+    loss = _loss((n, k), dt, seed=1)
+    (a,) = _run([ours], algo([ours], retraction="qr", lr=0.05), loss, 20)
+    (b,) = _run([theirs], gopt([theirs], lr=0.05), loss, 20)
+    assert (a - X0).abs().max() > 1e-2
+    assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("b,n,k,base", [
+    (3, 40, 27, 4), (2, 33, 33, 8), (1, 200, 150, 64), (2, 9, 1, 4),
+])
+@pytest.mark.parametrize("wide", [False, True])
+def test_block_cholesky_qf_is_the_positive_q_factor(b, n, k, base, wide):
+    from scipy.linalg import qr
+
+    from dtriv.optim._stiefel import block_cholesky_qf_
+
+    g = _gen(7)
+    X = torch.linalg.qr(torch.randn(b, n, k, generator=g, dtype=torch.float64))[0]
+    Y = X + 0.2 * torch.randn(b, n, k, generator=g, dtype=torch.float64) / n**0.5
+    # the tall batch as stored (row-major) or as the transposed view of a wide bucket
+    W = Y.mT.contiguous().mT if wide else Y.clone()
+    assert block_cholesky_qf_(W, base=base)
+    for y, q in zip(Y, W):
+        Q, R = qr(y.numpy(), mode="economic")
+        Q = Q * np.sign(R.diagonal())  # diag(R) > 0
+        torch.testing.assert_close(q, torch.from_numpy(Q), rtol=0, atol=1e-13)
+    eye = torch.eye(k, dtype=torch.float64)
+    assert (W.mT @ W - eye).abs().max() < 1e-13
+
+
+def test_block_cholesky_qf_reports_rank_deficiency():
+    from dtriv.optim._stiefel import block_cholesky_qf_
+
+    Y = torch.randn(2, 10, 6, generator=_gen(0), dtype=torch.float64)
+    Y[1, :, 4] = 0  # rank deficient: a zero pivot in the block of column 4
+    assert not block_cholesky_qf_(Y, base=2)
+
+
+def test_safe_for_block_qr_bounds_the_gram_deviation():
+    from dtriv.optim._stiefel import BLOCK_QR_MAX_STEP, safe_for_block_qr
+
+    M = Stiefel(30, 12)
+    X = M.sample(4, generator=_gen(1), dtype=torch.float64)
+    V = M.proj_tangent(X, torch.randn(4, 30, 12, generator=_gen(2), dtype=torch.float64))
+    c_edge = (BLOCK_QR_MAX_STEP / (V * V).sum((-2, -1))).sqrt().min()
+    assert safe_for_block_qr(V, 0.99 * c_edge)
+    assert not safe_for_block_qr(V, 1.01 * c_edge)
+    c = torch.full((4, 1, 1), 0.99 * float(c_edge), dtype=torch.float64)
+    assert safe_for_block_qr(V, c)
+    Y = X + c * V  # within the bound: |Y^T Y - I|_2 <= BLOCK_QR_MAX_STEP
+    dev = torch.linalg.matrix_norm(Y.mT @ Y - torch.eye(12, dtype=torch.float64), ord=2)
+    assert float(dev.max()) <= BLOCK_QR_MAX_STEP
+
+
+def test_checked_retraction_after_the_parameter_is_changed_outside():
+    """A point written by the user (off the manifold) takes the checked QR, not the fast one."""
+    M = Stiefel(80, 70)
+    X0 = M.sample(generator=_gen(3), dtype=torch.float64)
+    p = ManifoldParameter(X0.clone(), M)
+    opt = RiemannianAdam([p], lr=1e-2, retraction="qr")
+    loss = _loss((80, 70), torch.float64, seed=4)
+    _run([p], opt, loss, 3)
+    with torch.no_grad():
+        p.mul_(3.0).add_(torch.randn(80, 70, generator=_gen(5), dtype=torch.float64))
+    _run([p], opt, loss, 1)
+    assert M.distance(p.detach()).max() < 1e-12
