@@ -61,6 +61,23 @@ def copy_rows(dst: list[Tensor], src: Tensor) -> None:
     torch._foreach_copy_(dst, list(src.unbind(0)))
 
 
+def _rows_of(buffer: Tensor, tensors: list[Tensor]) -> bool:
+    """Whether ``tensors[i]`` is exactly the memory of ``buffer[i]`` for every ``i``."""
+    if len(tensors) != buffer.shape[0]:
+        return False
+    base, step = buffer.data_ptr(), buffer[0].numel() * buffer.element_size()
+    shape, dtype = buffer.shape[1:], buffer.dtype
+    for i, t in enumerate(tensors):
+        if (
+            t.data_ptr() != base + i * step
+            or t.dtype != dtype
+            or t.shape != shape
+            or not t.is_contiguous()
+        ):
+            return False
+    return True
+
+
 class Bucket:
     """Manifold parameters of one group updated together by one batched call.
 
@@ -142,6 +159,32 @@ class RiemannianMixin:
         for group in self.param_groups:
             group.setdefault("stabilize", None)
             group.setdefault("step", 0)
+
+    def _stacked(self, params: list[Tensor], name: str | None = None) -> Tensor:
+        """A persistent batch ``(m, *shape)`` whose rows are the memory of the parameters
+        (``name=None``) or of their state entries ``name``, so that a bucket is updated in
+        place without stacking and unstacking copies at every step.
+
+        The first call (and any call after a row stopped being that memory: a parameter's
+        ``.data`` or a state entry replaced, e.g. by ``load_state_dict``) stacks the current
+        values into a new buffer and re-points the parameters' ``.data`` (or the state
+        entries) to its rows; the values are unchanged. Later calls check the rows' memory
+        (addresses, shapes) and return the same buffer.
+        """
+        tensors = [p if name is None else self.state[p][name] for p in params]
+        cache = self.__dict__.setdefault("_stacks", {})
+        key = (name, tuple(id(p) for p in params))
+        buffer = cache.get(key)
+        if buffer is not None and _rows_of(buffer, tensors):
+            return buffer
+        buffer = torch.stack([t.detach() for t in tensors])
+        for p, row in zip(params, buffer.unbind(0)):
+            if name is None:
+                p.data = row
+            else:
+                self.state[p][name] = row
+        cache[key] = buffer
+        return buffer
 
     def _on_manifold(self, params: list[Tensor]) -> bool:
         """Whether every parameter still holds the point this optimizer wrote last (same

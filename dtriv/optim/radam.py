@@ -122,7 +122,10 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         torch._foreach_add_(steps, 1.0)
         counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
 
-        X = stack(params)
+        fast = _stiefel.fast_stiefel(manifold, p0)
+        # the fused path updates a multi-parameter bucket in place in persistent buffers
+        persistent = fast and len(params) > 1
+        X = self._stacked(params) if persistent else stack(params)
         G = stack([p.grad for p in params])
         if group["maximize"]:
             G = -G
@@ -134,13 +137,12 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         bc1 = torch.tensor([1 - beta1**t for t in counts], dtype=X.dtype, device=X.device)
         bc2 = torch.tensor([1 - beta2**t for t in counts], dtype=X.dtype, device=X.device)
 
-        fast = _stiefel.fast_stiefel(manifold, X)
         if fast:
             # fused path: the same formulas on the tall batch (m, n, k), in place, with the
             # transport of the first moment deferred (see the class docstring)
             Xb = _stiefel.as_batch(manifold, X)
             Gb = _stiefel.as_batch(manifold, G)
-            stacked_avg = stack(exp_avgs)
+            stacked_avg = self._stacked(params, "exp_avg") if persistent else stack(exp_avgs)
             m, sq = _stiefel.moment_and_sq_norm_(
                 Xb, Gb, _stiefel.as_batch(manifold, stacked_avg), beta1
             )
@@ -163,9 +165,6 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
             c = c.mul_(-lr).reshape(-1, 1, 1)
             trusted = self._on_manifold(params)
             _stiefel.retract_(manifold, bucket.method, Xb, m, c, trusted)
-            if len(params) > 1:  # stack() copied: write the rows back
-                copy_rows(exp_avgs, stacked_avg)
-                copy_rows(params, X)
             copy_rows(exp_avg_sqs, v)
             self._mark_on_manifold(params)
             return

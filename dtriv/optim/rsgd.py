@@ -115,18 +115,20 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         lr, momentum = group["lr"], group["momentum"]
         dampening, weight_decay = group["dampening"], group["weight_decay"]
 
-        X = stack(params)
+        fused = _stiefel.fast_stiefel(manifold, params[0])
+        lazy = fused and momentum != 0 and not group["nesterov"]
+        # the lazy fused path updates a multi-parameter bucket in place in persistent buffers
+        X = self._stacked(params) if lazy and len(params) > 1 else stack(params)
         G = stack([p.grad for p in params])
         if group["maximize"]:
             G = -G
         if weight_decay != 0:
             G = G.add(X, alpha=weight_decay)
-        fused = _stiefel.fast_stiefel(manifold, X)
         if fused:
             # fused path: the same formulas on the tall batch (m, n, k)
             Xb = _stiefel.as_batch(manifold, X)
             Gb = _stiefel.as_batch(manifold, G)
-            if momentum != 0 and not group["nesterov"]:
+            if lazy:
                 self._lazy_momentum_step(group, bucket, X, Xb, Gb)
                 return
             grad = _stiefel.riemannian_grad(Xb, Gb)
@@ -180,7 +182,8 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         manifold, params = bucket.manifold, bucket.params
         momentum, dampening, lr = group["momentum"], group["dampening"], group["lr"]
         fresh, buffers = _momentum_buffers_of(self.state, params)
-        stacked = stack(buffers)  # a view for one parameter, else a copy
+        persistent = len(params) > 1
+        stacked = self._stacked(params, "momentum_buffer") if persistent else stack(buffers)
         raw = _stiefel.as_batch(manifold, stacked)
         if dampening == 1 or any(fresh):
             # the first buffer is the Riemannian gradient itself (torch's convention)
@@ -198,7 +201,4 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             S = _stiefel._sym_(torch.bmm(Xb.mT, raw))
             raw.baddbmm_(Xb, S, beta=1 - dampening, alpha=-(1 - dampening))
         _stiefel.retract_(manifold, bucket.method, Xb, raw, -lr, self._on_manifold(params))
-        if len(params) > 1:  # stack() copied: write the rows back
-            copy_rows(buffers, stacked)
-            copy_rows(params, X)
         self._mark_on_manifold(params)

@@ -204,3 +204,53 @@ def test_checked_retraction_after_the_parameter_is_changed_outside():
         p.mul_(3.0).add_(torch.randn(80, 70, generator=_gen(5), dtype=torch.float64))
     _run([p], opt, loss, 1)
     assert M.distance(p.detach()).max() < 1e-12
+
+
+def _params(X0, manifold):
+    return [ManifoldParameter(X.clone(), manifold) for X in X0]
+
+
+@pytest.mark.parametrize("algo,kwargs", [
+    (RiemannianAdam, dict(lr=0.03)), (RiemannianSGD, dict(lr=0.02, momentum=0.8)),
+])
+def test_persistent_bucket_survives_replaced_data_and_state(algo, kwargs):
+    """A multi-parameter bucket is updated in place in persistent buffers; replacing a
+    parameter's ``.data``, writing a parameter in place, and loading a state dict (into a
+    fresh model and optimizer) all continue the trajectory of the generic path."""
+    import io
+
+    dt = torch.float64
+    n, k = 12, 5
+    X0 = [Stiefel(n, k).sample(generator=_gen(i), dtype=dt) for i in range(4)]
+    loss = _loss((n, k), dt, seed=6)
+    fused = _params(X0, Stiefel(n, k))
+    generic = _params(X0, GenericStiefel(n, k))
+    opt_f, opt_g = algo(fused, retraction="qr", **kwargs), algo(generic, retraction="qr", **kwargs)
+    _run(fused, opt_f, loss, 5)
+    _run(generic, opt_g, loss, 5)
+    # the fused bucket's parameters are rows of one buffer
+    base = fused[0].data_ptr()
+    assert [p.data_ptr() - base for p in fused] == [i * n * k * 8 for i in range(4)]
+
+    with torch.no_grad():  # a new tensor for one parameter, an in-place write to another
+        for ps in (fused, generic):
+            ps[1].data = ps[1].data.clone()
+            ps[2].mul_(-1.0)
+    _run(fused, opt_f, loss, 5)
+    _run(generic, opt_g, loss, 5)
+
+    # save and load into a fresh model and optimizer
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in fused], "opt": opt_f.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    fresh = _params(saved["params"], Stiefel(n, k))
+    opt_fresh = algo(fresh, retraction="qr", **kwargs)
+    opt_fresh.load_state_dict(saved["opt"])
+    a = _run(fresh, opt_fresh, loss, 5)
+    b = _run(generic, opt_g, loss, 5)
+    c = _run(fused, opt_f, loss, 5)
+    for x, y, z in zip(a, b, c):
+        assert (x - y).abs().max() < 1e-12
+        assert (z - y).abs().max() < 1e-12
+        assert Stiefel(n, k).distance(x).max() < 1e-13
