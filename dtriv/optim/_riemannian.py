@@ -7,7 +7,10 @@ A Riemannian optimizer here is a subclass of a torch optimizer (``SGD``, ``Adam`
 * splits the manifold parameters (:class:`~dtriv.optim.ManifoldParameter`) of a group into
   *buckets* of equal manifold, shape, dtype, device and retraction, stacks each bucket into
   one batch ``(m, *shape)`` and calls the manifold maps once per bucket, not once per
-  parameter (the maps are batched over leading dimensions).
+  parameter (the maps are batched over leading dimensions);
+* on the fused Stiefel paths, keeps a bucket of several parameters in persistent stacked
+  buffers (:meth:`RiemannianMixin._stacked`) and tracks which points it wrote itself
+  (:meth:`RiemannianMixin._on_manifold`), so that the retraction may skip its checks.
 """
 
 from __future__ import annotations

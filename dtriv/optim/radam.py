@@ -53,7 +53,14 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
     the next gradient: :math:`\beta_1 P_X(m) + (1 - \beta_1) P_X(G) = P_X(\beta_1 m + (1 -
     \beta_1) G)`, the same iterates for three ``n x k`` products per step instead of four;
     ``exp_avg`` then holds the moment at the previous point (its projection at the
-    parameter is the transported moment, what :meth:`stabilize` stores).
+    parameter is the transported moment, what :meth:`stabilize` stores). The QR retraction
+    there runs as recursive block Cholesky QR when the point is the one this optimizer
+    wrote and :math:`c^2 \|m\|_F^2 \le 1/2` for the step :math:`c\, m` (then
+    :math:`\kappa(X + c m)^2 \le 3/2`), else as checked Cholesky/Householder QR. A
+    bucket of several Stiefel parameters is kept in persistent stacked buffers: at its
+    first step the parameters' ``.data`` and their ``exp_avg`` are re-pointed to rows of
+    one ``(m, n, k)`` tensor each (same values), so that no step copies them; a parameter
+    whose ``.data`` or state is later replaced (``load_state_dict`` included) is re-stacked.
 
     Plain parameters in the same groups get exactly the update of :class:`torch.optim.Adam`
     (the torch step runs on them). Manifold parameters of equal manifold, shape, dtype,
