@@ -7,9 +7,9 @@ torch's parametrizations do outside :func:`torch.nn.utils.parametrize.cached`.
 **By default** dtriv's parametrizations (:class:`~dtriv.parametrize.Trivialization`, and the
 ``orthogonal`` twin) do not: each keeps a :class:`ForwardMemo` of its last value, which later
 reads return while the parameter, the base, the grad mode and the rest of what the value depends
-on are unchanged, and which is dropped as soon as backward has consumed its graph (a backward
-pre-hook on the value's ``grad_fn``) or an optimizer step / ``refresh`` / assignment /
-``load_state_dict`` changes the tensors. The map is thus computed once per forward and backward
+on are unchanged, and which is no longer handed out once backward has consumed its graph (backward
+fills the value's retained ``.grad``) or an optimizer step / ``refresh`` / assignment /
+``load_state_dict`` has changed the tensors. The map is thus computed once per forward and backward
 runs through it once, with no code in the model. :func:`memoize` ``(model, False)`` (or
 ``parametrization.memoize = False``) opts out. See :class:`ForwardMemo` for what is cached
 and when it is dropped.
@@ -175,23 +175,6 @@ def _state(X: Tensor, base: Tensor | None) -> tuple:
     )
 
 
-def _drop_when_consumed(memo_ref: weakref.ref, token: object) -> Callable[[Tensor], None]:
-    """A backward hook that drops the memo entry ``token`` (holds no strong reference to it).
-
-    It is registered as a pre-hook of the memoized output's ``grad_fn`` (as a tensor hook when
-    the output is a leaf) and fires when backward is about to run that node; the backward then
-    runs through the map's graph and (``retain_graph=False``) frees it, so the value must not
-    be handed out again.
-    """
-
-    def hook(grad: Any) -> None:
-        memo = memo_ref()
-        if memo is not None and memo._entry is not None and memo._entry[0] is token:
-            memo._entry = None
-
-    return hook
-
-
 class ForwardMemo:
     r"""The last value of a parametrization, reused while nothing it depends on has changed.
 
@@ -204,10 +187,13 @@ class ForwardMemo:
       same storage (``X.data = ...``), dtype and device;
     * grad mode, inference mode, autocast and ``X.requires_grad`` are unchanged;
     * the value was not modified in place (its ``_version``; inference tensors have none);
-    * backward has not consumed its graph: when the value requires grad a pre-hook on its
-      ``grad_fn`` drops the memo as soon as backward reaches the value, which is when
-      (``retain_graph=False``) the graph of the map is freed. The next read computes a fresh
-      value with a fresh graph.
+    * backward has not consumed its graph: a value that requires grad is made to retain its
+      gradient (``value.retain_grad()``, a hook in C++: no Python call during backward), so
+      ``value.grad`` is set when backward reaches the value, which is when
+      (``retain_graph=False``) the graph of the map is freed; from then on the value is not
+      handed out (the next read drops it and computes a fresh value with a fresh graph). A
+      value that is a leaf (the map returned a tensor that requires grad as is) is not
+      memoized.
 
     So in a training loop the map is computed once per forward however many times the weight is
     read (an RNN cell reads it at every step), and backward runs through it once, with the sum
@@ -220,24 +206,28 @@ class ForwardMemo:
     not seen: a value memoized before such a write (one read under ``no_grad``, or in grad
     mode and not backpropagated) would be handed out again; write under ``torch.no_grad()``
     instead, or call :func:`memoize` ``(model)`` (which clears the memos) after the write. A
-    training loop is safe either way, since backward drops the memo before the step. Two
+    training loop is safe either way, since backward invalidates the memo before the step. Two
     forwards between which nothing changed share one value and one graph of the
     map: backpropagate their losses together (``(loss_a + loss_b).backward()``), or the first
     backward with ``retain_graph=True``; a second ``backward`` through a graph that the first
     one freed raises torch's "backward through the graph a second time" error, exactly as under
-    :func:`torch.nn.utils.parametrize.cached`. A value read in grad mode and never
-    backpropagated keeps its graph (the map's intermediates) alive until the next read that
-    recomputes. The memo is bypassed (the map is computed at every read) under
-    ``torch.compile``, ``torch.jit`` tracing, ``torch.func`` transforms and for tensor
-    subclasses; it is not copied by ``deepcopy`` or pickled.
+    :func:`torch.nn.utils.parametrize.cached`. A value read in grad mode keeps its graph (the
+    map's intermediates) alive until backward frees it, and the value with its retained
+    gradient (``weight.grad``, which torch leaves ``None`` for a recomputed weight) alive until
+    the next read (or :meth:`clear`): one value and one gradient of the tensor's size per
+    parametrization held through the optimizer step. The memo is bypassed (the map is
+    computed at every read) under ``torch.compile``, ``torch.jit`` tracing, ``torch.func``
+    transforms and for tensor subclasses; it is not copied by ``deepcopy`` or pickled.
 
-    Cost of a read that hits: a handful of attribute reads (about a microsecond).
+    Cost of a read that hits: a handful of attribute reads (about a microsecond); of a miss,
+    a few microseconds of bookkeeping besides the map, and a copy of the value's gradient in
+    backward.
     """
 
     __slots__ = ("_entry", "__weakref__")
 
     def __init__(self) -> None:
-        #: ``(token, weakref(X), weakref(base) | None, state, value, value._version)`` or None
+        #: ``(weakref(X), weakref(base) | None, state, value, value._version, watched)`` or None
         self._entry: tuple | None = None
 
     def clear(self) -> None:
@@ -246,8 +236,11 @@ class ForwardMemo:
 
     @property
     def value(self) -> Tensor | None:
-        """The memoized tensor, or ``None``."""
-        return None if self._entry is None else self._entry[4]
+        """The memoized tensor, or ``None`` (also once backward has consumed it: dropped)."""
+        entry = self._entry
+        if entry is not None and entry[5] and entry[3].grad is not None:
+            self._entry = entry = None
+        return None if entry is None else entry[3]
 
     def __call__(
         self, X: Tensor, base: Tensor | None, compute: Callable[[Tensor], Tensor]
@@ -257,37 +250,45 @@ class ForwardMemo:
             return compute(X)
         state = _state(X, base)
         entry = self._entry
-        if entry is not None and self._valid(entry, X, base, state):
-            return entry[4]
-        self._entry = None  # frees the old value (and its graph) before computing the new one
+        if entry is not None:
+            if self._fresh(entry, X, base) and entry[2] == state:
+                return entry[3]
+            self._entry = None  # frees the old value (and its graph) before computing anew
         value = compute(X)
-        token = object()
-        if value.requires_grad:
-            hook = _drop_when_consumed(weakref.ref(self), token)
-            node = value.grad_fn
-            if node is not None:  # a pre-hook of the node that backward runs next: ~4 us,
-                node.register_prehook(hook)  # where ``value.register_hook`` costs ~14 us
-            else:  # a leaf (the map returned a tensor that requires grad as is)
-                value.register_hook(hook)
+        watched = value.requires_grad
+        if watched:
+            if value.grad_fn is None:  # a leaf: backward accumulates into its ``.grad``
+                return value
+            # backward sets ``value.grad`` when it reaches the value (a C++ hook: no Python
+            # call during backward, ~0.2 us to register)
+            value.retain_grad()
         base_ref = None if base is None else weakref.ref(base)
-        self._entry = (token, weakref.ref(X), base_ref, state, value, _version(value))
+        self._entry = (weakref.ref(X), base_ref, state, value, _version(value), watched)
         return value
 
     @staticmethod
-    def _valid(entry: tuple, X: Tensor, base: Tensor | None, state: tuple) -> bool:
+    def _fresh(entry: tuple, X: Tensor, base: Tensor | None) -> bool:
+        """The checks that need no ``_state``: backward, in-place writes, identities."""
+        value = entry[3]
         return (
-            entry[1]() is X
-            and (base is None or entry[2]() is base)
-            and entry[3] == state
-            and _version(entry[4]) == entry[5]
+            not (entry[5] and value.grad is not None)
+            and _version(value) == entry[4]
+            and entry[0]() is X
+            and (base is None or entry[1]() is base)
         )
 
     def lookup(self, X: Tensor, base: Tensor | None) -> Tensor | None:
-        """The memoized value for ``X`` and ``base`` if still valid, else ``None`` (no compute)."""
+        """The memoized value for ``X`` and ``base`` if still valid, else ``None`` (no compute).
+
+        A value that backward has consumed is dropped here (its memory freed)."""
         entry = self._entry
         if entry is None or not _memo_allowed(X, base):
             return None
-        return entry[4] if self._valid(entry, X, base, _state(X, base)) else None
+        if not self._fresh(entry, X, base):
+            if entry[5] and entry[3].grad is not None:
+                self._entry = None
+            return None
+        return entry[3] if entry[2] == _state(X, base) else None
 
     def __deepcopy__(self, memo: dict) -> ForwardMemo:
         return ForwardMemo()
