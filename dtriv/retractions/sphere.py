@@ -291,8 +291,8 @@ class _TrivializeProjective(torch.autograd.Function):
         c = _rdot_fast(x, X)
         if radius != 1.0:
             c.div_(radius * radius)
-        # x + X - x c (no scalar-tensor op on c)
-        return _normalize_(torch.addcmul(X + x, x, c, value=-1), radius)
+        # w = X - x (c - 1) in one pass; c - 1 in place on the per-vector coefficient
+        return _normalize_(torch.addcmul(X, x, c.sub_(1), value=-1), radius)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

@@ -196,6 +196,38 @@ def test_forward_backward_twice_without_a_step(kind):
                       {n: p.grad for n, p in plain.named_parameters()})
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_autograd_grad_consumes_the_memo(kind):
+    # torch.autograd.grad frees the graph without touching any .grad of the parameters: the
+    # next forward must still compute a fresh value (no "backward a second time" error)
+    x = inputs()
+    plain = RNN(seed=8, kind=kind, memo=False)
+    model = RNN(seed=8, kind=kind)
+    counter = count_maps(model)
+    for _ in range(2):
+        got = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+        want = torch.autograd.grad(plain(x).square().sum(), list(plain.parameters()))
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert counter["calls"] == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memoized_weight_retains_its_gradient(kind):
+    # backward reaches the memoized value: its retained gradient is d loss / d W, and the
+    # memo no longer hands the value out
+    model = RNN(seed=9, kind=kind)
+    W = model.recurrent.weight
+    C = torch.randn(W.shape, dtype=F64)
+    ((W * C).sum() + (W * C).sum()).backward()  # two reads of one value
+    assert torch.equal(W.grad, 2 * C)
+    memo = model.recurrent.parametrizations.weight[0]._memo
+    assert memo.value is None
+    W2 = model.recurrent.weight
+    assert W2 is not W and W2.grad is None
+    assert torch.equal(W2, W)
+
+
 def test_retain_graph_backward_twice():
     x = inputs()
     plain, model = RNN(seed=6, memo=False), RNN(seed=6)

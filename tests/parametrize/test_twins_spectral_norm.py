@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations as tp
+from torch.nn.utils import parametrize
 from torch.nn.utils import spectral_norm as legacy_spectral_norm
 
 from dtriv.parametrize import twins
@@ -167,3 +168,20 @@ def test_result_has_unit_spectral_norm():
     W = m.weight.detach()
     sigma = torch.linalg.matrix_norm(W, 2)
     assert abs(sigma.item() - 1.0) <= 1e-8
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "vector"])
+def test_fast_read_equals_torch_and_steps_aside_for_hooks_and_cached(kind):
+    m_t, m_d = _pair(MODULES[kind][0])
+    assert type(m_d).__dict__["weight"].fget._dtriv_fast_read
+    for train in (True, False):
+        m_t.train(train)
+        m_d.train(train)
+        assert torch.equal(m_d.weight, m_t.weight)
+    seen = []
+    handle = m_d.parametrizations.weight[0].register_forward_hook(lambda *_: seen.append(1))
+    assert torch.equal(m_d.weight, m_t.weight)
+    assert seen == [1]
+    handle.remove()
+    with parametrize.cached():
+        assert m_d.weight is m_d.weight

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations as tp
+from torch.nn.utils import parametrize
 
 from dtriv.parametrize import twins
 
@@ -156,3 +157,18 @@ def test_weight_norm_init_errors():
     with pytest.raises(ValueError, match="nn.Linear"):
         twins.weight_norm_init_(twins.weight_norm(nn.GRUCell(3, 2), name="weight_ih"),
                                 torch.randn(4, 3))
+
+
+def test_fast_read_equals_torch_and_steps_aside_for_hooks_and_cached():
+    m_t, m_d = _pair(MODULES["conv2d"][0])
+    assert type(m_d).__dict__["weight"].fget._dtriv_fast_read
+    assert torch.equal(m_d.weight, m_t.weight)
+    seen = []
+    handle = m_d.parametrizations.weight[0].register_forward_hook(lambda *_: seen.append(1))
+    assert torch.equal(m_d.weight, m_t.weight)
+    assert seen == [1]
+    handle.remove()
+    with parametrize.cached():  # torch's cache: one value per block
+        assert m_d.weight is m_d.weight
+    parametrize.remove_parametrizations(m_d, "weight")
+    assert torch.equal(m_d.weight, m_t.weight.detach())
