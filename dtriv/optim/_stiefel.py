@@ -38,7 +38,9 @@ __all__ = [
     "retract_",
     "riemannian_grad",
     "safe_for_block_qr",
+    "tall_view",
     "transport",
+    "write_back",
 ]
 
 
@@ -62,6 +64,26 @@ def as_batch(manifold: Stiefel, X: Tensor) -> Tensor:
     """The tall view ``(m, n, k)`` of stacked points (transposed for wide manifolds)."""
     T = X.mT if manifold.wide else X
     return T.reshape((-1,) + tuple(T.shape[-2:]))
+
+
+def tall_view(manifold: Stiefel, X: Tensor) -> tuple[Tensor, bool]:
+    """The tall batch ``(m, n, k)`` of ``X`` for an in-place update, and whether it is a view.
+
+    When the batch dimensions of ``X`` cannot be merged into one view (permuted strides), it
+    is a copy, which the caller writes back with :func:`write_back`.
+    """
+    T = X.mT if manifold.wide else X
+    shape = (-1,) + tuple(T.shape[-2:])
+    try:
+        return T.view(shape), True
+    except RuntimeError:
+        return T.reshape(shape), False
+
+
+def write_back(manifold: Stiefel, X: Tensor, batch: Tensor) -> None:
+    """``X <- batch``, the inverse of :func:`tall_view` when it made a copy."""
+    T = X.mT if manifold.wide else X
+    T.copy_(batch.view(T.shape))
 
 
 def _sym_(A: Tensor) -> Tensor:

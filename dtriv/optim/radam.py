@@ -147,12 +147,11 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         if fast:
             # fused path: the same formulas on the tall batch (m, n, k), in place, with the
             # transport of the first moment deferred (see the class docstring)
-            Xb = _stiefel.as_batch(manifold, X)
+            Xb, x_view = _stiefel.tall_view(manifold, X)
             Gb = _stiefel.as_batch(manifold, G)
             stacked_avg = self._stacked(params, "exp_avg") if persistent else stack(exp_avgs)
-            m, sq = _stiefel.moment_and_sq_norm_(
-                Xb, Gb, _stiefel.as_batch(manifold, stacked_avg), beta1
-            )
+            mb, m_view = _stiefel.tall_view(manifold, stacked_avg)
+            m, sq = _stiefel.moment_and_sq_norm_(Xb, Gb, mb, beta1)
             sq_norm = sq.reshape((len(params),) + scalar_shape)
         else:
             grad = manifold.proj_tangent(X, G)
@@ -172,6 +171,10 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
             c = c.mul_(-lr).reshape(-1, 1, 1)
             trusted = self._on_manifold(params)
             _stiefel.retract_(manifold, bucket.method, Xb, m, c, trusted)
+            if not m_view:
+                _stiefel.write_back(manifold, stacked_avg, m)
+            if not x_view:
+                _stiefel.write_back(manifold, X, Xb)
             copy_rows(exp_avg_sqs, v)
             self._mark_on_manifold(params)
             return

@@ -187,7 +187,8 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         fresh, buffers = _momentum_buffers_of(self.state, params)
         persistent = len(params) > 1
         stacked = self._stacked(params, "momentum_buffer") if persistent else stack(buffers)
-        raw = _stiefel.as_batch(manifold, stacked)
+        raw, raw_view = _stiefel.tall_view(manifold, stacked)
+        Xb, x_view = _stiefel.tall_view(manifold, X)
         if dampening == 1 or any(fresh):
             # the first buffer is the Riemannian gradient itself (torch's convention)
             scale = torch.tensor(
@@ -204,4 +205,8 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             S = _stiefel._sym_(torch.bmm(Xb.mT, raw))
             raw.baddbmm_(Xb, S, beta=1 - dampening, alpha=-(1 - dampening))
         _stiefel.retract_(manifold, bucket.method, Xb, raw, -lr, self._on_manifold(params))
+        if not raw_view:
+            _stiefel.write_back(manifold, stacked, raw)
+        if not x_view:
+            _stiefel.write_back(manifold, X, Xb)
         self._mark_on_manifold(params)

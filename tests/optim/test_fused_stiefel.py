@@ -254,3 +254,26 @@ def test_persistent_bucket_survives_replaced_data_and_state(algo, kwargs):
         assert (x - y).abs().max() < 1e-12
         assert (z - y).abs().max() < 1e-12
         assert Stiefel(n, k).distance(x).max() < 1e-13
+
+
+@pytest.mark.parametrize("algo,kwargs", [
+    (RiemannianAdam, dict(lr=0.03)), (RiemannianSGD, dict(lr=0.02, momentum=0.8)),
+])
+@pytest.mark.parametrize("n,k", [(8, 3), (3, 8)])
+def test_fused_step_on_a_parameter_whose_batch_is_not_one_view(algo, kwargs, n, k):
+    """A single parameter whose batch dimensions cannot be merged into one view (permuted
+    strides): the in-place fused step works on a copy and writes it back."""
+    dt = torch.float64
+    X0 = Stiefel(n, k).sample(2, 2, generator=_gen(0), dtype=dt)
+    strided = X0.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    with pytest.raises(RuntimeError):
+        strided.view(-1, n, k)
+    fused = [ManifoldParameter(strided.clone().permute(1, 0, 2, 3).contiguous()
+                               .permute(1, 0, 2, 3), Stiefel(n, k))]
+    assert fused[0].stride() == strided.stride()
+    generic = [ManifoldParameter(X0.clone(), GenericStiefel(n, k))]
+    loss = _loss(X0.shape, dt, seed=5)
+    (a,) = _run(fused, algo(fused, retraction="qr", **kwargs), loss, 10)
+    (b,) = _run(generic, algo(generic, retraction="qr", **kwargs), loss, 10)
+    assert (a - X0).abs().max() > 1e-2
+    assert (a - b).abs().max() < 1e-12
