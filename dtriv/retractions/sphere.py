@@ -31,6 +31,11 @@ __all__ = ["sphere_exp", "sphere_log", "sphere_projective", "sphere_projective_i
 # Below this value of the squared argument the maps use their power series (the truncation
 # error of the series kept is below float64 rounding there).
 _SERIES = 1e-2
+_SQRT_SERIES = math.sqrt(_SERIES)
+# From this many entries on, the projective trivialization forms x + P_x(X) in one pass with an
+# in-place ``c - 1`` on the per-vector coefficient; below it the extra pass over the vectors
+# costs less than that scalar-tensor op (a few microseconds of dispatch).
+_ONE_PASS_NUMEL = 1 << 15
 # cos(t) = sum_j (-1)^j t^(2j) / (2j)!, sin(t)/t = sum_j (-1)^j t^(2j) / (2j+1)!, j = 0..4.
 _COS = tuple((-1) ** j / math.factorial(2 * j) for j in range(5))
 _SINC = tuple((-1) ** j / math.factorial(2 * j + 1) for j in range(5))
@@ -104,10 +109,11 @@ def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:
     r""":math:`2\operatorname{sinc}'(z)` at :math:`z = t^2` from saved values (no graph).
 
     The direct formula :math:`(\cos t - \operatorname{sinc} t)/t^2` when no entry has
-    :math:`t^2 < 10^{-2}` (one host check), else :func:`_dsinc` with its power series.
+    :math:`t^2 < 10^{-2}` (one host check, on :math:`\min t`: a comparison with a Python
+    scalar would cost more than the reduction), else :func:`_dsinc` with its power series.
     """
     z = t * t
-    if bool((z < _SERIES).any()):
+    if t.numel() == 0 or t.amin().item() < _SQRT_SERIES:
         return 2 * _dsinc(z, cos, sinc)
     return (cos - sinc).div_(z)
 
@@ -291,8 +297,11 @@ class _TrivializeProjective(torch.autograd.Function):
         c = _rdot_fast(x, X)
         if radius != 1.0:
             c.div_(radius * radius)
-        # w = X - x (c - 1) in one pass; c - 1 in place on the per-vector coefficient
-        return _normalize_(torch.addcmul(X, x, c.sub_(1), value=-1), radius)
+        if X.numel() >= _ONE_PASS_NUMEL:  # w = X - x (c - 1): one pass over the vectors
+            w = torch.addcmul(X, x, c.sub_(1), value=-1)
+        else:  # x + X - x c: no scalar-tensor op on c
+            w = torch.addcmul(X + x, x, c, value=-1)
+        return _normalize_(w, radius)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

@@ -98,6 +98,22 @@ def test_trivialize_in_lower_precision_matches_float64(method, dtype, atol):
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("batch, n", [(3, 7), (9, 4096)])  # both sides of _ONE_PASS_NUMEL
+def test_projective_trivialize_small_and_large_match_the_composition(batch, n):
+    from dtriv.retractions.sphere import _ONE_PASS_NUMEL
+
+    assert (batch * n >= _ONE_PASS_NUMEL) == (n == 4096)
+    torch.manual_seed(4)
+    S = Sphere(n, 2.0)
+    B = S.sample(batch, dtype=torch.float64)
+    X = (0.2 * torch.randn(batch, n, dtype=torch.float64)).requires_grad_()
+    out, ref = S.trivialize(B, X, "projective"), _composed(S, B, X, "projective")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    G = torch.randn_like(out)
+    (got,), (want,) = torch.autograd.grad(out, X, G), torch.autograd.grad(ref, X, G)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_trivialization_evaluates_through_the_manifold_hook():
     calls = []
 
