@@ -209,7 +209,7 @@ def _block_qf_(Y: Tensor, base: int, infos: list[Tensor]) -> None:
     _block_qf_(Y2, base, infos)
 
 
-def block_cholesky_qf_(Y: Tensor, base: int = BLOCK_QR_BASE) -> bool:
+def block_cholesky_qf_(Y: Tensor, base: int | None = None) -> bool:
     r"""Overwrite the tall batch ``Y`` (``(b, n, k)``, real) by its q-factor with diag(R) > 0.
 
     Recursive block Cholesky QR (block classical Gram–Schmidt with Cholesky QR on the
@@ -218,13 +218,14 @@ def block_cholesky_qf_(Y: Tensor, base: int = BLOCK_QR_BASE) -> bool:
     .. math:: Q_1 = \operatorname{qf}(Y_1), \qquad R_{12} = Q_1^T Y_2, \qquad
               Q_2 = \operatorname{qf}(Y_2 - Q_1 R_{12}),
 
-    recursively down to blocks of width ``base``, which take Cholesky QR
-    (:math:`Q = Y L^{-T}`, :math:`L L^T = Y^T Y`, the ``w x w`` inverse explicit). This is
-    the QR factorization :math:`Y = [Q_1, Q_2] \begin{bmatrix} R_{11} & R_{12} \\ 0 &
-    R_{22} \end{bmatrix}` with a positive diagonal, so ``Q`` is the unique q-factor (the
-    same as Householder's). Cost: :math:`2 n k^2` flops in products plus ``k / base``
-    Cholesky factorizations of ``base x base``; no Gram matrix of the full width (half of
-    the flops of Cholesky QR with a full Gram product and solve). Its orthogonality error
+    recursively down to blocks of width ``base`` (default :data:`BLOCK_QR_BASE`), which
+    take Cholesky QR (:math:`Q = Y L^{-T}`, :math:`L L^T = Y^T Y`, the ``w x w`` inverse
+    explicit). This is the QR factorization :math:`Y = [Q_1, Q_2] \begin{bmatrix} R_{11}
+    & R_{12} \\ 0 & R_{22} \end{bmatrix}` with a positive diagonal, so ``Q`` is the unique
+    q-factor (the same as Householder's). Cost: :math:`2 n k^2` flops in products plus
+    ``k / base`` Cholesky factorizations of ``base x base``; no Gram matrix of the full
+    width (Cholesky QR with a full Gram product and a triangular solve: :math:`3 n k^2`,
+    the solve at a fraction of the product rate). Its orthogonality error
     is that of Cholesky QR, :math:`O(\kappa(Y)^2 \epsilon)`: use it only for well
     conditioned ``Y`` (:func:`safe_for_block_qr`).
 
@@ -232,7 +233,7 @@ def block_cholesky_qf_(Y: Tensor, base: int = BLOCK_QR_BASE) -> bool:
     rank-deficient or non-finite ``Y``; ``Y`` is then overwritten with garbage).
     """
     infos: list[Tensor] = []
-    _block_qf_(Y, base, infos)
+    _block_qf_(Y, BLOCK_QR_BASE if base is None else base, infos)
     return not bool(torch.stack(infos).any())
 
 

@@ -61,6 +61,8 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
     first step the parameters' ``.data`` and their ``exp_avg`` are re-pointed to rows of
     one ``(m, n, k)`` tensor each (same values), so that no step copies them; a parameter
     whose ``.data`` or state is later replaced (``load_state_dict`` included) is re-stacked.
+    (A tensor of one such parameter saved on its own carries its bucket's whole storage;
+    save ``p.detach().clone()`` to store it alone.)
 
     Plain parameters in the same groups get exactly the update of :class:`torch.optim.Adam`
     (the torch step runs on them). Manifold parameters of equal manifold, shape, dtype,
