@@ -174,8 +174,9 @@ def moment_and_sq_norm(X: Tensor, G: Tensor, m: Tensor, beta: float) -> tuple[Te
 
 #: width of the column blocks that :func:`block_cholesky_qf_` orthonormalizes directly
 BLOCK_QR_BASE = 64
-#: :func:`safe_for_block_qr` admits steps with ``c^2 |V|_F^2`` at most this bound
-BLOCK_QR_MAX_STEP = 0.5
+#: :func:`safe_for_block_qr` admits steps with ``c^2 |V|_F^2`` at most this bound: then
+#: ``kappa(X + c V)^2 <= 3``, the bound :func:`dtriv.retractions.stiefel.cholesky_qf` admits
+BLOCK_QR_MAX_STEP = 2.0
 
 _EYES: dict[tuple, Tensor] = {}
 
@@ -242,7 +243,9 @@ def safe_for_block_qr(V: Tensor, c: Tensor | float) -> bool:
     orthonormal columns and ``V`` (``(b, n, k)``) is tangent at ``X``.
 
     Then :math:`Y^T Y = I + c^2 V^T V` and :math:`\|V^T V\|_2 \le \|V\|_F^2`, so
-    :math:`c^2 \|V\|_F^2 \le` :data:`BLOCK_QR_MAX_STEP` bounds :math:`\kappa(Y)^2 \le 1.5`.
+    :math:`c^2 \|V\|_F^2 \le` :data:`BLOCK_QR_MAX_STEP` bounds :math:`\kappa(Y)^2 \le 3`
+    (the eigenvalues of :math:`Y^T Y` lie in :math:`[1, 1 + c^2 \|V\|_F^2]`), the bound
+    under which :func:`dtriv.retractions.stiefel.cholesky_qf` uses Cholesky QR.
     One reduction pass over ``V``.
     """
     step = sq_norms(V) * (c.reshape(-1) ** 2 if isinstance(c, Tensor) else c * c)
