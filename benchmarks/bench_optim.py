@@ -20,13 +20,18 @@ The full run also reports the constraint error ``max|X^T X - I|`` after 1,000 fl
 Adam steps at ``(256, 256)`` for dtriv (QR), geoopt's EuclideanStiefel (QR) and geoopt's
 default canonical Stiefel (Cayley retraction).
 
+``--pieces`` adds, per case, the cost of each piece of one fused Adam step (the functions
+of ``dtriv.optim._stiefel`` on the stacked batch, timed one after the other in each round,
+medians over rounds), with the checked Cholesky QR and Householder QR for reference.
+
 Usage::
 
-    python benchmarks/bench_optim.py [--quick] [--threads 2] [--markdown results.md]
+    python benchmarks/bench_optim.py [--quick] [--pieces] [--threads 2] [--markdown results.md]
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -113,8 +118,66 @@ def constraint_after(steps: int, n: int, k: int, device) -> dict[str, float]:
     return errors
 
 
+def pieces(count: int, n: int, k: int, device, rounds: int = 15) -> dict[str, float]:
+    """Median seconds of each piece of one fused Adam step on ``count`` points ``(n, k)``
+    (``beta1 = 0.9``, step ``-1e-3 m``), and of one 512 x 512 product (``"matmul"``)."""
+    from dtriv.optim import _stiefel as S
+    from dtriv.retractions.stiefel import householder_qf, qf
+
+    dtype = torch.float32
+    X = torch.stack(_points(count, n, k, dtype, device))
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(n, k, generator=g, dtype=dtype).to(device) for _ in range(count)]
+    M0 = S.riemannian_grad(X, torch.stack(grads))
+    c = torch.full((count, 1, 1), -1e-3, dtype=dtype, device=device)
+    mm = matmul_case(512, dtype, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    samples: dict[str, list[float]] = {}
+
+    def tick(name, fn, *args, **kwargs):
+        sync()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync()
+        samples.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    def stack_grads():
+        return torch.stack(grads) if count > 1 else grads[0].unsqueeze(0)
+
+    def norms(G, Sg):
+        return bool((S.sq_norms(G) - S.sq_norms(Sg) >= 0).all())
+
+    def sym_lerp(Am, Sg):
+        return S._sym_(Am).lerp_(Sg, 0.1)
+
+    for r in range(rounds + 2):
+        Xw, m = X.clone(), M0.clone()
+        tick("matmul", mm)
+        G = tick("stack the gradients (a view for one parameter)", stack_grads)
+        Ag = tick("X^T G (product)", torch.bmm, Xw.mT, G)
+        Am = tick("X^T m (product)", torch.bmm, Xw.mT, m)
+        Sg = tick("sym(X^T G)", S._sym_, Ag)
+        Sm = tick("sym(X^T m), lerp with sym(X^T G)", sym_lerp, Am, Sg)
+        tick("m <- lerp(m, G)", m.lerp_, G, 0.1)
+        tick("m <- m - X S (product)", m.baddbmm_, Xw, Sm, alpha=-1)
+        tick("norm(G)^2 - norm(sym(X^T G))^2 (reductions)", norms, G, Sg)
+        tick("block-QR bound (reduction)", S.safe_for_block_qr, m, c)
+        tick("Y = X + c m", Xw.addcmul_, m, c)
+        Y = Xw.clone()
+        tick("QR: block Cholesky QR", S.block_cholesky_qf_, Xw)
+        tick("[reference] QR: checked Cholesky QR", qf, Y)
+        tick("[reference] QR: Householder", householder_qf, Y)
+        if r < 2:  # warm-up rounds
+            samples.clear()
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--pieces", action="store_true",
+                   help="also time each piece of one fused Adam step")
+    args = p.parse_args(argv)
     device = setup(args)
     quick = args.quick
     shapes = [(1, 512, 512)] if quick else [(1, 512, 512), (1, 1024, 256), (20, 256, 256)]
@@ -142,6 +205,19 @@ def main(argv: list[str] | None = None) -> None:
          "One `step()` with the gradients set; dtriv `retraction=\"qr\"` against geoopt's "
          "EuclideanStiefel (the same algorithm). matmuls: the step in units of one 512 x 512 "
          f"float32 product. SGD with momentum {MOMENTUM}; lr {LR}.")
+    if args.pieces:
+        for count, n, k in shapes:
+            t = pieces(count, n, k, device)
+            mm = t.pop("matmul")
+            step = sum(v for name, v in t.items() if not name.startswith("["))
+            rows_p = [[name, f"{1e3 * v:.3f} ms", f"{v / mm:.2f}"] for name, v in t.items()]
+            rows_p.append(["sum of the step's pieces", f"{1e3 * step:.2f} ms", f"{step / mm:.2f}"])
+            label = f"{count} x ({n}, {k})" if count > 1 else f"({n}, {k})"
+            emit(args, f"Pieces of one fused RiemannianAdam step, {label}",
+                 md_table(["piece", "time", "matmuls"], rows_p),
+                 "Each piece timed alone (medians over rounds); matmuls: in units of one "
+                 "512 x 512 float32 product. The block QR runs when the point is the "
+                 "optimizer's own and the step passes the bound; else the checked QR.")
     if not quick:
         errors = constraint_after(1000, 256, 256, device)
         emit(args, "Constraint error after 1,000 float32 Adam steps, Stiefel (256, 256)",
