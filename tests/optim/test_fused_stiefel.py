@@ -294,3 +294,13 @@ def test_large_steps_take_the_checked_qr():
         opt.step()
         assert M.distance(p.detach()).max() < 1e-12
     assert step > 100 * BLOCK_QR_MAX_STEP
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (1, 96, 96), (2, 40, 40), (2, 32, 32)])
+def test_sym_equals_the_plain_formula_exactly(shape):
+    from dtriv.optim._stiefel import _sym_
+
+    A = torch.randn(*shape, generator=_gen(0))
+    S = _sym_(A)
+    assert torch.equal(S, (A + A.mT) * 0.5)
+    assert torch.equal(S, S.mT)
