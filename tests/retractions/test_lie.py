@@ -347,3 +347,54 @@ def test_cayley_of_a_singular_shift_raises(monkeypatch):
     monkeypatch.setattr(lie, "CAYLEY_SOLVE_MAX_N", 0)
     with pytest.raises(ValueError, match=r"A: expected .* I - A/2 invertible"):
         cayley(2 * torch.eye(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
+                                   torch.complex128])
+@pytest.mark.parametrize("n", [5, 64, 130])
+def test_cayley_of_skew_equals_cayley_of_the_skew_part_with_its_gradient(randn, dtype, n):
+    """cayley_of_skew(X) = cayley(X - X^H) with the exact gradient wrt X (torch's solve)."""
+    from dtriv.retractions.lie import cayley_of_skew
+
+    X = randn(3, n, n, dtype=torch.complex128 if dtype.is_complex else torch.float64)
+    X = X / n ** 0.5
+    G = randn(*X.shape, dtype=X.dtype)
+    tol = 1e-5 if dtype in (torch.float32, torch.complex64) else 1e-10
+
+    def value_and_grad(fn, dt):
+        x = X.to(dt).requires_grad_()
+        Q = fn(x)
+        (g,) = torch.autograd.grad(Q, x, G.to(dt))
+        return Q.to(X.dtype), g.to(X.dtype)
+
+    Q, g = value_and_grad(cayley_of_skew, dtype)
+    Q_ref, g_ref = value_and_grad(lambda x: _cayley_by_solve(x - x.mH), X.dtype)
+    assert (Q - Q_ref).abs().max() < tol * max(1.0, Q_ref.abs().max())
+    assert (g - g_ref).abs().max() < tol * max(1.0, g_ref.abs().max())
+    assert unitary_error(Q) < 10 * tol
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+def test_cayley_of_skew_gradcheck_second_derivatives_forward_mode_vmap(randn, dtype):
+    from dtriv.retractions.lie import cayley_of_skew
+
+    X = (randn(2, 4, 4, dtype=dtype) * 0.5).requires_grad_()
+    assert gradcheck(cayley_of_skew, (X,))
+    assert torch.autograd.gradgradcheck(cayley_of_skew, (X,))
+    E = randn(2, 4, 4, dtype=dtype)
+    _, dQ = torch.func.jvp(cayley_of_skew, (X.detach(),), (E,))
+    _, dQ_ref = torch.func.jvp(lambda x: _cayley_by_solve(x - x.mH), (X.detach(),), (E,))
+    assert (dQ - dQ_ref).abs().max() < 1e-12
+    Qv = torch.vmap(cayley_of_skew)(X.detach())
+    assert (Qv - cayley_of_skew(X.detach())).abs().max() < 1e-12
+
+
+def test_cayley_of_skew_rejects_bad_input():
+    from dtriv.retractions.lie import cayley_of_skew
+
+    with pytest.raises(ValueError, match="square"):
+        cayley_of_skew(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="floating"):
+        cayley_of_skew(torch.zeros(3, 3, dtype=torch.int64))
+    assert cayley_of_skew(torch.zeros(0, 3, 3)).shape == (0, 3, 3)

@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 from dtriv.parametrize.cache import ForwardMemo, install_fast_read
 from dtriv.parametrize.trivialization import _Link
 from dtriv.retractions.householder import householder, householder_inverse
-from dtriv.retractions.lie import cayley, cayley_inverse, expm, logm
+from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm, logm
 from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp_canonical
 
 __all__ = ["orthogonal"]
@@ -195,8 +195,9 @@ class _Orthogonal(nn.Module):
             return householder(X)
         L = X.tril()
         if n == k:
-            A = L - L.mH
-            return expm(A) if self.orthogonal_map == _OrthMaps.matrix_exp else cayley(A)
+            if self.orthogonal_map == _OrthMaps.cayley:
+                return cayley_of_skew(L)  # cayley(L - L^H), one autograd node
+            return expm(L - L.mH)
         V = _stiefel_tangent(L)
         E = torch.eye(n, k, dtype=V.dtype, device=V.device).expand_as(V)
         if self.orthogonal_map == _OrthMaps.matrix_exp:
