@@ -563,10 +563,18 @@ def _saved_names(tape: list[tuple]) -> list[str]:
     return sorted({name for op in tape if op[0] == "mm" for name in op[2:4]} - {"A"})
 
 
-def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: Tensor
-                         ) -> Tensor:
+def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: Tensor,
+                         skew_only: bool = False) -> Tensor:
     r"""Reverse pass over the tape: the gradient of :math:`\mathrm{Re}\langle G, v_{out}\rangle`
-    with respect to ``A``. Two products per recorded product, accumulated in place."""
+    with respect to ``A``. Two products per recorded product, accumulated in place.
+
+    ``skew_only``: only the skew-Hermitian part of the result is wanted (the gradient along
+    skew directions :math:`\delta A`). Then the squares of the skew :math:`A` and :math:`A^3`
+    cost one product each: along skew directions :math:`\delta(B^2) = \delta B\,B +
+    B\,\delta B` is Hermitian, so only :math:`S = (\bar P + \bar P^H)/2` of the adjoint
+    :math:`\bar P` of :math:`P = B^2` matters, and :math:`S B^H + B^H S = -(SB + (SB)^H)`
+    has the skew-Hermitian part of :math:`-2SB`, which is accumulated instead.
+    """
     grads: dict[str, list] = {out: [G, False]}  # name -> [tensor, owned (writable)]
 
     def acc(name: str, t: Tensor, c: float = 1.0, owned: bool = True) -> None:
@@ -594,6 +602,16 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
         g = entry[0]
         if op[0] == "mm":
             _, _, x, y, add = op
+            if skew_only and x == y and x in ("A", "A3") and add is None:
+                S = g + g.mH  # 2 sym(g)
+                cur = grads.get(x)
+                if cur is not None and cur[1] and cur[0].dim() == 2 and S.dim() == 2:
+                    cur[0].addmm_(S, v[x], alpha=-1.0)
+                elif cur is not None and cur[1] and cur[0].dim() == 3 and S.dim() == 3:
+                    cur[0].baddbmm_(S, v[x], alpha=-1.0)
+                else:
+                    acc(x, S @ v[x], -1.0)
+                continue
             if add is not None:
                 acc(add, g, owned=False)
             acc_mm(x, g, v[y].mH)
@@ -653,6 +671,69 @@ class ExpmTaylor(torch.autograd.Function):
         A, v, tape = ExpmTaylor._restore(ctx)
         dQ = _taylor_tape_adjoint(v, tape, _final(tape), dA.to(A.dtype).mH).mH
         return (dQ, *([None] * (len(ctx.saved_tensors) - 1 - ctx.n_powers)))
+
+
+class ExpmOfSkewTaylor(torch.autograd.Function):
+    """``X -> T_m(2^{-s}A)^{2^s}`` with ``A = X - X^H`` and the gradient with respect to ``X``.
+
+    ``ExpmOfSkewTaylor.apply(X, A, m, s, *powers)`` returns ``(Q, *saved)``; ``A`` is
+    ``X - X^H`` (detached) and ``powers`` its :math:`A^2, A^3, A^6`. The backward needs only
+    the skew-Hermitian part of the gradient with respect to ``A`` (:math:`\bar X = \bar A -
+    \bar A^H`), so the squares of :math:`A` and :math:`A^3` cost one product each there
+    (``skew_only`` of :func:`_taylor_tape_adjoint`).
+    """
+
+    @staticmethod
+    def forward(X: Tensor, A: Tensor, m: int, s: int, *powers: Tensor):  # type: ignore[override]
+        v, tape = _taylor_tape(A, m, s, list(powers))
+        return (v["Q"], *[v[k] for k in _saved_names(tape) if k not in _POWERS])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        X, A, m, s, *powers = inputs
+        ctx.m, ctx.s, ctx.n_powers = m, s, len(powers)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(X, A, *powers, *output[1:])
+        ctx.save_for_forward(X, A, *powers, *output[1:])
+
+    @staticmethod
+    def _restore(ctx) -> tuple[Tensor, Tensor, dict[str, Tensor], list[tuple]]:
+        X, A, *saved = ctx.saved_tensors
+        tape = _TAPES[ctx.m, ctx.s, ctx.n_powers]
+        names = list(_POWERS[:ctx.n_powers])
+        names += [k for k in _saved_names(tape) if k not in _POWERS]
+        v = dict(zip(names, saved))
+        v["A"] = A
+        return X, A, v, tape
+
+    @staticmethod
+    def backward(ctx, G: Tensor, *unused: Tensor):  # type: ignore[override]
+        X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
+        if torch.is_grad_enabled():  # double backward: differentiate the recorded version
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(X - X.mH), X, G,
+                                              create_graph=True)
+        else:
+            Abar = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype), skew_only=True)
+            grad = Abar - Abar.mH
+        return (grad, None, None, None, *([None] * ctx.n_powers))
+
+    @staticmethod
+    def jvp(ctx, dX: Tensor, *unused):  # type: ignore[override]
+        X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
+        dA = (dX - dX.mH).to(A.dtype)
+        dQ = _taylor_tape_adjoint(v, tape, _final(tape), dA.mH).mH
+        return (dQ, *([None] * (len(ctx.saved_tensors) - 2 - ctx.n_powers)))
+
+
+def expm_of_skew_taylor(X: Tensor) -> Tensor:
+    r""":func:`expm_skew_taylor` of ``A = X - X^H`` (same plan and forward), differentiated
+    with respect to ``X`` by :class:`ExpmOfSkewTaylor`. Backward cost: two products per
+    forward product except one for each of the squares :math:`A^2` and :math:`A^6`."""
+    with torch.no_grad():
+        A = X.detach() - X.detach().mH
+        m, s, powers = _taylor_powers(A)
+    return ExpmOfSkewTaylor.apply(X, A, m, s, *powers)[0]
 
 
 def _final(tape: list[tuple]) -> str:

@@ -26,10 +26,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._common import check_floating, check_matrix, eps, upcast_half
-from ._expm import choose_degree, expm_pade_autograd, expm_skew_taylor
+from ._expm import choose_degree, expm_of_skew_taylor, expm_pade_autograd, expm_skew_taylor
 from .registry import register
 
-__all__ = ["expm", "logm", "cayley", "cayley_of_skew", "cayley_inverse"]
+__all__ = ["expm", "expm_of_skew", "logm", "cayley", "cayley_of_skew", "cayley_inverse"]
 
 
 def _default_tol(dtype: torch.dtype, tol: float | None) -> float:
@@ -157,6 +157,41 @@ def expm(A: Tensor) -> Tensor:
         return expm_skew_taylor(A)
     m, s = choose_degree(norm, A.dtype)
     return expm_pade_autograd(A, m, s)
+
+
+@upcast_half
+def expm_of_skew(X: Tensor) -> Tensor:
+    r"""Exponential of the skew-Hermitian part: :math:`Q = e^{X - X^H}` (orthogonal/unitary).
+
+    Equal to :func:`expm` ``(X - X.mH)`` (the same Taylor scheme, degree and scaling), with the
+    exact gradient with respect to :math:`X`, :math:`\bar X = \bar A - \bar A^H` for
+    :math:`\bar A` the gradient with respect to :math:`A = X - X^H`. Since only the
+    skew-Hermitian part of :math:`\bar A` is needed, the backward through the squares
+    :math:`A^2` and :math:`A^6 = (A^3)^2` (Hermitian along skew directions) costs one product
+    each instead of two (:class:`~dtriv.retractions._expm.ExpmOfSkewTaylor`). The same
+    fallbacks as :func:`expm` apply (``n <= TORCH_MAX_N``, empty or non-finite input,
+    ``torch.func.vmap``). Second derivatives and forward mode are supported.
+
+    Args:
+        X: ``(..., n, n)`` real or complex.
+
+    Returns:
+        ``(..., n, n)``, same dtype as ``X``.
+
+    Cost: forward as :func:`expm` on a skew input (:math:`\pi_m + s` products); backward
+    :math:`2(\pi_m + s)` products less one for each of :math:`A^2` and :math:`A^6`.
+    """
+    check_matrix(X, "X", square=True)
+    check_floating(X, "X")
+    if X.shape[-1] <= TORCH_MAX_N or X.numel() == 0:
+        return torch.linalg.matrix_exp(X - X.mH)
+    try:
+        finite = bool(torch.isfinite(X).all())
+    except RuntimeError:  # no data-dependent value here (inside torch.func.vmap)
+        return torch.linalg.matrix_exp(X - X.mH)
+    if not finite:
+        return torch.linalg.matrix_exp(X - X.mH)
+    return expm_of_skew_taylor(X)
 
 
 # Up to this size cayley is one torch.linalg.solve (fewer Python-level autograd nodes; the

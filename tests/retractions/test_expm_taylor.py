@@ -220,3 +220,59 @@ def test_hand_written_reverse_pass_equals_autograd(monkeypatch, gen, dtype, plan
     assert (Q - Q_ref).abs().max() < 1e-14
     assert (g - g_ref).abs().max() < 1e-12 * g_ref.abs().max()
     Q.mul_(2)  # the result is never saved: modifying it leaves the gradient intact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
+                                   torch.complex128])
+@pytest.mark.parametrize("scale", [0.01, 0.3, 1.0, 4.0])
+def test_expm_of_skew_equals_the_exponential_of_the_skew_part_with_its_gradient(dtype, scale):
+    """expm_of_skew(X) = e^{X - X^H} (scipy) and its gradient wrt X (torch's matrix_exp)."""
+    from dtriv.retractions.lie import expm_of_skew
+
+    g = torch.Generator().manual_seed(7)
+    real = torch.complex128 if dtype.is_complex else torch.float64
+    n = 48
+    X = torch.randn(2, n, n, dtype=real, generator=g) * scale / n ** 0.5
+    G = torch.randn(2, n, n, dtype=real, generator=g)
+    tol = 1e-5 if dtype in (torch.float32, torch.complex64) else 1e-10
+    x = X.to(dtype).clone().requires_grad_()
+    Q = expm_of_skew(x)
+    (gx,) = torch.autograd.grad(Q, x, G.to(dtype))
+    xr = X.clone().requires_grad_()
+    Qr = torch.linalg.matrix_exp(xr - xr.mH)
+    (gr,) = torch.autograd.grad(Qr, xr, G)
+    A = (X - X.mH).numpy()
+    Qs = torch.from_numpy(np.stack([scipy.linalg.expm(a) for a in A]))
+    assert (Q.to(real) - Qs).abs().max() < tol
+    assert (gx.to(real) - gr).abs().max() < tol * max(1.0, gr.abs().max())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("scale", [0.1, 2.0])
+def test_expm_of_skew_gradcheck_second_derivatives_forward_mode(dtype, scale):
+    from dtriv.retractions.lie import expm_of_skew
+
+    g = torch.Generator().manual_seed(3)
+    X = (torch.randn(2, 5, 5, dtype=dtype, generator=g) * scale).requires_grad_()
+    assert gradcheck(expm_of_skew, (X,))
+    assert gradgradcheck(expm_of_skew, (X,))
+    E = torch.randn(2, 5, 5, dtype=dtype, generator=g)
+    _, dQ = torch.func.jvp(expm_of_skew, (X.detach(),), (E,))
+    _, dQ_ref = torch.func.jvp(lambda x: torch.linalg.matrix_exp(x - x.mH), (X.detach(),), (E,))
+    assert (dQ - dQ_ref).abs().max() < 1e-10
+    Qv = torch.vmap(expm_of_skew)(X.detach())  # the torch fallback under vmap
+    assert (Qv - expm_of_skew(X.detach())).abs().max() < 1e-10
+
+
+def test_expm_of_skew_fallbacks_and_bad_input():
+    from dtriv.retractions.lie import expm_of_skew
+
+    with pytest.raises(ValueError, match="square"):
+        expm_of_skew(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="floating"):
+        expm_of_skew(torch.zeros(3, 3, dtype=torch.int64))
+    x = torch.tensor([[0.5]], dtype=torch.float64)
+    assert expm_of_skew(x).item() == 1.0
+    assert expm_of_skew(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+    assert torch.isnan(expm_of_skew(torch.full((3, 3), float("nan")))).all()

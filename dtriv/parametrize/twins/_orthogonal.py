@@ -11,9 +11,10 @@ errors as torch's; the weights and their gradients agree to rounding. What it ad
   low-rank Cayley retraction :func:`~dtriv.retractions.stiefel.stiefel_cayley` ``(E, V)``:
   :math:`O(n k^2)` each. With ``use_trivialization=True`` the ``n x n`` ``base`` buffer of torch
   is kept (``state_dict`` compatibility), so the weight ``base @ Q`` costs :math:`O(n^2 k)`.
-* Square ``"matrix_exp"`` uses :func:`~dtriv.retractions.lie.expm`, whose backward (the
-  Al-Mohy--Higham recurrences) costs a small multiple of the forward instead of torch's
-  ``2n x 2n`` exponential.
+* Square ``"matrix_exp"`` uses :func:`~dtriv.retractions.lie.expm_of_skew` (``expm(L - L^H)``
+  differentiated with respect to ``L``), whose backward costs a small multiple of the forward
+  instead of torch's ``2n x 2n`` exponential; square ``"cayley"`` uses
+  :func:`~dtriv.retractions.lie.cayley_of_skew`, one autograd node.
 * With ``use_trivialization=False`` the square ``"matrix_exp"``/``"cayley"`` maps accept
   assignment ``module.weight = Q`` through their true inverses (principal skew logarithm,
   inverse Cayley map) where torch raises ``NotImplementedError``; so does the tall
@@ -49,7 +50,7 @@ from torch.nn.utils import parametrize
 from dtriv.parametrize.cache import ForwardMemo, install_fast_read
 from dtriv.parametrize.trivialization import _Link
 from dtriv.retractions.householder import householder, householder_inverse
-from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm, logm
+from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm_of_skew, logm
 from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp_canonical
 
 __all__ = ["orthogonal"]
@@ -197,7 +198,7 @@ class _Orthogonal(nn.Module):
         if n == k:
             if self.orthogonal_map == _OrthMaps.cayley:
                 return cayley_of_skew(L)  # cayley(L - L^H), one autograd node
-            return expm(L - L.mH)
+            return expm_of_skew(L)  # expm(L - L^H), gradient wrt L
         V = _stiefel_tangent(L)
         E = torch.eye(n, k, dtype=V.dtype, device=V.device).expand_as(V)
         if self.orthogonal_map == _OrthMaps.matrix_exp:
