@@ -440,12 +440,18 @@ def _combine(coeffs: tuple[float, ...], powers: list[Tensor]) -> Tensor:
     return out
 
 
+class NonFiniteError(ArithmeticError):
+    """The Taylor plan met a non-finite norm (the callers fall back to torch)."""
+
+
 def _taylor_powers(A: Tensor) -> tuple[int, int, list[Tensor]]:
     """The plan ``(m, s)`` and the powers ``[A^2, A^3, A^6]`` (as many as it needs) of a
     skew ``A``, computed without recording a graph."""
     dtype = A.dtype
     A2 = A @ A
     bound = _one_norm(A2) ** 0.5
+    if not math.isfinite(bound):  # A has a non-finite entry, or A^2 overflows
+        raise NonFiniteError("A: the Taylor plan needs finite ||A^2||_1")
     m, s = taylor_plan(bound, dtype)
     high = taylor_plan(bound, dtype, (12, 18))
     if _cost(*high) <= _cost(m, s):
@@ -729,7 +735,9 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
 def expm_of_skew_taylor(X: Tensor) -> Tensor:
     r""":func:`expm_skew_taylor` of ``A = X - X^H`` (same plan and forward), differentiated
     with respect to ``X`` by :class:`ExpmOfSkewTaylor`. Backward cost: two products per
-    forward product except one for each of the squares :math:`A^2` and :math:`A^6`."""
+    forward product except one for each of the squares :math:`A^2` and :math:`A^6`.
+
+    Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
     with torch.no_grad():
         A = X.detach() - X.detach().mH
         m, s, powers = _taylor_powers(A)

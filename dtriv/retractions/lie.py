@@ -26,7 +26,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._common import check_floating, check_matrix, eps, upcast_half
-from ._expm import choose_degree, expm_of_skew_taylor, expm_pade_autograd, expm_skew_taylor
+from ._expm import (
+    NonFiniteError,
+    choose_degree,
+    expm_of_skew_taylor,
+    expm_pade_autograd,
+    expm_skew_taylor,
+)
 from .registry import register
 
 __all__ = ["expm", "expm_of_skew", "logm", "cayley", "cayley_of_skew", "cayley_inverse"]
@@ -154,7 +160,10 @@ def expm(A: Tensor) -> Tensor:
     if not math.isfinite(norm):
         return torch.linalg.matrix_exp(A)
     if _is_skew(A):
-        return expm_skew_taylor(A)
+        try:
+            return expm_skew_taylor(A)
+        except NonFiniteError:  # ||A^2|| overflows: torch's result
+            return torch.linalg.matrix_exp(A)
     m, s = choose_degree(norm, A.dtype)
     return expm_pade_autograd(A, m, s)
 
@@ -186,12 +195,13 @@ def expm_of_skew(X: Tensor) -> Tensor:
     if X.shape[-1] <= TORCH_MAX_N or X.numel() == 0:
         return torch.linalg.matrix_exp(X - X.mH)
     try:
-        finite = bool(torch.isfinite(X).all())
+        return expm_of_skew_taylor(X)
+    except NonFiniteError:  # non-finite entries (or ||A^2|| overflows): torch's result
+        return torch.linalg.matrix_exp(X - X.mH)
     except RuntimeError:  # no data-dependent value here (inside torch.func.vmap)
+        if not _transforms_active():
+            raise
         return torch.linalg.matrix_exp(X - X.mH)
-    if not finite:
-        return torch.linalg.matrix_exp(X - X.mH)
-    return expm_of_skew_taylor(X)
 
 
 # Up to this size cayley is one torch.linalg.solve (fewer Python-level autograd nodes; the
