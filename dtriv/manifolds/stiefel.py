@@ -11,7 +11,7 @@ from torch import Tensor
 from dtriv.manifolds.base import Manifold
 from dtriv.retractions import registry
 from dtriv.retractions._common import skew, sym
-from dtriv.retractions.lie import cayley, cayley_inverse, expm, logm
+from dtriv.retractions.lie import cayley, cayley_inverse, cayley_of_skew, expm, expm_of_skew, logm
 from dtriv.retractions.stiefel import (
     polar_factor,
     stiefel_cayley,
@@ -33,6 +33,9 @@ _TALL_MAPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "polar_ns": stiefel_polar_newton_schulz,
 }
 _SQUARE_LIE = {"expm": (expm, logm), "cayley": (cayley, cayley_inverse)}
+# f(skew(Y)) = f_of_skew(Y / 2) (exact: halving is exact), one autograd node with the gradient
+# with respect to Y, which needs only the skew part (cheaper backward for expm)
+_SQUARE_OF_SKEW = {"expm": expm_of_skew, "cayley": cayley_of_skew}
 _INITS = ("henaff", "cayley")
 
 
@@ -276,15 +279,14 @@ class Stiefel(Manifold):
         each) cancel. Unchecked; cost: the map plus one :math:`n \times n` product (forward
         and backward). Other shapes and methods: the composition.
         """
-        if self.square and method in _SQUARE_LIE:
-            return B @ _SQUARE_LIE[method][0](skew(X))
+        if self.square and method in _SQUARE_OF_SKEW:
+            return B @ _SQUARE_OF_SKEW[method](X * 0.5)
         return super().trivialize(B, X, method)
 
     # ------------------------------------------------------------------ retractions
     def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:
-        if self.square and method in _SQUARE_LIE:
-            fn = _SQUARE_LIE[method][0]
-            return B @ fn(skew(B.mH @ V))
+        if self.square and method in _SQUARE_OF_SKEW:
+            return B @ _SQUARE_OF_SKEW[method]((B.mH @ V) * 0.5)
         return self._t(_TALL_MAPS[method](self._t(B), self._t(V)))
 
     def _inverse(self, method: str) -> Callable[[Tensor, Tensor], Tensor] | None:
