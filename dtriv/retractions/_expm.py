@@ -423,8 +423,9 @@ def _cost(m: int, s: int) -> int:
 
 
 def _one_norm(X: Tensor) -> float:
-    """Largest 1-norm (max column sum) over the batch, on the host."""
-    return float(X.detach().abs().sum(dim=-2).amax())
+    """Largest 1-norm over the batch, on the host, for the powers of a skew ``A`` (Hermitian or
+    skew-Hermitian, so the max column sum is the max row sum: a contiguous reduction)."""
+    return float(torch.linalg.vector_norm(X.detach(), 1, dim=-1).amax())
 
 
 def _combine(coeffs: tuple[float, ...], powers: list[Tensor]) -> Tensor:
@@ -488,7 +489,9 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
     Returns the values by name (the result is ``"Q"``) and the tape: ``("mm", out, x, y,
     add)`` for ``out = add + x @ y`` and ``("comb", out, ((c, src), ...), d)`` for
     ``out = sum c * src + d I``. ``powers`` are :math:`A^2` (and :math:`A^3, A^6`), computed
-    by :func:`_taylor_powers`; their products are on the tape too.
+    by :func:`_taylor_powers`; their products are on the tape too. Every added term and the
+    first term of ``X`` are read once, so the products accumulate into them and ``X`` is
+    formed in place (fewer fresh matrices: on CPU each costs first-touch page faults).
     """
     v: dict[str, Tensor] = {"A": A, "A2": powers[0]}
     tape: list[tuple] = [("mm", "A2", "A", "A", None)]
@@ -498,12 +501,13 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
     if len(powers) > 2:
         v["A6"] = powers[2]
         tape.append(("mm", "A6", "A3", "A3", None))
-    Id = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
-    def comb(out: str, terms: list[tuple[float, str]], d: float = 0.0) -> None:
+    def comb(out: str, terms: list[tuple[float, str]], d: float = 0.0,
+             inplace: bool = False) -> None:
+        # inplace: the first source (coefficient 1) is read by nothing else, reuse it
         terms = [(c, src) for c, src in terms if c != 0.0]
         (c0, s0), rest = terms[0], terms[1:]
-        X = v[s0] * c0
+        X = v[s0] if inplace and c0 == 1.0 else v[s0] * c0
         for c, src in rest:
             X.add_(v[src], alpha=c)
         if d:
@@ -514,8 +518,8 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
     def mm(out: str, x: str, y: str, add: str | None = None) -> None:
         if add is None:
             v[out] = v[x] @ v[y]
-        else:
-            v[out] = _mm_into(v[add].clone(), v[x], v[y])
+        else:  # every scheme reads its added term only here: accumulate into it
+            v[out] = _mm_into(v[add], v[x], v[y])
         tape.append(("mm", out, x, y, add))
 
     c = 2.0 ** -s
@@ -540,21 +544,20 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
             comb(f"B{k}", [(b * c ** j, nm) for j, (b, nm) in enumerate(zip(row[1:], names), 1)],
                  row[0])
         mm("A6s", "B3", "B3", "B2")
-        comb("X", [(1.0, "B1"), (1.0, "A6s")])
+        comb("X", [(1.0, "B1"), (1.0, "A6s")], inplace=True)
         mm("R", "X", "A6s", "B0")
     else:
         names, exps = ["A", "A2", "A3", "A6"], (1, 2, 3, 6)
         for k, row in enumerate(_T18):
             comb(f"B{k}", [(b * c ** e, nm) for b, e, nm in zip(row[1:], exps, names)], row[0])
         mm("A9", "B0", "B4", "B3")
-        comb("X", [(1.0, "B2"), (1.0, "A9")])
+        comb("X", [(1.0, "B2"), (1.0, "A9")], inplace=True)
         mm("R", "X", "A9", "B1")
     last = "R"
     for j in range(s):
         mm(f"R{j + 1}", last, last)
         last = f"R{j + 1}"
     v["Q"] = v[last]
-    del Id
     _TAPES.setdefault((m, s, len(powers)), tape)
     return v, tape
 
@@ -562,6 +565,14 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
 # tape structures by (m, s, number of powers): the backward rebuilds its names from these
 _TAPES: dict[tuple[int, int, int], list[tuple]] = {}
 _POWERS = ("A2", "A3", "A6")
+
+
+def _kept_powers(ctx, powers: tuple[Tensor, ...]) -> list[Tensor]:
+    """The powers the reverse pass reads (factors of products: not :math:`A^6`), their names
+    recorded on ``ctx``."""
+    needed = _saved_names(_TAPES[ctx.m, ctx.s, len(powers)])
+    ctx.power_names = [nm for nm in _POWERS[:len(powers)] if nm in needed]
+    return [P for nm, P in zip(_POWERS, powers) if nm in needed]
 
 
 def _saved_names(tape: list[tuple]) -> list[str]:
@@ -623,8 +634,14 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
             acc_mm(x, g, v[y].mH)
             acc_mm(y, v[x].mH, g)
         else:
-            for c, src in op[2]:
+            *head, (c_last, last) = op[2]
+            for c, src in head:
                 acc(src, g, c, owned=False)
+            # g is ours and dead after this op (no unit-coefficient alias of it stored above)
+            if entry[1] and last not in grads and all(c != 1.0 for c, _ in head):
+                grads[last] = [g.mul_(c_last) if c_last != 1.0 else g, True]
+            else:
+                acc(last, g, c_last, owned=False)
     return grads["A"][0]
 
 
@@ -646,22 +663,27 @@ class ExpmTaylor(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         A, m, s, *powers = inputs
         ctx.m, ctx.s, ctx.n_powers = m, s, len(powers)
+        ctx.n_extra = len(output) - 1
         ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(A, *powers, *output[1:])
-        ctx.save_for_forward(A, *powers, *output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
+        kept = _kept_powers(ctx, powers)
+        ctx.save_for_backward(A, *kept, *output[1:])
+        ctx.save_for_forward(A, *kept, *output[1:])
 
     @staticmethod
     def _restore(ctx) -> tuple[Tensor, dict[str, Tensor], list[tuple]]:
         A, *saved = ctx.saved_tensors
         tape = _TAPES[ctx.m, ctx.s, ctx.n_powers]
-        names = list(_POWERS[:ctx.n_powers])
+        names = list(ctx.power_names)
         names += [k for k in _saved_names(tape) if k not in _POWERS]
         v = dict(zip(names, saved))
         v["A"] = A
         return A, v, tape
 
     @staticmethod
-    def backward(ctx, G: Tensor, *unused: Tensor):  # type: ignore[override]
+    def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if G is None:
+            return (None, None, None, *([None] * ctx.n_powers))
         A, v, tape = ExpmTaylor._restore(ctx)
         grad: Tensor
         if torch.is_grad_enabled():  # double backward: differentiate the recorded version
@@ -676,7 +698,7 @@ class ExpmTaylor(torch.autograd.Function):
     def jvp(ctx, dA: Tensor, *unused):  # type: ignore[override]
         A, v, tape = ExpmTaylor._restore(ctx)
         dQ = _taylor_tape_adjoint(v, tape, _final(tape), dA.to(A.dtype).mH).mH
-        return (dQ, *([None] * (len(ctx.saved_tensors) - 1 - ctx.n_powers)))
+        return (dQ, *([None] * ctx.n_extra))
 
 
 class ExpmOfSkewTaylor(torch.autograd.Function):
@@ -698,22 +720,27 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         X, A, m, s, *powers = inputs
         ctx.m, ctx.s, ctx.n_powers = m, s, len(powers)
+        ctx.n_extra = len(output) - 1
         ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(X, A, *powers, *output[1:])
-        ctx.save_for_forward(X, A, *powers, *output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
+        kept = _kept_powers(ctx, powers)
+        ctx.save_for_backward(X, A, *kept, *output[1:])
+        ctx.save_for_forward(X, A, *kept, *output[1:])
 
     @staticmethod
     def _restore(ctx) -> tuple[Tensor, Tensor, dict[str, Tensor], list[tuple]]:
         X, A, *saved = ctx.saved_tensors
         tape = _TAPES[ctx.m, ctx.s, ctx.n_powers]
-        names = list(_POWERS[:ctx.n_powers])
+        names = list(ctx.power_names)
         names += [k for k in _saved_names(tape) if k not in _POWERS]
         v = dict(zip(names, saved))
         v["A"] = A
         return X, A, v, tape
 
     @staticmethod
-    def backward(ctx, G: Tensor, *unused: Tensor):  # type: ignore[override]
+    def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if G is None:
+            return (None, None, None, None, *([None] * ctx.n_powers))
         X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
         if torch.is_grad_enabled():  # double backward: differentiate the recorded version
             with torch.enable_grad():
@@ -729,7 +756,7 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
         X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
         dA = (dX - dX.mH).to(A.dtype)
         dQ = _taylor_tape_adjoint(v, tape, _final(tape), dA.mH).mH
-        return (dQ, *([None] * (len(ctx.saved_tensors) - 2 - ctx.n_powers)))
+        return (dQ, *([None] * ctx.n_extra))
 
 
 def expm_of_skew_taylor(X: Tensor) -> Tensor:
