@@ -111,3 +111,24 @@ def eps(dtype: torch.dtype) -> float:
     if dtype.is_complex:
         dtype = torch.empty((), dtype=dtype).real.dtype
     return torch.finfo(dtype).eps
+
+
+#: whether a ``torch.func`` transform (grad, vmap, jvp, ...) is active around the call
+transforms_active = torch._C._are_functorch_transforms_active
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def apply_function(fn: type[torch.autograd.Function], *args):
+    """``fn.apply(*args)``, without its per-call argument binding where that is a no-op.
+
+    ``Function.apply`` unwraps dead functorch wrappers from the tensor arguments, binds the
+    arguments to ``forward``'s signature with :func:`inspect.signature` and calls the C++
+    ``apply``. With every argument given positionally the binding changes nothing, yet it costs
+    tens of microseconds: more than the work of a small map. Outside ``torch.func`` transforms
+    and ``torch.compile`` this calls the C++ ``apply`` directly on the unwrapped arguments;
+    inside them, ``fn.apply`` itself.
+    """
+    if transforms_active() or torch.compiler.is_compiling():
+        return fn.apply(*args)
+    return super(torch.autograd.Function, fn).apply(  # type: ignore[misc]
+        *[_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])

@@ -25,7 +25,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._common import check_floating, check_matrix, eps, upcast_half
+from ._common import (
+    apply_function,
+    check_floating,
+    check_matrix,
+    eps,
+    transforms_active,
+    upcast_half,
+)
 from ._expm import (
     NonFiniteError,
     choose_degree,
@@ -199,7 +206,7 @@ def expm_of_skew(X: Tensor) -> Tensor:
     except NonFiniteError:  # non-finite entries (or ||A^2|| overflows): torch's result
         return torch.linalg.matrix_exp(X - X.mH)
     except RuntimeError:  # no data-dependent value here (inside torch.func.vmap)
-        if not _transforms_active():
+        if not transforms_active():
             raise
         return torch.linalg.matrix_exp(X - X.mH)
 
@@ -299,10 +306,6 @@ def cayley(A: Tensor) -> Tensor:
     return _Cayley.apply(A)[0]
 
 
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-_transforms_active = torch._C._are_functorch_transforms_active
-
-
 @functools.lru_cache(maxsize=16)
 def _eyes_cached(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     Id = torch.eye(n, dtype=dtype, device=device)
@@ -332,7 +335,7 @@ class _CayleyOfSkew(torch.autograd.Function):
         LU, pivots, info = torch.linalg.lu_factor_ex(torch.add(Id, torch.sub(X, X.mH), alpha=0.5))
         # M is invertible for every X (A = X - X^H is skew): only non-finite input can fail,
         # and under torch.func transforms info cannot be read (data-dependent control flow).
-        if not _transforms_active() and info.any():
+        if not transforms_active() and info.any():
             _cayley_check(info)
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(X), adjoint=True)
         return torch.add(neg_Id, Minv, alpha=2.0), Minv
@@ -384,11 +387,7 @@ def cayley_of_skew(X: Tensor) -> Tensor:
     check_floating(X, "X")
     if X.numel() == 0:
         return X.clone()
-    if _transforms_active() or torch.compiler.is_compiling():
-        return _CayleyOfSkew.apply(X)[0]
-    # the C++ apply directly: Function.apply binds the arguments with inspect.signature
-    return super(torch.autograd.Function, _CayleyOfSkew).apply(  # type: ignore[misc]
-        _unwrap_if_dead(X))[0]
+    return apply_function(_CayleyOfSkew, X)[0]
 
 
 def _cayley_inverse(Q: Tensor) -> tuple[Tensor, Tensor]:

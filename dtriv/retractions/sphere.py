@@ -23,7 +23,14 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import check_floating, check_same_shape, compute_dtype, eps, upcast_half
+from ._common import (
+    apply_function,
+    check_floating,
+    check_same_shape,
+    compute_dtype,
+    eps,
+    upcast_half,
+)
 from .registry import register
 
 __all__ = ["sphere_exp", "sphere_log", "sphere_projective", "sphere_projective_inverse"]
@@ -392,23 +399,10 @@ class _TrivializeExp(torch.autograd.Function):
         return gx, gX, None
 
 
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-_transforms_active = torch._C._are_functorch_transforms_active
-
-
 def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: float) -> Tensor:
-    """``fn.apply(x, v, radius)[0]``.
-
-    Outside ``torch.func`` transforms and ``torch.compile`` it calls the C++ ``apply`` directly, as
-    ``Function.apply`` does after binding the arguments to ``forward``'s signature with
-    :func:`inspect.signature` (a no-op here: every argument is given, positionally), which
-    costs more than the O(n) work of a small sphere map.
-    """
-    if _transforms_active() or torch.compiler.is_compiling():
-        out = fn.apply(x, v, radius)
-    else:
-        out = super(torch.autograd.Function, fn).apply(  # type: ignore[misc]
-            _unwrap_if_dead(x), _unwrap_if_dead(v), radius)
+    """``fn.apply(x, v, radius)[0]`` (through :func:`apply_function`: a small sphere map costs
+    less than ``Function.apply``'s argument binding)."""
+    out = apply_function(fn, x, v, radius)
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from dtriv.parametrize.cache import install_fast_read
+from dtriv.retractions._common import apply_function
 from dtriv.retractions.spectral import (
     power_iteration_,
     power_iteration_init,
@@ -78,17 +79,9 @@ class _DivideBySigma(torch.autograd.Function):
 
 
 def _divide_by_sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """``_DivideBySigma.apply(W, u, v)[0]``; outside ``torch.func`` transforms and
-    ``torch.compile`` through the C++ ``apply`` directly (``Function.apply`` first binds the
-    arguments to ``forward``'s signature with :func:`inspect.signature`, a no-op here)."""
-    if _transforms_active() or torch.compiler.is_compiling():
-        return _DivideBySigma.apply(W, u, v)[0]
-    return super(torch.autograd.Function, _DivideBySigma).apply(  # type: ignore[misc]
-        _unwrap_if_dead(W), u, v)[0]
-
-
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-_transforms_active = torch._C._are_functorch_transforms_active
+    """``_DivideBySigma.apply(W, u, v)[0]`` (through :func:`apply_function`: no per-call
+    argument binding outside ``torch.func`` transforms and ``torch.compile``)."""
+    return apply_function(_DivideBySigma, W, u, v)[0]
 
 
 class _SpectralNorm(nn.Module):
