@@ -11,7 +11,7 @@ from torch import Tensor
 from dtriv.manifolds.base import Manifold
 from dtriv.retractions import registry
 from dtriv.retractions._common import skew, sym
-from dtriv.retractions.lie import cayley, cayley_inverse, cayley_of_skew, expm, expm_of_skew, logm
+from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm, expm_of_skew, logm
 from dtriv.retractions.stiefel import (
     polar_factor,
     stiefel_cayley,
@@ -32,7 +32,7 @@ _TALL_MAPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "polar": stiefel_polar,
     "polar_ns": stiefel_polar_newton_schulz,
 }
-_SQUARE_LIE = {"expm": (expm, logm), "cayley": (cayley, cayley_inverse)}
+_SQUARE_INVERSE = {"expm": logm, "cayley": cayley_inverse}
 # f(skew(Y)) = f_of_skew(Y / 2) (exact: halving is exact), one autograd node with the gradient
 # with respect to Y, which needs only the skew part (cheaper backward for expm)
 _SQUARE_OF_SKEW = {"expm": expm_of_skew, "cayley": cayley_of_skew}
@@ -290,8 +290,8 @@ class Stiefel(Manifold):
         return self._t(_TALL_MAPS[method](self._t(B), self._t(V)))
 
     def _inverse(self, method: str) -> Callable[[Tensor, Tensor], Tensor] | None:
-        if self.square and method in _SQUARE_LIE:
-            inv = _SQUARE_LIE[method][1]
+        if self.square and method in _SQUARE_INVERSE:
+            inv = _SQUARE_INVERSE[method]
             return lambda B, X: B @ inv(B.mH @ X)
         inv = registry.get("stiefel", method).inverse
         if inv is None:
