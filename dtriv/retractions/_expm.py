@@ -645,6 +645,36 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
     return grads["A"][0]
 
 
+def _tape_outputs(A: Tensor, m: int, s: int, powers: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``(Q, *saved)``: the result and the values the reverse pass reads that are not powers."""
+    v, tape = _taylor_tape(A, m, s, list(powers))
+    # the result is no factor of any product: never saved, the caller may modify it
+    return (v["Q"], *[v[k] for k in _saved_names(tape) if k not in _POWERS])
+
+
+def _save_tape(ctx, leading: tuple[Tensor, ...], m: int, s: int, powers: tuple[Tensor, ...],
+               output: tuple[Tensor, ...]) -> None:
+    """Record the plan on ``ctx`` and save ``leading`` (ending with ``A``), the powers the
+    reverse pass reads and the saved outputs (non-differentiable, no zero gradients)."""
+    ctx.m, ctx.s, ctx.n_powers = m, s, len(powers)
+    ctx.n_extra = len(output) - 1
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    kept = _kept_powers(ctx, powers)
+    ctx.save_for_backward(*leading, *kept, *output[1:])
+    ctx.save_for_forward(*leading, *kept, *output[1:])
+
+
+def _restore_tape(ctx, A: Tensor, saved: list[Tensor]) -> tuple[dict[str, Tensor], list[tuple]]:
+    """The values by name (``A`` and what :func:`_save_tape` saved after it) and the tape."""
+    tape = _TAPES[ctx.m, ctx.s, ctx.n_powers]
+    names = list(ctx.power_names)
+    names += [k for k in _saved_names(tape) if k not in _POWERS]
+    v = dict(zip(names, saved))
+    v["A"] = A
+    return v, tape
+
+
 class ExpmTaylor(torch.autograd.Function):
     """``A -> T_m(2^{-s}A)^{2^s}`` (skew ``A``) with the hand-written reverse pass.
 
@@ -655,30 +685,17 @@ class ExpmTaylor(torch.autograd.Function):
 
     @staticmethod
     def forward(A: Tensor, m: int, s: int, *powers: Tensor):  # type: ignore[override]
-        v, tape = _taylor_tape(A, m, s, list(powers))
-        # the result is no factor of any product: never saved, the caller may modify it
-        return (v["Q"], *[v[k] for k in _saved_names(tape) if k not in _POWERS])
+        return _tape_outputs(A, m, s, powers)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         A, m, s, *powers = inputs
-        ctx.m, ctx.s, ctx.n_powers = m, s, len(powers)
-        ctx.n_extra = len(output) - 1
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
-        kept = _kept_powers(ctx, powers)
-        ctx.save_for_backward(A, *kept, *output[1:])
-        ctx.save_for_forward(A, *kept, *output[1:])
+        _save_tape(ctx, (A,), m, s, tuple(powers), output)
 
     @staticmethod
     def _restore(ctx) -> tuple[Tensor, dict[str, Tensor], list[tuple]]:
         A, *saved = ctx.saved_tensors
-        tape = _TAPES[ctx.m, ctx.s, ctx.n_powers]
-        names = list(ctx.power_names)
-        names += [k for k in _saved_names(tape) if k not in _POWERS]
-        v = dict(zip(names, saved))
-        v["A"] = A
-        return A, v, tape
+        return (A, *_restore_tape(ctx, A, saved))
 
     @staticmethod
     def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
@@ -713,29 +730,17 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
 
     @staticmethod
     def forward(X: Tensor, A: Tensor, m: int, s: int, *powers: Tensor):  # type: ignore[override]
-        v, tape = _taylor_tape(A, m, s, list(powers))
-        return (v["Q"], *[v[k] for k in _saved_names(tape) if k not in _POWERS])
+        return _tape_outputs(A, m, s, powers)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         X, A, m, s, *powers = inputs
-        ctx.m, ctx.s, ctx.n_powers = m, s, len(powers)
-        ctx.n_extra = len(output) - 1
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
-        kept = _kept_powers(ctx, powers)
-        ctx.save_for_backward(X, A, *kept, *output[1:])
-        ctx.save_for_forward(X, A, *kept, *output[1:])
+        _save_tape(ctx, (X, A), m, s, tuple(powers), output)
 
     @staticmethod
     def _restore(ctx) -> tuple[Tensor, Tensor, dict[str, Tensor], list[tuple]]:
         X, A, *saved = ctx.saved_tensors
-        tape = _TAPES[ctx.m, ctx.s, ctx.n_powers]
-        names = list(ctx.power_names)
-        names += [k for k in _saved_names(tape) if k not in _POWERS]
-        v = dict(zip(names, saved))
-        v["A"] = A
-        return X, A, v, tape
+        return (X, A, *_restore_tape(ctx, A, saved))
 
     @staticmethod
     def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
