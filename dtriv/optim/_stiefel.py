@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dtriv.manifolds.stiefel import Stiefel
+from dtriv.retractions._common import cached_eye
 from dtriv.retractions.stiefel import qf
 
 __all__ = [
@@ -193,23 +194,13 @@ BLOCK_QR_BASE = 64
 #: ``kappa(X + c V)^2 <= 3``, the bound :func:`dtriv.retractions.stiefel.cholesky_qf` admits
 BLOCK_QR_MAX_STEP = 2.0
 
-_EYES: dict[tuple, Tensor] = {}
-
-
-def _eye(k: int, like: Tensor) -> Tensor:
-    key = (k, like.dtype, like.device)
-    eye = _EYES.get(key)
-    if eye is None:
-        eye = _EYES[key] = torch.eye(k, dtype=like.dtype, device=like.device)
-    return eye
-
-
 def _cholesky_qf_block_(Y: Tensor, infos: list[Tensor]) -> None:
     # Y <- Y L^{-T}, L = chol(Y^T Y); the k x k inverse is explicit (a triangular solve
     # against I), so the n x k work is one product.
     L, info = torch.linalg.cholesky_ex(torch.bmm(Y.mT, Y))
     infos.append(info)
-    Linv = torch.linalg.solve_triangular(L, _eye(L.shape[-1], L).expand_as(L), upper=False)
+    eye = cached_eye(L.shape[-1], L.dtype, L.device)
+    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
     Y.copy_(torch.bmm(Y, Linv.mT))
 
 

@@ -106,6 +106,13 @@ def eye_like(A: Tensor) -> Tensor:
     return torch.eye(n, k, dtype=A.dtype, device=A.device)
 
 
+@functools.lru_cache(maxsize=32)
+def cached_eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The ``n x n`` identity, one tensor per size, dtype and device (read-only: never write
+    to it; for the hot paths that would otherwise allocate it at every call)."""
+    return torch.eye(n, dtype=dtype, device=device)
+
+
 def eps(dtype: torch.dtype) -> float:
     """Machine epsilon of a real or complex dtype."""
     if dtype.is_complex:

@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from ._common import (
     apply_function,
+    cached_eye,
     check_floating,
     check_matrix,
     eps,
@@ -308,7 +309,7 @@ def cayley(A: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _eyes_cached(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    Id = torch.eye(n, dtype=dtype, device=device)
+    Id = cached_eye(n, dtype, device)
     return Id, -Id
 
 
