@@ -66,6 +66,7 @@ the LU factors and :math:`R_0, \dots, R_{s-1}` (about :math:`9 + s` matrices).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -424,8 +425,11 @@ def _cost(m: int, s: int) -> int:
 
 def _one_norm(X: Tensor) -> float:
     """Largest 1-norm over the batch, on the host, for the powers of a skew ``A`` (Hermitian or
-    skew-Hermitian, so the max column sum is the max row sum: a contiguous reduction)."""
-    return float(torch.linalg.vector_norm(X.detach(), 1, dim=-1).amax())
+    skew-Hermitian, so the max column sum is the max row sum: a contiguous reduction).
+
+    ``abs`` then ``sum``: two vectorized passes, about 3x faster on CPU than
+    ``vector_norm(ord=1)`` (a scalar reduction) at n = 512."""
+    return float(X.detach().abs().sum(dim=-1).amax())
 
 
 def _combine(coeffs: tuple[float, ...], powers: list[Tensor]) -> Tensor:
@@ -718,23 +722,57 @@ class ExpmTaylor(torch.autograd.Function):
         return (dQ, *([None] * ctx.n_extra))
 
 
-class ExpmOfSkewTaylor(torch.autograd.Function):
-    """``X -> T_m(2^{-s}A)^{2^s}`` with ``A = X - X^H`` and the gradient with respect to ``X``.
+def skew_of(X: Tensor, lower: bool = False) -> Tensor:
+    r""":math:`A = X - X^H`, or with ``lower`` :math:`A = L - L^H` for :math:`L =
+    \operatorname{tril}(X)` (torch's ``orthogonal`` reads its parameter so), in one pass."""
+    if not lower:
+        return X - X.mH
+    n = X.shape[-1]
+    mask = _strict_lower(n, X.device)
+    A = torch.where(mask, X, X.mH.neg())
+    # the diagonal of L - L^H: X_ii - conj(X_ii) = 2i Im(X_ii), zero for real X
+    diag = A.diagonal(dim1=-2, dim2=-1)
+    if X.is_complex():
+        diag.copy_(2j * X.diagonal(dim1=-2, dim2=-1).imag)
+    else:
+        diag.zero_()
+    return A
 
-    ``ExpmOfSkewTaylor.apply(X, A, m, s, *powers)`` returns ``(Q, *saved)``; ``A`` is
-    ``X - X^H`` (detached) and ``powers`` its :math:`A^2, A^3, A^6`. The backward needs only
-    the skew-Hermitian part of the gradient with respect to ``A`` (:math:`\bar X = \bar A -
-    \bar A^H`), so the squares of :math:`A` and :math:`A^3` cost one product each there
-    (``skew_only`` of :func:`_taylor_tape_adjoint`).
+
+@functools.lru_cache(maxsize=16)
+def _strict_lower(n: int, device: torch.device) -> Tensor:
+    """The boolean mask of the entries below the diagonal of an ``n x n`` matrix (read-only)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril_(-1)
+
+
+def skew_of_adjoint(Abar: Tensor, lower: bool = False) -> Tensor:
+    r"""The gradient with respect to ``X`` of :func:`skew_of` given :math:`\bar A`:
+    :math:`\bar A - \bar A^H`, restricted to the lower triangle with ``lower``."""
+    grad = Abar - Abar.mH
+    return grad.tril_() if lower else grad
+
+
+class ExpmOfSkewTaylor(torch.autograd.Function):
+    """``X -> T_m(2^{-s}A)^{2^s}`` with ``A = X - X^H`` (or ``tril(X) - tril(X)^H``) and the
+    gradient with respect to ``X``.
+
+    ``ExpmOfSkewTaylor.apply(X, A, lower, m, s, *powers)`` returns ``(Q, *saved)``; ``A`` is
+    :func:`skew_of` ``(X, lower)`` (detached) and ``powers`` its :math:`A^2, A^3, A^6`. The
+    backward needs only the skew-Hermitian part of the gradient with respect to ``A``
+    (:math:`\bar X = \bar A - \bar A^H`, lower triangle with ``lower``), so the squares of
+    :math:`A` and :math:`A^3` cost one product each there (``skew_only`` of
+    :func:`_taylor_tape_adjoint`).
     """
 
     @staticmethod
-    def forward(X: Tensor, A: Tensor, m: int, s: int, *powers: Tensor):  # type: ignore[override]
+    def forward(X: Tensor, A: Tensor, lower: bool, m: int, s: int,  # type: ignore[override]
+                *powers: Tensor):
         return _tape_outputs(A, m, s, powers)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        X, A, m, s, *powers = inputs
+        X, A, lower, m, s, *powers = inputs
+        ctx.lower = lower
         _save_tape(ctx, (X, A), m, s, tuple(powers), output)
 
     @staticmethod
@@ -745,35 +783,38 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
         if G is None:
-            return (None, None, None, None, *([None] * ctx.n_powers))
+            return (None, None, None, None, None, *([None] * ctx.n_powers))
         X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
         if torch.is_grad_enabled():  # double backward: differentiate the recorded version
             with torch.enable_grad():
-                (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(X - X.mH), X, G,
+                L = X.tril() if ctx.lower else X
+                (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(L - L.mH), X, G,
                                               create_graph=True)
         else:
             Abar = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype), skew_only=True)
-            grad = Abar - Abar.mH
-        return (grad, None, None, None, *([None] * ctx.n_powers))
+            grad = skew_of_adjoint(Abar, ctx.lower)
+        return (grad, None, None, None, None, *([None] * ctx.n_powers))
 
     @staticmethod
     def jvp(ctx, dX: Tensor, *unused):  # type: ignore[override]
         X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
-        dA = (dX - dX.mH).to(A.dtype)
+        dA = skew_of(dX, ctx.lower).to(A.dtype)
         dQ = _taylor_tape_adjoint(v, tape, _final(tape), dA.mH).mH
         return (dQ, *([None] * ctx.n_extra))
 
 
-def expm_of_skew_taylor(X: Tensor) -> Tensor:
+def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     r""":func:`expm_skew_taylor` of ``A = X - X^H`` (same plan and forward), differentiated
-    with respect to ``X`` by :class:`ExpmOfSkewTaylor`. Backward cost: two products per
-    forward product except one for each of the squares :math:`A^2` and :math:`A^6`.
+    with respect to ``X`` by :class:`ExpmOfSkewTaylor`; with ``lower``, of ``A = L - L^H``
+    for ``L = X.tril()`` (no separate ``tril`` node: the forward forms ``A`` in one pass and
+    the backward returns the lower triangle). Backward cost: two products per forward product
+    except one for each of the squares :math:`A^2` and :math:`A^6`.
 
     Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
     with torch.no_grad():
-        A = X.detach() - X.detach().mH
+        A = skew_of(X.detach(), lower)
         m, s, powers = _taylor_powers(A)
-    return ExpmOfSkewTaylor.apply(X, A, m, s, *powers)[0]
+    return ExpmOfSkewTaylor.apply(X, A, lower, m, s, *powers)[0]
 
 
 def _final(tape: list[tuple]) -> str:

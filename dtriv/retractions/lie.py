@@ -177,7 +177,7 @@ def expm(A: Tensor) -> Tensor:
 
 
 @upcast_half
-def expm_of_skew(X: Tensor) -> Tensor:
+def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
     r"""Exponential of the skew-Hermitian part: :math:`Q = e^{X - X^H}` (orthogonal/unitary).
 
     Equal to :func:`expm` ``(X - X.mH)`` (the same Taylor scheme, degree and scaling), with the
@@ -191,6 +191,11 @@ def expm_of_skew(X: Tensor) -> Tensor:
 
     Args:
         X: ``(..., n, n)`` real or complex.
+        lower: read ``X`` through its lower triangle, as torch's ``orthogonal`` does:
+            :math:`Q = e^{L - L^H}` with :math:`L = \operatorname{tril}(X)`, the gradient
+            :math:`\operatorname{tril}(\bar A - \bar A^H)`. Equal to
+            ``expm_of_skew(X.tril())``, without the separate ``tril`` pass and its autograd
+            node.
 
     Returns:
         ``(..., n, n)``, same dtype as ``X``.
@@ -200,16 +205,23 @@ def expm_of_skew(X: Tensor) -> Tensor:
     """
     check_matrix(X, "X", square=True)
     check_floating(X, "X")
+    if not isinstance(lower, bool):
+        raise ValueError(f"lower: expected True or False, got {lower!r}")
+
+    def reference() -> Tensor:
+        L = X.tril() if lower else X
+        return torch.linalg.matrix_exp(L - L.mH)
+
     if X.shape[-1] <= TORCH_MAX_N or X.numel() == 0:
-        return torch.linalg.matrix_exp(X - X.mH)
+        return reference()
     try:
-        return expm_of_skew_taylor(X)
+        return expm_of_skew_taylor(X, lower)
     except NonFiniteError:  # non-finite entries (or ||A^2|| overflows): torch's result
-        return torch.linalg.matrix_exp(X - X.mH)
+        return reference()
     except RuntimeError:  # no data-dependent value here (inside torch.func.vmap)
         if not transforms_active():
             raise
-        return torch.linalg.matrix_exp(X - X.mH)
+        return reference()
 
 
 # Up to this size cayley is one torch.linalg.solve (fewer Python-level autograd nodes; the

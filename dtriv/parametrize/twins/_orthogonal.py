@@ -194,11 +194,11 @@ class _Orthogonal(nn.Module):
         n, k = X.size(-2), X.size(-1)
         if self.orthogonal_map == _OrthMaps.householder:
             return householder(X)
+        if n == k and self.orthogonal_map == _OrthMaps.matrix_exp:
+            return expm_of_skew(X, lower=True)  # expm(L - L^H), L = X.tril(): one node
         L = X.tril()
         if n == k:
-            if self.orthogonal_map == _OrthMaps.cayley:
-                return cayley_of_skew(L)  # cayley(L - L^H), one autograd node
-            return expm_of_skew(L)  # expm(L - L^H), gradient wrt L
+            return cayley_of_skew(L)  # cayley(L - L^H), one autograd node
         V = _stiefel_tangent(L)
         E = torch.eye(n, k, dtype=V.dtype, device=V.device).expand_as(V)
         if self.orthogonal_map == _OrthMaps.matrix_exp:
