@@ -39,7 +39,17 @@ import torch
 from dtriv.manifolds import Stiefel
 from dtriv.optim import ManifoldParameter, RiemannianAdam, RiemannianSGD
 
-from harness import emit, emit_summary, matmul_case, md_table, measure, parser, ratio, setup
+from harness import (
+    emit,
+    emit_summary,
+    matmul_case,
+    md_table,
+    measure,
+    paired_ratio,
+    parser,
+    ratio,
+    setup,
+)
 
 with warnings.catch_warnings():  # geoopt scripts functions with the deprecated torch.jit
     warnings.simplefilter("ignore")
@@ -189,13 +199,13 @@ def main(argv: list[str] | None = None) -> None:
         t = measure(cases_for(count, n, k, device), repeats=repeats, warmup=warmup,
                     budget_s=budget, device=device)
         label = f"{count} x ({n}, {k})" if count > 1 else f"({n}, {k})"
-        mm = t["matmul"].median
+        mm = t["matmul"]
         for algo in ("adam", "sgd"):
             ours, theirs = t[f"dtriv {algo}"], t[f"geoopt {algo}"]
             rows.append([label, algo, str(ours), str(theirs), ratio(theirs, ours),
-                         f"{ours.median / mm:.1f}", f"{theirs.median / mm:.1f}",
+                         f"{paired_ratio(ours, mm):.1f}", f"{paired_ratio(theirs, mm):.1f}",
                          str(t["torch adam"])])
-        r = t["geoopt adam"].median / t["dtriv adam"].median
+        r = paired_ratio(t["geoopt adam"], t["dtriv adam"])
         goal, need = ("≥ 3x", 3.0) if count > 1 else ("≥ 2x (step ≤ 0.5x)", 2.0)
         summary.append((f"RiemannianAdam step {label} vs geoopt", goal, f"{r:.2f}x", r >= need))
     headers = ["parameters", "optimizer", "dtriv", "geoopt", "geoopt / dtriv",

@@ -20,6 +20,7 @@ Tall weights are covered by ``bench_stiefel_retractions.py``.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -28,7 +29,17 @@ from torch.nn.utils import parametrizations as torch_param
 
 from dtriv.parametrize import twins
 
-from harness import emit, emit_summary, matmul_case, md_table, measure, parser, ratio, setup
+from harness import (
+    emit,
+    emit_summary,
+    matmul_case,
+    md_table,
+    measure,
+    paired_ratio,
+    parser,
+    ratio,
+    setup,
+)
 
 try:
     import geotorch
@@ -132,17 +143,18 @@ def run(args, device: torch.device) -> list[dict]:
                     rows.append(row)
                     print(f"n={n} {orthogonal_map} {regime} triv={triv}: dtriv {t['dtriv']}, "
                           f"torch {t['torch']} ({ratio(t['torch'], t['dtriv'])}), "
-                          f"in matmuls {t['dtriv'].median / t['matmul'].median:.1f}", flush=True)
+                          f"in matmuls {paired_ratio(t['dtriv'], t['matmul']):.1f}", flush=True)
     return rows
 
 
 def _mm(row: dict) -> float:
-    return row["dtriv"].median / row["matmul"].median
+    return paired_ratio(row["dtriv"], row["matmul"])
 
 
 def _map_mm(row: dict) -> float:
     """dtriv's time less the loss alone (the map's own forward + backward), in matmuls."""
-    return (row["dtriv"].median - row["loss"].median) / row["matmul"].median
+    d, loss, mm = row["dtriv"], row["loss"], row["matmul"]
+    return statistics.median((a - b) / c for a, b, c in zip(d.samples, loss.samples, mm.samples))
 
 
 def report(args, rows: list[dict]) -> None:
@@ -167,20 +179,21 @@ def report(args, rows: list[dict]) -> None:
                         f"{_mm(r):.1f} (map alone {_map_mm(r):.1f})" if r else "-",
                         (_mm(r) <= goal) if r else None))
     if rows:
-        worst = min(rows, key=lambda r: min(
-            r["torch"].median / r["dtriv"].median,
-            r["geotorch"].median / r["dtriv"].median if r.get("geotorch") else float("inf")))
-        w = min(worst["torch"].median / worst["dtriv"].median,
-                worst["geotorch"].median / worst["dtriv"].median
-                if worst.get("geotorch") else float("inf"))
+        def lowest(r: dict) -> float:
+            return min(paired_ratio(r["torch"], r["dtriv"]),
+                       paired_ratio(r["geotorch"], r["dtriv"]) if r.get("geotorch")
+                       else float("inf"))
+
+        worst = min(rows, key=lowest)
+        w = lowest(worst)
         full = set(args.sizes) >= set(SIZES)
         summary.append(("never slower than torch / geotorch (every n, map, regime, triv)",
                         ">= 1x", f"worst {w:.2f}x ({worst['map']}, n = {worst['n']}, "
                         f"{worst['regime']}, triv {worst['triv']})", (w >= 1.0) if full else None))
         big = [r for r in rows if r["n"] >= 256 and r["map"] in ("matrix_exp", "householder")]
         if big:
-            b = min(big, key=lambda r: r["torch"].median / r["dtriv"].median)
-            rb = b["torch"].median / b["dtriv"].median
+            b = min(big, key=lambda r: paired_ratio(r["torch"], r["dtriv"]))
+            rb = paired_ratio(b["torch"], b["dtriv"])
             summary.append(("expm and householder vs torch at n >= 256", ">= 5x",
                             f"worst {rb:.1f}x ({b['map']}, n = {b['n']}, {b['regime']})",
                             (rb >= 5.0) if full else None))

@@ -38,7 +38,17 @@ from torch.nn.utils import parametrize as torch_parametrize
 import dtriv.parametrize as dp
 from dtriv.manifolds import Orthogonal
 
-from harness import emit, emit_summary, fmt_seconds, md_table, measure, parser, ratio, setup
+from harness import (
+    emit,
+    emit_summary,
+    fmt_seconds,
+    md_table,
+    measure,
+    paired_ratio,
+    parser,
+    ratio,
+    setup,
+)
 
 try:
     import geotorch
@@ -144,7 +154,7 @@ def run_size(args, device, hidden: int, T: int) -> dict[str, tuple]:
     for t, cases in groups.items():
         if not cases:
             continue
-        repeats = args.repeats or (3 if args.quick or hidden >= 400 else 5)
+        repeats = args.repeats or (3 if args.quick else 5 if hidden >= 400 else 7)
         warmup = args.warmup if args.warmup is not None else 1
         timings = measure(cases, repeats=repeats, warmup=warmup,
                           budget_s=args.budget or 15.0, device=device)
@@ -204,7 +214,7 @@ def main(argv=None) -> None:
              table(results, T), notes)
         for label in ("dtriv orthogonal (default)", "dtriv constrain Orthogonal (default)"):
             timing, _, r = results[label]
-            cost = timing.median / results["plain RNN"][0].median
+            cost = paired_ratio(timing, results["plain RNN"][0])
             met = cost <= TARGET if (T == T_FULL and not args.quick) else None
             summary.append((f"{label}, hidden {hidden}, {threads} thread(s)",
                             f"<= {TARGET}x plain RNN at T = {T_FULL}", f"{r} (T = {T})", met))

@@ -39,7 +39,17 @@ import dtriv
 from dtriv.parametrize import twins
 from dtriv.retractions import sphere_exp, sphere_projective
 
-from harness import Timing, emit, emit_summary, md_table, measure, parser, ratio, setup
+from harness import (
+    Timing,
+    emit,
+    emit_summary,
+    md_table,
+    measure,
+    paired_ratio,
+    parser,
+    ratio,
+    setup,
+)
 
 try:
     import geotorch
@@ -114,7 +124,8 @@ def _fwd_bwd(module: nn.Module, C: torch.Tensor, inner: int) -> Callable[[], Non
 
 
 def _per_call(t: Timing, inner: int) -> Timing:
-    return Timing(t.median / inner, t.q1 / inner, t.q3 / inner, t.n)
+    return Timing(t.median / inner, t.q1 / inner, t.q3 / inner, t.n,
+                  tuple(x / inner for x in t.samples), t.run)
 
 
 def _time(args, device, cases, inner):
@@ -161,7 +172,7 @@ def sphere_rows(args, device, shapes, ratios=None):
         for name in mods:
             if name in ("plain", "geotorch"):
                 continue
-            ratios.append((res["plain"].median / res[name].median, f"{name}, {label}"))
+            ratios.append((paired_ratio(res["plain"], res[name]), f"{name}, {label}"))
             rows.append([label, f"sphere({name})", str(res[name]), str(res["plain"]),
                          ratio(res["plain"], res[name]),
                          ratio(res.get("geotorch"), res[name])])
@@ -195,7 +206,7 @@ def retraction_rows(args, device, shapes, ratios=None):
                                    "projective": case(sphere_projective)}, inner)
         label = "x".join(map(str, shape))
         for name in ("exp", "projective"):
-            ratios.append((res["plain"].median / res[name].median, f"sphere_{name}, {label}"))
+            ratios.append((paired_ratio(res["plain"], res[name]), f"sphere_{name}, {label}"))
             rows.append([label, f"sphere_{name}", str(res[name]), str(res["plain"]),
                          ratio(res["plain"], res[name])])
     return rows
@@ -219,7 +230,7 @@ def weight_norm_rows(args, device, shapes, ratios=None):
             mods[name] = m
         res = _time(args, device, {k: _fwd_bwd(m, C, inner) for k, m in mods.items()}, inner)
         label = "x".join(map(str, shape))
-        ratios.append((res["torch"].median / res["dtriv"].median, f"dim={dim}, {label}"))
+        ratios.append((paired_ratio(res["torch"], res["dtriv"]), f"dim={dim}, {label}"))
         rows.append([label, f"dim={dim}", str(res["dtriv"]), str(res["torch"]),
                      str(res["plain"]), ratio(res["torch"], res["dtriv"]),
                      ratio(res["plain"], res["dtriv"])])
@@ -245,7 +256,7 @@ def spectral_rows(args, device, shapes, ratios=None):
             for mm in mods.values():
                 mm.train(mode == "train")
             res = _time(args, device, {k: _fwd_bwd(m, C, 1) for k, m in mods.items()}, 1)
-            ratios.append((res["plain"].median / res["dtriv"].median, f"{mode}, {label}"))
+            ratios.append((paired_ratio(res["plain"], res["dtriv"]), f"{mode}, {label}"))
             rows.append([label, mode, str(res["dtriv"]), str(res["torch"]), str(res["plain"]),
                          ratio(res["torch"], res["dtriv"]), ratio(res["plain"], res["dtriv"])])
     return rows

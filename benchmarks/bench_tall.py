@@ -139,7 +139,7 @@ def table_vs_torch(args, device) -> dict[str, float]:
                 t["ratio_at"] = ts["dtriv"]
             ref = t.get("ratio_at", t["dtriv"])
             if torch_n == n:
-                ratios[f"{orthogonal_map} triv={triv}"] = t["torch"].median / ref.median
+                ratios[f"{orthogonal_map} triv={triv}"] = harness.paired_ratio(t["torch"], ref)
             rows.append([orthogonal_map, str(triv), str(t["dtriv"]),
                          str(t["torch"]) + torch_note, harness.ratio(t["torch"], ref)])
             print(rows[-1], flush=True)

@@ -4,7 +4,7 @@ Every script times dtriv beside its peers in one process, **interleaved**: each 
 every implementation once, in alternating order, so load changes on a shared machine hit
 all of them alike. A measurement is the median over rounds with its interquartile spread;
 the figures that count are the ratios ``peer / dtriv`` (above 1: dtriv is faster) taken
-from one such run.
+from one such run, each the median of the per-round ratios (:func:`paired_ratio`).
 
 A script builds its command line with :func:`parser`, applies it with :func:`setup`, times
 with :func:`measure` and prints each result table with :func:`emit`, which also appends it
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
+import itertools
 import os
 import platform
 import statistics
@@ -35,6 +36,7 @@ __all__ = [
     "matmul_case",
     "md_table",
     "measure",
+    "paired_ratio",
     "parser",
     "ratio",
     "setup",
@@ -49,10 +51,13 @@ class Timing:
     q1: float
     q3: float
     n: int
+    #: the times in round order
     samples: tuple[float, ...] = field(default=(), repr=False)
+    #: which :func:`measure` call took them (0: none); rounds pair only within one call
+    run: int = field(default=0, repr=False)
 
     @classmethod
-    def of(cls, samples: list[float]) -> Timing:
+    def of(cls, samples: list[float], run: int = 0) -> Timing:
         if not samples:
             raise ValueError("samples: expected at least one time, got none")
         s = sorted(samples)
@@ -60,7 +65,7 @@ class Timing:
             q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive")
         else:
             q1, q3 = s[0], s[-1]
-        return cls(statistics.median(s), q1, q3, len(s), tuple(samples))
+        return cls(statistics.median(s), q1, q3, len(s), tuple(samples), run)
 
     @property
     def ms(self) -> float:
@@ -82,6 +87,9 @@ def fmt_seconds(t: float) -> str:
             v = t / scale
             return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
     raise AssertionError  # unreachable
+
+
+_RUNS = itertools.count(1)
 
 
 def _sync(device: torch.device | None) -> None:
@@ -124,7 +132,8 @@ def measure(
         timed = i + 1 - warmup
         if timed >= min(min_repeats, repeats) and time.perf_counter() - start > budget_s:
             break
-    return {name: Timing.of(ts) for name, ts in times.items()}
+    run = next(_RUNS)
+    return {name: Timing.of(ts, run) for name, ts in times.items()}
 
 
 def matmul_case(n: int, dtype: torch.dtype = torch.float32,
@@ -137,11 +146,27 @@ def matmul_case(n: int, dtype: torch.dtype = torch.float32,
     return lambda: torch.matmul(A, B, out=out)
 
 
+def paired_ratio(peer: Timing, ours: Timing) -> float:
+    """``peer / ours``: the median over rounds of the per-round ratios.
+
+    :func:`measure` runs every case once per round, back to back, so the two times of a round
+    share the machine's state; their ratio cancels the slow drifts of a shared machine (its
+    speed moves by tens of percent over minutes) that a ratio of two medians keeps. Timings
+    not from one :func:`measure` call (different numbers of rounds) fall back to the ratio of
+    the medians.
+    """
+    a, b = peer.samples, ours.samples
+    if peer.run and peer.run == ours.run and len(a) == len(b) and all(t > 0 for t in b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return peer.median / ours.median
+
+
 def ratio(peer: Timing | None, ours: Timing | None) -> str:
-    """``peer / ours`` as ``"2.31x"`` (above 1: ours is faster); ``"-"`` if either is missing."""
+    """:func:`paired_ratio` as ``"2.31x"`` (above 1: ours is faster); ``"-"`` if either is
+    missing."""
     if peer is None or ours is None or ours.median <= 0:
         return "-"
-    r = peer.median / ours.median
+    r = paired_ratio(peer, ours)
     return f"{r:.3g}x" if r < 1000 else f"{r:,.0f}x"
 
 

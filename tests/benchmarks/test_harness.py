@@ -62,6 +62,30 @@ def test_ratio_and_table():
         harness.md_table(["x"], [["1", "2"]])
 
 
+def test_paired_ratio_is_the_median_of_the_per_round_ratios():
+    # the machine slows down 3x over the rounds; dtriv is 2x faster in every round
+    peer = harness.Timing.of([2.0, 4.0, 6.0], 7)
+    ours = harness.Timing.of([1.0, 2.0, 3.0], 7)
+    assert harness.paired_ratio(peer, ours) == 2.0
+    # rounds of ratio 2, 1, 2, 2, 1: the paired ratio is 2, the ratio of the medians 1.2
+    peer = harness.Timing.of([1.0, 3.0, 2.0, 5.0, 4.0], 8)
+    ours = harness.Timing.of([0.5, 3.0, 1.0, 2.5, 4.0], 8)
+    assert harness.paired_ratio(peer, ours) == 2.0
+    assert peer.median / ours.median == pytest.approx(1.2)
+    assert harness.ratio(peer, ours) == "2x"
+    # times of different measure calls (or of none) are not paired: the ratio of the medians
+    other = harness.Timing.of([1.0, 3.0, 2.0, 5.0, 4.0], 9)
+    assert harness.paired_ratio(other, ours) == pytest.approx(1.2)
+    assert harness.paired_ratio(harness.Timing.of([3.0]), harness.Timing.of([1.5])) == 2.0
+
+
+def test_measure_labels_its_timings_with_one_run():
+    out = harness.measure({"a": lambda: None, "b": lambda: None}, repeats=2, warmup=0)
+    again = harness.measure({"a": lambda: None}, repeats=2, warmup=0)
+    assert out["a"].run == out["b"].run != 0
+    assert again["a"].run not in (0, out["a"].run)
+
+
 def test_readme_markers_replaced_and_required():
     text = f"intro\n{run_all.START}\nold\n{run_all.END}\nrest\n"
     new = run_all.replace_between_markers(text, "new table")
