@@ -13,11 +13,16 @@
 
 Importing this package registers the maps: ``get(kind, name)`` returns an :class:`Entry`
 with the map and its inverse, ``available(kind)`` lists the names.
+
+The reverse passes of :func:`expm` and of the Cayley map of skew parts keep their temporary
+matrices for the next call of the same thread (CPU, at most ``_scratch.MAX_BYTES`` = 64 MiB
+per thread); :func:`clear_scratch` frees them.
 """
 
 from __future__ import annotations
 
 from ._common import skew, sym
+from ._scratch import clear as clear_scratch
 from .householder import householder, householder_inverse
 from .lie import cayley, cayley_inverse, expm, logm
 from .registry import KINDS, Entry, available, get, register
@@ -48,6 +53,7 @@ __all__ = [
     "get",
     "register",
     # helpers
+    "clear_scratch",
     "skew",
     "sym",
     # Lie-algebra maps

@@ -72,6 +72,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._scratch import Arena
+
 __all__ = ["expm_pade", "expm_frechet_adjoint", "expm_pade_autograd", "choose_degree",
            "ExpmPade"]
 
@@ -423,13 +425,16 @@ def _cost(m: int, s: int) -> int:
     return _PRODUCTS[m] + s
 
 
-def _one_norm(X: Tensor) -> float:
+def _one_norm(X: Tensor, scratch: Tensor | None = None) -> float:
     """Largest 1-norm over the batch, on the host, for the powers of a skew ``A`` (Hermitian or
     skew-Hermitian, so the max column sum is the max row sum: a contiguous reduction).
 
     ``abs`` then ``sum``: two vectorized passes, about 3x faster on CPU than
-    ``vector_norm(ord=1)`` (a scalar reduction) at n = 512."""
-    return float(X.detach().abs().sum(dim=-1).amax())
+    ``vector_norm(ord=1)`` (a scalar reduction) at n = 512. ``scratch``: a real tensor shaped
+    like ``X`` that receives ``|X|`` (else a fresh one)."""
+    X = X.detach()
+    absX = X.abs() if scratch is None else torch.abs(X, out=scratch)
+    return float(absX.sum(dim=-1).amax())
 
 
 def _combine(coeffs: tuple[float, ...], powers: list[Tensor]) -> Tensor:
@@ -449,12 +454,14 @@ class NonFiniteError(ArithmeticError):
     """The Taylor plan met a non-finite norm (the callers fall back to torch)."""
 
 
-def _taylor_powers(A: Tensor) -> tuple[int, int, list[Tensor]]:
+def _taylor_powers(A: Tensor, arena: Arena | None = None) -> tuple[int, int, list[Tensor]]:
     """The plan ``(m, s)`` and the powers ``[A^2, A^3, A^6]`` (as many as it needs) of a
-    skew ``A``, computed without recording a graph."""
+    skew ``A``, computed without recording a graph (``arena``: where the temporary of the
+    norms comes from)."""
     dtype = A.dtype
+    scratch = arena.empty() if arena is not None and not A.is_complex() else None
     A2 = A @ A
-    bound = _one_norm(A2) ** 0.5
+    bound = _one_norm(A2, scratch) ** 0.5
     if not math.isfinite(bound):  # A has a non-finite entry, or A^2 overflows
         raise NonFiniteError("A: the Taylor plan needs finite ||A^2||_1")
     m, s = taylor_plan(bound, dtype)
@@ -462,13 +469,13 @@ def _taylor_powers(A: Tensor) -> tuple[int, int, list[Tensor]]:
     if _cost(*high) <= _cost(m, s):
         # The schemes of degree 12 and 18 need A^3 anyway: refine the bound with it.
         A3 = A2 @ A
-        bound = min(bound, _one_norm(A3) ** (1.0 / 3.0))
+        bound = min(bound, _one_norm(A3, scratch) ** (1.0 / 3.0))
         m, s = taylor_plan(bound, dtype, (12, 18))
         top = taylor_plan(bound, dtype, (18,))
         if m == 18 or (_cost(*top) == _cost(m, s) and top[1] > 0):
             # Degree 18 needs A^6, whose bound may save a squaring.
             A6 = A3 @ A3
-            bound = min(bound, _one_norm(A6) ** (1.0 / 6.0))
+            bound = min(bound, _one_norm(A6, scratch) ** (1.0 / 6.0))
             m, s = taylor_plan(bound, dtype, (18,))
             return m, s, [A2, A3, A6]
         return m, s, [A2, A3]
@@ -585,7 +592,7 @@ def _saved_names(tape: list[tuple]) -> list[str]:
 
 
 def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: Tensor,
-                         skew_only: bool = False) -> Tensor:
+                         skew_only: bool = False, arena: Arena | None = None) -> Tensor:
     r"""Reverse pass over the tape: the gradient of :math:`\mathrm{Re}\langle G, v_{out}\rangle`
     with respect to ``A``. Two products per recorded product, accumulated in place.
 
@@ -595,26 +602,32 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
     B\,\delta B` is Hermitian, so only :math:`S = (\bar P + \bar P^H)/2` of the adjoint
     :math:`\bar P` of :math:`P = B^2` matters, and :math:`S B^H + B^H S = -(SB + (SB)^H)`
     has the skew-Hermitian part of :math:`-2SB`, which is accumulated instead.
+
+    ``arena``: where the temporaries come from (:class:`~dtriv.retractions._scratch.Arena`,
+    shaped like ``A``; the caller gives them back and keeps the result); default: fresh
+    tensors.
     """
     grads: dict[str, list] = {out: [G, False]}  # name -> [tensor, owned (writable)]
+    # out= a scratch buffer, or None (a fresh result)
+    new = arena.empty if arena is not None else (lambda: None)
 
     def acc(name: str, t: Tensor, c: float = 1.0, owned: bool = True) -> None:
         cur = grads.get(name)
         if cur is None:
             if c != 1.0:
-                t, owned = t * c, True
+                t, owned = torch.mul(t, c, out=new()), True
             grads[name] = [t, owned]
         elif cur[1]:
             cur[0].add_(t, alpha=c)
         else:
-            grads[name] = [torch.add(cur[0], t, alpha=c), True]
+            grads[name] = [torch.add(cur[0], t, alpha=c, out=new()), True]
 
     def acc_mm(name: str, X: Tensor, Y: Tensor) -> None:
         cur = grads.get(name)
         if cur is not None and cur[1]:
             _mm_into(cur[0], X, Y)
         else:
-            acc(name, X @ Y)
+            acc(name, torch.matmul(X, Y, out=new()))
 
     for op in reversed(tape):
         entry = grads.pop(op[1], None)
@@ -624,14 +637,14 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
         if op[0] == "mm":
             _, _, x, y, add = op
             if skew_only and x == y and x in ("A", "A3") and add is None:
-                S = g + g.mH  # 2 sym(g)
+                S = torch.add(g, g.mH, out=new())  # 2 sym(g)
                 cur = grads.get(x)
                 if cur is not None and cur[1] and cur[0].dim() == 2 and S.dim() == 2:
                     cur[0].addmm_(S, v[x], alpha=-1.0)
                 elif cur is not None and cur[1] and cur[0].dim() == 3 and S.dim() == 3:
                     cur[0].baddbmm_(S, v[x], alpha=-1.0)
                 else:
-                    acc(x, S @ v[x], -1.0)
+                    acc(x, torch.matmul(S, v[x], out=new()), -1.0)
                 continue
             if add is not None:
                 acc(add, g, owned=False)
@@ -712,7 +725,9 @@ class ExpmTaylor(torch.autograd.Function):
                 (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(A), A, G,
                                               create_graph=True)
         else:
-            grad = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype))
+            with Arena(A) as arena:
+                grad = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype), arena=arena)
+                arena.keep(grad)
         return (grad, None, None, *([None] * ctx.n_powers))
 
     @staticmethod
@@ -722,14 +737,16 @@ class ExpmTaylor(torch.autograd.Function):
         return (dQ, *([None] * ctx.n_extra))
 
 
-def skew_of(X: Tensor, lower: bool = False) -> Tensor:
+def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None) -> Tensor:
     r""":math:`A = X - X^H`, or with ``lower`` :math:`A = L - L^H` for :math:`L =
-    \operatorname{tril}(X)` (torch's ``orthogonal`` reads its parameter so), in one pass."""
+    \operatorname{tril}(X)` (torch's ``orthogonal`` reads its parameter so), in one pass
+    (``arena``: where the temporary comes from)."""
     if not lower:
         return X - X.mH
     n = X.shape[-1]
     mask = _strict_lower(n, X.device)
-    A = torch.where(mask, X, X.mH.neg())
+    minus_XH = X.mH.neg() if arena is None else torch.neg(X.mH, out=arena.empty())
+    A = torch.where(mask, X, minus_XH)
     # the diagonal of L - L^H: X_ii - conj(X_ii) = 2i Im(X_ii), zero for real X
     diag = A.diagonal(dim1=-2, dim2=-1)
     if X.is_complex():
@@ -791,8 +808,10 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
                 (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(L - L.mH), X, G,
                                               create_graph=True)
         else:
-            Abar = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype), skew_only=True)
-            grad = skew_of_adjoint(Abar, ctx.lower)
+            with Arena(A) as arena:  # Abar and the other temporaries go back to it
+                Abar = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype),
+                                            skew_only=True, arena=arena)
+                grad = skew_of_adjoint(Abar, ctx.lower)
         return (grad, None, None, None, None, *([None] * ctx.n_powers))
 
     @staticmethod
@@ -811,9 +830,9 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     except one for each of the squares :math:`A^2` and :math:`A^6`.
 
     Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
-    with torch.no_grad():
-        A = skew_of(X.detach(), lower)
-        m, s, powers = _taylor_powers(A)
+    with torch.no_grad(), Arena(X.detach()) as arena:
+        A = skew_of(X.detach(), lower, arena)
+        m, s, powers = _taylor_powers(A, arena)
     return ExpmOfSkewTaylor.apply(X, A, lower, m, s, *powers)[0]
 
 
@@ -850,8 +869,8 @@ def expm_skew_taylor(A: Tensor) -> Tensor:
     :math:`O(n^2)` per term. Memory: the intermediate powers and combinations (about
     :math:`2\pi_m + s` matrices).
     """
-    with torch.no_grad():
-        m, s, powers = _taylor_powers(A.detach())
+    with torch.no_grad(), Arena(A.detach()) as arena:
+        m, s, powers = _taylor_powers(A.detach(), arena)
     return ExpmTaylor.apply(A, m, s, *powers)[0]
 
 

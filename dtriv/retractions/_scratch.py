@@ -1,0 +1,125 @@
+"""Scratch matrices that the reverse passes of the matrix functions reuse from call to call.
+
+A reverse pass such as that of :class:`~dtriv.retractions._expm.ExpmTaylor` creates about ten
+temporary ``n x n`` matrices per call and frees them all before it returns. On CPU, glibc
+serves allocations of a megabyte or more with fresh ``mmap`` pages (its threshold adapts, so
+this happens in some processes and not in others), and the first write to each page faults:
+about a quarter of an ``n x n`` product per matrix at ``n = 512``, a sizeable share of the
+whole pass. An :class:`Arena` hands out such temporaries and, when the pass ends, keeps them
+for the next call of the same thread with the same shape, dtype and device.
+
+Rules that keep this safe:
+
+* a buffer from :meth:`Arena.empty` is written before it is read (``out=`` of an op);
+* everything taken is given back when the ``with`` block ends, except what shares storage
+  with the tensors passed to :meth:`Arena.keep` (the results that leave the pass);
+* the pool is per thread (``threading.local``) and bounded: at most :data:`MAX_BYTES` per
+  thread, the least recently used shapes dropped first. It is used for CPU tensors only (the
+  CUDA caching allocator already reuses memory) and never under ``torch.func`` transforms.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from types import TracebackType
+
+import torch
+from torch import Tensor
+
+from ._common import transforms_active
+
+__all__ = ["Arena", "MAX_BYTES", "clear"]
+
+#: the most bytes of scratch buffers one thread keeps between calls
+MAX_BYTES = 64 << 20
+
+_LOCAL = threading.local()
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _pools() -> OrderedDict:
+    pools = getattr(_LOCAL, "pools", None)
+    if pools is None:
+        pools = _LOCAL.pools = OrderedDict()
+    return pools
+
+
+def clear() -> None:
+    """Free the scratch buffers this thread keeps."""
+    _pools().clear()
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Arena:
+    """Temporaries shaped like ``like`` for one call, reused by the calls that follow.
+
+    ``with Arena(A) as arena: Y = torch.mul(X, 2, out=arena.empty()); ...``.
+    Inactive (:meth:`empty` returns ``None``: the op allocates; nothing kept) off CPU, for
+    tensor subclasses and under ``torch.func`` transforms.
+    """
+
+    __slots__ = ("_key", "_like", "_free", "_taken", "_keep", "active")
+
+    def __init__(self, like: Tensor) -> None:
+        self._like = like
+        self.active = (like.device.type == "cpu" and not transforms_active()
+                       and type(like) is Tensor and not _is_wrapped(like))
+        self._key = (tuple(like.shape), like.dtype, like.device)
+        self._free: list[Tensor] = []
+        self._taken: list[Tensor] = []
+        self._keep: set[int] = set()
+
+    def __enter__(self) -> Arena:
+        if self.active:
+            pools = _pools()
+            free = pools.pop(self._key, None)
+            self._free = free if free is not None else []
+        return self
+
+    def empty(self) -> Tensor | None:
+        """An uninitialized tensor shaped like ``like`` (contiguous) to pass as ``out=``;
+        ``None`` when inactive, so that the op allocates its result itself (``out=`` has no
+        batching rule under ``vmap``)."""
+        if not self.active:
+            return None
+        buf = self._free.pop() if self._free else torch.empty(
+            self._key[0], dtype=self._key[1], device=self._key[2])
+        self._taken.append(buf)
+        return buf
+
+    def keep(self, *results: Tensor) -> None:
+        """Mark ``results`` (and every buffer sharing their storage) as leaving the call."""
+        for t in results:
+            if t is None:
+                continue
+            if type(t) is not Tensor or _is_wrapped(t):  # no storage to compare: keep all
+                self._taken.clear()
+                continue
+            self._keep.add(t.untyped_storage().data_ptr())
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.active:
+            return
+        # after an error the temporaries may still be referenced (by the traceback): not reused
+        back = [] if exc_type is not None else [
+            b for b in self._taken if b.untyped_storage().data_ptr() not in self._keep]
+        free = self._free + back
+        self._free, self._taken = [], []
+        pools = _pools()
+        pools[self._key] = free  # most recently used last
+        total = sum(_nbytes(b) for bufs in pools.values() for b in bufs)
+        while total > MAX_BYTES and pools:
+            key, bufs = next(iter(pools.items()))
+            if bufs:
+                total -= _nbytes(bufs.pop(0))
+            if not bufs:
+                del pools[key]
