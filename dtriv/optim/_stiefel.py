@@ -28,6 +28,7 @@ from torch import Tensor
 
 from dtriv.manifolds.stiefel import Stiefel
 from dtriv.retractions._common import cached_eye
+from dtriv.retractions._scratch import Arena
 from dtriv.retractions.stiefel import qf
 
 __all__ = [
@@ -87,8 +88,8 @@ def write_back(manifold: Stiefel, X: Tensor, batch: Tensor) -> None:
     T.copy_(batch.view(T.shape))
 
 
-def _sym_(A: Tensor) -> Tensor:
-    """``(A + A^T)/2`` of a batch of square matrices (a new tensor).
+def _sym_(A: Tensor, out: Tensor | None = None) -> Tensor:
+    """``(A + A^T)/2`` of a batch of square matrices (into ``out``, else a new tensor).
 
     For contiguous ``A`` with ``k`` a multiple of 32 the sum runs over ``32 x 32`` tiles
     (the transposed operand is read tile by tile, which keeps it in cache: 2x faster on CPU
@@ -97,10 +98,11 @@ def _sym_(A: Tensor) -> Tensor:
     b, k = A.shape[0], A.shape[-1]
     t = 32
     if k % t or k == t or not A.is_contiguous():
-        return torch.add(A, A.mT).mul_(0.5)
+        return torch.add(A, A.mT, out=out).mul_(0.5)
     nb = k // t
     V = A.view(b, nb, t, nb, t)
-    out = torch.empty_like(A)
+    if out is None:
+        out = torch.empty_like(A)
     # out[i-tile, j-tile] = A[i-tile, j-tile] + A[j-tile, i-tile]^T, tile dims innermost
     torch.add(V.permute(0, 1, 3, 2, 4), V.permute(0, 3, 1, 4, 2),
               out=out.view(b, nb, t, nb, t).permute(0, 1, 3, 2, 4))
@@ -170,11 +172,14 @@ def moment_and_sq_norm_(
     :math:`X^T G`, :math:`X^T m` and one :math:`X S` (:math:`6 b n k^2` flops), one
     ``lerp`` and one reduction pass over ``G``; no ``n x k`` temporaries.
     """
-    Sg = _sym_(torch.bmm(X.mT, G))
-    S = _sym_(torch.bmm(X.mT, m)).lerp_(Sg, 1 - beta)
-    m.lerp_(G, 1 - beta).baddbmm_(X, S, alpha=-1)
-    G2 = sq_norms(G)
-    sq = G2 - sq_norms(Sg)
+    square = X.shape[:1] + X.shape[-1:] * 2
+    with Arena(X) as arena:  # the four k x k temporaries, reused from step to step
+        Sg = _sym_(torch.bmm(X.mT, G, out=arena.empty(square)), out=arena.empty(square))
+        S = _sym_(torch.bmm(X.mT, m, out=arena.empty(square)), out=arena.empty(square))
+        S.lerp_(Sg, 1 - beta)
+        m.lerp_(G, 1 - beta).baddbmm_(X, S, alpha=-1)
+        G2 = sq_norms(G)
+        sq = G2 - sq_norms(Sg)
     if not bool((sq >= IDENTITY_MIN_FRACTION * G2).all()):
         sq = sq_norms(riemannian_grad(X, G))
     return m, sq
@@ -194,26 +199,28 @@ BLOCK_QR_BASE = 64
 #: ``kappa(X + c V)^2 <= 3``, the bound :func:`dtriv.retractions.stiefel.cholesky_qf` admits
 BLOCK_QR_MAX_STEP = 2.0
 
-def _cholesky_qf_block_(Y: Tensor, infos: list[Tensor]) -> None:
+def _cholesky_qf_block_(Y: Tensor, infos: list[Tensor], arena: Arena) -> None:
     # Y <- Y L^{-T}, L = chol(Y^T Y); the k x k inverse is explicit (a triangular solve
     # against I), so the n x k work is one product.
-    L, info = torch.linalg.cholesky_ex(torch.bmm(Y.mT, Y))
+    b, n, w = Y.shape
+    L, info = torch.linalg.cholesky_ex(torch.bmm(Y.mT, Y, out=arena.empty((b, w, w))))
     infos.append(info)
     eye = cached_eye(L.shape[-1], L.dtype, L.device)
     Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-    Y.copy_(torch.bmm(Y, Linv.mT))
+    Y.copy_(torch.bmm(Y, Linv.mT, out=arena.empty((b, n, w))))
 
 
-def _block_qf_(Y: Tensor, base: int, infos: list[Tensor]) -> None:
-    k = Y.shape[-1]
+def _block_qf_(Y: Tensor, base: int, infos: list[Tensor], arena: Arena) -> None:
+    b, k = Y.shape[0], Y.shape[-1]
     if k <= base:
-        _cholesky_qf_block_(Y, infos)
+        _cholesky_qf_block_(Y, infos, arena)
         return
     h = k // 2
     Y1, Y2 = Y[..., :h], Y[..., h:]
-    _block_qf_(Y1, base, infos)
-    Y2.baddbmm_(Y1, torch.bmm(Y1.mT, Y2), alpha=-1)  # Y2 - Q1 Q1^T Y2
-    _block_qf_(Y2, base, infos)
+    _block_qf_(Y1, base, infos, arena)
+    R12 = torch.bmm(Y1.mT, Y2, out=arena.empty((b, h, k - h)))
+    Y2.baddbmm_(Y1, R12, alpha=-1)  # Y2 - Q1 Q1^T Y2
+    _block_qf_(Y2, base, infos, arena)
 
 
 def block_cholesky_qf_(Y: Tensor, base: int | None = None) -> bool:
@@ -240,7 +247,8 @@ def block_cholesky_qf_(Y: Tensor, base: int | None = None) -> bool:
     rank-deficient or non-finite ``Y``; ``Y`` is then overwritten with garbage).
     """
     infos: list[Tensor] = []
-    _block_qf_(Y, BLOCK_QR_BASE if base is None else base, infos)
+    with Arena(Y) as arena:  # the products' temporaries, reused from call to call
+        _block_qf_(Y, BLOCK_QR_BASE if base is None else base, infos, arena)
     return not bool(torch.stack(infos).any())
 
 

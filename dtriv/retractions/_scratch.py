@@ -55,40 +55,40 @@ def _nbytes(t: Tensor) -> int:
 
 
 class Arena:
-    """Temporaries shaped like ``like`` for one call, reused by the calls that follow.
+    """Temporaries for one call, reused by the calls that follow.
 
-    ``with Arena(A) as arena: Y = torch.mul(X, 2, out=arena.empty()); ...``.
+    ``with Arena(A) as arena: Y = torch.mul(X, 2, out=arena.empty()); ...``: :meth:`empty`
+    gives a tensor shaped like ``A`` (or of another ``shape``, same dtype and device).
     Inactive (:meth:`empty` returns ``None``: the op allocates; nothing kept) off CPU, for
     tensor subclasses and under ``torch.func`` transforms.
     """
 
-    __slots__ = ("_key", "_like", "_free", "_taken", "_keep", "active")
+    __slots__ = ("_like", "_free", "_taken", "_keep", "active")
 
     def __init__(self, like: Tensor) -> None:
         self._like = like
         self.active = (like.device.type == "cpu" and not transforms_active()
                        and type(like) is Tensor and not _is_wrapped(like))
-        self._key = (tuple(like.shape), like.dtype, like.device)
-        self._free: list[Tensor] = []
-        self._taken: list[Tensor] = []
+        self._free: dict[tuple, list[Tensor]] = {}
+        self._taken: list[tuple[tuple, Tensor]] = []
         self._keep: set[int] = set()
 
     def __enter__(self) -> Arena:
-        if self.active:
-            pools = _pools()
-            free = pools.pop(self._key, None)
-            self._free = free if free is not None else []
         return self
 
-    def empty(self) -> Tensor | None:
-        """An uninitialized tensor shaped like ``like`` (contiguous) to pass as ``out=``;
-        ``None`` when inactive, so that the op allocates its result itself (``out=`` has no
-        batching rule under ``vmap``)."""
+    def empty(self, shape: tuple[int, ...] | None = None) -> Tensor | None:
+        """An uninitialized contiguous tensor shaped like ``like`` (or ``shape``) to pass as
+        ``out=``; ``None`` when inactive, so that the op allocates its result itself
+        (``out=`` has no batching rule under ``vmap``)."""
         if not self.active:
             return None
-        buf = self._free.pop() if self._free else torch.empty(
-            self._key[0], dtype=self._key[1], device=self._key[2])
-        self._taken.append(buf)
+        like = self._like
+        key = (tuple(like.shape) if shape is None else tuple(shape), like.dtype, like.device)
+        free = self._free.get(key)
+        if free is None:  # first use of this shape in the call: take the thread's list
+            free = self._free[key] = _pools().pop(key, [])
+        buf = free.pop() if free else torch.empty(key[0], dtype=key[1], device=key[2])
+        self._taken.append((key, buf))
         return buf
 
     def keep(self, *results: Tensor) -> None:
@@ -109,13 +109,17 @@ class Arena:
     ) -> None:
         if not self.active:
             return
+        free = self._free
         # after an error the temporaries may still be referenced (by the traceback): not reused
-        back = [] if exc_type is not None else [
-            b for b in self._taken if b.untyped_storage().data_ptr() not in self._keep]
-        free = self._free + back
-        self._free, self._taken = [], []
+        if exc_type is None:
+            for key, buf in self._taken:
+                if buf.untyped_storage().data_ptr() not in self._keep:
+                    free[key].append(buf)
+        self._free, self._taken = {}, []
         pools = _pools()
-        pools[self._key] = free  # most recently used last
+        for key, bufs in free.items():
+            pools.pop(key, None)
+            pools[key] = bufs  # most recently used last
         total = sum(_nbytes(b) for bufs in pools.values() for b in bufs)
         while total > MAX_BYTES and pools:
             key, bufs = next(iter(pools.items()))
