@@ -143,18 +143,22 @@ def _normalize_backward(y: Tensor, scale: Tensor, g: Tensor, r2: float) -> Tenso
 
 
 def _tangent_backward(x: Tensor, X: Tensor, gV: Tensor, b: Tensor, r2: float,
-                      needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:
+                      needs: tuple[bool, ...], owned: bool = False
+                      ) -> tuple[Tensor | None, Tensor | None]:
     r"""Gradients of ``(x, X) -> V = P_x(X) = X - x Re<x, X>/r^2`` given :math:`\bar V` and
     :math:`b = \operatorname{Re}\langle x, \bar V\rangle/r^2`: :math:`\bar X = \bar V - b\,x`
     and the part of :math:`\bar x` through ``V``, :math:`-c\,\bar V - b\,X`
-    (:math:`c = \operatorname{Re}\langle x, X\rangle/r^2`)."""
-    gX = torch.addcmul(gV, x, b, value=-1) if needs[1] else None
+    (:math:`c = \operatorname{Re}\langle x, X\rangle/r^2`). ``owned``: ``gV`` is a
+    temporary of the caller, which :math:`\bar X` may overwrite (one fresh vector less)."""
     gx = None
     if needs[0]:
         c = _rdot_fast(x, X)
         if r2 != 1.0:
             c = c / r2
         gx = -(c * gV + b * X)
+    gX = None
+    if needs[1]:
+        gX = gV.addcmul_(x, b, value=-1) if owned else torch.addcmul(gV, x, b, value=-1)
     return gx, gX
 
 
@@ -184,7 +188,7 @@ class _SphereExp(torch.autograd.Function):
         if radius != 1.0:
             t.div_(radius)
         cos, sinc = _cos_sinc_values(t)
-        return torch.addcmul(cos * x, sinc, v), t, cos, sinc
+        return torch.mul(x, cos).addcmul_(sinc, v), t, cos, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -211,7 +215,7 @@ class _SphereExp(torch.autograd.Function):
             coef = torch.addcmul(d2 * _rdot_fast(v, g), sinc, _rdot_fast(x, g), value=-1)
             if r2 != 1.0:
                 coef = coef / r2
-            gv = torch.addcmul(sinc * g, coef, v)
+            gv = torch.mul(g, sinc).addcmul_(coef, v)
         return gx, gv, None
 
 
@@ -332,7 +336,9 @@ class _TrivializeProjective(torch.autograd.Function):
         b = _rdot_fast(x, gw)
         if r2 != 1.0:
             b = b / r2
-        gx, gX = _tangent_backward(x, X, gw, b, r2, ctx.needs_input_grad)
+        need_x = ctx.needs_input_grad[0]
+        gx, gX = _tangent_backward(x, X, gw, b, r2, ctx.needs_input_grad,
+                                   owned=not (need_x or torch.is_grad_enabled()))
         if gx is not None:
             gx = gx + gw
         return gx, gX, None
@@ -363,7 +369,7 @@ class _TrivializeExp(torch.autograd.Function):
         if r2 != 1.0:
             t.div_(radius)
         cos, sinc = _cos_sinc_values(t)
-        return torch.addcmul(cos * x, sinc, V), V, t, cos, sinc
+        return torch.mul(x, cos).addcmul_(sinc, V), V, t, cos, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -389,11 +395,12 @@ class _TrivializeExp(torch.autograd.Function):
         coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
         if r2 != 1.0:
             coef = coef / r2
-        gV = torch.addcmul(sinc * g, coef, V)
+        gV = torch.mul(g, sinc).addcmul_(coef, V)
         b = _rdot_fast(x, gV)
         if r2 != 1.0:
             b = b / r2
-        gx, gX = _tangent_backward(x, X, gV, b, r2, ctx.needs_input_grad)
+        gx, gX = _tangent_backward(x, X, gV, b, r2, ctx.needs_input_grad,
+                                   owned=not torch.is_grad_enabled())
         if gx is not None:
             gx = gx + cos * g
         return gx, gX, None
