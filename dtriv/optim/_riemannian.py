@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
+from dtriv.retractions._scratch import Arena
 
 from .parameter import manifold_of
 
@@ -84,15 +85,28 @@ def _rows_of(buffer: Tensor, tensors: list[Tensor]) -> bool:
 class Bucket:
     """Manifold parameters of one group updated together by one batched call.
 
-    Attributes: ``manifold``, ``method`` (the retraction name) and ``params``.
+    Attributes: ``manifold``, ``method`` (the retraction name), ``params`` and, during an
+    update, ``arena`` (the :class:`~dtriv.retractions._scratch.Arena` its temporaries come
+    from).
     """
 
-    __slots__ = ("manifold", "method", "params")
+    __slots__ = ("manifold", "method", "params", "arena")
 
     def __init__(self, manifold: Manifold, method: str, params: list[Tensor]) -> None:
         self.manifold = manifold
         self.method = method
         self.params = params
+        self.arena: Arena | None = None
+
+    def stacked_grads(self) -> Tensor:
+        """The parameters' gradients stacked ``(m, ...)`` (a view for one parameter; else in
+        a scratch buffer of the update's arena, reused from step to step)."""
+        grads = [p.grad for p in self.params]
+        if len(grads) == 1:
+            return grads[0].unsqueeze(0)
+        shape = (len(grads),) + tuple(grads[0].shape)
+        out = self.arena.empty(shape) if self.arena is not None else None
+        return torch.stack(grads, out=out)
 
 
 def _manifold_key(manifold: Manifold) -> tuple:
@@ -286,7 +300,10 @@ class RiemannianMixin:
         with torch.no_grad():
             for group in self.param_groups:
                 for bucket in self._buckets(group):
-                    self._update_bucket(group, bucket)
+                    # the update's temporaries (stacked gradients, ...) come from an arena
+                    with Arena(bucket.params[0].detach()) as bucket.arena:
+                        self._update_bucket(group, bucket)
+                    bucket.arena = None
                 group["step"] = group.get("step", 0) + 1
                 if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                     self._stabilize_group(group)

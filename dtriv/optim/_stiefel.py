@@ -173,7 +173,7 @@ def moment_and_sq_norm_(
     ``lerp`` and one reduction pass over ``G``; no ``n x k`` temporaries.
     """
     square = X.shape[:1] + X.shape[-1:] * 2
-    with Arena(X) as arena:  # the four k x k temporaries, reused from step to step
+    with Arena(X) as arena:  # the k x k temporaries, reused from step to step
         Sg = _sym_(torch.bmm(X.mT, G, out=arena.empty(square)), out=arena.empty(square))
         S = _sym_(torch.bmm(X.mT, m, out=arena.empty(square)), out=arena.empty(square))
         S.lerp_(Sg, 1 - beta)

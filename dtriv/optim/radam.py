@@ -135,7 +135,7 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         # the fused path updates a multi-parameter bucket in place in persistent buffers
         persistent = fast and len(params) > 1
         X = self._stacked(params) if persistent else stack(params)
-        G = stack([p.grad for p in params])
+        G = bucket.stacked_grads()
         if group["maximize"]:
             G = -G
         if weight_decay != 0:

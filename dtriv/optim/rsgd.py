@@ -122,7 +122,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         lazy = fused and momentum != 0 and not group["nesterov"]
         # the lazy fused path updates a multi-parameter bucket in place in persistent buffers
         X = self._stacked(params) if lazy and len(params) > 1 else stack(params)
-        G = stack([p.grad for p in params])
+        G = bucket.stacked_grads()
         if group["maximize"]:
             G = -G
         if weight_decay != 0:
