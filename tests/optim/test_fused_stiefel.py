@@ -100,11 +100,12 @@ def test_fused_qr_matches_geoopt_in_float32(algo, gopt, kwargs, n, k):
 
 @pytest.mark.parametrize("algo,gopt,kwargs", [
     (RiemannianAdam, geoopt.optim.RiemannianAdam, dict(lr=1e-2)),
-    (RiemannianSGD, geoopt.optim.RiemannianSGD, dict(lr=1e-2, momentum=0.9)),
+    (RiemannianSGD, geoopt.optim.RiemannianSGD, dict(lr=1e-2)),
 ])
 def test_a_stacked_bucket_matches_geoopt_step_after_step(algo, gopt, kwargs):
     # three parameters in one bucket: stacked gradients and temporaries come from the scratch
-    # arena, reused from step to step; every parameter follows geoopt's trajectory
+    # arena, reused from step to step; every parameter follows geoopt's trajectory (SGD
+    # without momentum: geoopt seeds its momentum buffer differently, see test_riemannian)
     dt, n, k = torch.float32, 48, 16
     X0 = [Stiefel(n, k).sample(generator=_gen(i), dtype=dt) for i in range(3)]
     ours = [ManifoldParameter(X.clone(), Stiefel(n, k)) for X in X0]
