@@ -474,7 +474,9 @@ def _taylor_powers(A: Tensor, arena: Arena | None = None) -> tuple[int, int, lis
         top = taylor_plan(bound, dtype, (18,))
         if m == 18 or (_cost(*top) == _cost(m, s) and top[1] > 0):
             # Degree 18 needs A^6, whose bound may save a squaring.
-            A6 = A3 @ A3
+            # A^6 only feeds the combinations of the forward (no product reads it): a
+            # temporary of the arena when there is one
+            A6 = torch.matmul(A3, A3, out=arena.empty() if arena is not None else None)
             bound = min(bound, _one_norm(A6, scratch) ** (1.0 / 6.0))
             m, s = taylor_plan(bound, dtype, (18,))
             return m, s, [A2, A3, A6]
@@ -830,10 +832,11 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     except one for each of the squares :math:`A^2` and :math:`A^6`.
 
     Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
-    with torch.no_grad(), Arena(X.detach()) as arena:
-        A = skew_of(X.detach(), lower, arena)
-        m, s, powers = _taylor_powers(A, arena)
-    return ExpmOfSkewTaylor.apply(X, A, lower, m, s, *powers)[0]
+    with Arena(X.detach()) as arena:  # A^6 and the plan's temporaries: until the forward ends
+        with torch.no_grad():
+            A = skew_of(X.detach(), lower, arena)
+            m, s, powers = _taylor_powers(A, arena)
+        return ExpmOfSkewTaylor.apply(X, A, lower, m, s, *powers)[0]
 
 
 def _final(tape: list[tuple]) -> str:
@@ -869,9 +872,10 @@ def expm_skew_taylor(A: Tensor) -> Tensor:
     :math:`O(n^2)` per term. Memory: the intermediate powers and combinations (about
     :math:`2\pi_m + s` matrices).
     """
-    with torch.no_grad(), Arena(A.detach()) as arena:
-        m, s, powers = _taylor_powers(A.detach(), arena)
-    return ExpmTaylor.apply(A, m, s, *powers)[0]
+    with Arena(A.detach()) as arena:  # A^6 and the plan's temporaries: until the forward ends
+        with torch.no_grad():
+            m, s, powers = _taylor_powers(A.detach(), arena)
+        return ExpmTaylor.apply(A, m, s, *powers)[0]
 
 
 def expm_skew_taylor_autograd(A: Tensor) -> Tensor:
