@@ -131,8 +131,8 @@ def _per_call(t: Timing, inner: int) -> Timing:
 def _time(args, device, cases, inner):
     kw = {k: v for k, v in (("repeats", args.repeats), ("warmup", args.warmup),
                             ("budget_s", args.budget)) if v is not None}
-    kw.setdefault("repeats", 5 if args.quick else 15)
-    kw.setdefault("budget_s", 0.4 if args.quick else 1.2)
+    kw.setdefault("repeats", 5 if args.quick else 31)
+    kw.setdefault("budget_s", 0.4 if args.quick else 2.5)
     res = measure(cases, device=device, **kw)
     return {k: _per_call(t, inner) for k, t in res.items()}
 
@@ -255,7 +255,9 @@ def spectral_rows(args, device, shapes, ratios=None):
         for mode in ("train", "eval"):
             for mm in mods.values():
                 mm.train(mode == "train")
-            res = _time(args, device, {k: _fwd_bwd(m, C, 1) for k, m in mods.items()}, 1)
+            inner = _inner(C.numel())
+            res = _time(args, device, {k: _fwd_bwd(m, C, inner) for k, m in mods.items()},
+                        inner)
             ratios.append((paired_ratio(res["plain"], res["dtriv"]), f"{mode}, {label}"))
             rows.append([label, mode, str(res["dtriv"]), str(res["torch"]), str(res["plain"]),
                          ratio(res["torch"], res["dtriv"]), ratio(res["plain"], res["dtriv"])])

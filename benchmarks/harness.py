@@ -1,10 +1,11 @@
 """Shared timing and reporting for the benchmark scripts.
 
 Every script times dtriv beside its peers in one process, **interleaved**: each round runs
-every implementation once, in alternating order, so load changes on a shared machine hit
-all of them alike. A measurement is the median over rounds with its interquartile spread;
-the figures that count are the ratios ``peer / dtriv`` (above 1: dtriv is faster) taken
-from one such run, each the median of the per-round ratios (:func:`paired_ratio`).
+every implementation once, in an order that rotates from round to round, so load changes on
+a shared machine hit all of them alike. A measurement is the median over rounds with its
+interquartile spread; the figures that count are the ratios ``peer / dtriv`` (above 1: dtriv
+is faster) taken from one such run, each the median of the per-round ratios
+(:func:`paired_ratio`).
 
 A script builds its command line with :func:`parser`, applies it with :func:`setup`, times
 with :func:`measure` and prints each result table with :func:`emit`, which also appends it
@@ -109,7 +110,10 @@ def measure(
     """Time each zero-argument callable, interleaved; ``{name: Timing}``.
 
     ``warmup`` untimed rounds, then up to ``repeats`` timed rounds; each round calls every
-    case once, the order reversed every other round. Stops early once ``budget_s`` seconds
+    case once, in an order rotated by one from round to round (and reversed every other
+    cycle), so that every case runs after every other one about equally often: a case that
+    leaves the machine in a bad state (caches, freed memory the allocator gives back) slows
+    its successors, which must not always be the same. Stops early once ``budget_s`` seconds
     have passed and ``min_repeats`` rounds are timed. CUDA work is synchronised around
     each call.
     """
@@ -122,7 +126,9 @@ def measure(
     times: dict[str, list[float]] = {name: [] for name in cases}
     start = time.perf_counter()
     for i in range(warmup + repeats):
-        for name, fn in order if i % 2 == 0 else order[::-1]:
+        shift = i % len(order)
+        rotated = order[shift:] + order[:shift]
+        for name, fn in rotated if (i // len(order)) % 2 == 0 else rotated[::-1]:
             _sync(dev)
             t0 = time.perf_counter()
             fn()

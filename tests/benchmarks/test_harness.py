@@ -46,10 +46,15 @@ def test_timing_rejects_no_samples():
 
 def test_measure_interleaves_and_counts_rounds():
     calls: list[str] = []
-    cases = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    out = harness.measure(cases, repeats=3, warmup=1, budget_s=100.0)
-    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # order alternates by round
-    assert out["a"].n == out["b"].n == 3
+    cases = {c: (lambda c=c: calls.append(c)) for c in "abc"}
+    out = harness.measure(cases, repeats=5, warmup=1, budget_s=100.0)
+    rounds = ["".join(calls[i:i + 3]) for i in range(0, len(calls), 3)]
+    # rotated by one per round, the cycle reversed every other time
+    assert rounds == ["abc", "bca", "cab", "cba", "acb", "bac"]
+    # every case follows every other one (2 or 3 times in these 6 rounds)
+    pairs = [calls[i - 1] + calls[i] for i in range(1, len(calls))]
+    assert all(2 <= pairs.count(p) <= 3 for p in ("ab", "ba", "ac", "ca", "bc", "cb"))
+    assert out["a"].n == out["b"].n == 5
 
 
 def test_ratio_and_table():
