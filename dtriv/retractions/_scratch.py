@@ -29,10 +29,14 @@ from torch import Tensor
 
 from ._common import transforms_active
 
-__all__ = ["Arena", "MAX_BYTES", "clear"]
+__all__ = ["Arena", "MAX_BYTES", "MIN_BYTES", "clear", "pooled"]
 
 #: the most bytes of scratch buffers one thread keeps between calls
 MAX_BYTES = 64 << 20
+#: an arena whose ``like`` is smaller is inactive: glibc serves such blocks from its heap
+#: (below its default mmap threshold, 128 KiB), where freed memory is reused without faults,
+#: and the bookkeeping would cost more than it saves
+MIN_BYTES = 128 << 10
 
 _LOCAL = threading.local()
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -54,20 +58,28 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def pooled(t: Tensor) -> bool:
+    """Whether an :class:`Arena` for temporaries like ``t`` could be active (size and device
+    only): call sites with a cheaper code path for small tensors check this first."""
+    return t.device.type == "cpu" and _nbytes(t) >= MIN_BYTES
+
+
 class Arena:
     """Temporaries for one call, reused by the calls that follow.
 
     ``with Arena(A) as arena: Y = torch.mul(X, 2, out=arena.empty()); ...``: :meth:`empty`
     gives a tensor shaped like ``A`` (or of another ``shape``, same dtype and device).
-    Inactive (:meth:`empty` returns ``None``: the op allocates; nothing kept) off CPU, for
-    tensor subclasses and under ``torch.func`` transforms.
+    Inactive (:meth:`empty` returns ``None``: the op allocates; nothing kept) for ``like``
+    below :data:`MIN_BYTES`, off CPU, for tensor subclasses and under ``torch.func``
+    transforms.
     """
 
     __slots__ = ("_like", "_free", "_taken", "_keep", "active")
 
     def __init__(self, like: Tensor) -> None:
         self._like = like
-        self.active = (like.device.type == "cpu" and not transforms_active()
+        self.active = (like.numel() * like.element_size() >= MIN_BYTES
+                       and like.device.type == "cpu" and not transforms_active()
                        and type(like) is Tensor and not _is_wrapped(like))
         self._free: dict[tuple, list[Tensor]] = {}
         self._taken: list[tuple[tuple, Tensor]] = []

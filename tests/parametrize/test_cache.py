@@ -214,9 +214,9 @@ def test_autograd_grad_consumes_the_memo(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_drops_the_memoized_value(kind):
-    # backward reaches the memoized value: its hook sees d loss / d W (unchanged, not copied
-    # into W.grad, which stays None as for torch's parametrized tensors), and the memo no
-    # longer hands the value out
+    # backward reaches the memoized value: the pre-hook of its node sees d loss / d W
+    # (unchanged, not copied into W.grad, which stays None as for torch's parametrized
+    # tensors), and the memo no longer hands the value out
     model = RNN(seed=9, kind=kind)
     W = model.recurrent.weight
     C = torch.randn(W.shape, dtype=F64)
@@ -224,8 +224,8 @@ def test_backward_drops_the_memoized_value(kind):
     assert memo.value is W
     ((W * C).sum() + (W * C).sum()).backward()  # two reads of one value
     assert not W.retains_grad
-    (seen,) = memo._entry[5]
-    assert torch.equal(seen, 2 * C)
+    (grads,) = memo._entry[5]
+    assert torch.equal(grads[W.output_nr], 2 * C)
     assert memo.value is None
     W2 = model.recurrent.weight
     assert W2 is not W and not W2.retains_grad

@@ -20,11 +20,17 @@ def _fresh_pool():
     _scratch.clear()
 
 
+@pytest.fixture
+def any_size(monkeypatch):
+    """Arenas for the small tensors of the mechanics tests."""
+    monkeypatch.setattr(_scratch, "MIN_BYTES", 0)
+
+
 def _ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def test_buffers_are_reused_by_the_next_call_and_kept_ones_are_not():
+def test_buffers_are_reused_by_the_next_call_and_kept_ones_are_not(any_size):
     like = torch.zeros(4, 4)
     with Arena(like) as arena:
         a, b, c = arena.empty(), arena.empty(), arena.empty()
@@ -37,7 +43,14 @@ def test_buffers_are_reused_by_the_next_call_and_kept_ones_are_not():
         assert _ptr(arena.empty()) not in {_ptr(a), _ptr(b)}
 
 
-def test_inactive_for_subclasses_and_transforms():
+def test_inactive_for_small_tensors_subclasses_and_transforms(monkeypatch):
+    small = torch.zeros(8, 8)
+    monkeypatch.setattr(_scratch, "MIN_BYTES", 8 * 8 * 4 + 1)
+    with Arena(small) as arena:
+        assert not arena.active and arena.empty() is None
+    monkeypatch.setattr(_scratch, "MIN_BYTES", 0)
+    with Arena(small) as arena:
+        assert arena.active
     with Arena(torch.nn.Parameter(torch.zeros(3, 3))) as arena:
         assert not arena.active and arena.empty() is None
 
@@ -50,7 +63,7 @@ def test_inactive_for_subclasses_and_transforms():
     torch.vmap(f)(torch.zeros(2, 3, 3))
 
 
-def test_an_error_inside_the_call_returns_nothing():
+def test_an_error_inside_the_call_returns_nothing(any_size):
     like = torch.zeros(3, 3)
     with pytest.raises(RuntimeError), Arena(like) as arena:
         lost = arena.empty()
@@ -59,7 +72,7 @@ def test_an_error_inside_the_call_returns_nothing():
         assert _ptr(arena.empty()) != _ptr(lost)
 
 
-def test_the_pool_is_bounded_and_per_thread(monkeypatch):
+def test_the_pool_is_bounded_and_per_thread(monkeypatch, any_size):
     monkeypatch.setattr(_scratch, "MAX_BYTES", 3 * 16 * 16 * 4)  # three 16 x 16 floats
     with Arena(torch.zeros(16, 16)) as arena:
         for _ in range(5):
