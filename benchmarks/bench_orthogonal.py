@@ -5,7 +5,8 @@ For each size n, map and ``use_trivialization`` value, one ``n x n`` weight is p
 * ``dtriv.parametrize.twins.orthogonal`` (the twin of torch's),
 * ``torch.nn.utils.parametrizations.orthogonal`` (same ``orthogonal_map``),
 * ``geotorch.orthogonal`` (``triv="expm"``/``"cayley"``; it has no householder map and no
-  ``use_trivialization`` option, so it is timed once per size and map),
+  ``use_trivialization`` option: the same geotorch module is timed beside both rows, so that
+  every ratio pairs times of one interleaved run),
 
 all holding the same parameter, and ``W = module.weight; (W**2 * C).sum().backward()`` is
 timed interleaved with one ``n x n`` matmul (the unit of the "in matmuls" column). Ratios are
@@ -114,7 +115,6 @@ def _settings(args, n: int) -> dict:
 
 def run(args, device: torch.device) -> list[dict]:
     rows = []
-    geo_cache: dict[tuple, object] = {}
     for n in args.sizes:
         C = torch.randn(n, n, generator=torch.Generator().manual_seed(1)).to(device)
         for orthogonal_map in args.maps:
@@ -124,10 +124,7 @@ def run(args, device: torch.device) -> list[dict]:
                 for triv in args.trivialization:
                     cases: dict[str, Callable[[], object]] = {
                         "matmul": matmul_case(n, device=device), "loss": _loss_case(X, C)}
-                    key = (n, orthogonal_map, regime)
                     for impl, build in _builders(orthogonal_map, triv).items():
-                        if impl == "geotorch" and key in geo_cache:
-                            continue
                         torch.manual_seed(0)
                         module = Holder(n, device)
                         build(module)
@@ -136,9 +133,7 @@ def run(args, device: torch.device) -> list[dict]:
                                 p.copy_(X)
                         cases[impl] = _case(module, C)
                     t = measure(cases, device=device, **_settings(args, n))
-                    if "geotorch" in t:
-                        geo_cache[key] = t["geotorch"]
-                    t.setdefault("geotorch", geo_cache.get(key))  # type: ignore[arg-type]
+                    t.setdefault("geotorch", None)  # type: ignore[arg-type]
                     row = {"n": n, "map": orthogonal_map, "regime": regime, "triv": triv, **t}
                     rows.append(row)
                     print(f"n={n} {orthogonal_map} {regime} triv={triv}: dtriv {t['dtriv']}, "
