@@ -356,7 +356,7 @@ class _CayleyOfSkew(torch.autograd.Function):
                 torch.add(Id, torch.sub(X, X.mH), alpha=0.5))
         # M is invertible for every X (A = X - X^H is skew): only non-finite input can fail,
         # and under torch.func transforms info cannot be read (data-dependent control flow).
-        if not transforms_active() and info.any():
+        if not transforms_active() and (info.item() if info.dim() == 0 else info.any()):
             _cayley_check(info)
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(X), adjoint=True)
         return torch.add(neg_Id, Minv, alpha=2.0), Minv
