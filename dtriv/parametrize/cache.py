@@ -8,7 +8,7 @@ torch's parametrizations do outside :func:`torch.nn.utils.parametrize.cached`.
 ``orthogonal`` twin) do not: each keeps a :class:`ForwardMemo` of its last value, which later
 reads return while the parameter, the base, the grad mode and the rest of what the value depends
 on are unchanged, and which is no longer handed out once backward has consumed its graph (backward
-reaches the value's gradient hook) or an optimizer step / ``refresh`` / assignment /
+reaches the node that made the value) or an optimizer step / ``refresh`` / assignment /
 ``load_state_dict`` has changed the tensors. The map is thus computed once per forward and backward
 runs through it once, with no code in the model. :func:`memoize` ``(model, False)`` (or
 ``parametrization.memoize = False``) opts out. See :class:`ForwardMemo` for what is cached
