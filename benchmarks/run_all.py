@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "# dtriv benchmark results\n\n"
         f"`python benchmarks/run_all.py{' --quick' if args.quick else ''}`, "
         f"{total / 60:.1f} min. Ratios are peer time / dtriv time (above 1: dtriv is "
-        "faster), each from one run in which the implementations alternate call by call; "
+        "faster), each the median of the per-round ratios of one run in which every round "
+        "calls each implementation once, in an order that rotates from round to round; "
         "times are medians with ± half the interquartile range.\n\n"
         + harness.environment_md() + "\n\n"
     )
