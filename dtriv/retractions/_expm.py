@@ -832,9 +832,10 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     except one for each of the squares :math:`A^2` and :math:`A^6`.
 
     Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
-    with Arena(X.detach()) as arena:  # A^6 and the plan's temporaries: until the forward ends
+    Xd = X.detach()
+    with Arena(Xd) as arena:  # A^6 and the plan's temporaries: until the forward ends
         with torch.no_grad():
-            A = skew_of(X.detach(), lower, arena)
+            A = skew_of(Xd, lower, arena)
             m, s, powers = _taylor_powers(A, arena)
         return ExpmOfSkewTaylor.apply(X, A, lower, m, s, *powers)[0]
 

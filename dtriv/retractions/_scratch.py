@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._common import transforms_active
 
-__all__ = ["Arena", "MAX_BYTES", "MIN_BYTES", "clear", "pooled"]
+__all__ = ["Arena", "MAX_BYTES", "MIN_BYTES", "clear"]
 
 #: the most bytes of scratch buffers one thread keeps between calls
 MAX_BYTES = 64 << 20
@@ -58,12 +58,6 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def pooled(t: Tensor) -> bool:
-    """Whether an :class:`Arena` for temporaries like ``t`` could be active (size and device
-    only): call sites with a cheaper code path for small tensors check this first."""
-    return t.device.type == "cpu" and _nbytes(t) >= MIN_BYTES
-
-
 class Arena:
     """Temporaries for one call, reused by the calls that follow.
 
@@ -90,9 +84,9 @@ class Arena:
 
     def empty(self, shape: tuple[int, ...] | None = None) -> Tensor | None:
         """An uninitialized contiguous tensor shaped like ``like`` (or ``shape``) to pass as
-        ``out=``; ``None`` when inactive, so that the op allocates its result itself
-        (``out=`` has no batching rule under ``vmap``)."""
-        if not self.active:
+        ``out=``; ``None`` when inactive or in grad mode, so that the op allocates its result
+        itself (``out=`` has no batching rule under ``vmap`` and records no graph)."""
+        if not self.active or torch.is_grad_enabled():
             return None
         like = self._like
         key = (tuple(like.shape) if shape is None else tuple(shape), like.dtype, like.device)

@@ -30,6 +30,7 @@ def _ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+@torch.no_grad()  # out= buffers are lent outside grad mode only
 def test_buffers_are_reused_by_the_next_call_and_kept_ones_are_not(any_size):
     like = torch.zeros(4, 4)
     with Arena(like) as arena:
@@ -51,6 +52,9 @@ def test_inactive_for_small_tensors_subclasses_and_transforms(monkeypatch):
     monkeypatch.setattr(_scratch, "MIN_BYTES", 0)
     with Arena(small) as arena:
         assert arena.active
+        assert arena.empty() is None  # grad mode: out= would record no graph
+        with torch.no_grad():
+            assert arena.empty() is not None
     with Arena(torch.nn.Parameter(torch.zeros(3, 3))) as arena:
         assert not arena.active and arena.empty() is None
 
@@ -63,6 +67,7 @@ def test_inactive_for_small_tensors_subclasses_and_transforms(monkeypatch):
     torch.vmap(f)(torch.zeros(2, 3, 3))
 
 
+@torch.no_grad()  # out= buffers are lent outside grad mode only
 def test_an_error_inside_the_call_returns_nothing(any_size):
     like = torch.zeros(3, 3)
     with pytest.raises(RuntimeError), Arena(like) as arena:
@@ -72,6 +77,7 @@ def test_an_error_inside_the_call_returns_nothing(any_size):
         assert _ptr(arena.empty()) != _ptr(lost)
 
 
+@torch.no_grad()  # out= buffers are lent outside grad mode only
 def test_the_pool_is_bounded_and_per_thread(monkeypatch, any_size):
     monkeypatch.setattr(_scratch, "MAX_BYTES", 3 * 16 * 16 * 4)  # three 16 x 16 floats
     with Arena(torch.zeros(16, 16)) as arena:
