@@ -53,11 +53,12 @@ def check_unit_interval(value: Any, name: str) -> None:
         raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
 
 
-def stack(tensors: list[Tensor]) -> Tensor:
-    """Stack into a batch ``(m, ...)``; a single tensor becomes a view (no copy)."""
+def stack(tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
+    """Stack into a batch ``(m, ...)`` (into ``out`` when given); a single tensor becomes a
+    view (no copy)."""
     if len(tensors) == 1:
         return tensors[0].unsqueeze(0)
-    return torch.stack(tensors)
+    return torch.stack(tensors, out=out)
 
 
 def copy_rows(dst: list[Tensor], src: Tensor) -> None:
@@ -102,11 +103,10 @@ class Bucket:
         """The parameters' gradients stacked ``(m, ...)`` (a view for one parameter; else in
         a scratch buffer of the update's arena, reused from step to step)."""
         grads = [p.grad for p in self.params]
-        if len(grads) == 1:
-            return grads[0].unsqueeze(0)
-        shape = (len(grads),) + tuple(grads[0].shape)
-        out = self.arena.empty(shape) if self.arena is not None else None
-        return torch.stack(grads, out=out)
+        out = None
+        if len(grads) > 1 and self.arena is not None:
+            out = self.arena.empty((len(grads),) + tuple(grads[0].shape))
+        return stack(grads, out)
 
 
 def _manifold_key(manifold: Manifold) -> tuple:
