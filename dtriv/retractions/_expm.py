@@ -72,6 +72,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._common import transforms_active
 from ._scratch import Arena
 
 __all__ = ["expm_pade", "expm_frechet_adjoint", "expm_pade_autograd", "choose_degree",
@@ -454,13 +455,42 @@ class NonFiniteError(ArithmeticError):
     """The Taylor plan met a non-finite norm (the callers fall back to torch)."""
 
 
-def _taylor_powers(A: Tensor, arena: Arena | None = None) -> tuple[int, int, list[Tensor]]:
+def power_stack(A: Tensor) -> Tensor | None:
+    """A fresh ``(4, *A.shape)`` buffer for :func:`_taylor_powers` (slot 0 for ``A``), or
+    ``None`` outside plain eager code: under ``torch.func`` transforms (``out=`` has no
+    batching rule), ``torch.jit`` tracing, ``torch.compile`` and for tensor subclasses (the
+    powers are then separate tensors, and the combinations stack them)."""
+    if not _plain_eager(A):
+        return None
+    return A.new_empty((4, *A.shape))
+
+
+def _plain_eager(A: Tensor) -> bool:
+    """Whether ``A`` is a plain tensor in eager code (no transform, tracing or compiling)."""
+    return (type(A) is Tensor and not transforms_active()
+            and torch._C._get_tracing_state() is None and not torch.compiler.is_compiling())
+
+
+def _taylor_powers(A: Tensor, arena: Arena | None = None, stack: Tensor | None = None
+                   ) -> tuple[int, int, list[Tensor]]:
     """The plan ``(m, s)`` and the powers ``[A^2, A^3, A^6]`` (as many as it needs) of a
     skew ``A``, computed without recording a graph (``arena``: where the temporary of the
-    norms comes from)."""
+    norms comes from).
+
+    ``stack``: a contiguous ``(4, *A.shape)`` buffer (:func:`power_stack`) whose slots 1, 2, 3
+    receive the powers and slot 0 ``A`` (copied unless ``A`` is that slot), so that the
+    combinations of the schemes of degree 12 and 18 take one product with the stacked
+    ``[A, A^2, A^3, A^6]`` (:func:`_stacked` finds the buffer from the powers); ``None``: fresh
+    powers."""
     dtype = A.dtype
     scratch = arena.empty() if arena is not None and not A.is_complex() else None
-    A2 = A @ A
+
+    def mm(i: int, X: Tensor, Y: Tensor) -> Tensor:  # X @ Y, into slot i of the stack
+        return X @ Y if stack is None else torch.matmul(X, Y, out=stack[i])
+
+    if stack is not None and stack[0].data_ptr() != A.data_ptr():
+        stack[0].copy_(A)
+    A2 = mm(1, A, A)
     bound = _one_norm(A2, scratch) ** 0.5
     if not math.isfinite(bound):  # A has a non-finite entry, or A^2 overflows
         raise NonFiniteError("A: the Taylor plan needs finite ||A^2||_1")
@@ -468,20 +498,44 @@ def _taylor_powers(A: Tensor, arena: Arena | None = None) -> tuple[int, int, lis
     high = taylor_plan(bound, dtype, (12, 18))
     if _cost(*high) <= _cost(m, s):
         # The schemes of degree 12 and 18 need A^3 anyway: refine the bound with it.
-        A3 = A2 @ A
+        A3 = mm(2, A2, A)
         bound = min(bound, _one_norm(A3, scratch) ** (1.0 / 3.0))
         m, s = taylor_plan(bound, dtype, (12, 18))
         top = taylor_plan(bound, dtype, (18,))
         if m == 18 or (_cost(*top) == _cost(m, s) and top[1] > 0):
             # Degree 18 needs A^6, whose bound may save a squaring.
-            # A^6 only feeds the combinations of the forward (no product reads it): a
-            # temporary of the arena when there is one
-            A6 = torch.matmul(A3, A3, out=arena.empty() if arena is not None else None)
+            A6 = mm(3, A3, A3)
             bound = min(bound, _one_norm(A6, scratch) ** (1.0 / 6.0))
             m, s = taylor_plan(bound, dtype, (18,))
             return m, s, [A2, A3, A6]
         return m, s, [A2, A3]
     return m, s, [A2]
+
+
+def _stacked(ts: list[Tensor]) -> Tensor:
+    """``torch.stack(ts)``: a view when ``ts`` are consecutive slots of one contiguous buffer
+    (the powers that :func:`_taylor_powers` writes into its ``stack``), else a copy."""
+    first = ts[0]
+    base = first._base
+    if (base is not None and _plain_eager(first) and base.is_contiguous()
+            and base.dim() == first.dim() + 1 and base.shape[1:] == first.shape):
+        step = first.numel() * first.element_size()
+        i0, rem = divmod(first.data_ptr() - base.data_ptr(), step) if step else (0, 1)
+        if rem == 0 and i0 + len(ts) <= base.shape[0] and all(
+                t._base is base and t.data_ptr() == first.data_ptr() + j * step
+                for j, t in enumerate(ts)):
+            return base[i0:i0 + len(ts)]
+    return torch.stack(ts)
+
+
+@functools.lru_cache(maxsize=64)
+def _coefficients(rows: tuple[tuple[float, ...], ...], diags: tuple[float, ...],
+                  dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The matrix of a ``lin`` step of the tape (``len(rows) x len(sources)``) and its
+    diagonal constants (``None`` when all zero), as read-only tensors."""
+    C = torch.tensor(rows, dtype=dtype, device=device)
+    D = torch.tensor(diags, dtype=dtype, device=device) if any(diags) else None
+    return C, D
 
 
 def _mm_into(out: Tensor | None, X: Tensor, Y: Tensor) -> Tensor:
@@ -500,14 +554,25 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
     r"""Evaluate :math:`T_m(2^{-s}A)^{2^s}` and record the operations for the backward.
 
     Returns the values by name (the result is ``"Q"``) and the tape: ``("mm", out, x, y,
-    add)`` for ``out = add + x @ y`` and ``("comb", out, ((c, src), ...), d)`` for
-    ``out = sum c * src + d I``. ``powers`` are :math:`A^2` (and :math:`A^3, A^6`), computed
-    by :func:`_taylor_powers`; their products are on the tape too. Every added term and the
-    first term of ``X`` are read once, so the products accumulate into them and ``X`` is
-    formed in place (fewer fresh matrices: on CPU each costs first-touch page faults).
+    add)`` for ``out = add + x @ y``, ``("comb", out, ((c, src), ...), d)`` for
+    ``out = sum c * src + d I`` and ``("lin", outs, srcs, rows, diags)`` for the
+    combinations ``outs[k] = diags[k] I + sum_j rows[k][j] srcs[j]`` of the schemes of degree
+    12 and 18, taken as one product of the coefficient matrix with the stacked sources (one
+    pass over each source and each result instead of one per term). ``powers`` are
+    :math:`A^2` (and :math:`A^3, A^6`), computed by :func:`_taylor_powers`; their products
+    are on the tape too. Every added term and the first term of ``X`` are read once, so the
+    products accumulate into them and ``X`` is formed in place (fewer fresh matrices: on CPU
+    each costs first-touch page faults); the final product is written to a fresh matrix, so
+    that the result shares no storage with the saved intermediates.
     """
     v: dict[str, Tensor] = {"A": A, "A2": powers[0]}
     tape: list[tuple] = [("mm", "A2", "A", "A", None)]
+    # the combinations read A from slot 0 of the powers' stack, where _taylor_powers put it
+    A_src = A
+    base = powers[0]._base
+    if (base is not None and _plain_eager(A) and base.shape == (4, *A.shape)
+            and base[1].data_ptr() == powers[0].data_ptr()):
+        A_src = base[0]
     if len(powers) > 1:
         v["A3"] = powers[1]
         tape.append(("mm", "A3", "A2", "A", None))
@@ -528,12 +593,38 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
         v[out] = X
         tape.append(("comb", out, tuple(terms), d))
 
-    def mm(out: str, x: str, y: str, add: str | None = None) -> None:
+    def mm(out: str, x: str, y: str, add: str | None = None, fresh: bool = False) -> None:
         if add is None:
             v[out] = v[x] @ v[y]
+        elif fresh:  # the result: its own storage (the added term is a slot of a stack)
+            t = v[add]
+            if t.dim() == 2:
+                v[out] = torch.addmm(t, v[x], v[y])
+            elif t.dim() == 3:
+                v[out] = torch.baddbmm(t, v[x], v[y])
+            else:
+                v[out] = t + v[x] @ v[y]
         else:  # every scheme reads its added term only here: accumulate into it
             v[out] = _mm_into(v[add], v[x], v[y])
         tape.append(("mm", out, x, y, add))
+
+    def lin(outs: list[str], srcs: list[str], table: tuple[tuple[float, ...], ...],
+            exps: tuple[int, ...]) -> None:
+        # row k of ``table``: the constant, then the coefficients of srcs (powers ``exps``)
+        rows = tuple(tuple(b * c ** e for b, e in zip(row[1:], exps)) for row in table)
+        diags = tuple(row[0] for row in table)
+        if not _plain_eager(A):  # tracing, transforms: one combination per result
+            for nm, row, d in zip(outs, rows, diags):
+                comb(nm, list(zip(row, srcs)), d)
+            return
+        C, D = _coefficients(rows, diags, A.dtype, A.device)
+        P = _stacked([A_src if nm == "A" else v[nm] for nm in srcs])
+        B = torch.mm(C, P.reshape(len(srcs), -1)).view(len(outs), *A.shape)
+        if D is not None:
+            B.diagonal(dim1=-2, dim2=-1).add_(D.view(-1, *([1] * (A.dim() - 1))))
+        for k, nm in enumerate(outs):
+            v[nm] = B[k]
+        tape.append(("lin", tuple(outs), tuple(srcs), rows, diags))
 
     c = 2.0 ** -s
     if m == 2:
@@ -552,20 +643,15 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
         comb("S", [(c, "A"), (x["y2"] * c * c, "A2")], 1.0)
         mm("R", "Lf", "Rt", "S")
     elif m == 12:
-        names = ["A", "A2", "A3"]
-        for k, row in enumerate(_T12):
-            comb(f"B{k}", [(b * c ** j, nm) for j, (b, nm) in enumerate(zip(row[1:], names), 1)],
-                 row[0])
+        lin(["B0", "B1", "B2", "B3"], ["A", "A2", "A3"], _T12, (1, 2, 3))
         mm("A6s", "B3", "B3", "B2")
         comb("X", [(1.0, "B1"), (1.0, "A6s")], inplace=True)
-        mm("R", "X", "A6s", "B0")
+        mm("R", "X", "A6s", "B0", fresh=s == 0)
     else:
-        names, exps = ["A", "A2", "A3", "A6"], (1, 2, 3, 6)
-        for k, row in enumerate(_T18):
-            comb(f"B{k}", [(b * c ** e, nm) for b, e, nm in zip(row[1:], exps, names)], row[0])
+        lin(["B0", "B1", "B2", "B3", "B4"], ["A", "A2", "A3", "A6"], _T18, (1, 2, 3, 6))
         mm("A9", "B0", "B4", "B3")
         comb("X", [(1.0, "B2"), (1.0, "A9")], inplace=True)
-        mm("R", "X", "A9", "B1")
+        mm("R", "X", "A9", "B1", fresh=s == 0)
     last = "R"
     for j in range(s):
         mm(f"R{j + 1}", last, last)
@@ -611,12 +697,31 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
     """
     grads: dict[str, list] = {out: [G, False]}  # name -> [tensor, owned (writable)]
     # out= a scratch buffer, or None (a fresh result)
-    new = arena.empty if arena is not None else (lambda: None)
+    new = arena.empty if arena is not None else (lambda shape=None: None)
+    # the gradients of the results of a ``lin`` step are written into the slots of one
+    # buffer, which its reverse step multiplies by the transposed coefficients
+    pending: dict[str, Tensor] = {}
+    stacks: dict[tuple[str, ...], tuple[Tensor, tuple[Tensor, ...]]] = {}
+    like = v["A"]
+    for op in tape:
+        if op[0] == "lin":
+            shape = (len(op[1]), *like.shape)
+            buf = new(shape)
+            buf = like.new_empty(shape) if buf is None else buf
+            stacks[op[1]] = buf, buf.unbind(0)
+            pending.update(zip(op[1], stacks[op[1]][1]))
 
     def acc(name: str, t: Tensor, c: float = 1.0, owned: bool = True) -> None:
         cur = grads.get(name)
         if cur is None:
-            if c != 1.0:
+            slot = pending.pop(name, None)
+            if slot is not None:
+                if c != 1.0:
+                    torch.mul(t, c, out=slot)
+                else:
+                    slot.copy_(t)
+                t, owned = slot, True
+            elif c != 1.0:
                 t, owned = torch.mul(t, c, out=new()), True
             grads[name] = [t, owned]
         elif cur[1]:
@@ -628,10 +733,31 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
         cur = grads.get(name)
         if cur is not None and cur[1]:
             _mm_into(cur[0], X, Y)
+        elif cur is None and name in pending:
+            grads[name] = [torch.matmul(X, Y, out=pending.pop(name)), True]
         else:
             acc(name, torch.matmul(X, Y, out=new()))
 
     for op in reversed(tape):
+        if op[0] == "lin":
+            _, outs, srcs, rows, _ = op
+            buf, slots = stacks[outs]
+            if not any(nm in grads for nm in outs):
+                continue
+            for nm, slot in zip(outs, slots):
+                entry = grads.pop(nm, None)
+                if entry is None:
+                    slot.zero_()
+                elif entry[0] is not slot:
+                    slot.copy_(entry[0])
+            C, _ = _coefficients(rows, op[4], like.dtype, like.device)
+            gP = new((len(srcs), *like.shape))
+            gP = torch.mm(C.mT, buf.view(len(outs), -1),
+                          out=None if gP is None else gP.view(len(srcs), -1)
+                          ).view(len(srcs), *like.shape)
+            for j, nm in enumerate(srcs):
+                acc(nm, gP[j])
+            continue
         entry = grads.pop(op[1], None)
         if entry is None:
             continue
@@ -657,11 +783,18 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
             for c, src in head:
                 acc(src, g, c, owned=False)
             # g is ours and dead after this op (no unit-coefficient alias of it stored above)
-            if entry[1] and last not in grads and all(c != 1.0 for c, _ in head):
+            if (entry[1] and last not in grads and last not in pending
+                    and all(c != 1.0 for c, _ in head)):
                 grads[last] = [g.mul_(c_last) if c_last != 1.0 else g, True]
             else:
                 acc(last, g, c_last, owned=False)
     return grads["A"][0]
+
+
+def _own(t: Tensor) -> Tensor:
+    """``t``, or a copy when it is a view into a larger buffer (a slot of a ``lin`` step's
+    gradients): a result that leaves the pass holds only its own storage."""
+    return t if t._base is None else t.clone()
 
 
 def _tape_outputs(A: Tensor, m: int, s: int, powers: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -728,27 +861,29 @@ class ExpmTaylor(torch.autograd.Function):
                                               create_graph=True)
         else:
             with Arena(A) as arena:
-                grad = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype), arena=arena)
-                arena.keep(grad)
+                grad = _own(_taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype),
+                                                 arena=arena))
         return (grad, None, None, *([None] * ctx.n_powers))
 
     @staticmethod
     def jvp(ctx, dA: Tensor, *unused):  # type: ignore[override]
         A, v, tape = ExpmTaylor._restore(ctx)
-        dQ = _taylor_tape_adjoint(v, tape, _final(tape), dA.to(A.dtype).mH).mH
+        dQ = _own(_taylor_tape_adjoint(v, tape, _final(tape), dA.to(A.dtype).mH)).mH
         return (dQ, *([None] * ctx.n_extra))
 
 
-def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None) -> Tensor:
+def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None,
+            out: Tensor | None = None) -> Tensor:
     r""":math:`A = X - X^H`, or with ``lower`` :math:`A = L - L^H` for :math:`L =
     \operatorname{tril}(X)` (torch's ``orthogonal`` reads its parameter so), in one pass
-    (``arena``: where the temporary comes from)."""
+    (``arena``: where the temporary comes from; ``out``: where ``A`` is written)."""
     if not lower:
-        return X - X.mH
+        return X - X.mH if out is None else torch.sub(X, X.mH, out=out)
     n = X.shape[-1]
     mask = _strict_lower(n, X.device)
     minus_XH = X.mH.neg() if arena is None else torch.neg(X.mH, out=arena.empty())
-    A = torch.where(mask, X, minus_XH)
+    A = torch.where(mask, X, minus_XH) if out is None else torch.where(mask, X, minus_XH,
+                                                                         out=out)
     # the diagonal of L - L^H: X_ii - conj(X_ii) = 2i Im(X_ii), zero for real X
     diag = A.diagonal(dim1=-2, dim2=-1)
     if X.is_complex():
@@ -820,7 +955,7 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
     def jvp(ctx, dX: Tensor, *unused):  # type: ignore[override]
         X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
         dA = skew_of(dX, ctx.lower).to(A.dtype)
-        dQ = _taylor_tape_adjoint(v, tape, _final(tape), dA.mH).mH
+        dQ = _own(_taylor_tape_adjoint(v, tape, _final(tape), dA.mH)).mH
         return (dQ, *([None] * ctx.n_extra))
 
 
@@ -833,10 +968,11 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
 
     Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
     Xd = X.detach()
-    with Arena(Xd) as arena:  # A^6 and the plan's temporaries: until the forward ends
+    with Arena(Xd) as arena:  # the plan's temporaries: until the forward ends
         with torch.no_grad():
-            A = skew_of(Xd, lower, arena)
-            m, s, powers = _taylor_powers(A, arena)
+            stack = power_stack(Xd)  # A and its powers, stacked for the combinations
+            A = skew_of(Xd, lower, arena, out=None if stack is None else stack[0])
+            m, s, powers = _taylor_powers(A, arena, stack)
         return ExpmOfSkewTaylor.apply(X, A, lower, m, s, *powers)[0]
 
 
@@ -873,9 +1009,9 @@ def expm_skew_taylor(A: Tensor) -> Tensor:
     :math:`O(n^2)` per term. Memory: the intermediate powers and combinations (about
     :math:`2\pi_m + s` matrices).
     """
-    with Arena(A.detach()) as arena:  # A^6 and the plan's temporaries: until the forward ends
+    with Arena(A.detach()) as arena:  # the plan's temporaries: until the forward ends
         with torch.no_grad():
-            m, s, powers = _taylor_powers(A.detach(), arena)
+            m, s, powers = _taylor_powers(A.detach(), arena, power_stack(A.detach()))
         return ExpmTaylor.apply(A, m, s, *powers)[0]
 
 

@@ -314,3 +314,44 @@ def test_expm_of_skew_lower_reads_the_lower_triangle(dtype):
         assert (dQ - dQ_ref).abs().max() < 1e-10
     with pytest.raises(ValueError, match="lower"):
         expm_of_skew(x, lower=1)
+
+
+@pytest.mark.parametrize("n", [9, 130], ids=["heap", "arena"])
+@pytest.mark.parametrize("plan", [(12, 0), (18, 0), (12, 1), (18, 2)], ids=str)
+def test_stacked_combinations_equal_separate_ones(monkeypatch, gen, plan, n):
+    """The degree-12/18 combinations, one product with the powers stacked in one buffer, equal
+    those of separately allocated powers (stacked by copy), values and gradients, for both
+    entry points; results and gradients own their storage (no view of a stack leaks out)."""
+    _forced(monkeypatch, plan)
+    X = 0.3 * torch.randn(2, n, n, dtype=torch.float64, generator=gen)
+    G = torch.randn(2, n, n, dtype=torch.float64, generator=gen)
+
+    def run():
+        x = X.clone().requires_grad_()
+        Q = _expm.expm_of_skew_taylor(x)
+        (gx,) = torch.autograd.grad(Q, x, G)
+        a = (X - X.mT).requires_grad_()
+        R = expm_skew_taylor(a)
+        (ga,) = torch.autograd.grad(R, a, G)
+        return Q, gx, R, ga
+
+    views: list[bool] = []  # whether each combination read its sources without a copy
+
+    def spy(ts):
+        out = stacked_sources(ts)
+        views.append(out._base is not None)
+        return out
+
+    stacked_sources = _expm._stacked
+    monkeypatch.setattr(_expm, "_stacked", spy)
+    stacked = run()
+    assert views == [True, True]
+    monkeypatch.setattr(_expm, "power_stack", lambda A: None)
+    views.clear()
+    separate = run()
+    assert views == [False, False]
+    for s, t in zip(stacked, separate):
+        assert (s - t).abs().max() <= 1e-13 * t.abs().max()
+    for t in stacked:
+        assert t._base is None
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
