@@ -72,7 +72,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import transforms_active
+from ._common import apply_function, transforms_active
 from ._scratch import Arena
 
 __all__ = ["expm_pade", "expm_frechet_adjoint", "expm_pade_autograd", "choose_degree",
@@ -327,7 +327,7 @@ class ExpmPade(torch.autograd.Function):
 
 def expm_pade_autograd(A: Tensor, m: int, s: int) -> Tensor:
     """:math:`r_m(2^{-s}A)^{2^s}` through :class:`ExpmPade` (differentiable in ``A``)."""
-    return ExpmPade.apply(A, m, s)[0]
+    return apply_function(ExpmPade, A, m, s)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -973,7 +973,7 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
             stack = power_stack(Xd)  # A and its powers, stacked for the combinations
             A = skew_of(Xd, lower, arena, out=None if stack is None else stack[0])
             m, s, powers = _taylor_powers(A, arena, stack)
-        return ExpmOfSkewTaylor.apply(X, A, lower, m, s, *powers)[0]
+        return apply_function(ExpmOfSkewTaylor, X, A, lower, m, s, *powers)[0]
 
 
 def _final(tape: list[tuple]) -> str:
@@ -1012,7 +1012,7 @@ def expm_skew_taylor(A: Tensor) -> Tensor:
     with Arena(A.detach()) as arena:  # the plan's temporaries: until the forward ends
         with torch.no_grad():
             m, s, powers = _taylor_powers(A.detach(), arena, power_stack(A.detach()))
-        return ExpmTaylor.apply(A, m, s, *powers)[0]
+        return apply_function(ExpmTaylor, A, m, s, *powers)[0]
 
 
 def expm_skew_taylor_autograd(A: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._common import check_floating, check_matrix, upcast_half
+from ._common import apply_function, check_floating, check_matrix, upcast_half
 from .registry import register
 
 __all__ = ["householder", "householder_inverse"]
@@ -115,7 +115,7 @@ def householder(X: Tensor) -> Tensor:
     check_matrix(X, "X", tall=True)
     check_floating(X, "X")
     _check_real(X, "X")
-    Q = _ReflectorProduct.apply(X.tril(diagonal=-1))
+    Q = apply_function(_ReflectorProduct, X.tril(diagonal=-1))
     diag = X.detach().diagonal(dim1=-2, dim2=-1)
     signs = torch.where(diag < 0, -1.0, 1.0).to(Q.dtype)
     return Q * signs.unsqueeze(-2)

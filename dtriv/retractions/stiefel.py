@@ -40,7 +40,14 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import check_floating, check_matrix, check_same_shape, eps, upcast_half
+from ._common import (
+    apply_function,
+    check_floating,
+    check_matrix,
+    check_same_shape,
+    eps,
+    upcast_half,
+)
 from .lie import expm
 from .registry import register
 
@@ -309,7 +316,7 @@ def polar_factor(X: Tensor) -> Tensor:
     """
     check_matrix(X, "X", tall=True)
     check_floating(X, "X")
-    return _PolarFactor.apply(X)
+    return apply_function(_PolarFactor, X)
 
 
 @upcast_half
@@ -332,7 +339,7 @@ def stiefel_polar(B: Tensor, V: Tensor) -> Tensor:
     Higham (2008), Ch. 8.
     """
     _check(B, V)
-    return _PolarFactor.apply(B + V)
+    return apply_function(_PolarFactor, B + V)
 
 
 def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> Tensor:

@@ -352,8 +352,11 @@ def test_cayley_of_a_singular_shift_raises(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
                                    torch.complex128])
 @pytest.mark.parametrize("n", [5, 64, 130])
-def test_cayley_of_skew_equals_cayley_of_the_skew_part_with_its_gradient(randn, dtype, n):
-    """cayley_of_skew(X) = cayley(X - X^H) with the exact gradient wrt X (torch's solve)."""
+@pytest.mark.parametrize("lower", [False, True])
+def test_cayley_of_skew_equals_cayley_of_the_skew_part_with_its_gradient(randn, dtype, n,
+                                                                          lower):
+    """cayley_of_skew(X) = cayley(X - X^H) with the exact gradient wrt X (torch's solve);
+    with ``lower``, cayley(L - L^H) for L = tril(X) (torch's orthogonal), gradient included."""
     from dtriv.retractions.lie import cayley_of_skew
 
     X = randn(3, n, n, dtype=torch.complex128 if dtype.is_complex else torch.float64)
@@ -367,27 +370,41 @@ def test_cayley_of_skew_equals_cayley_of_the_skew_part_with_its_gradient(randn, 
         (g,) = torch.autograd.grad(Q, x, G.to(dt))
         return Q.to(X.dtype), g.to(X.dtype)
 
-    Q, g = value_and_grad(cayley_of_skew, dtype)
-    Q_ref, g_ref = value_and_grad(lambda x: _cayley_by_solve(x - x.mH), X.dtype)
+    def reference(x):
+        L = x.tril() if lower else x
+        return _cayley_by_solve(L - L.mH)
+
+    Q, g = value_and_grad(lambda x: cayley_of_skew(x, lower=lower), dtype)
+    Q_ref, g_ref = value_and_grad(reference, X.dtype)
     assert (Q - Q_ref).abs().max() < tol * max(1.0, Q_ref.abs().max())
     assert (g - g_ref).abs().max() < tol * max(1.0, g_ref.abs().max())
     assert unitary_error(Q) < 10 * tol
+    if lower:
+        assert (g.triu(1) == 0).all()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("dtype", REAL_COMPLEX)
-def test_cayley_of_skew_gradcheck_second_derivatives_forward_mode_vmap(randn, dtype):
+@pytest.mark.parametrize("lower", [False, True])
+def test_cayley_of_skew_gradcheck_second_derivatives_forward_mode_vmap(randn, dtype, lower):
     from dtriv.retractions.lie import cayley_of_skew
 
+    def f(x):
+        return cayley_of_skew(x, lower=lower)
+
+    def reference(x):
+        L = x.tril() if lower else x
+        return _cayley_by_solve(L - L.mH)
+
     X = (randn(2, 4, 4, dtype=dtype) * 0.5).requires_grad_()
-    assert gradcheck(cayley_of_skew, (X,))
-    assert torch.autograd.gradgradcheck(cayley_of_skew, (X,))
+    assert gradcheck(f, (X,))
+    assert torch.autograd.gradgradcheck(f, (X,))
     E = randn(2, 4, 4, dtype=dtype)
-    _, dQ = torch.func.jvp(cayley_of_skew, (X.detach(),), (E,))
-    _, dQ_ref = torch.func.jvp(lambda x: _cayley_by_solve(x - x.mH), (X.detach(),), (E,))
+    _, dQ = torch.func.jvp(f, (X.detach(),), (E,))
+    _, dQ_ref = torch.func.jvp(reference, (X.detach(),), (E,))
     assert (dQ - dQ_ref).abs().max() < 1e-12
-    Qv = torch.vmap(cayley_of_skew)(X.detach())
-    assert (Qv - cayley_of_skew(X.detach())).abs().max() < 1e-12
+    Qv = torch.vmap(f)(X.detach())
+    assert (Qv - f(X.detach())).abs().max() < 1e-12
 
 
 def test_cayley_of_skew_rejects_bad_input():
@@ -398,3 +415,5 @@ def test_cayley_of_skew_rejects_bad_input():
     with pytest.raises(ValueError, match="floating"):
         cayley_of_skew(torch.zeros(3, 3, dtype=torch.int64))
     assert cayley_of_skew(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+    with pytest.raises(ValueError, match="lower"):
+        cayley_of_skew(torch.zeros(3, 3), lower=1)

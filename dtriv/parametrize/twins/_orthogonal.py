@@ -196,10 +196,9 @@ class _Orthogonal(nn.Module):
             return householder(X)
         if n == k and self.orthogonal_map == _OrthMaps.matrix_exp:
             return expm_of_skew(X, lower=True)  # expm(L - L^H), L = X.tril(): one node
-        L = X.tril()
         if n == k:
-            return cayley_of_skew(L)  # cayley(L - L^H), one autograd node
-        V = _stiefel_tangent(L)
+            return cayley_of_skew(X, lower=True)  # cayley(L - L^H), L = X.tril(): one node
+        V = _stiefel_tangent(X.tril())
         E = torch.eye(n, k, dtype=V.dtype, device=V.device).expand_as(V)
         if self.orthogonal_map == _OrthMaps.matrix_exp:
             return stiefel_exp_canonical(E, V)
