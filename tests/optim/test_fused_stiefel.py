@@ -168,6 +168,7 @@ def test_block_qr_steps_match_geoopt_in_float32(algo, gopt, n, k):
 
 @pytest.mark.parametrize("b,n,k,base", [
     (3, 40, 27, 4), (2, 33, 33, 8), (1, 200, 150, 64), (2, 9, 1, 4),
+    (1, 90, 80, None), (8, 90, 80, None),  # the default widths, one point and a batch
 ])
 @pytest.mark.parametrize("wide", [False, True])
 def test_block_cholesky_qf_is_the_positive_q_factor(b, n, k, base, wide):
