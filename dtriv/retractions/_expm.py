@@ -503,8 +503,10 @@ def _taylor_powers(A: Tensor, arena: Arena | None = None, stack: Tensor | None =
         m, s = taylor_plan(bound, dtype, (12, 18))
         top = taylor_plan(bound, dtype, (18,))
         if m == 18 or (_cost(*top) == _cost(m, s) and top[1] > 0):
-            # Degree 18 needs A^6, whose bound may save a squaring.
+            # Degree 18 needs A^6, whose bound may save a squaring (none left at s = 0).
             A6 = mm(3, A3, A3)
+            if top[1] == 0:
+                return 18, 0, [A2, A3, A6]
             bound = min(bound, _one_norm(A6, scratch) ** (1.0 / 6.0))
             m, s = taylor_plan(bound, dtype, (18,))
             return m, s, [A2, A3, A6]
@@ -710,6 +712,30 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
             buf = like.new_empty(shape) if buf is None else buf
             stacks[op[1]] = buf, buf.unbind(0)
             pending.update(zip(op[1], stacks[op[1]][1]))
+    slots = {id(t) for t in pending.values()}
+    # A value formed from an operand read nowhere else, with coefficient 1 (``out = add +
+    # x @ y``, ``out = src + ...``), passes its gradient to that operand unchanged: when the
+    # operand is (or passes on to) a result of a lin step, the value's gradient accumulates
+    # in that result's slot directly (no copy there later).
+    uses: dict[str, int] = {}
+    for op in tape:
+        names = (op[2], op[3], op[4]) if op[0] == "mm" else (
+            [src for _, src in op[2]] if op[0] == "comb" else op[2])
+        for nm in names:
+            if nm is not None:
+                uses[nm] = uses.get(nm, 0) + 1
+    parent: dict[str, str] = {}
+    for op in tape:
+        if op[0] == "mm" and op[4] is not None and uses[op[4]] == 1:
+            parent[op[1]] = op[4]
+        elif op[0] == "comb" and op[2][0][0] == 1.0 and uses[op[2][0][1]] == 1:
+            parent[op[1]] = op[2][0][1]
+    for nm in parent:
+        root = nm
+        while root in parent and root not in pending:
+            root = parent[root]
+        if root in pending and nm not in pending:
+            pending[nm] = pending[root]
 
     def acc(name: str, t: Tensor, c: float = 1.0, owned: bool = True) -> None:
         cur = grads.get(name)
@@ -718,7 +744,7 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
             if slot is not None:
                 if c != 1.0:
                     torch.mul(t, c, out=slot)
-                else:
+                elif t is not slot:
                     slot.copy_(t)
                 t, owned = slot, True
             elif c != 1.0:
@@ -784,7 +810,7 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
                 acc(src, g, c, owned=False)
             # g is ours and dead after this op (no unit-coefficient alias of it stored above)
             if (entry[1] and last not in grads and last not in pending
-                    and all(c != 1.0 for c, _ in head)):
+                    and id(g) not in slots and all(c != 1.0 for c, _ in head)):
                 grads[last] = [g.mul_(c_last) if c_last != 1.0 else g, True]
             else:
                 acc(last, g, c_last, owned=False)
