@@ -681,30 +681,21 @@ def _saved_names(tape: list[tuple]) -> list[str]:
     return sorted({name for op in tape if op[0] == "mm" for name in op[2:4]} - {"A"})
 
 
-def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: Tensor,
-                         skew_only: bool = False, arena: Arena | None = None) -> Tensor:
-    r"""Reverse pass over the tape: the gradient of :math:`\mathrm{Re}\langle G, v_{out}\rangle`
-    with respect to ``A``. Two products per recorded product, accumulated in place.
+def _gradient_slots(tape: list[tuple], like: Tensor, new
+                    ) -> tuple[dict[str, Tensor], dict[tuple[str, ...], tuple]]:
+    """Where the reverse pass writes the gradients of the results of the ``lin`` steps.
 
-    ``skew_only``: only the skew-Hermitian part of the result is wanted (the gradient along
-    skew directions :math:`\delta A`). Then the squares of the skew :math:`A` and :math:`A^3`
-    cost one product each: along skew directions :math:`\delta(B^2) = \delta B\,B +
-    B\,\delta B` is Hermitian, so only :math:`S = (\bar P + \bar P^H)/2` of the adjoint
-    :math:`\bar P` of :math:`P = B^2` matters, and :math:`S B^H + B^H S = -(SB + (SB)^H)`
-    has the skew-Hermitian part of :math:`-2SB`, which is accumulated instead.
+    Each ``lin`` step gets one buffer (from ``new``, else fresh), one slot per result, which its
+    reverse step multiplies by the transposed coefficients. A value formed from an operand read
+    nowhere else, with coefficient 1 (``out = add + x @ y``, ``out = src + ...``), passes its
+    gradient to that operand unchanged: when the operand is (or passes on to) a ``lin`` result,
+    the value's gradient accumulates in that result's slot directly (no copy later).
 
-    ``arena``: where the temporaries come from (:class:`~dtriv.retractions._scratch.Arena`,
-    shaped like ``A``; the caller gives them back and keeps the result); default: fresh
-    tensors.
+    Returns ``(pending, stacks)``: name -> slot (the values' slots, taken as the gradients
+    arrive), and ``outs -> (buffer, slots)`` per ``lin`` step.
     """
-    grads: dict[str, list] = {out: [G, False]}  # name -> [tensor, owned (writable)]
-    # out= a scratch buffer, or None (a fresh result)
-    new = arena.empty if arena is not None else (lambda shape=None: None)
-    # the gradients of the results of a ``lin`` step are written into the slots of one
-    # buffer, which its reverse step multiplies by the transposed coefficients
     pending: dict[str, Tensor] = {}
     stacks: dict[tuple[str, ...], tuple[Tensor, tuple[Tensor, ...]]] = {}
-    like = v["A"]
     for op in tape:
         if op[0] == "lin":
             shape = (len(op[1]), *like.shape)
@@ -712,11 +703,6 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
             buf = like.new_empty(shape) if buf is None else buf
             stacks[op[1]] = buf, buf.unbind(0)
             pending.update(zip(op[1], stacks[op[1]][1]))
-    slots = {id(t) for t in pending.values()}
-    # A value formed from an operand read nowhere else, with coefficient 1 (``out = add +
-    # x @ y``, ``out = src + ...``), passes its gradient to that operand unchanged: when the
-    # operand is (or passes on to) a result of a lin step, the value's gradient accumulates
-    # in that result's slot directly (no copy there later).
     uses: dict[str, int] = {}
     for op in tape:
         names = (op[2], op[3], op[4]) if op[0] == "mm" else (
@@ -736,6 +722,33 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
             root = parent[root]
         if root in pending and nm not in pending:
             pending[nm] = pending[root]
+    return pending, stacks
+
+
+def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: Tensor,
+                         skew_only: bool = False, arena: Arena | None = None) -> Tensor:
+    r"""Reverse pass over the tape: the gradient of :math:`\mathrm{Re}\langle G, v_{out}\rangle`
+    with respect to ``A``. Two products per recorded product, accumulated in place, and one
+    product of the transposed coefficients with the stacked gradients per ``lin`` step
+    (:func:`_gradient_slots`).
+
+    ``skew_only``: only the skew-Hermitian part of the result is wanted (the gradient along
+    skew directions :math:`\delta A`). Then the squares of the skew :math:`A` and :math:`A^3`
+    cost one product each: along skew directions :math:`\delta(B^2) = \delta B\,B +
+    B\,\delta B` is Hermitian, so only :math:`S = (\bar P + \bar P^H)/2` of the adjoint
+    :math:`\bar P` of :math:`P = B^2` matters, and :math:`S B^H + B^H S = -(SB + (SB)^H)`
+    has the skew-Hermitian part of :math:`-2SB`, which is accumulated instead.
+
+    ``arena``: where the temporaries come from (:class:`~dtriv.retractions._scratch.Arena`,
+    shaped like ``A``; the caller gives them back and keeps the result); default: fresh
+    tensors.
+    """
+    grads: dict[str, list] = {out: [G, False]}  # name -> [tensor, owned (writable)]
+    # out= a scratch buffer, or None (a fresh result)
+    new = arena.empty if arena is not None else (lambda shape=None: None)
+    like = v["A"]
+    pending, stacks = _gradient_slots(tape, like, new)
+    slots = {id(t) for t in pending.values()}
 
     def acc(name: str, t: Tensor, c: float = 1.0, owned: bool = True) -> None:
         cur = grads.get(name)
