@@ -61,6 +61,8 @@ from torch.nn.utils.parametrize import (
     remove_parametrizations,
 )
 
+from dtriv.retractions._common import check_flag
+
 __all__ = [
     "CachePerForward",
     "ForwardMemo",
@@ -313,8 +315,7 @@ def memoize(model: nn.Module, enabled: bool = True) -> int:
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(enabled, bool):
-        raise ValueError(f"enabled: expected True or False, got {enabled!r}")
+    check_flag(enabled, "enabled")
     count = 0
     for module in model.modules():
         if isinstance(getattr(module, "_memo", None), ForwardMemo):

@@ -82,6 +82,12 @@ def check_floating(X: Tensor, name: str) -> None:
         )
 
 
+def check_flag(value: object, name: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False`` (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
 def check_same_shape(A: Tensor, B: Tensor, name_a: str, name_b: str) -> None:
     """Raise ``ValueError`` unless ``A`` and ``B`` have the same shape."""
     if A.shape != B.shape:

@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 from ._common import (
     apply_function,
     cached_eye,
+    check_flag,
     check_floating,
     check_matrix,
     eps,
@@ -208,8 +209,7 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
     """
     check_matrix(X, "X", square=True)
     check_floating(X, "X")
-    if not isinstance(lower, bool):
-        raise ValueError(f"lower: expected True or False, got {lower!r}")
+    check_flag(lower, "lower")
 
     def reference() -> Tensor:
         L = X.tril() if lower else X
@@ -413,8 +413,7 @@ def cayley_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
     """
     check_matrix(X, "X", square=True)
     check_floating(X, "X")
-    if not isinstance(lower, bool):
-        raise ValueError(f"lower: expected True or False, got {lower!r}")
+    check_flag(lower, "lower")
     if X.numel() == 0:
         return X.clone()
     return apply_function(_CayleyOfSkew, X, lower)[0]
