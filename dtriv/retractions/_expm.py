@@ -540,15 +540,16 @@ def _coefficients(rows: tuple[tuple[float, ...], ...], diags: tuple[float, ...],
     return C, D
 
 
-def _mm_into(out: Tensor | None, X: Tensor, Y: Tensor) -> Tensor:
-    """``out + X @ Y`` (in place when ``out`` is given, fused for 2- and 3-dimensional)."""
+def _mm_into(out: Tensor | None, X: Tensor, Y: Tensor, inplace: bool = True) -> Tensor:
+    """``out + X @ Y``, fused for 2- and 3-dimensional operands: written into ``out`` when
+    ``inplace``, else into a fresh tensor (``X @ Y`` when ``out`` is ``None``)."""
     if out is None:
         return X @ Y
     if out.dim() == 2 and X.dim() == 2 and Y.dim() == 2:
-        return out.addmm_(X, Y)
+        return out.addmm_(X, Y) if inplace else torch.addmm(out, X, Y)
     if out.dim() == 3 and X.dim() == 3 and Y.dim() == 3:
-        return out.baddbmm_(X, Y)
-    return out.add_(X @ Y)
+        return out.baddbmm_(X, Y) if inplace else torch.baddbmm(out, X, Y)
+    return out.add_(X @ Y) if inplace else out + X @ Y
 
 
 def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
@@ -596,18 +597,9 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
         tape.append(("comb", out, tuple(terms), d))
 
     def mm(out: str, x: str, y: str, add: str | None = None, fresh: bool = False) -> None:
-        if add is None:
-            v[out] = v[x] @ v[y]
-        elif fresh:  # the result: its own storage (the added term is a slot of a stack)
-            t = v[add]
-            if t.dim() == 2:
-                v[out] = torch.addmm(t, v[x], v[y])
-            elif t.dim() == 3:
-                v[out] = torch.baddbmm(t, v[x], v[y])
-            else:
-                v[out] = t + v[x] @ v[y]
-        else:  # every scheme reads its added term only here: accumulate into it
-            v[out] = _mm_into(v[add], v[x], v[y])
+        # every scheme reads its added term only here: accumulate into it, except for the
+        # result (``fresh``), which gets its own storage (the added term is a slot of a stack)
+        v[out] = _mm_into(None if add is None else v[add], v[x], v[y], inplace=not fresh)
         tape.append(("mm", out, x, y, add))
 
     def lin(outs: list[str], srcs: list[str], table: tuple[tuple[float, ...], ...],
@@ -780,10 +772,10 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
     for op in reversed(tape):
         if op[0] == "lin":
             _, outs, srcs, rows, _ = op
-            buf, slots = stacks[outs]
+            buf, out_slots = stacks[outs]
             if not any(nm in grads for nm in outs):
                 continue
-            for nm, slot in zip(outs, slots):
+            for nm, slot in zip(outs, out_slots):
                 entry = grads.pop(nm, None)
                 if entry is None:
                     slot.zero_()
