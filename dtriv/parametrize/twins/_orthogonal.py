@@ -209,7 +209,7 @@ class _Orthogonal(nn.Module):
             memo = self.__dict__.get("_memo")
             if memo is None:  # unpickled from a version without the memo
                 memo = self._memo = ForwardMemo()
-            return memo(X, getattr(self, "base", None), self._evaluate)
+            return memo(X, self._buffers.get("base"), self._evaluate)
         return self._evaluate(X)
 
     def _forget(self) -> None:
@@ -228,8 +228,9 @@ class _Orthogonal(nn.Module):
         if transposed:
             X = X.mT
         Q = self._map(X)
-        if hasattr(self, "base"):
-            Q = self.base @ Q
+        buffers = self._buffers  # not hasattr: a missing attribute raises inside nn.Module
+        if "base" in buffers:
+            Q = buffers["base"] @ Q
         if transposed:
             Q = Q.mT
         return Q
