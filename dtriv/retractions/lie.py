@@ -336,16 +336,30 @@ def _eyes(X: Tensor) -> tuple[Tensor, Tensor]:
     return _eyes_cached(X.shape[-1], X.dtype, X.device)
 
 
+def _left_times_cayley(B: Tensor, Minv: Tensor) -> Tensor:
+    r""":math:`B Q = 2 B M^{-1} - B` for :math:`Q = 2 M^{-1} - I`, one fused product."""
+    if B.dim() == 2 and Minv.dim() == 2:
+        return torch.addmm(B, B, Minv, beta=-1, alpha=2)
+    if B.dim() == 3 and Minv.dim() == 3:
+        return torch.baddbmm(B, B, Minv, beta=-1, alpha=2)
+    return torch.matmul(B, Minv).mul_(2).sub_(B)
+
+
 class _CayleyOfSkew(torch.autograd.Function):
     r""":math:`Q = 2M^{-1} - I`, :math:`M = I - A/2`, :math:`A = X - X^H` (with ``lower``,
     :math:`A = L - L^H`, :math:`L = \operatorname{tril}(X)`), with the backward
     :math:`\bar X = \bar A - \bar A^H` (its lower triangle with ``lower``),
-    :math:`\bar A = M^{-H} G M^{-H}`."""
+    :math:`\bar A = M^{-H} G M^{-H}`.
+
+    With a ``left`` factor :math:`B` the output is :math:`BQ = 2BM^{-1} - B` (one fused
+    product), the gradient in :math:`Q` is :math:`B^H G` and that in :math:`B` is
+    :math:`G Q^H = 2 G M^{-H} - G`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(X: Tensor, lower: bool) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(X: Tensor, lower: bool, left: Tensor | None  # type: ignore[override]
+                ) -> tuple[Tensor, Tensor]:
         # Few and fused operations: at small n each one costs about as much as the O(n^3) work.
         Id, neg_Id = _eyes(X)
         # Factor M^H = I + A/2 (for a row-major M the column-major matrix LAPACK reads without
@@ -359,35 +373,52 @@ class _CayleyOfSkew(torch.autograd.Function):
         if not transforms_active() and (info.item() if info.dim() == 0 else info.any()):
             _cayley_check(info)
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(X), adjoint=True)
+        if left is not None:
+            return _left_times_cayley(left, Minv), Minv
         return torch.add(neg_Id, Minv, alpha=2.0), Minv
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        X, lower = inputs
+        X, lower, left = inputs
         ctx.lower = lower
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(X, output[1])
-        ctx.save_for_forward(output[1])
+        ctx.save_for_backward(X, output[1], left)
+        ctx.save_for_forward(output[1], left)
 
     @staticmethod
     def backward(ctx, G: Tensor, _unused: Tensor | None = None):  # type: ignore[override]
-        X, Minv = ctx.saved_tensors
+        X, Minv, left = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: a differentiable M^{-1}
             Minv = torch.linalg.inv(torch.add(_eye(X), skew_of(X, ctx.lower), alpha=-0.5))
         MinvH = Minv.mH
-        with Arena(Minv) as arena:  # the two products are temporaries (none in grad mode)
-            GM = torch.matmul(G.to(Minv.dtype), MinvH, out=arena.empty())
+        G = G.to(Minv.dtype)
+        grad_left = None
+        if left is not None and ctx.needs_input_grad[2]:
+            grad_left = _left_times_cayley(G, MinvH)  # G Q^H
+        if not ctx.needs_input_grad[0]:
+            return None, None, grad_left
+        with Arena(Minv) as arena:  # the products are temporaries (none in grad mode)
+            if left is not None:
+                G = torch.matmul(left.mH, G, out=arena.empty())  # the gradient in Q
+            GM = torch.matmul(G, MinvH, out=arena.empty())
             Abar = torch.matmul(MinvH, GM, out=arena.empty())
-            return skew_of_adjoint(Abar, ctx.lower), None
+            return skew_of_adjoint(Abar, ctx.lower), None, grad_left
 
     @staticmethod
-    def jvp(ctx, dX: Tensor, _lower: None):  # type: ignore[override]
-        (Minv,) = ctx.saved_tensors
-        return Minv @ skew_of(dX, ctx.lower) @ Minv, None
+    def jvp(ctx, dX: Tensor | None, _lower: None, dleft: Tensor | None):  # type: ignore[override]
+        Minv, left = ctx.saved_tensors
+        dQ = None if dX is None else Minv @ skew_of(dX, ctx.lower) @ Minv
+        if left is None:
+            return dQ, None
+        out = None if dQ is None else left @ dQ
+        if dleft is not None:
+            dBQ = _left_times_cayley(dleft, Minv)
+            out = dBQ if out is None else out + dBQ
+        return out, None
 
 
 @upcast_half
-def cayley_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
+def cayley_of_skew(X: Tensor, *, lower: bool = False, left: Tensor | None = None) -> Tensor:
     r"""Cayley transform of the skew-Hermitian part: :math:`Q = \mathrm{cay}(X - X^H)`.
 
     With :math:`A = X - X^H` (skew-Hermitian for every square :math:`X`, so :math:`Q` is
@@ -404,19 +435,34 @@ def cayley_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
             :math:`Q = \mathrm{cay}(L - L^H)` with :math:`L = \operatorname{tril}(X)`, the
             gradient :math:`\operatorname{tril}(\bar A - \bar A^H)`. Equal to
             ``cayley_of_skew(X.tril())``, without the separate ``tril`` pass and its node.
+        left: ``(..., m, n)`` with the batch shape and dtype of ``X``, or ``None``: return
+            :math:`B Q` for :math:`B` = ``left`` (a dynamic trivialization's base), equal to
+            ``left @ cayley_of_skew(X, lower=lower)`` with its gradients in ``X`` and
+            ``left``, in one node: :math:`BQ = 2BM^{-1} - B` is one product, and backward
+            takes :math:`B^H G` before the two products of the map.
 
     Returns:
-        ``(..., n, n)``, same dtype as ``X``.
+        ``(..., n, n)``, same dtype as ``X`` (``(..., m, n)`` with ``left``).
 
     Cost: one LU factorisation and a solve with :math:`n` right-hand sides (about
-    :math:`8n^3/3` flops) forward; two products and one transposed subtraction backward.
+    :math:`8n^3/3` flops) forward; two products and one transposed subtraction backward
+    (one product more each way with ``left``).
     """
     check_matrix(X, "X", square=True)
     check_floating(X, "X")
     check_flag(lower, "lower")
+    if left is not None:
+        check_matrix(left, "left")
+        if left.shape[:-2] != X.shape[:-2] or left.shape[-1] != X.shape[-1]:
+            raise ValueError(
+                f"left: expected shape (..., m, {X.shape[-1]}) with the batch shape "
+                f"{tuple(X.shape[:-2])} of X, got {tuple(left.shape)}"
+            )
+        if left.dtype != X.dtype:
+            raise ValueError(f"left: expected the dtype of X ({X.dtype}), got {left.dtype}")
     if X.numel() == 0:
-        return X.clone()
-    return apply_function(_CayleyOfSkew, X, lower)[0]
+        return X.clone() if left is None else left @ X
+    return apply_function(_CayleyOfSkew, X, lower, left)[0]
 
 
 def _cayley_inverse(Q: Tensor) -> tuple[Tensor, Tensor]:

@@ -407,6 +407,82 @@ def test_cayley_of_skew_gradcheck_second_derivatives_forward_mode_vmap(randn, dt
     assert (Qv - f(X.detach())).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
+@pytest.mark.parametrize("shape,m", [((), 5), ((), 8), ((2,), 5), ((2, 3), 7)])
+@pytest.mark.parametrize("lower", [False, True])
+def test_cayley_of_skew_with_a_left_factor_is_the_product(randn, dtype, shape, m, lower):
+    """cayley_of_skew(X, left=B) = B @ cayley_of_skew(X), with the gradients in X and B."""
+    from dtriv.retractions.lie import cayley_of_skew
+
+    n = 5
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    X = randn(*shape, n, n, dtype=wide) / n ** 0.5
+    B = randn(*shape, m, n, dtype=wide)
+    G = randn(*shape, m, n, dtype=wide)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+
+    def value_and_grads(fn, dt):
+        x, b = X.to(dt).requires_grad_(), B.to(dt).requires_grad_()
+        out = fn(x, b)
+        gx, gb = torch.autograd.grad(out, (x, b), G.to(dt))
+        return out.to(wide), gx.to(wide), gb.to(wide)
+
+    got = value_and_grads(lambda x, b: cayley_of_skew(x, lower=lower, left=b), dtype)
+    want = value_and_grads(lambda x, b: b @ cayley_of_skew(x, lower=lower), wide)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < tol * max(1.0, b.abs().max())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("dtype", REAL_COMPLEX)
+def test_cayley_of_skew_with_a_left_factor_derivatives(randn, dtype):
+    """Second derivatives, forward mode (tangents in X, in B and in both) and vmap of the fused
+    left product, against the two-node composition."""
+    from dtriv.retractions.lie import cayley_of_skew
+
+    def f(x, b):
+        return cayley_of_skew(x, lower=True, left=b)
+
+    def reference(x, b):
+        return b @ cayley_of_skew(x, lower=True)
+
+    X = (randn(2, 4, 4, dtype=dtype) * 0.5).requires_grad_()
+    B = randn(2, 3, 4, dtype=dtype).requires_grad_()
+    assert gradcheck(f, (X, B))
+    assert torch.autograd.gradgradcheck(f, (X, B))
+    x, b = X.detach(), B.detach()
+    E, F = randn(*X.shape, dtype=dtype), randn(*B.shape, dtype=dtype)
+    for tangents in ((E, F), (E, torch.zeros_like(F)), (torch.zeros_like(E), F)):
+        _, d = torch.func.jvp(f, (x, b), tangents)
+        _, d_ref = torch.func.jvp(reference, (x, b), tangents)
+        assert (d - d_ref).abs().max() < 1e-12
+    _, d = torch.func.jvp(lambda x: f(x, b), (x,), (E,))
+    _, d_ref = torch.func.jvp(lambda x: reference(x, b), (x,), (E,))
+    assert (d - d_ref).abs().max() < 1e-12
+    assert (torch.vmap(f)(x, b) - f(x, b)).abs().max() < 1e-12
+    # a left factor that does not require grad gets no gradient computed
+    (gx,) = torch.autograd.grad(f(X, b).abs().sum(), X)
+    (gx_ref,) = torch.autograd.grad(reference(X, b).abs().sum(), X)
+    assert (gx - gx_ref).abs().max() < 1e-12
+
+
+def test_cayley_of_skew_rejects_a_bad_left_factor():
+    from dtriv.retractions.lie import cayley_of_skew
+
+    X = torch.zeros(2, 3, 3)
+    with pytest.raises(ValueError, match=r"left: expected shape \(\.\.\., m, 3\)"):
+        cayley_of_skew(X, left=torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="left: expected shape"):
+        cayley_of_skew(X, left=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="left: expected the dtype of X"):
+        cayley_of_skew(X, left=torch.zeros(2, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="left: expected a matrix"):
+        cayley_of_skew(X, left=torch.zeros(3))
+    assert cayley_of_skew(torch.zeros(0, 3, 3), left=torch.zeros(0, 4, 3)).shape == (0, 4, 3)
+    half = cayley_of_skew(X.half(), left=torch.ones(2, 3, 3, dtype=torch.float16))
+    assert half.dtype == torch.float16 and torch.equal(half.float(), torch.ones(2, 3, 3))
+
+
 def test_cayley_of_skew_rejects_bad_input():
     from dtriv.retractions.lie import cayley_of_skew
 

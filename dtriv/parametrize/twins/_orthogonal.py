@@ -227,10 +227,17 @@ class _Orthogonal(nn.Module):
         transposed = X.size(-2) < X.size(-1)
         if transposed:
             X = X.mT
-        Q = self._map(X)
         buffers = self._buffers  # not hasattr: a missing attribute raises inside nn.Module
-        if "base" in buffers:
-            Q = buffers["base"] @ Q
+        if "base" not in buffers:
+            Q = self._map(X)
+        else:
+            base = buffers["base"]
+            if (self.orthogonal_map == _OrthMaps.cayley and X.size(-2) == X.size(-1)
+                    and base is not None and base.dtype == X.dtype):
+                # base @ cayley(L - L^H) in one node (one product, one autograd node less)
+                Q = cayley_of_skew(X, lower=True, left=base)
+            else:
+                Q = base @ self._map(X)
         if transposed:
             Q = Q.mT
         return Q
