@@ -61,7 +61,7 @@ from torch.nn.utils.parametrize import (
     remove_parametrizations,
 )
 
-from dtriv.retractions._common import check_flag
+from dtriv.retractions._common import backward_ran, check_flag, reports_backward_of
 
 __all__ = [
     "CachePerForward",
@@ -177,6 +177,27 @@ def _state(X: Tensor, base: Tensor | None) -> tuple:
     )
 
 
+def _watch(node: Any) -> Any:
+    """What tells the memo that backward has reached ``node``: the node itself when it records
+    its backward (:func:`~dtriv.retractions._common.reports_backward`), else a list that a
+    pre-hook on it fills (the node's output gradients: a builtin ``append``, no Python frame
+    runs during backward, and it returns None, so the gradients are unchanged)."""
+    if reports_backward_of(node):
+        return node
+    seen: list = []
+    node.register_prehook(seen.append)
+    return seen
+
+
+def _consumed(seen: Any) -> bool:
+    """Whether backward has reached the node that :func:`_watch` returned ``seen`` for."""
+    if seen is None:  # not watched: the value does not require grad
+        return False
+    if type(seen) is list:
+        return bool(seen)
+    return backward_ran(seen)
+
+
 class ForwardMemo:
     r"""The last value of a parametrization, reused while nothing it depends on has changed.
 
@@ -190,11 +211,13 @@ class ForwardMemo:
     * grad mode, inference mode, autocast and ``X.requires_grad`` are unchanged;
     * the value was not modified in place (its ``_version``; inference tensors have none);
     * backward has not consumed its graph: the node that made the value (``value.grad_fn``)
-      carries a pre-hook, the ``append`` of a list the memo owns (a builtin: no Python frame
-      runs during backward, and the gradients are neither copied nor changed), so the list is
-      non-empty once backward has reached the value, which is when (``retain_graph=False``)
-      the graph of the map is freed; from then on the value is not handed out (the next read
-      drops it and computes a fresh value with a fresh graph). A value that is a leaf (the map
+      tells when backward reaches it, which is when (``retain_graph=False``) the graph of the
+      map is freed; from then on the value is not handed out (the next read drops it and
+      computes a fresh value with a fresh graph). A node of dtriv's own maps records it itself
+      (:func:`~dtriv.retractions._common.reports_backward`: its backward sets a flag); any
+      other node gets a pre-hook, the ``append`` of a list the memo owns (a builtin: no Python
+      frame runs during backward, and the gradients are neither copied nor changed), so the
+      list is non-empty once backward has reached the value. A value that is a leaf (the map
       returned a tensor that requires grad as is) is not memoized.
 
     So in a training loop the map is computed once per forward however many times the weight is
@@ -214,26 +237,27 @@ class ForwardMemo:
     backward with ``retain_graph=True``; a second ``backward`` through a graph that the first
     one freed raises torch's "backward through the graph a second time" error, exactly as under
     :func:`torch.nn.utils.parametrize.cached`. A value read in grad mode keeps its graph (the
-    map's intermediates) alive until backward frees it, and the value with the gradient its
-    hook received alive until the next read (or :meth:`clear`): one value and one gradient of
-    the tensor's size per parametrization held through the optimizer step. (``weight.grad``
-    stays ``None``, as for torch's parametrized tensors.) The memo is bypassed (the map is
-    computed at every read) under ``torch.compile``, ``torch.jit`` tracing, ``torch.func``
-    transforms and for tensor subclasses; it is not copied by ``deepcopy`` or pickled.
+    map's intermediates) alive until backward frees it, and the value (with the gradient a
+    pre-hook received) alive until the next read (or :meth:`clear`): one value and at most one
+    gradient of the tensor's size per parametrization held through the optimizer step.
+    (``weight.grad`` stays ``None``, as for torch's parametrized tensors.) The memo is
+    bypassed (the map is computed at every read) under ``torch.compile``, ``torch.jit``
+    tracing, ``torch.func`` transforms and for tensor subclasses; it is not copied by
+    ``deepcopy`` or pickled.
 
     Cost of a read that hits: a handful of attribute reads (about a microsecond); of a miss,
-    a few microseconds of bookkeeping besides the map (the node pre-hook: about 12 us per
-    forward and backward, against 20 us for ``retain_grad()`` at ``n = 64`` and 37 us for a
-    tensor hook; ``retain_grad()`` also copies the gradient, about 0.15 of an ``n x n``
-    product at ``n = 512`` on CPU).
+    a few microseconds of bookkeeping besides the map, plus, for a value that a node other than
+    dtriv's own made, the node pre-hook: about 16 us per forward and backward on CPU (against
+    20 us for ``retain_grad()`` at ``n = 64`` and 37 us for a tensor hook; ``retain_grad()``
+    also copies the gradient, about 0.15 of an ``n x n`` product at ``n = 512``).
     """
 
     __slots__ = ("_entry", "__weakref__")
 
     def __init__(self) -> None:
         #: ``(weakref(X), weakref(base) | None, state, value, value._version, seen)`` or None;
-        #: ``seen``: the list the pre-hook of ``value.grad_fn`` appends to (``None``: not
-        #: watched)
+        #: ``seen``: ``value.grad_fn`` when it records its backward itself, else the list its
+        #: pre-hook appends to (``None``: not watched); :func:`_consumed` reads either
         self._entry: tuple | None = None
 
     def clear(self) -> None:
@@ -244,7 +268,7 @@ class ForwardMemo:
     def value(self) -> Tensor | None:
         """The memoized tensor, or ``None`` (also once backward has consumed it: dropped)."""
         entry = self._entry
-        if entry is not None and entry[5]:
+        if entry is not None and _consumed(entry[5]):
             self._entry = entry = None
         return None if entry is None else entry[3]
 
@@ -265,10 +289,7 @@ class ForwardMemo:
         if value.requires_grad:
             if value.grad_fn is None:  # a leaf: backward accumulates into its ``.grad``
                 return value
-            # backward appends the node's output gradients when it reaches the value (a
-            # builtin method: no Python frame runs; it returns None: gradients unchanged)
-            seen = []
-            value.grad_fn.register_prehook(seen.append)
+            seen = _watch(value.grad_fn)
         base_ref = None if base is None else weakref.ref(base)
         self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen)
         return value
@@ -278,7 +299,7 @@ class ForwardMemo:
         """The checks that need no ``_state``: backward, in-place writes, identities."""
         value = entry[3]
         return (
-            not entry[5]
+            not _consumed(entry[5])
             and _version(value) == entry[4]
             and entry[0]() is X
             and (base is None or entry[1]() is base)
@@ -292,7 +313,7 @@ class ForwardMemo:
         if entry is None or not _memo_allowed(X, base):
             return None
         if not self._fresh(entry, X, base):
-            if entry[5]:
+            if _consumed(entry[5]):
                 self._entry = None
             return None
         return entry[3] if entry[2] == _state(X, base) else None

@@ -72,7 +72,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import apply_function, transforms_active
+from ._common import apply_function, reports_backward, transforms_active
 from ._scratch import Arena
 
 __all__ = ["expm_pade", "expm_frechet_adjoint", "expm_pade_autograd", "choose_degree",
@@ -259,6 +259,7 @@ def _frechet_adjoint_block(A: Tensor, G: Tensor) -> Tensor:
     return torch.linalg.matrix_exp(torch.cat([top, bottom], dim=-2))[..., :n, n:]
 
 
+@reports_backward
 class ExpmPade(torch.autograd.Function):
     """Autograd function ``A -> r_m(2^{-s}A)^{2^s}`` with the Al-Mohy--Higham backward.
 
@@ -858,6 +859,7 @@ def _restore_tape(ctx, A: Tensor, saved: list[Tensor]) -> tuple[dict[str, Tensor
     return v, tape
 
 
+@reports_backward
 class ExpmTaylor(torch.autograd.Function):
     """``A -> T_m(2^{-s}A)^{2^s}`` (skew ``A``) with the hand-written reverse pass.
 
@@ -937,6 +939,7 @@ def skew_of_adjoint(Abar: Tensor, lower: bool = False) -> Tensor:
     return grad.tril_() if lower else grad
 
 
+@reports_backward
 class ExpmOfSkewTaylor(torch.autograd.Function):
     """``X -> T_m(2^{-s}A)^{2^s}`` with ``A = X - X^H`` (or ``tril(X) - tril(X)^H``) and the
     gradient with respect to ``X``.

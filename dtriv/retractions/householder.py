@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._common import apply_function, check_floating, check_matrix, upcast_half
+from ._common import (
+    apply_function,
+    check_floating,
+    check_matrix,
+    reports_backward,
+    upcast_half,
+)
 from .registry import register
 
 __all__ = ["householder", "householder_inverse"]
@@ -58,6 +64,7 @@ def _reflector_product_wy(A: Tensor) -> Tensor:
     return E - Y @ Z
 
 
+@reports_backward
 class _ReflectorProduct(torch.autograd.Function):
     """``householder_product(A, 2 / (1 + |a_j|^2))`` with an O(n k^2) backward.
 

@@ -32,6 +32,7 @@ from ._common import (
     check_floating,
     check_matrix,
     eps,
+    reports_backward,
     transforms_active,
     upcast_half,
 )
@@ -240,6 +241,7 @@ def _cayley_check(info: Tensor) -> None:
         )
 
 
+@reports_backward
 class _Cayley(torch.autograd.Function):
     r""":math:`Q = 2M^{-1} - I`, :math:`M = I - A/2`, with the backward
     :math:`\bar A = M^{-H} G M^{-H}` from the saved :math:`M^{-1}`."""
@@ -345,6 +347,7 @@ def _left_times_cayley(B: Tensor, Minv: Tensor) -> Tensor:
     return torch.matmul(B, Minv).mul_(2).sub_(B)
 
 
+@reports_backward
 class _CayleyOfSkew(torch.autograd.Function):
     r""":math:`Q = 2M^{-1} - I`, :math:`M = I - A/2`, :math:`A = X - X^H` (with ``lower``,
     :math:`A = L - L^H`, :math:`L = \operatorname{tril}(X)`), with the backward

@@ -29,6 +29,7 @@ from ._common import (
     check_same_shape,
     compute_dtype,
     eps,
+    reports_backward,
     upcast_half,
 )
 from .registry import register
@@ -162,6 +163,7 @@ def _tangent_backward(x: Tensor, X: Tensor, gV: Tensor, b: Tensor, r2: float,
     return gx, gX
 
 
+@reports_backward
 class _SphereExp(torch.autograd.Function):
     r"""``(x, v, r) -> cos(t) x + sinc(t) v`` with :math:`z = t^2 = \|v\|^2/r^2`: one node.
 
@@ -219,6 +221,7 @@ class _SphereExp(torch.autograd.Function):
         return gx, gv, None
 
 
+@reports_backward
 class _SphereProjective(torch.autograd.Function):
     r"""``(x, v, r) -> r (x + v)/\|x + v\|``: one node.
 
@@ -256,6 +259,7 @@ class _SphereProjective(torch.autograd.Function):
                 (gw.clone() if need_x else gw) if need_v else None, None)
 
 
+@reports_backward
 class _SphereTangent(torch.autograd.Function):
     r"""``(x, v, r) -> v - x Re<x, v>/r^2``, the tangent projection at ``x``: one node.
 
@@ -289,6 +293,7 @@ class _SphereTangent(torch.autograd.Function):
         return gx, gv, None
 
 
+@reports_backward
 class _TrivializeProjective(torch.autograd.Function):
     r"""``(x, X, r) -> r w/|w|`` with ``w = x + P_x(X)``, :math:`P_x(X) = X - x\,c`,
     :math:`c = \operatorname{Re}\langle x, X\rangle/r^2`: tangent projection and projective
@@ -344,6 +349,7 @@ class _TrivializeProjective(torch.autograd.Function):
         return gx, gX, None
 
 
+@reports_backward
 class _TrivializeExp(torch.autograd.Function):
     r"""``(x, X, r) -> cos(t) x + sinc(t) V`` with ``V = P_x(X)``, :math:`t^2 = z =
     \|V\|^2/r^2`: tangent projection and exponential map in one node.

@@ -46,6 +46,7 @@ from ._common import (
     check_matrix,
     check_same_shape,
     eps,
+    reports_backward,
     upcast_half,
 )
 from .lie import expm
@@ -267,6 +268,7 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- polar
 
 
+@reports_backward
 class _PolarFactor(torch.autograd.Function):
     r"""Polar factor :math:`Q = U W^H` of a full-rank ``X = U S W^H`` with a stable backward.
 

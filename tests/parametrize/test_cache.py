@@ -29,6 +29,7 @@ from dtriv.parametrize import (
     orthogonal,
     refresh,
 )
+from dtriv.retractions._common import backward_ran, reports_backward_of
 
 F64 = torch.float64
 STEPS = 12
@@ -214,18 +215,26 @@ def test_autograd_grad_consumes_the_memo(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_drops_the_memoized_value(kind):
-    # backward reaches the memoized value: the pre-hook of its node sees d loss / d W
-    # (unchanged, not copied into W.grad, which stays None as for torch's parametrized
-    # tensors), and the memo no longer hands the value out
+    # backward reaches the memoized value: its node records it (dtriv's own nodes set a flag;
+    # on any other node a pre-hook sees d loss / d W, unchanged, not copied into W.grad, which
+    # stays None as for torch's parametrized tensors), and the memo no longer hands it out
     model = RNN(seed=9, kind=kind)
     W = model.recurrent.weight
     C = torch.randn(W.shape, dtype=F64)
     memo = model.recurrent.parametrizations.weight[0]._memo
     assert memo.value is W
+    node = W.grad_fn
+    own = reports_backward_of(node)
+    assert own == (kind == "twin-cayley-notriv")  # the others end in a product with the base
+    assert memo._entry[5] is node if own else memo._entry[5] == []
+    assert not backward_ran(node)
     ((W * C).sum() + (W * C).sum()).backward()  # two reads of one value
     assert not W.retains_grad
-    (grads,) = memo._entry[5]
-    assert torch.equal(grads[W.output_nr], 2 * C)
+    if own:
+        assert backward_ran(node)
+    else:
+        (grads,) = memo._entry[5]
+        assert torch.equal(grads[W.output_nr], 2 * C)
     assert memo.value is None
     W2 = model.recurrent.weight
     assert W2 is not W and not W2.retains_grad
