@@ -541,16 +541,23 @@ def _coefficients(rows: tuple[tuple[float, ...], ...], diags: tuple[float, ...],
     return C, D
 
 
-def _mm_into(out: Tensor | None, X: Tensor, Y: Tensor, inplace: bool = True) -> Tensor:
-    """``out + X @ Y``, fused for 2- and 3-dimensional operands: written into ``out`` when
-    ``inplace``, else into a fresh tensor (``X @ Y`` when ``out`` is ``None``)."""
+def _mm_into(out: Tensor | None, X: Tensor, Y: Tensor, inplace: bool = True,
+             beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """``beta out + alpha X @ Y``, fused for 2- and 3-dimensional operands: written into
+    ``out`` when ``inplace``, else into a fresh tensor (``X @ Y`` when ``out`` is ``None``,
+    where ``beta`` and ``alpha`` must be 1)."""
     if out is None:
         return X @ Y
     if out.dim() == 2 and X.dim() == 2 and Y.dim() == 2:
-        return out.addmm_(X, Y) if inplace else torch.addmm(out, X, Y)
+        return (out.addmm_(X, Y, beta=beta, alpha=alpha) if inplace
+                else torch.addmm(out, X, Y, beta=beta, alpha=alpha))
     if out.dim() == 3 and X.dim() == 3 and Y.dim() == 3:
-        return out.baddbmm_(X, Y) if inplace else torch.baddbmm(out, X, Y)
-    return out.add_(X @ Y) if inplace else out + X @ Y
+        return (out.baddbmm_(X, Y, beta=beta, alpha=alpha) if inplace
+                else torch.baddbmm(out, X, Y, beta=beta, alpha=alpha))
+    if beta != 1.0:
+        out = out.mul_(beta) if inplace else out * beta
+        inplace = True
+    return out.add_(X @ Y, alpha=alpha) if inplace else torch.add(out, X @ Y, alpha=alpha)
 
 
 def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
@@ -772,7 +779,7 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
 
     for op in reversed(tape):
         if op[0] == "lin":
-            _, outs, srcs, rows, _ = op
+            _, outs, srcs, rows, diags = op
             buf, out_slots = stacks[outs]
             if not any(nm in grads for nm in outs):
                 continue
@@ -782,7 +789,7 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
                     slot.zero_()
                 elif entry[0] is not slot:
                     slot.copy_(entry[0])
-            C, _ = _coefficients(rows, op[4], like.dtype, like.device)
+            C, _ = _coefficients(rows, diags, like.dtype, like.device)
             gP = new((len(srcs), *like.shape))
             gP = torch.mm(C.mT, buf.view(len(outs), -1),
                           out=None if gP is None else gP.view(len(srcs), -1)

@@ -38,6 +38,7 @@ from ._common import (
 )
 from ._expm import (
     NonFiniteError,
+    _mm_into,
     choose_degree,
     expm_of_skew_taylor,
     expm_pade_autograd,
@@ -340,11 +341,7 @@ def _eyes(X: Tensor) -> tuple[Tensor, Tensor]:
 
 def _left_times_cayley(B: Tensor, Minv: Tensor) -> Tensor:
     r""":math:`B Q = 2 B M^{-1} - B` for :math:`Q = 2 M^{-1} - I`, one fused product."""
-    if B.dim() == 2 and Minv.dim() == 2:
-        return torch.addmm(B, B, Minv, beta=-1, alpha=2)
-    if B.dim() == 3 and Minv.dim() == 3:
-        return torch.baddbmm(B, B, Minv, beta=-1, alpha=2)
-    return torch.matmul(B, Minv).mul_(2).sub_(B)
+    return _mm_into(B, B, Minv, inplace=False, beta=-1.0, alpha=2.0)
 
 
 @reports_backward

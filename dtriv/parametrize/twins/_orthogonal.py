@@ -189,20 +189,23 @@ class _Orthogonal(nn.Module):
             self.register_buffer("base", None)
 
     # ------------------------------------------------------------------ maps
-    def _map(self, X: Tensor) -> Tensor:
-        """The map on the tall frame (``X`` is ``(..., n, k)``, ``n >= k``), without base."""
+    def _map(self, X: Tensor, base: Tensor | None = None) -> Tensor:
+        """The map on the tall frame (``X`` is ``(..., n, k)``, ``n >= k``), multiplied from
+        the left by ``base`` when one is given."""
         n, k = X.size(-2), X.size(-1)
+        if n == k and self.orthogonal_map == _OrthMaps.cayley:
+            # base @ cayley(L - L^H), L = X.tril(): one node (one product, the base's included)
+            return cayley_of_skew(X, lower=True, left=base)
         if self.orthogonal_map == _OrthMaps.householder:
-            return householder(X)
-        if n == k and self.orthogonal_map == _OrthMaps.matrix_exp:
-            return expm_of_skew(X, lower=True)  # expm(L - L^H), L = X.tril(): one node
-        if n == k:
-            return cayley_of_skew(X, lower=True)  # cayley(L - L^H), L = X.tril(): one node
-        V = _stiefel_tangent(X.tril())
-        E = torch.eye(n, k, dtype=V.dtype, device=V.device).expand_as(V)
-        if self.orthogonal_map == _OrthMaps.matrix_exp:
-            return stiefel_exp_canonical(E, V)
-        return stiefel_cayley(E, V)
+            Q = householder(X)
+        elif n == k:
+            Q = expm_of_skew(X, lower=True)  # expm(L - L^H), L = X.tril(): one node
+        else:
+            V = _stiefel_tangent(X.tril())
+            E = torch.eye(n, k, dtype=V.dtype, device=V.device).expand_as(V)
+            Q = (stiefel_exp_canonical(E, V) if self.orthogonal_map == _OrthMaps.matrix_exp
+                 else stiefel_cayley(E, V))
+        return Q if base is None else base @ Q
 
     def forward(self, X: Tensor) -> Tensor:
         if self.memoize and not torch.compiler.is_compiling():
@@ -227,17 +230,8 @@ class _Orthogonal(nn.Module):
         transposed = X.size(-2) < X.size(-1)
         if transposed:
             X = X.mT
-        buffers = self._buffers  # not hasattr: a missing attribute raises inside nn.Module
-        if "base" not in buffers:
-            Q = self._map(X)
-        else:
-            base = buffers["base"]
-            if (self.orthogonal_map == _OrthMaps.cayley and X.size(-2) == X.size(-1)
-                    and base is not None and base.dtype == X.dtype):
-                # base @ cayley(L - L^H) in one node (one product, one autograd node less)
-                Q = cayley_of_skew(X, lower=True, left=base)
-            else:
-                Q = base @ self._map(X)
+        # the buffer, not hasattr: a missing attribute raises (and is caught) inside nn.Module
+        Q = self._map(X, self._buffers.get("base"))
         if transposed:
             Q = Q.mT
         return Q
