@@ -28,11 +28,13 @@ from torch import Tensor
 
 from dtriv.manifolds.stiefel import Stiefel
 from dtriv.retractions._common import cached_eye
+from dtriv.retractions._layout import transposable_empty
 from dtriv.retractions._scratch import Arena
 from dtriv.retractions.stiefel import qf
 
 __all__ = [
     "block_cholesky_qf_",
+    "cross",
     "fast_stiefel",
     "moment_and_sq_norm",
     "moment_and_sq_norm_",
@@ -91,27 +93,23 @@ def write_back(manifold: Stiefel, X: Tensor, batch: Tensor) -> None:
 def _sym_(A: Tensor, out: Tensor | None = None) -> Tensor:
     """``(A + A^T)/2`` of a batch of square matrices (into ``out``, else a new tensor).
 
-    For contiguous ``A`` with ``k`` a multiple of 32 the sum runs over ``32 x 32`` tiles
-    (the transposed operand is read tile by tile, which keeps it in cache: 2x faster on CPU
-    for a batch of ``256 x 256``); the result is the same, entry by entry.
+    ``A`` is read by columns: give it padded rows where they alias (:func:`cross`; see
+    :mod:`dtriv.retractions._layout`: 2x faster for a ``512 x 512`` ``A``, 4x at 1024).
     """
-    b, k = A.shape[0], A.shape[-1]
-    t = 32
-    if k % t or k == t or not A.is_contiguous():
-        return torch.add(A, A.mT, out=out).mul_(0.5)
-    nb = k // t
-    V = A.view(b, nb, t, nb, t)
-    if out is None:
-        out = torch.empty_like(A)
-    # out[i-tile, j-tile] = A[i-tile, j-tile] + A[j-tile, i-tile]^T, tile dims innermost
-    torch.add(V.permute(0, 1, 3, 2, 4), V.permute(0, 3, 1, 4, 2),
-              out=out.view(b, nb, t, nb, t).permute(0, 1, 3, 2, 4))
-    return out.mul_(0.5)
+    return torch.add(A, A.mT, out=out).mul_(0.5)
+
+
+def cross(X: Tensor, Y: Tensor, arena: Arena | None = None) -> Tensor:
+    r""":math:`X^T Y` for tall batches ``(b, n, k)``, ``(b, n, k')``, written into rows that
+    keep its transposed read fast (padded where ``k'`` float rows alias), for :func:`_sym_`;
+    from ``arena`` when given."""
+    shape = (X.shape[0], X.shape[-1], Y.shape[-1])
+    return torch.bmm(X.mT, Y, out=transposable_empty(shape, X, arena))
 
 
 def riemannian_grad(X: Tensor, G: Tensor) -> Tensor:
     r""":math:`G - X \operatorname{sym}(X^T G)` for tall batches ``(m, n, k)``."""
-    return torch.baddbmm(G, X, _sym_(torch.bmm(X.mT, G)), alpha=-1)
+    return torch.baddbmm(G, X, _sym_(cross(X, G)), alpha=-1)
 
 
 def sq_norms(g: Tensor) -> Tensor:
@@ -174,8 +172,8 @@ def moment_and_sq_norm_(
     """
     square = X.shape[:1] + X.shape[-1:] * 2
     with Arena(X) as arena:  # the k x k temporaries, reused from step to step
-        Sg = _sym_(torch.bmm(X.mT, G, out=arena.empty(square)), out=arena.empty(square))
-        S = _sym_(torch.bmm(X.mT, m, out=arena.empty(square)), out=arena.empty(square))
+        Sg = _sym_(cross(X, G, arena), out=arena.empty(square))
+        S = _sym_(cross(X, m, arena), out=arena.empty(square))
         S.lerp_(Sg, 1 - beta)
         m.lerp_(G, 1 - beta).baddbmm_(X, S, alpha=-1)
         G2 = sq_norms(G)

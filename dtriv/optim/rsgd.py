@@ -202,7 +202,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         else:
             # in place: raw <- M = G + mu/(1 - tau) raw, then (1 - tau) (M - X sym(X^T M))
             torch.add(Gb, raw, alpha=momentum / (1 - dampening), out=raw)
-            S = _stiefel._sym_(torch.bmm(Xb.mT, raw))
+            S = _stiefel._sym_(_stiefel.cross(Xb, raw))
             raw.baddbmm_(Xb, S, beta=1 - dampening, alpha=-(1 - dampening))
         _stiefel.retract_(manifold, bucket.method, Xb, raw, -lr, self._on_manifold(params))
         if not raw_view:

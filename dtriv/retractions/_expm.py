@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 from ._common import apply_function, reports_backward, transforms_active
+from ._layout import COPY_MIN_SIZE, aliases, padded_empty, transposable
 from ._scratch import Arena
 
 __all__ = ["expm_pade", "expm_frechet_adjoint", "expm_pade_autograd", "choose_degree",
@@ -804,7 +805,8 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
         if op[0] == "mm":
             _, _, x, y, add = op
             if skew_only and x == y and x in ("A", "A3") and add is None:
-                S = torch.add(g, g.mH, out=new())  # 2 sym(g)
+                gp = transposable(g, arena)  # padded rows when g.mH would alias
+                S = torch.add(gp, gp.mH, out=new())  # 2 sym(g)
                 cur = grads.get(x)
                 if cur is not None and cur[1] and cur[0].dim() == 2 and S.dim() == 2:
                     cur[0].addmm_(S, v[x], alpha=-1.0)
@@ -916,7 +918,18 @@ def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None,
             out: Tensor | None = None) -> Tensor:
     r""":math:`A = X - X^H`, or with ``lower`` :math:`A = L - L^H` for :math:`L =
     \operatorname{tril}(X)` (torch's ``orthogonal`` reads its parameter so), in one pass
-    (``arena``: where the temporary comes from; ``out``: where ``A`` is written)."""
+    (``arena``: where the temporary comes from; ``out``: where ``A`` is written).
+
+    When reading ``X`` by columns aliases in the cache (:func:`~._layout.aliases`: rows a
+    multiple of 512 bytes long), ``X`` (its lower triangle with ``lower``) is first copied
+    into padded rows, and ``A`` is one subtraction from that copy."""
+    if aliases(X, COPY_MIN_SIZE):
+        P = padded_empty(tuple(X.shape), X, arena)
+        if lower:  # the diagonal of L - L^H is X_ii - conj(X_ii) = 2i Im(X_ii), as below
+            torch.tril(X, out=P)
+        else:
+            P.copy_(X)
+        return torch.sub(P, P.mH) if out is None else torch.sub(P, P.mH, out=out)
     if not lower:
         return X - X.mH if out is None else torch.sub(X, X.mH, out=out)
     n = X.shape[-1]
@@ -939,10 +952,13 @@ def _strict_lower(n: int, device: torch.device) -> Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril_(-1)
 
 
-def skew_of_adjoint(Abar: Tensor, lower: bool = False) -> Tensor:
+def skew_of_adjoint(Abar: Tensor, lower: bool = False, arena: Arena | None = None) -> Tensor:
     r"""The gradient with respect to ``X`` of :func:`skew_of` given :math:`\bar A`:
-    :math:`\bar A - \bar A^H`, restricted to the lower triangle with ``lower``."""
-    grad = Abar - Abar.mH
+    :math:`\bar A - \bar A^H`, restricted to the lower triangle with ``lower`` (read from a
+    padded copy of :math:`\bar A` when its transposed read aliases; ``arena``: where that
+    copy comes from)."""
+    P = transposable(Abar, arena)
+    grad = P - P.mH
     return grad.tril_() if lower else grad
 
 
@@ -989,7 +1005,7 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
             with Arena(A) as arena:  # Abar and the other temporaries go back to it
                 Abar = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype),
                                             skew_only=True, arena=arena)
-                grad = skew_of_adjoint(Abar, ctx.lower)
+                grad = skew_of_adjoint(Abar, ctx.lower, arena)
         return (grad, None, None, None, None, *([None] * ctx.n_powers))
 
     @staticmethod

@@ -402,7 +402,7 @@ class _CayleyOfSkew(torch.autograd.Function):
                 G = torch.matmul(left.mH, G, out=arena.empty())  # the gradient in Q
             GM = torch.matmul(G, MinvH, out=arena.empty())
             Abar = torch.matmul(MinvH, GM, out=arena.empty())
-            return skew_of_adjoint(Abar, ctx.lower), None, grad_left
+            return skew_of_adjoint(Abar, ctx.lower, arena), None, grad_left
 
     @staticmethod
     def jvp(ctx, dX: Tensor | None, _lower: None, dleft: Tensor | None):  # type: ignore[override]
