@@ -52,9 +52,12 @@ def aliasing_rows(rows: int, row_bytes: int) -> bool:
     return rows >= MIN_SIZE and row_bytes > 0 and row_bytes % ALIASING_BYTES == 0
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _eager(X: Tensor) -> bool:
-    """A plain CPU tensor in eager code, with no graph recorded through it."""
-    return (type(X) is Tensor and X.device.type == "cpu" and not transforms_active()
+    """A plain CPU tensor (or parameter) in eager code, with no graph recorded through it."""
+    return (type(X) in _PLAIN and X.device.type == "cpu" and not transforms_active()
             and torch._C._get_tracing_state() is None and not torch.compiler.is_compiling()
             and not (X.requires_grad and torch.is_grad_enabled()))
 

@@ -46,6 +46,7 @@ from ._expm import (
     skew_of,
     skew_of_adjoint,
 )
+from ._layout import transposable
 from ._scratch import Arena
 from .registry import register
 
@@ -375,7 +376,9 @@ class _CayleyOfSkew(torch.autograd.Function):
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(X), adjoint=True)
         if left is not None:
             return _left_times_cayley(left, Minv), Minv
-        return torch.add(neg_Id, Minv, alpha=2.0), Minv
+        # LAPACK returns M^{-1} column by column: the row-major Q reads it transposed, from
+        # padded rows where that read would alias (_layout)
+        return torch.add(neg_Id, transposable(Minv.mT).mT, alpha=2.0), Minv
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

@@ -65,8 +65,9 @@ def test_aliases_is_false_for_views_graphs_and_transforms():
     assert not aliases(torch.zeros(512))
     W = X.clone().requires_grad_()
     assert not aliases(W)  # a recorded graph through the copy would be one more node
-    with torch.no_grad():
-        assert aliases(W)
+    P = torch.nn.Parameter(X.clone())
+    with torch.no_grad():  # e.g. inside an autograd.Function's forward
+        assert aliases(W) and aliases(P)
     seen = []
 
     def probe(Y):
@@ -146,6 +147,7 @@ def test_maps_and_gradients_agree_with_and_without_padding(fn, lower, no_padding
         return Q.detach(), W.grad
 
     Q, g = value_and_grad()
+    assert Q.is_contiguous()  # row-major, whatever order the factorization returns
     no_padding()
     Q0, g0 = value_and_grad()
     torch.testing.assert_close(Q, Q0, rtol=1e-12, atol=1e-12)
