@@ -158,19 +158,16 @@ def pieces(count: int, n: int, k: int, device, rounds: int = 15) -> dict[str, fl
     def norms(G, Sg):
         return bool((S.sq_norms(G) - S.sq_norms(Sg) >= 0).all())
 
-    def sym_lerp(Am, Sg):
-        return S._sym_(Am).lerp_(Sg, 0.1)
-
     for r in range(rounds + 2):
         Xw, m = X.clone(), M0.clone()
         tick("matmul", mm)
         G = tick("stack the gradients (a view for one parameter)", stack_grads)
         Ag = tick("X^T G (product)", S.cross, Xw, G)
-        Am = tick("X^T m (product)", S.cross, Xw, m)
         Sg = tick("sym(X^T G)", S._sym_, Ag)
-        Sm = tick("sym(X^T m), lerp with sym(X^T G)", sym_lerp, Am, Sg)
-        tick("m <- lerp(m, G)", m.lerp_, G, 0.1)
-        tick("m <- m - X S (product)", m.baddbmm_, Xw, Sm, alpha=-1)
+        tick("N = lerp(m, G), in place", m.lerp_, G, 0.1)
+        An = tick("X^T N (product)", S.cross, Xw, m)
+        Sn = tick("S = sym(X^T N)", S._sym_, An)
+        tick("m <- N - X S (product)", m.baddbmm_, Xw, Sn, alpha=-1)
         tick("norm(G)^2 - norm(sym(X^T G))^2 (reductions)", norms, G, Sg)
         tick("block-QR bound (reduction)", S.safe_for_block_qr, m, c)
         tick("Y = X + c m", Xw.addcmul_, m, c)

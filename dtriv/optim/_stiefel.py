@@ -156,7 +156,7 @@ def moment_and_sq_norm_(
     .. math:: m' = P_X(\beta m + (1 - \beta) G)
                  = \beta\, \mathcal{T}(m) + (1 - \beta)\, \operatorname{grad}
                  = N - X S, \quad N = \beta m + (1 - \beta) G,\
-                 S = \beta \operatorname{sym}(X^T m) + (1 - \beta) \operatorname{sym}(X^T G),
+                 S = \operatorname{sym}(X^T N),
 
     by linearity of the projection :math:`P_X(V) = V - X \operatorname{sym}(X^T V)` (the
     transport), and returns ``(m', sq)`` with :math:`sq = \|\operatorname{grad}\|^2 =
@@ -167,15 +167,15 @@ def moment_and_sq_norm_(
     formed explicitly.
 
     ``beta`` in ``[0, 1)``; ``m`` must not overlap ``X`` or ``G``. Cost: two products
-    :math:`X^T G`, :math:`X^T m` and one :math:`X S` (:math:`6 b n k^2` flops), one
+    :math:`X^T G`, :math:`X^T N` and one :math:`X S` (:math:`6 b n k^2` flops), one
     ``lerp`` and one reduction pass over ``G``; no ``n x k`` temporaries.
     """
     square = X.shape[:1] + X.shape[-1:] * 2
     with Arena(X) as arena:  # the k x k temporaries, reused from step to step
-        Sg = _sym_(cross(X, G, arena), out=arena.empty(square))
-        S = _sym_(cross(X, m, arena), out=arena.empty(square))
-        S.lerp_(Sg, 1 - beta)
-        m.lerp_(G, 1 - beta).baddbmm_(X, S, alpha=-1)
+        Sg = _sym_(cross(X, G, arena), out=arena.empty(square))  # for the norm
+        N = m.lerp_(G, 1 - beta)
+        S = _sym_(cross(X, N, arena), out=arena.empty(square))
+        N.baddbmm_(X, S, alpha=-1)
         G2 = sq_norms(G)
         sq = G2 - sq_norms(Sg)
     if not bool((sq >= IDENTITY_MIN_FRACTION * G2).all()):

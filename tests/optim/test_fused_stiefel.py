@@ -131,15 +131,16 @@ def test_constraint_holds_over_1000_float32_steps():
 
 @pytest.mark.parametrize("normal_part", [0.0, 1e3])  # the identity, then the explicit fallback
 @pytest.mark.parametrize("beta", [0.0, 0.9])
-def test_moment_and_sq_norm_against_explicit_formulas(normal_part, beta):
+@pytest.mark.parametrize("n,k", [(9, 4), (200, 128)])  # 128 doubles: X^T G in padded rows
+def test_moment_and_sq_norm_against_explicit_formulas(normal_part, beta, n, k):
     from dtriv.optim._stiefel import moment_and_sq_norm
 
-    M = Stiefel(9, 4)
+    M = Stiefel(n, k)
     X = M.sample(3, generator=_gen(0), dtype=torch.float64)
     B = M.sample(3, generator=_gen(1), dtype=torch.float64)  # the previous points
-    m = M.proj_tangent(B, torch.randn(3, 9, 4, generator=_gen(2), dtype=torch.float64))
-    H = torch.randn(3, 4, 4, generator=_gen(3), dtype=torch.float64)
-    G = torch.randn(3, 9, 4, generator=_gen(4), dtype=torch.float64)
+    m = M.proj_tangent(B, torch.randn(3, n, k, generator=_gen(2), dtype=torch.float64))
+    H = torch.randn(3, k, k, generator=_gen(3), dtype=torch.float64)
+    G = torch.randn(3, n, k, generator=_gen(4), dtype=torch.float64)
     G = G + normal_part * X @ (H + H.mT)  # a mostly normal gradient defeats the identity
     new, sq = moment_and_sq_norm(X, G, m, beta)
     grad = M.proj_tangent(X, G)
