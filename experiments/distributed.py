@@ -80,6 +80,15 @@ def setup(device: torch.device) -> DistInfo:
     return DistInfo(rank, world, local, owns_group=True)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, finished: bool = False) -> None:
+    """Destroy the process group this process created.
+
+    ``finished``: every rank ends normally, so they first meet at a barrier and none tears
+    its connections down while another still reads or writes (rank 0 writes the last
+    checkpoint after the others are done). After an error there is no barrier: the other
+    ranks may never arrive.
+    """
     if info.owns_group and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

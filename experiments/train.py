@@ -119,10 +119,13 @@ def train(run: Run, *, resume: bool = False, overwrite: bool = False, progress: 
     if info.active and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     try:
-        return _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
-                      callback)
-    finally:
+        result = _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
+                        callback)
+    except BaseException:
         distributed.teardown(info)
+        raise
+    distributed.teardown(info, finished=True)
+    return result
 
 
 def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress, callback):

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from experiments import checkpoint as ckpt_mod
+from experiments import distributed
 from experiments.checkpoint import MetricsLog, load_checkpoint, read_jsonl, save_checkpoint
 from experiments.cli import main
 from experiments.config import load_config
-from experiments.distributed import from_env
+from experiments.distributed import DistInfo, from_env
 from experiments.progress import ProgressBar, format_duration
 from experiments.train import RunExistsError, train
 
@@ -170,6 +171,31 @@ def test_torchrun_environment():
     assert from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
     with pytest.raises(ValueError, match="RANK"):
         from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+@pytest.fixture
+def group_calls(monkeypatch):
+    """A process group that this process owns, recording barrier and destroy calls."""
+    calls: list[str] = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group",
+                        lambda: calls.append("destroy"))
+    monkeypatch.setattr(distributed, "setup", lambda device: DistInfo(owns_group=True))
+    return calls
+
+
+def test_ranks_meet_at_a_barrier_before_the_group_is_destroyed(write_config, group_calls):
+    run = load_config(write_config())
+    train(run, progress=False)
+    assert group_calls == ["barrier", "destroy"]
+
+
+def test_after_an_error_the_group_is_destroyed_without_a_barrier(write_config, group_calls):
+    run = load_config(write_config())
+    with pytest.raises(Crash):  # another rank may never reach a barrier
+        train(run, progress=False, callback=crash_at(3))
+    assert group_calls == ["destroy"]
 
 
 def test_resume_before_the_first_checkpoint_starts_over(write_config, tmp_path):
