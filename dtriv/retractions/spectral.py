@@ -84,10 +84,22 @@ def power_iteration_(W: Tensor, u: Tensor, v: Tensor, n_iterations: int = 1,
         u.copy_(uc)
         v.copy_(vc)
         return
+    _power_steps_(W, u, v, n_iterations, eps)
+
+
+def _normalize_into(x: Tensor, eps: float, out: Tensor) -> None:
+    """``F.normalize(x, dim=-1, eps=eps, out=out)`` without its Python layers (the same two
+    kernels: the norm, clamped below by ``eps``, then the division)."""
+    torch.div(x, torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(eps), out=out)
+
+
+def _power_steps_(W: Tensor, u: Tensor, v: Tensor, n_iterations: int, eps: float) -> None:
+    """The steps of :func:`power_iteration_` on checked arguments of a compute dtype (float32,
+    float64 or complex), recording no graph: ``W`` detached, ``u``, ``v`` without gradient."""
     WH = W.mH
     for _ in range(n_iterations):
-        F.normalize(_mv(W, v), dim=-1, eps=eps, out=u)
-        F.normalize(_mv(WH, u), dim=-1, eps=eps, out=v)
+        _normalize_into(_mv(W, v), eps, u)
+        _normalize_into(_mv(WH, u), eps, v)
 
 
 @torch.no_grad()

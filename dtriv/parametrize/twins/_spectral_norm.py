@@ -25,12 +25,16 @@ from torch.nn.utils import parametrize
 from dtriv.parametrize.cache import install_fast_read
 from dtriv.retractions._common import apply_function
 from dtriv.retractions.spectral import (
+    _power_steps_,
     power_iteration_,
     power_iteration_init,
     spectral_norm_estimate,
 )
 
 __all__ = ["spectral_norm"]
+
+# the dtypes whose power-iteration steps run as they are (no half-precision round trip)
+_STEPPED = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
 class _DivideBySigma(torch.autograd.Function):
@@ -121,8 +125,11 @@ class _SpectralNorm(nn.Module):
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
         if self.training:
-            power_iteration_(self._reshape_weight_to_matrix(weight.detach()), self._u, self._v,
-                             self.n_power_iterations, eps=self.eps)
+            W = self._reshape_weight_to_matrix(weight.detach())
+            if W.dtype in _STEPPED and self._u.dtype == W.dtype:  # checked at registration
+                _power_steps_(W, self._u, self._v, self.n_power_iterations, self.eps)
+            else:
+                power_iteration_(W, self._u, self._v, self.n_power_iterations, eps=self.eps)
         # the estimate uses clones of u, v: a backward through two forwards sees the u, v of
         # its own forward although the buffers are updated in place
         u = self._u.clone(memory_format=torch.contiguous_format)
