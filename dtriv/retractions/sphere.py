@@ -92,9 +92,12 @@ def _cos_sinc(t2: Tensor) -> tuple[Tensor, Tensor]:
 
 # ---------------------------------------------------------------- fused autograd functions
 def _rdot_fast(x: Tensor, y: Tensor) -> Tensor:
-    """:math:`\\operatorname{Re}\\langle x, y\\rangle` over the last dimension, keepdim."""
+    """:math:`\\operatorname{Re}\\langle x, y\\rangle` over the last dimension, keepdim (for
+    one vector a 0-d tensor, which broadcasts the same: one op less)."""
     d = torch.linalg.vecdot(x, y, dim=-1)
-    return (d.real if d.is_complex() else d).unsqueeze(-1)
+    if d.is_complex():
+        d = d.real
+    return d if x.dim() == 1 else d.unsqueeze(-1)
 
 
 def _cos_sinc_values(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,7 +124,9 @@ def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:
     scalar would cost more than the reduction), else :func:`_dsinc` with its power series.
     """
     z = t * t
-    if t.numel() == 0 or t.amin().item() < _SQRT_SERIES:
+    small = t.item() < _SQRT_SERIES if t.numel() == 1 else (
+        t.numel() == 0 or t.amin().item() < _SQRT_SERIES)
+    if small:
         return 2 * _dsinc(z, cos, sinc)
     return (cos - sinc).div_(z)
 

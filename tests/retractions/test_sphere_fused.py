@@ -23,8 +23,17 @@ def ref_tangent(x, v, r=1.0):
     return v - x * S._rdot(x, v) / r**2
 
 
+def ref_trivialize_exp(x, X, r=1.0):
+    return ref_exp(x, ref_tangent(x, X, r), r)
+
+
+def ref_trivialize_projective(x, X, r=1.0):
+    return ref_projective(x, ref_tangent(x, X, r), r)
+
+
 MAPS = [(S.exp_radius, ref_exp), (S.projective_radius, ref_projective),
-        (S.tangent_radius, ref_tangent)]
+        (S.tangent_radius, ref_tangent), (S.trivialize_exp_radius, ref_trivialize_exp),
+        (S.trivialize_projective_radius, ref_trivialize_projective)]
 
 
 def point_and_tangent(dtype, r, scale, shape=(3, 5), seed=0):
@@ -40,8 +49,9 @@ def point_and_tangent(dtype, r, scale, shape=(3, 5), seed=0):
 @pytest.mark.parametrize("r", [1.0, 2.5])
 @pytest.mark.parametrize("scale", [0.0, 1e-3, 1.0, 3.0])
 @pytest.mark.parametrize("fn,ref", MAPS)
-def test_values_and_gradients_equal_the_formula(fn, ref, scale, r, dtype, tol):
-    x, v = point_and_tangent(dtype, r, scale)
+@pytest.mark.parametrize("shape", [(3, 5), (5,)])  # one vector: its dot products are 0-d
+def test_values_and_gradients_equal_the_formula(fn, ref, scale, r, dtype, tol, shape):
+    x, v = point_and_tangent(dtype, r, scale, shape)
     a, b = fn(x, v, r), ref(x, v, r)
     assert (a - b).abs().max() <= tol * r
     g = torch.randn_like(a)
@@ -51,9 +61,10 @@ def test_values_and_gradients_equal_the_formula(fn, ref, scale, r, dtype, tol):
 
 @pytest.mark.parametrize("scale", [0.0, 1e-3, 1.0])
 @pytest.mark.parametrize("fn,ref", MAPS)
-def test_gradcheck_and_gradgradcheck(fn, ref, scale):
+@pytest.mark.parametrize("shape", [(3, 5), (5,)])
+def test_gradcheck_and_gradgradcheck(fn, ref, scale, shape):
     for dtype in (torch.float64, torch.complex128):
-        x, v = point_and_tangent(dtype, 1.7, scale)
+        x, v = point_and_tangent(dtype, 1.7, scale, shape)
         assert gradcheck(lambda x, v: fn(x, v, 1.7), (x, v))
         assert gradgradcheck(lambda x, v: fn(x, v, 1.7), (x, v))
 
