@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from dtriv.retractions import _scratch
+
 
 def _randn(*shape, dtype, generator):
     if dtype.is_complex:
@@ -14,6 +16,14 @@ def _randn(*shape, dtype, generator):
         parts = torch.randn(*shape, 2, dtype=real, generator=generator)
         return torch.view_as_complex(parts.contiguous())
     return torch.randn(*shape, dtype=dtype, generator=generator)
+
+
+@pytest.fixture
+def fresh_scratch():
+    """The thread's scratch pool empty before and after the test (tests of what it keeps)."""
+    _scratch.clear()
+    yield
+    _scratch.clear()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dtriv.optim import _stiefel
-from dtriv.retractions import _layout, _scratch
+from dtriv.retractions import _layout
 from dtriv.retractions._expm import skew_of, skew_of_adjoint
 from dtriv.retractions._layout import (
     aliases,
@@ -18,12 +18,7 @@ from dtriv.retractions._layout import (
 from dtriv.retractions._scratch import Arena
 from dtriv.retractions.lie import cayley_of_skew, expm_of_skew
 
-
-@pytest.fixture(autouse=True)
-def _fresh_pool():
-    _scratch.clear()
-    yield
-    _scratch.clear()
+pytestmark = pytest.mark.usefixtures("fresh_scratch")
 
 
 @pytest.fixture

@@ -12,12 +12,7 @@ from dtriv.retractions import _scratch
 from dtriv.retractions._scratch import Arena
 from dtriv.retractions.lie import cayley_of_skew, expm, expm_of_skew
 
-
-@pytest.fixture(autouse=True)
-def _fresh_pool():
-    _scratch.clear()
-    yield
-    _scratch.clear()
+pytestmark = pytest.mark.usefixtures("fresh_scratch")
 
 
 @pytest.fixture
