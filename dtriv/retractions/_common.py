@@ -128,6 +128,14 @@ def eps(dtype: torch.dtype) -> float:
 
 #: whether a ``torch.func`` transform (grad, vmap, jvp, ...) is active around the call
 transforms_active = torch._C._are_functorch_transforms_active
+
+
+def eager_context() -> bool:
+    """Whether the call runs in plain eager code: no ``torch.func`` transform, ``torch.jit``
+    tracing or ``torch.compile`` around it (where ``out=`` buffers, host reads and layout
+    tricks are allowed)."""
+    return (not transforms_active() and torch._C._get_tracing_state() is None
+            and not torch.compiler.is_compiling())
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 

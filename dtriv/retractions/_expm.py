@@ -72,7 +72,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import apply_function, reports_backward, transforms_active
+from ._common import apply_function, eager_context, reports_backward
 from ._layout import COPY_MIN_SIZE, aliases, padded_empty, transposable
 from ._scratch import Arena
 
@@ -469,8 +469,7 @@ def power_stack(A: Tensor) -> Tensor | None:
 
 def _plain_eager(A: Tensor) -> bool:
     """Whether ``A`` is a plain tensor in eager code (no transform, tracing or compiling)."""
-    return (type(A) is Tensor and not transforms_active()
-            and torch._C._get_tracing_state() is None and not torch.compiler.is_compiling())
+    return type(A) is Tensor and eager_context()
 
 
 def _taylor_powers(A: Tensor, arena: Arena | None = None, stack: Tensor | None = None

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import transforms_active
+from ._common import eager_context
 from ._scratch import Arena
 
 __all__ = ["ALIASING_BYTES", "COPY_MIN_SIZE", "MIN_SIZE", "PAD_BYTES", "aliases",
@@ -57,8 +57,7 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 def _eager(X: Tensor) -> bool:
     """A plain CPU tensor (or parameter) in eager code, with no graph recorded through it."""
-    return (type(X) in _PLAIN and X.device.type == "cpu" and not transforms_active()
-            and torch._C._get_tracing_state() is None and not torch.compiler.is_compiling()
+    return (type(X) in _PLAIN and X.device.type == "cpu" and eager_context()
             and not (X.requires_grad and torch.is_grad_enabled()))
 
 

@@ -124,9 +124,8 @@ def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:
     scalar would cost more than the reduction), else :func:`_dsinc` with its power series.
     """
     z = t * t
-    small = t.item() < _SQRT_SERIES if t.numel() == 1 else (
-        t.numel() == 0 or t.amin().item() < _SQRT_SERIES)
-    if small:
+    count = t.numel()  # one vector: read t itself, no reduction
+    if count == 0 or (t.item() if count == 1 else t.amin().item()) < _SQRT_SERIES:
         return 2 * _dsinc(z, cos, sinc)
     return (cos - sinc).div_(z)
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from dtriv.parametrize.cache import install_fast_read
-from dtriv.retractions._common import apply_function
+from dtriv.retractions._common import apply_function, compute_dtype
 from dtriv.retractions.spectral import (
     _power_steps_,
     power_iteration_,
@@ -32,9 +32,6 @@ from dtriv.retractions.spectral import (
 )
 
 __all__ = ["spectral_norm"]
-
-# the dtypes whose power-iteration steps run as they are (no half-precision round trip)
-_STEPPED = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
 class _DivideBySigma(torch.autograd.Function):
@@ -126,7 +123,8 @@ class _SpectralNorm(nn.Module):
             return F.normalize(weight, dim=0, eps=self.eps)
         if self.training:
             W = self._reshape_weight_to_matrix(weight.detach())
-            if W.dtype in _STEPPED and self._u.dtype == W.dtype:  # checked at registration
+            # a compute dtype (no half-precision round trip), buffers checked at registration
+            if compute_dtype(W.dtype) == W.dtype and self._u.dtype == W.dtype:
                 _power_steps_(W, self._u, self._v, self.n_power_iterations, self.eps)
             else:
                 power_iteration_(W, self._u, self._v, self.n_power_iterations, eps=self.eps)
