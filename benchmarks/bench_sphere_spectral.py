@@ -4,7 +4,9 @@ Sphere (unit vectors along the last dimension, or the whole tensor for the weigh
 vector): for one vector of 4096, the rows of a (512, 512) matrix and a batch (64, 1024),
 
 * ``dtriv.parametrize.sphere`` (``exp`` and ``projective``, dynamic and static
-  trivializations), geotorch's ``sphere`` when installed, and the plain normalisation
+  trivializations, the parameter drawn ``N(0, 0.1^2)`` away from the base; and ``exp`` near
+  the base, ``N(0, 10^{-6})``, the regime after a refresh, where the map's coefficients come
+  from power series), geotorch's ``sphere`` when installed, and the plain normalisation
   ``v / v.norm(dim=-1, keepdim=True)`` registered as a torch parametrization;
 * the retractions ``sphere_exp`` / ``sphere_projective`` (gradient in the tangent ``v``)
   against the formula ``(x + v) / (x + v).norm(dim=-1, keepdim=True)``;
@@ -163,6 +165,12 @@ def sphere_rows(args, device, shapes, ratios=None):
                 with torch.no_grad():  # a point away from the base
                     m.parametrizations.weight.original.normal_(0, 0.1)
                 mods[f"{retraction} {'dynamic' if dynamic else 'static'}"] = m
+        # near the base, as after a refresh: the exponential's coefficients by power series
+        m = Holder(shape, device=device)
+        dtriv.parametrize.sphere(m, retraction="exp")
+        with torch.no_grad():
+            m.parametrizations.weight.original.normal_(0, 1e-3)
+        mods["exp dynamic, near base"] = m
         if geotorch is not None:
             m = Holder(shape, device=device)
             geotorch.sphere(m, "weight")

@@ -51,6 +51,7 @@ _SINC = tuple((-1) ** j / math.factorial(2 * j + 1) for j in range(5))
 _ATANC = tuple((-1) ** j / (2 * j + 1) for j in range(8))
 # d/dz [sin(sqrt z)/sqrt z] = sum_j (-1)^j j z^(j-1) / (2j+1)!, j = 1..6.
 _DSINC = tuple((-1) ** j * j / math.factorial(2 * j + 1) for j in range(1, 7))
+_TWO_DSINC = tuple(2 * c for c in _DSINC)
 
 
 def _horner(coeffs: tuple[float, ...], z: Tensor) -> Tensor:
@@ -116,18 +117,53 @@ def _dsinc(z: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:
     return torch.where(small, _horner(_DSINC, z), direct)
 
 
-def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:
+def _two_dsinc_of(t: float) -> float:
+    r""":math:`2\operatorname{sinc}'(t^2)` for one angle ``t``, in double precision on the host:
+    the power series below :math:`t^2 = 10^{-2}`, else :math:`(\cos t - \sin t/t)/t^2`."""
+    z = t * t
+    if z < _SERIES:
+        out = 0.0
+        for c in reversed(_TWO_DSINC):
+            out = out * z + c
+        return out
+    return (math.cos(t) - math.sin(t) / t) / z
+
+
+def _two_dsinc_series(z: Tensor) -> Tensor:
+    r""":math:`2\operatorname{sinc}'(z)` by its power series (for :math:`z < 10^{-2}`), with
+    the terms the precision of ``z`` needs there (three in single precision), in place on one
+    fresh tensor."""
+    coeffs = _TWO_DSINC if z.dtype == torch.float64 else _TWO_DSINC[:3]
+    out = torch.mul(z, coeffs[-1])
+    for i in range(len(coeffs) - 2, -1, -1):
+        out.add_(coeffs[i])
+        if i:
+            out.mul_(z)
+    return out
+
+
+def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor | float:
     r""":math:`2\operatorname{sinc}'(z)` at :math:`z = t^2` from saved values (no graph).
 
-    The direct formula :math:`(\cos t - \operatorname{sinc} t)/t^2` when no entry has
-    :math:`t^2 < 10^{-2}` (one host check, on :math:`\min t`: a comparison with a Python
-    scalar would cost more than the reduction), else :func:`_dsinc` with its power series.
+    For one vector, a number computed on the host from the angle (:func:`_two_dsinc_of`: one
+    read of ``t`` instead of a dozen tensor ops on one entry). For a batch, one host read of
+    :math:`\min t` and :math:`\max t` picks the direct formula :math:`(\cos t -
+    \operatorname{sinc} t)/t^2` (every :math:`t^2 \ge 10^{-2}`), the power series alone (every
+    :math:`t^2 < 10^{-2}`: the common case of a trivialization near its base) or
+    :func:`_dsinc`, which selects per entry.
     """
+    count = t.numel()
+    if count == 1:
+        return _two_dsinc_of(t.item())
     z = t * t
-    count = t.numel()  # one vector: read t itself, no reduction
-    if count == 0 or (t.item() if count == 1 else t.amin().item()) < _SQRT_SERIES:
-        return 2 * _dsinc(z, cos, sinc)
-    return (cos - sinc).div_(z)
+    if count == 0:
+        return z
+    low, high = torch.aminmax(t)
+    if low.item() >= _SQRT_SERIES:
+        return (cos - sinc).div_(z)
+    if high.item() < _SQRT_SERIES:
+        return _two_dsinc_series(z)
+    return 2 * _dsinc(z, cos, sinc)
 
 
 def _normalize_(w: Tensor, radius: float) -> tuple[Tensor, Tensor]:

@@ -85,3 +85,52 @@ def test_public_maps_use_the_fused_nodes_and_upcast_half():
     out = S.sphere_exp(xh, vh)
     assert out.dtype == torch.float16
     assert torch.allclose(out.double(), ref_exp(xh.double(), vh.double()), atol=2e-3)
+
+
+def _two_dsinc_exact(t: float) -> float:
+    r""":math:`2\operatorname{sinc}'(t^2) = (\cos t - \sin t/t)/t^2` in 60-digit arithmetic."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(60):
+        if t == 0.0:
+            return -1.0 / 3.0
+        u = mpmath.mpf(t)
+        return float((mpmath.cos(u) - mpmath.sin(u) / u) / u**2)
+
+
+ANGLES = [0.0, 1e-4, 0.03, 0.0999, 0.1001, 0.5, 2.0, 6.4]
+
+
+@pytest.mark.parametrize("t", ANGLES)
+def test_one_vector_coefficient_is_exact_in_double(t):
+    # the direct formula (from t = 0.1) cancels in cos - sinc: its error grows as 1/t^2
+    slack = 1.0 / min(t, 1.0) ** 2 if t >= 0.1 else 1.0
+    assert S._two_dsinc_of(t) == pytest.approx(_two_dsinc_exact(t), rel=1e-15 * slack)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-13), (torch.float32, 1.5e-7)])
+@pytest.mark.parametrize("angles", [ANGLES[:4], ANGLES[4:], ANGLES],
+                         ids=["all-series", "all-direct", "mixed"])
+def test_batched_coefficient_in_each_regime(dtype, rel, angles):
+    """Every angle below the switch (series alone), every one above (direct formula) and
+    both (selected per entry) against the exact values."""
+    t = torch.tensor(angles, dtype=dtype).unsqueeze(-1)
+    cos, sinc = S._cos_sinc_values(t)
+    got = torch.as_tensor(S._two_dsinc(t, cos, sinc), dtype=torch.float64).reshape(-1)
+    want = torch.tensor([_two_dsinc_exact(float(a)) for a in t.reshape(-1)], dtype=torch.float64)
+    # the direct formula cancels in cos - sinc: its error grows as 1/t^2 below t = 1
+    slack = torch.where(t.reshape(-1) >= 0.1, 1.0 / t.reshape(-1).double().clamp(max=1) ** 2, 1.0)
+    assert ((got - want).abs() <= rel * slack * want.abs()).all(), (got, want)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("fn,ref", MAPS)
+def test_rows_near_and_far_from_the_base_in_one_batch(fn, ref, dtype, tol):
+    """Tangents of lengths on both sides of the series switch in one batch."""
+    x, v = point_and_tangent(dtype, 1.0, 1.0, (4, 6))
+    with torch.no_grad():
+        v *= torch.tensor([0.0, 1e-3, 0.5, 3.0], dtype=dtype).unsqueeze(-1)
+    a, b = fn(x, v, 1.0), ref(x, v, 1.0)
+    assert (a - b).abs().max() <= tol
+    g = torch.randn_like(a)
+    for ga, gb in zip(torch.autograd.grad(a, (x, v), g), torch.autograd.grad(b, (x, v), g)):
+        assert (ga - gb).abs().max() <= tol
