@@ -904,6 +904,7 @@ class ExpmTaylor(torch.autograd.Function):
             with Arena(A) as arena:
                 grad = _own(_taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype),
                                                  arena=arena))
+                arena.keep(grad)  # it leaves the pass: its buffer is not handed out again
         return (grad, None, None, *([None] * ctx.n_powers))
 
     @staticmethod

@@ -355,3 +355,24 @@ def test_stacked_combinations_equal_separate_ones(monkeypatch, gen, plan, n):
     for t in stacked:
         assert t._base is None
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("plan", ALL_PLANS, ids=str)
+@pytest.mark.parametrize("fn", ["expm_skew_taylor", "expm_of_skew_taylor"])
+def test_a_gradient_outlives_the_next_reverse_pass(monkeypatch, gen, fresh_scratch, fn, plan):
+    """Matrices large enough for the scratch pool (n = 256, float32): the gradient a reverse
+    pass returns owns its storage, so the next pass (which reuses the pool) leaves it as is."""
+    _forced(monkeypatch, plan)
+    f = getattr(_expm, fn)
+
+    def grad(seed):
+        g = torch.Generator().manual_seed(seed)
+        A = _skew(g, 256, dtype=torch.float32, radius=0.5).requires_grad_()
+        (gA,) = torch.autograd.grad(f(A), A, torch.randn(256, 256, generator=g))
+        return gA
+
+    first = grad(1)
+    kept = first.clone()
+    second = grad(2)
+    assert torch.equal(first, kept)
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
