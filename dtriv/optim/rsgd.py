@@ -119,8 +119,9 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         dampening, weight_decay = group["dampening"], group["weight_decay"]
 
         fused = _stiefel.fast_stiefel(manifold, params[0])
-        lazy = fused and momentum != 0 and not group["nesterov"]
-        # the lazy fused path updates a multi-parameter bucket in place in persistent buffers
+        # a fused bucket without Nesterov momentum (plain or lazy momentum step) is updated in
+        # place, a multi-parameter one in persistent buffers
+        lazy = fused and not group["nesterov"]
         X = self._stacked(params) if lazy and len(params) > 1 else stack(params)
         G = bucket.stacked_grads()
         if group["maximize"]:
@@ -131,6 +132,9 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             # fused path: the same formulas on the tall batch (m, n, k)
             Xb = _stiefel.as_batch(manifold, X)
             Gb = _stiefel.as_batch(manifold, G)
+            if lazy and momentum == 0:
+                self._plain_step(group, bucket, X, Gb)
+                return
             if lazy:
                 self._lazy_momentum_step(group, bucket, X, Xb, Gb)
                 return
@@ -169,6 +173,19 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             moved = manifold.transport(X, X_new, buf)
         copy_rows(buffers, moved)
         copy_rows(params, X_new)
+
+    def _plain_step(self, group, bucket, X, Gb) -> None:
+        r"""Step without momentum of a fused Stiefel bucket, in place:
+        :math:`X \leftarrow R_X(-\eta\, P_X(G))` (for ``qr`` with a trusted point, the block
+        Cholesky QR of :func:`~dtriv.optim._stiefel.retract_`)."""
+        manifold, params = bucket.manifold, bucket.params
+        Xb, x_view = _stiefel.tall_view(manifold, X)
+        grad = _stiefel.riemannian_grad(Xb, Gb)
+        _stiefel.retract_(manifold, bucket.method, Xb, grad, -group["lr"],
+                          self._on_manifold(params))
+        if not x_view:
+            _stiefel.write_back(manifold, X, Xb)
+        self._mark_on_manifold(params)
 
     def _lazy_momentum_step(self, group, bucket, X, Xb, Gb) -> None:
         r"""Momentum step of a fused Stiefel bucket with the transport deferred.

@@ -234,6 +234,7 @@ def _params(X0, manifold):
 
 @pytest.mark.parametrize("algo,kwargs", [
     (RiemannianAdam, dict(lr=0.03)), (RiemannianSGD, dict(lr=0.02, momentum=0.8)),
+    (RiemannianSGD, dict(lr=0.02)),  # without momentum: in place too
 ])
 def test_persistent_bucket_survives_replaced_data_and_state(algo, kwargs):
     """A multi-parameter bucket is updated in place in persistent buffers; replacing a
@@ -280,6 +281,7 @@ def test_persistent_bucket_survives_replaced_data_and_state(algo, kwargs):
 
 @pytest.mark.parametrize("algo,kwargs", [
     (RiemannianAdam, dict(lr=0.03)), (RiemannianSGD, dict(lr=0.02, momentum=0.8)),
+    (RiemannianSGD, dict(lr=0.02)),  # without momentum: in place too
 ])
 @pytest.mark.parametrize("n,k", [(8, 3), (3, 8)])
 def test_fused_step_on_a_parameter_whose_batch_is_not_one_view(algo, kwargs, n, k):
