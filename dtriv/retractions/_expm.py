@@ -532,6 +532,15 @@ def _stacked(ts: list[Tensor]) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+def _lin_rows(table: tuple[tuple[float, ...], ...], c: float, exps: tuple[int, ...]
+              ) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
+    """The coefficients of a ``lin`` step of the scheme ``table`` at the scaling ``c``: the
+    rows ``b_j c^{e_j}`` of the sources (powers ``exps``) and the constants."""
+    rows = tuple(tuple(b * c ** e for b, e in zip(row[1:], exps)) for row in table)
+    return rows, tuple(row[0] for row in table)
+
+
+@functools.lru_cache(maxsize=64)
 def _coefficients(rows: tuple[tuple[float, ...], ...], diags: tuple[float, ...],
                   dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
     """The matrix of a ``lin`` step of the tape (``len(rows) x len(sources)``) and its
@@ -613,8 +622,7 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
     def lin(outs: list[str], srcs: list[str], table: tuple[tuple[float, ...], ...],
             exps: tuple[int, ...]) -> None:
         # row k of ``table``: the constant, then the coefficients of srcs (powers ``exps``)
-        rows = tuple(tuple(b * c ** e for b, e in zip(row[1:], exps)) for row in table)
-        diags = tuple(row[0] for row in table)
+        rows, diags = _lin_rows(table, c, exps)
         if not _plain_eager(A):  # tracing, transforms: one combination per result
             for nm, row, d in zip(outs, rows, diags):
                 comb(nm, list(zip(row, srcs)), d)
@@ -624,8 +632,7 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
         B = torch.mm(C, P.reshape(len(srcs), -1)).view(len(outs), *A.shape)
         if D is not None:
             B.diagonal(dim1=-2, dim2=-1).add_(D.view(-1, *([1] * (A.dim() - 1))))
-        for k, nm in enumerate(outs):
-            v[nm] = B[k]
+        v.update(zip(outs, B.unbind(0)))
         tape.append(("lin", tuple(outs), tuple(srcs), rows, diags))
 
     c = 2.0 ** -s
@@ -671,7 +678,7 @@ _POWERS = ("A2", "A3", "A6")
 def _kept_powers(ctx, powers: tuple[Tensor, ...]) -> list[Tensor]:
     """The powers the reverse pass reads (factors of products: not :math:`A^6`), their names
     recorded on ``ctx``."""
-    needed = _saved_names(_TAPES[ctx.m, ctx.s, len(powers)])
+    needed = _plan_saved_names((ctx.m, ctx.s, len(powers)))
     ctx.power_names = [nm for nm in _POWERS[:len(powers)] if nm in needed]
     return [P for nm, P in zip(_POWERS, powers) if nm in needed]
 
@@ -679,6 +686,13 @@ def _kept_powers(ctx, powers: tuple[Tensor, ...]) -> list[Tensor]:
 def _saved_names(tape: list[tuple]) -> list[str]:
     """The values the reverse pass reads: the factors of the products (``A`` aside)."""
     return sorted({name for op in tape if op[0] == "mm" for name in op[2:4]} - {"A"})
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_saved_names(key: tuple[int, int, int]) -> tuple[str, ...]:
+    """:func:`_saved_names` of the tape of the plan ``key = (m, s, number of powers)``, which
+    :func:`_taylor_tape` has recorded."""
+    return tuple(_saved_names(_TAPES[key]))
 
 
 def _gradient_slots(tape: list[tuple], like: Tensor, new
@@ -839,9 +853,9 @@ def _own(t: Tensor) -> Tensor:
 
 def _tape_outputs(A: Tensor, m: int, s: int, powers: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """``(Q, *saved)``: the result and the values the reverse pass reads that are not powers."""
-    v, tape = _taylor_tape(A, m, s, list(powers))
+    v, _ = _taylor_tape(A, m, s, list(powers))
     # the result is no factor of any product: never saved, the caller may modify it
-    return (v["Q"], *[v[k] for k in _saved_names(tape) if k not in _POWERS])
+    return (v["Q"], *[v[k] for k in _plan_saved_names((m, s, len(powers))) if k not in _POWERS])
 
 
 def _save_tape(ctx, leading: tuple[Tensor, ...], m: int, s: int, powers: tuple[Tensor, ...],
@@ -861,7 +875,7 @@ def _restore_tape(ctx, A: Tensor, saved: list[Tensor]) -> tuple[dict[str, Tensor
     """The values by name (``A`` and what :func:`_save_tape` saved after it) and the tape."""
     tape = _TAPES[ctx.m, ctx.s, ctx.n_powers]
     names = list(ctx.power_names)
-    names += [k for k in _saved_names(tape) if k not in _POWERS]
+    names += [k for k in _plan_saved_names((ctx.m, ctx.s, ctx.n_powers)) if k not in _POWERS]
     v = dict(zip(names, saved))
     v["A"] = A
     return v, tape
