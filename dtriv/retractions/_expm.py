@@ -531,13 +531,21 @@ def _stacked(ts: list[Tensor]) -> Tensor:
     return torch.stack(ts)
 
 
-@functools.lru_cache(maxsize=64)
 def _lin_rows(table: tuple[tuple[float, ...], ...], c: float, exps: tuple[int, ...]
               ) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
-    """The coefficients of a ``lin`` step of the scheme ``table`` at the scaling ``c``: the
-    rows ``b_j c^{e_j}`` of the sources (powers ``exps``) and the constants."""
-    rows = tuple(tuple(b * c ** e for b, e in zip(row[1:], exps)) for row in table)
-    return rows, tuple(row[0] for row in table)
+    """The coefficients of a ``lin`` step of the scheme ``table`` (a module constant) at the
+    scaling ``c``: the rows ``b_j c^{e_j}`` of the sources (powers ``exps``) and the
+    constants; computed once per scheme and scaling (a plain dict, which ``torch.compile``
+    traces, unlike ``functools.lru_cache``)."""
+    key = (id(table), c, exps)
+    entry = _LIN_ROWS.get(key)
+    if entry is None:
+        rows = tuple(tuple(b * c ** e for b, e in zip(row[1:], exps)) for row in table)
+        entry = _LIN_ROWS[key] = rows, tuple(row[0] for row in table)
+    return entry
+
+
+_LIN_ROWS: dict[tuple[int, float, tuple[int, ...]], tuple] = {}
 
 
 @functools.lru_cache(maxsize=64)
@@ -688,11 +696,16 @@ def _saved_names(tape: list[tuple]) -> list[str]:
     return sorted({name for op in tape if op[0] == "mm" for name in op[2:4]} - {"A"})
 
 
-@functools.lru_cache(maxsize=256)
 def _plan_saved_names(key: tuple[int, int, int]) -> tuple[str, ...]:
     """:func:`_saved_names` of the tape of the plan ``key = (m, s, number of powers)``, which
-    :func:`_taylor_tape` has recorded."""
-    return tuple(_saved_names(_TAPES[key]))
+    :func:`_taylor_tape` has recorded; computed once per plan."""
+    names = _PLAN_SAVED_NAMES.get(key)
+    if names is None:
+        names = _PLAN_SAVED_NAMES[key] = tuple(_saved_names(_TAPES[key]))
+    return names
+
+
+_PLAN_SAVED_NAMES: dict[tuple[int, int, int], tuple[str, ...]] = {}
 
 
 def _gradient_slots(tape: list[tuple], like: Tensor, new
