@@ -461,7 +461,7 @@ def power_stack(A: Tensor) -> Tensor | None:
     """A fresh ``(4, *A.shape)`` buffer for :func:`_taylor_powers` (slot 0 for ``A``), or
     ``None`` outside plain eager code: under ``torch.func`` transforms (``out=`` has no
     batching rule), ``torch.jit`` tracing, ``torch.compile`` and for tensor subclasses (the
-    powers are then separate tensors, and the combinations stack them)."""
+    powers are then separate tensors, and the schemes take the tape: :func:`_taylor_tape`)."""
     if not _plain_eager(A):
         return None
     return A.new_empty((4, *A.shape))
@@ -481,8 +481,7 @@ def _taylor_powers(A: Tensor, arena: Arena | None = None, stack: Tensor | None =
     ``stack``: a contiguous ``(4, *A.shape)`` buffer (:func:`power_stack`) whose slots 1, 2, 3
     receive the powers and slot 0 ``A`` (copied unless ``A`` is that slot), so that the
     combinations of the schemes of degree 12 and 18 take one product with the stacked
-    ``[A, A^2, A^3, A^6]`` (:func:`_stacked` finds the buffer from the powers); ``None``: fresh
-    powers."""
+    ``[A, A^2, A^3, A^6]`` (:func:`_scheme_forward`); ``None``: fresh powers."""
     dtype = A.dtype
     scratch = arena.empty() if arena is not None and not A.is_complex() else None
 
@@ -515,22 +514,6 @@ def _taylor_powers(A: Tensor, arena: Arena | None = None, stack: Tensor | None =
     return m, s, [A2]
 
 
-def _stacked(ts: list[Tensor]) -> Tensor:
-    """``torch.stack(ts)``: a view when ``ts`` are consecutive slots of one contiguous buffer
-    (the powers that :func:`_taylor_powers` writes into its ``stack``), else a copy."""
-    first = ts[0]
-    base = first._base
-    if (base is not None and _plain_eager(first) and base.is_contiguous()
-            and base.dim() == first.dim() + 1 and base.shape[1:] == first.shape):
-        step = first.numel() * first.element_size()
-        i0, rem = divmod(first.data_ptr() - base.data_ptr(), step) if step else (0, 1)
-        if rem == 0 and i0 + len(ts) <= base.shape[0] and all(
-                t._base is base and t.data_ptr() == first.data_ptr() + j * step
-                for j, t in enumerate(ts)):
-            return base[i0:i0 + len(ts)]
-    return torch.stack(ts)
-
-
 def _lin_rows(table: tuple[tuple[float, ...], ...], c: float, exps: tuple[int, ...]
               ) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
     """The coefficients of a ``lin`` step of the scheme ``table`` (a module constant) at the
@@ -551,8 +534,9 @@ _LIN_ROWS: dict[tuple[int, float, tuple[int, ...]], tuple] = {}
 @functools.lru_cache(maxsize=64)
 def _coefficients(rows: tuple[tuple[float, ...], ...], diags: tuple[float, ...],
                   dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """The matrix of a ``lin`` step of the tape (``len(rows) x len(sources)``) and its
-    diagonal constants (``None`` when all zero), as read-only tensors."""
+    """The coefficient matrix of the combinations of a written-out scheme
+    (``len(rows) x len(sources)``) and its diagonal constants (``None`` when all zero), as
+    read-only tensors."""
     C = torch.tensor(rows, dtype=dtype, device=device)
     D = torch.tensor(diags, dtype=dtype, device=device) if any(diags) else None
     return C, D
@@ -582,25 +566,20 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
     r"""Evaluate :math:`T_m(2^{-s}A)^{2^s}` and record the operations for the backward.
 
     Returns the values by name (the result is ``"Q"``) and the tape: ``("mm", out, x, y,
-    add)`` for ``out = add + x @ y``, ``("comb", out, ((c, src), ...), d)`` for
-    ``out = sum c * src + d I`` and ``("lin", outs, srcs, rows, diags)`` for the
-    combinations ``outs[k] = diags[k] I + sum_j rows[k][j] srcs[j]`` of the schemes of degree
-    12 and 18, taken as one product of the coefficient matrix with the stacked sources (one
-    pass over each source and each result instead of one per term). ``powers`` are
+    add)`` for ``out = add + x @ y`` and ``("comb", out, ((c, src), ...), d)`` for
+    ``out = sum c * src + d I``. ``powers`` are
     :math:`A^2` (and :math:`A^3, A^6`), computed by :func:`_taylor_powers`; their products
     are on the tape too. Every added term and the first term of ``X`` are read once, so the
     products accumulate into them and ``X`` is formed in place (fewer fresh matrices: on CPU
     each costs first-touch page faults); the final product is written to a fresh matrix, so
     that the result shares no storage with the saved intermediates.
+
+    This is the general path (``torch.func`` transforms, tracing, compiling, subclasses, and the
+    low degrees); plain tensors in eager code take the written-out schemes of degree 12 and 18
+    (:func:`_scheme_forward`), whose combinations are one product with the stacked powers.
     """
     v: dict[str, Tensor] = {"A": A, "A2": powers[0]}
     tape: list[tuple] = [("mm", "A2", "A", "A", None)]
-    # the combinations read A from slot 0 of the powers' stack, where _taylor_powers put it
-    A_src = A
-    base = powers[0]._base
-    if (base is not None and _plain_eager(A) and base.shape == (4, *A.shape)
-            and base[1].data_ptr() == powers[0].data_ptr()):
-        A_src = base[0]
     if len(powers) > 1:
         v["A3"] = powers[1]
         tape.append(("mm", "A3", "A2", "A", None))
@@ -629,19 +608,11 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
 
     def lin(outs: list[str], srcs: list[str], table: tuple[tuple[float, ...], ...],
             exps: tuple[int, ...]) -> None:
-        # row k of ``table``: the constant, then the coefficients of srcs (powers ``exps``)
+        # row k of ``table``: the constant, then the coefficients of srcs (powers ``exps``);
+        # one combination per result
         rows, diags = _lin_rows(table, c, exps)
-        if not _plain_eager(A):  # tracing, transforms: one combination per result
-            for nm, row, d in zip(outs, rows, diags):
-                comb(nm, list(zip(row, srcs)), d)
-            return
-        C, D = _coefficients(rows, diags, A.dtype, A.device)
-        P = _stacked([A_src if nm == "A" else v[nm] for nm in srcs])
-        B = torch.mm(C, P.reshape(len(srcs), -1)).view(len(outs), *A.shape)
-        if D is not None:
-            B.diagonal(dim1=-2, dim2=-1).add_(D.view(-1, *([1] * (A.dim() - 1))))
-        v.update(zip(outs, B.unbind(0)))
-        tape.append(("lin", tuple(outs), tuple(srcs), rows, diags))
+        for nm, row, d in zip(outs, rows, diags):
+            comb(nm, list(zip(row, srcs)), d)
 
     c = 2.0 ** -s
     if m == 2:
@@ -708,56 +679,10 @@ def _plan_saved_names(key: tuple[int, int, int]) -> tuple[str, ...]:
 _PLAN_SAVED_NAMES: dict[tuple[int, int, int], tuple[str, ...]] = {}
 
 
-def _gradient_slots(tape: list[tuple], like: Tensor, new
-                    ) -> tuple[dict[str, Tensor], dict[tuple[str, ...], tuple]]:
-    """Where the reverse pass writes the gradients of the results of the ``lin`` steps.
-
-    Each ``lin`` step gets one buffer (from ``new``, else fresh), one slot per result, which its
-    reverse step multiplies by the transposed coefficients. A value formed from an operand read
-    nowhere else, with coefficient 1 (``out = add + x @ y``, ``out = src + ...``), passes its
-    gradient to that operand unchanged: when the operand is (or passes on to) a ``lin`` result,
-    the value's gradient accumulates in that result's slot directly (no copy later).
-
-    Returns ``(pending, stacks)``: name -> slot (the values' slots, taken as the gradients
-    arrive), and ``outs -> (buffer, slots)`` per ``lin`` step.
-    """
-    pending: dict[str, Tensor] = {}
-    stacks: dict[tuple[str, ...], tuple[Tensor, tuple[Tensor, ...]]] = {}
-    for op in tape:
-        if op[0] == "lin":
-            shape = (len(op[1]), *like.shape)
-            buf = new(shape)
-            buf = like.new_empty(shape) if buf is None else buf
-            stacks[op[1]] = buf, buf.unbind(0)
-            pending.update(zip(op[1], stacks[op[1]][1]))
-    uses: dict[str, int] = {}
-    for op in tape:
-        names = (op[2], op[3], op[4]) if op[0] == "mm" else (
-            [src for _, src in op[2]] if op[0] == "comb" else op[2])
-        for nm in names:
-            if nm is not None:
-                uses[nm] = uses.get(nm, 0) + 1
-    parent: dict[str, str] = {}
-    for op in tape:
-        if op[0] == "mm" and op[4] is not None and uses[op[4]] == 1:
-            parent[op[1]] = op[4]
-        elif op[0] == "comb" and op[2][0][0] == 1.0 and uses[op[2][0][1]] == 1:
-            parent[op[1]] = op[2][0][1]
-    for nm in parent:
-        root = nm
-        while root in parent and root not in pending:
-            root = parent[root]
-        if root in pending and nm not in pending:
-            pending[nm] = pending[root]
-    return pending, stacks
-
-
 def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: Tensor,
                          skew_only: bool = False, arena: Arena | None = None) -> Tensor:
     r"""Reverse pass over the tape: the gradient of :math:`\mathrm{Re}\langle G, v_{out}\rangle`
-    with respect to ``A``. Two products per recorded product, accumulated in place, and one
-    product of the transposed coefficients with the stacked gradients per ``lin`` step
-    (:func:`_gradient_slots`).
+    with respect to ``A``. Two products per recorded product, accumulated in place.
 
     ``skew_only``: only the skew-Hermitian part of the result is wanted (the gradient along
     skew directions :math:`\delta A`). Then the squares of the skew :math:`A` and :math:`A^3`
@@ -773,21 +698,11 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
     grads: dict[str, list] = {out: [G, False]}  # name -> [tensor, owned (writable)]
     # out= a scratch buffer, or None (a fresh result)
     new = arena.empty if arena is not None else (lambda shape=None: None)
-    like = v["A"]
-    pending, stacks = _gradient_slots(tape, like, new)
-    slots = {id(t) for t in pending.values()}
 
     def acc(name: str, t: Tensor, c: float = 1.0, owned: bool = True) -> None:
         cur = grads.get(name)
         if cur is None:
-            slot = pending.pop(name, None)
-            if slot is not None:
-                if c != 1.0:
-                    torch.mul(t, c, out=slot)
-                elif t is not slot:
-                    slot.copy_(t)
-                t, owned = slot, True
-            elif c != 1.0:
+            if c != 1.0:
                 t, owned = torch.mul(t, c, out=new()), True
             grads[name] = [t, owned]
         elif cur[1]:
@@ -799,31 +714,10 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
         cur = grads.get(name)
         if cur is not None and cur[1]:
             _mm_into(cur[0], X, Y)
-        elif cur is None and name in pending:
-            grads[name] = [torch.matmul(X, Y, out=pending.pop(name)), True]
         else:
             acc(name, torch.matmul(X, Y, out=new()))
 
     for op in reversed(tape):
-        if op[0] == "lin":
-            _, outs, srcs, rows, diags = op
-            buf, out_slots = stacks[outs]
-            if not any(nm in grads for nm in outs):
-                continue
-            for nm, slot in zip(outs, out_slots):
-                entry = grads.pop(nm, None)
-                if entry is None:
-                    slot.zero_()
-                elif entry[0] is not slot:
-                    slot.copy_(entry[0])
-            C, _ = _coefficients(rows, diags, like.dtype, like.device)
-            gP = new((len(srcs), *like.shape))
-            gP = torch.mm(C.mT, buf.view(len(outs), -1),
-                          out=None if gP is None else gP.view(len(srcs), -1)
-                          ).view(len(srcs), *like.shape)
-            for j, nm in enumerate(srcs):
-                acc(nm, gP[j])
-            continue
         entry = grads.pop(op[1], None)
         if entry is None:
             continue
@@ -850,8 +744,7 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
             for c, src in head:
                 acc(src, g, c, owned=False)
             # g is ours and dead after this op (no unit-coefficient alias of it stored above)
-            if (entry[1] and last not in grads and last not in pending
-                    and id(g) not in slots and all(c != 1.0 for c, _ in head)):
+            if entry[1] and last not in grads and all(c != 1.0 for c, _ in head):
                 grads[last] = [g.mul_(c_last) if c_last != 1.0 else g, True]
             else:
                 acc(last, g, c_last, owned=False)
@@ -859,8 +752,9 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
 
 
 def _own(t: Tensor) -> Tensor:
-    """``t``, or a copy when it is a view into a larger buffer (a slot of a ``lin`` step's
-    gradients): a result that leaves the pass holds only its own storage."""
+    """``t``, or a copy when it is a view into a larger buffer (a slot of the stacked
+    gradients of a written-out scheme): a result that leaves the pass holds only its own
+    storage."""
     return t if t._base is None else t.clone()
 
 
@@ -989,6 +883,17 @@ def skew_of_adjoint(Abar: Tensor, lower: bool = False, arena: Arena | None = Non
     return grad.tril_() if lower else grad
 
 
+def _recorded_grad_of_skew(X: Tensor, lower: bool, G: Tensor) -> Tensor:
+    """The double backward of the nodes of ``expm(X - X^H)`` (``lower``: of ``L - L^H``,
+    ``L = tril(X)``): the gradient of the same computation recorded by autograd, with its
+    graph (:func:`expm_skew_taylor_autograd`)."""
+    with torch.enable_grad():
+        L = X.tril() if lower else X
+        (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(L - L.mH), X, G,
+                                      create_graph=True)
+    return grad
+
+
 @reports_backward
 class ExpmOfSkewTaylor(torch.autograd.Function):
     """``X -> T_m(2^{-s}A)^{2^s}`` with ``A = X - X^H`` (or ``tril(X) - tril(X)^H``) and the
@@ -1024,10 +929,7 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
             return (None, None, None, None, None, *([None] * ctx.n_powers))
         X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
         if torch.is_grad_enabled():  # double backward: differentiate the recorded version
-            with torch.enable_grad():
-                L = X.tril() if ctx.lower else X
-                (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(L - L.mH), X, G,
-                                              create_graph=True)
+            grad = _recorded_grad_of_skew(X, ctx.lower, G)
         else:
             with Arena(A) as arena:  # Abar and the other temporaries go back to it
                 Abar = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype),
@@ -1043,9 +945,203 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
         return (dQ, *([None] * ctx.n_extra))
 
 
+# ------------------------------------------------- degrees 12 and 18 written out (eager code)
+_WRITTEN_OUT = (12, 18)
+
+
+def _scheme_forward(A: Tensor, m: int, s: int, stack: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    r""":math:`T_m(2^{-s}A)^{2^s}` for ``m`` in 12, 18 from the stacked powers ``stack``
+    (:func:`power_stack`: :math:`A, A^2, A^3, A^6`), the same operations as
+    :func:`_taylor_tape` without recording a tape. Returns ``(Q, saved)``: what
+    :func:`_scheme_reverse` reads (views of one fresh buffer, and the squarings' factors)."""
+    c = 2.0 ** -s
+    k = 4 if m == 18 else 3
+    table, exps = (_T18, (1, 2, 3, 6)) if m == 18 else (_T12, (1, 2, 3))
+    rows, diags = _lin_rows(table, c, exps)
+    C, D = _coefficients(rows, diags, A.dtype, A.device)
+    B = torch.mm(C, stack[:k].reshape(k, -1)).view(len(table), *A.shape)
+    if D is not None:
+        B.diagonal(dim1=-2, dim2=-1).add_(D.view(-1, *([1] * (A.dim() - 1))))
+    if m == 18:  # A9 = B3 + B0 B4, X = B2 + A9, R = B1 + X A9
+        B0, B1, B2, B3, B4 = B.unbind(0)
+        A9 = _mm_into(B3, B0, B4)
+        X = B2.add_(A9)
+        R = _mm_into(B1, X, A9, inplace=s > 0)
+        saved = [B0, B4, X, A9]
+    else:  # A6s = B2 + B3 B3, X = B1 + A6s, R = B0 + X A6s
+        B0, B1, B2, B3 = B.unbind(0)
+        A6s = _mm_into(B2, B3, B3)
+        X = B1.add_(A6s)
+        R = _mm_into(B0, X, A6s, inplace=s > 0)
+        saved = [B3, X, A6s]
+    for _ in range(s):
+        saved.append(R)
+        R = R @ R
+    return R, tuple(saved)
+
+
+def _scheme_reverse(A: Tensor, stack: Tensor, saved: tuple[Tensor, ...], m: int, s: int,
+                    G: Tensor, skew_only: bool, arena: Arena | None) -> Tensor:
+    r"""The reverse pass of :func:`_scheme_forward`: the gradient of
+    :math:`\mathrm{Re}\langle G, Q\rangle` with respect to ``A`` (with ``skew_only``, correct
+    in its skew-Hermitian part only), the products of :func:`_taylor_tape_adjoint` in the
+    same order: the squarings :math:`\bar R_{j-1} = \bar R_j R_{j-1}^H + R_{j-1}^H \bar R_j`,
+    the scheme, its ``lin`` step (one product with the transposed coefficients), then the
+    powers :math:`A^6 = (A^3)^2` (one product with ``skew_only``), :math:`A^3 = A^2 A` and
+    :math:`A^2 = A^2` (one product with ``skew_only``). Temporaries from ``arena``."""
+
+    def new(shape: tuple[int, ...] | None = None) -> Tensor:
+        buf = arena.empty(shape) if arena is not None else None
+        if buf is None:
+            buf = torch.empty(A.shape if shape is None else shape, dtype=A.dtype,
+                              device=A.device)
+        return buf
+
+    g = G
+    for R in reversed(saved[len(saved) - s:]):
+        Rh = R.mH
+        g = _mm_into(torch.matmul(g, Rh, out=new()), Rh, g)
+    k = 4 if m == 18 else 3
+    gB = new((k + 1, *A.shape))
+    if m == 18:  # gradients of B0..B4 (B1 = R - X A9, B2 = X - A9, B3 = A9 - B0 B4)
+        B0, B4, X, A9 = saved[:4]
+        gB0, gB1, gB2, gB3, gB4 = gB.unbind(0)
+        gB1.copy_(g)
+        torch.matmul(g, A9.mH, out=gB2)
+        torch.matmul(X.mH, g, out=gB3).add_(gB2)
+        torch.matmul(gB3, B4.mH, out=gB0)
+        torch.matmul(B0.mH, gB3, out=gB4)
+        table, exps = _T18, (1, 2, 3, 6)
+    else:  # gradients of B0..B3 (B0 = R - X A6s, B1 = X - A6s, B2 = A6s - B3 B3)
+        B3, X, A6s = saved[:3]
+        gB0, gB1, gB2, gB3 = gB.unbind(0)
+        gB0.copy_(g)
+        torch.matmul(g, A6s.mH, out=gB1)
+        torch.matmul(X.mH, g, out=gB2).add_(gB1)
+        B3h = B3.mH
+        _mm_into(torch.matmul(gB2, B3h, out=gB3), B3h, gB2)
+        table, exps = _T12, (1, 2, 3)
+    C, _ = _coefficients(*_lin_rows(table, 2.0 ** -s, exps), A.dtype, A.device)
+    gP = new((k, *A.shape))
+    torch.mm(C.mT, gB.view(k + 1, -1), out=gP.view(k, -1))
+    grads = gP.unbind(0)
+    gA, gA2, gA3 = grads[:3]
+    if m == 18:  # A6 = A3 A3
+        A3, gA6 = stack[2], grads[3]
+        if skew_only:
+            _mm_into(gA3, _sym2(gA6, new, arena), A3, alpha=-1.0)
+        else:
+            _mm_into(_mm_into(gA3, gA6, A3.mH), A3.mH, gA6)
+    _mm_into(gA2, gA3, A.mH)  # A3 = A2 A
+    _mm_into(gA, stack[1].mH, gA3)
+    if skew_only:  # A2 = A A
+        return _mm_into(gA, _sym2(gA2, new, arena), A, alpha=-1.0)
+    return _mm_into(_mm_into(gA, gA2, A.mH), A.mH, gA2)
+
+
+def _sym2(g: Tensor, new, arena: Arena | None) -> Tensor:
+    """:math:`g + g^H` (read from padded rows where the transposed read would alias)."""
+    gp = transposable(g, arena)
+    return torch.add(gp, gp.mH, out=new())
+
+
+@reports_backward
+class ExpmOfSkewWrittenOut(torch.autograd.Function):
+    """:class:`ExpmOfSkewTaylor` for plain tensors in eager code and the schemes of degree 12
+    and 18 (the moderate and large norms): the forward and its reverse pass written out
+    (:func:`_scheme_forward`, :func:`_scheme_reverse`) instead of recording and interpreting a
+    tape, whose bookkeeping costs about 120 us per forward and backward (18% at n = 64, 5% at
+    n = 256). The same operations, so the same values and gradients.
+
+    ``apply(X, A, lower, m, s, stack)`` returns ``(Q, *saved)``; ``stack`` holds
+    :math:`A, A^2, A^3, A^6` (:func:`power_stack`)."""
+
+    @staticmethod
+    def forward(X: Tensor, A: Tensor, lower: bool, m: int, s: int,  # type: ignore[override]
+                stack: Tensor):
+        Q, saved = _scheme_forward(A, m, s, stack)
+        return (Q, *saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        X, A, lower, m, s, stack = inputs
+        ctx.lower, ctx.m, ctx.s = lower, m, s
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(X, A, stack, *output[1:])
+        ctx.save_for_forward(A, stack, *output[1:])
+
+    @staticmethod
+    def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if G is None:
+            return None, None, None, None, None, None
+        X, A, stack, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: differentiate the recorded version
+            grad = _recorded_grad_of_skew(X, ctx.lower, G)
+        else:
+            with Arena(A) as arena:
+                Abar = _scheme_reverse(A, stack, tuple(saved), ctx.m, ctx.s, G.to(A.dtype),
+                                       True, arena)
+                grad = skew_of_adjoint(Abar, ctx.lower, arena)
+        return grad, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dX: Tensor, *unused):  # type: ignore[override]
+        A, stack, *saved = ctx.saved_tensors
+        dA = skew_of(dX, ctx.lower).to(A.dtype)
+        # L(A)[E] = (L*(A)[E^H])^H: the coefficients are real
+        dQ = _scheme_reverse(A, stack, tuple(saved), ctx.m, ctx.s, dA.mH, False, None).mH
+        return (dQ, *([None] * len(saved)))
+
+
+@reports_backward
+class ExpmWrittenOut(torch.autograd.Function):
+    """:class:`ExpmTaylor` for plain tensors in eager code and the schemes of degree 12 and 18,
+    written out (see :class:`ExpmOfSkewWrittenOut`). ``apply(A, m, s, stack)`` returns
+    ``(Q, *saved)``; ``stack`` holds a copy of ``A`` and :math:`A^2, A^3, A^6`."""
+
+    @staticmethod
+    def forward(A: Tensor, m: int, s: int, stack: Tensor):  # type: ignore[override]
+        Q, saved = _scheme_forward(stack[0], m, s, stack)
+        return (Q, *saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        A, m, s, stack = inputs
+        ctx.m, ctx.s = m, s
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(A, stack, *output[1:])
+        ctx.save_for_forward(stack, *output[1:])
+
+    @staticmethod
+    def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if G is None:
+            return None, None, None, None
+        A, stack, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: differentiate the recorded version
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(A), A, G,
+                                              create_graph=True)
+        else:
+            with Arena(stack[0]) as arena:
+                grad = _own(_scheme_reverse(stack[0], stack, tuple(saved), ctx.m, ctx.s,
+                                            G.to(A.dtype), False, arena))
+                arena.keep(grad)  # it leaves the pass: its buffer is not handed out again
+        return grad, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dA: Tensor, *unused):  # type: ignore[override]
+        stack, *saved = ctx.saved_tensors
+        dQ = _scheme_reverse(stack[0], stack, tuple(saved), ctx.m, ctx.s,
+                             dA.to(stack.dtype).mH, False, None).mH
+        return (dQ, *([None] * len(saved)))
+
+
 def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     r""":func:`expm_skew_taylor` of ``A = X - X^H`` (same plan and forward), differentiated
-    with respect to ``X`` by :class:`ExpmOfSkewTaylor`; with ``lower``, of ``A = L - L^H``
+    with respect to ``X`` by :class:`ExpmOfSkewTaylor` (:class:`ExpmOfSkewWrittenOut` for
+    the degrees 12 and 18 in eager code); with ``lower``, of ``A = L - L^H``
     for ``L = X.tril()`` (no separate ``tril`` node: the forward forms ``A`` in one pass and
     the backward returns the lower triangle). Backward cost: two products per forward product
     except one for each of the squares :math:`A^2` and :math:`A^6`.
@@ -1057,6 +1153,8 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
             stack = power_stack(Xd)  # A and its powers, stacked for the combinations
             A = skew_of(Xd, lower, arena, out=None if stack is None else stack[0])
             m, s, powers = _taylor_powers(A, arena, stack)
+        if stack is not None and m in _WRITTEN_OUT:
+            return apply_function(ExpmOfSkewWrittenOut, X, A, lower, m, s, stack)[0]
         return apply_function(ExpmOfSkewTaylor, X, A, lower, m, s, *powers)[0]
 
 
@@ -1084,8 +1182,10 @@ def expm_skew_taylor(A: Tensor) -> Tensor:
     Backward: the exact derivative of the computed polynomial, two products per forward
     product (no solve), evaluated by :class:`ExpmTaylor` from the saved intermediates with
     fused accumulations (fewer passes over memory and autograd nodes than recording every
-    product and sum). Second derivatives differentiate :func:`expm_skew_taylor_autograd`
-    (the same computation recorded by autograd); forward mode uses
+    product and sum); in eager code the schemes of degree 12 and 18 by
+    :class:`ExpmWrittenOut`, the same operations without a tape. Second derivatives
+    differentiate :func:`expm_skew_taylor_autograd` (the same computation recorded by
+    autograd); forward mode uses
     :math:`L_f(A)[E] = (L_f(A)^*[E^H])^H` (real coefficients).
 
     Cost: forward :math:`\pi_m + s` products (plus at most one product more when the refined
@@ -1095,7 +1195,10 @@ def expm_skew_taylor(A: Tensor) -> Tensor:
     """
     with Arena(A.detach()) as arena:  # the plan's temporaries: until the forward ends
         with torch.no_grad():
-            m, s, powers = _taylor_powers(A.detach(), arena, power_stack(A.detach()))
+            stack = power_stack(A.detach())
+            m, s, powers = _taylor_powers(A.detach(), arena, stack)
+        if stack is not None and m in _WRITTEN_OUT:
+            return apply_function(ExpmWrittenOut, A, m, s, stack)[0]
         return apply_function(ExpmTaylor, A, m, s, *powers)[0]
 
 

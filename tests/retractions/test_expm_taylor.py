@@ -318,10 +318,12 @@ def test_expm_of_skew_lower_reads_the_lower_triangle(dtype):
 
 @pytest.mark.parametrize("n", [9, 130], ids=["heap", "arena"])
 @pytest.mark.parametrize("plan", [(12, 0), (18, 0), (12, 1), (18, 2)], ids=str)
-def test_stacked_combinations_equal_separate_ones(monkeypatch, gen, plan, n):
-    """The degree-12/18 combinations, one product with the powers stacked in one buffer, equal
-    those of separately allocated powers (stacked by copy), values and gradients, for both
-    entry points; results and gradients own their storage (no view of a stack leaks out)."""
+def test_written_out_schemes_equal_the_tape_of_separate_powers(monkeypatch, gen, plan, n):
+    """With the powers in one stacked buffer (plain tensors in eager code) both entry points
+    take the written-out schemes, whose combinations are one product with the stack; without
+    the stack (the path of transforms and subclasses) they record and interpret the tape. The
+    two agree, values and gradients, and results and gradients own their storage (no view of
+    a stack leaks out)."""
     _forced(monkeypatch, plan)
     X = 0.3 * torch.randn(2, n, n, dtype=torch.float64, generator=gen)
     G = torch.randn(2, n, n, dtype=torch.float64, generator=gen)
@@ -333,26 +335,16 @@ def test_stacked_combinations_equal_separate_ones(monkeypatch, gen, plan, n):
         a = (X - X.mT).requires_grad_()
         R = expm_skew_taylor(a)
         (ga,) = torch.autograd.grad(R, a, G)
-        return Q, gx, R, ga
+        return (Q, gx, R, ga), (type(Q.grad_fn).__name__, type(R.grad_fn).__name__)
 
-    views: list[bool] = []  # whether each combination read its sources without a copy
-
-    def spy(ts):
-        out = stacked_sources(ts)
-        views.append(out._base is not None)
-        return out
-
-    stacked_sources = _expm._stacked
-    monkeypatch.setattr(_expm, "_stacked", spy)
-    stacked = run()
-    assert views == [True, True]
+    written, nodes = run()
+    assert nodes == ("ExpmOfSkewWrittenOutBackward", "ExpmWrittenOutBackward")
     monkeypatch.setattr(_expm, "power_stack", lambda A: None)
-    views.clear()
-    separate = run()
-    assert views == [False, False]
-    for s, t in zip(stacked, separate):
+    taped, nodes = run()
+    assert nodes == ("ExpmOfSkewTaylorBackward", "ExpmTaylorBackward")
+    for s, t in zip(written, taped):
         assert (s - t).abs().max() <= 1e-13 * t.abs().max()
-    for t in stacked:
+    for t in written:
         assert t._base is None
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
@@ -376,3 +368,55 @@ def test_a_gradient_outlives_the_next_reverse_pass(monkeypatch, gen, fresh_scrat
     second = grad(2)
     assert torch.equal(first, kept)
     assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+
+
+WRITTEN_OUT_PLANS = [(12, 0), (12, 2), (18, 0), (18, 1), (18, 3)]
+
+
+def _tape_path(monkeypatch):
+    """Make expm_of_skew_taylor take the tape (ExpmOfSkewTaylor) for every plan."""
+    monkeypatch.setattr(_expm, "_WRITTEN_OUT", ())
+
+
+@pytest.mark.parametrize("plan", WRITTEN_OUT_PLANS, ids=str)
+@pytest.mark.parametrize("lower", [False, True])
+@pytest.mark.parametrize("dtype,shape,tol", [
+    (torch.float64, (11,), 1e-14), (torch.complex128, (2, 11), 1e-14),
+    (torch.float32, (2, 3, 11), 1e-6), (torch.float64, (140,), 1e-13)],  # the last: pooled
+    ids=["real", "complex-batch", "float32-4d", "pooled"])
+def test_written_out_schemes_equal_the_tape(monkeypatch, gen, plan, lower, dtype, shape, tol):
+    """ExpmOfSkewWrittenOut (degrees 12 and 18 without a tape) against ExpmOfSkewTaylor: the
+    same values and gradients with respect to X."""
+    _forced(monkeypatch, plan)
+    n = shape[-1]
+    X = (0.3 * torch.randn(*shape, n, dtype=torch.float64, generator=gen)).to(dtype)
+    G = torch.randn(*shape, n, dtype=torch.float64, generator=gen).to(dtype)
+
+    def value_and_grad():
+        x = X.clone().requires_grad_()
+        Q = _expm.expm_of_skew_taylor(x, lower=lower)
+        return Q, torch.autograd.grad(Q, x, G)[0], type(Q.grad_fn).__name__
+
+    Q, g, node = value_and_grad()
+    assert node == "ExpmOfSkewWrittenOutBackward"
+    _tape_path(monkeypatch)
+    Q_ref, g_ref, node_ref = value_and_grad()
+    assert node_ref == "ExpmOfSkewTaylorBackward"
+    assert (Q - Q_ref).abs().max() <= tol
+    assert (g - g_ref).abs().max() <= tol * g_ref.abs().max()
+
+
+@pytest.mark.parametrize("plan", WRITTEN_OUT_PLANS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_written_out_schemes_gradcheck_second_derivatives_forward_mode(monkeypatch, gen, plan,
+                                                                       dtype):
+    _forced(monkeypatch, plan)
+    X = (0.3 * torch.randn(2, 6, 6, dtype=torch.float64, generator=gen)).to(dtype)
+    X.requires_grad_()
+
+    def f(x):
+        return _expm.expm_of_skew_taylor(x, lower=True)
+
+    assert type(f(X).grad_fn).__name__ == "ExpmOfSkewWrittenOutBackward"
+    assert gradcheck(f, (X,), check_forward_ad=True)
+    assert gradgradcheck(f, (X,))
