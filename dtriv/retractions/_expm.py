@@ -574,9 +574,9 @@ def _taylor_tape(A: Tensor, m: int, s: int, powers: list[Tensor]
     each costs first-touch page faults); the final product is written to a fresh matrix, so
     that the result shares no storage with the saved intermediates.
 
-    This is the general path (``torch.func`` transforms, tracing, compiling, subclasses, and the
-    low degrees); plain tensors in eager code take the written-out schemes of degree 12 and 18
-    (:func:`_scheme_forward`), whose combinations are one product with the stacked powers.
+    This is the general path (``torch.func`` transforms, tracing, compiling, subclasses);
+    plain tensors in eager code take the written-out schemes (:func:`_scheme_forward`),
+    whose combinations of degree 12 and 18 are one product with the stacked powers.
     """
     v: dict[str, Tensor] = {"A": A, "A2": powers[0]}
     tape: list[tuple] = [("mm", "A2", "A", "A", None)]
@@ -945,16 +945,76 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
         return (dQ, *([None] * ctx.n_extra))
 
 
-# ------------------------------------------------- degrees 12 and 18 written out (eager code)
-_WRITTEN_OUT = (12, 18)
+# ---------------------------------------------------- the schemes written out (eager code)
+_WRITTEN_OUT = (2, 4, 8, 12, 18)
+
+
+def _low_degree_forward(A: Tensor, A2: Tensor, m: int, c: float
+                        ) -> tuple[Tensor, list[Tensor]]:
+    """:math:`T_m(cA)` for ``m`` in 2, 4, 8 (:func:`_taylor_tape`'s combinations and
+    products), and the factors its reverse pass reads."""
+    if m == 2:  # I + cA + (cA)^2/2
+        R = A * c
+        R.add_(A2, alpha=c * c / 2.0).diagonal(dim1=-2, dim2=-1).add_(1.0)
+        return R, []
+    if m == 4:  # R = S + L P
+        L = A2 * (c * c)
+        P = A * (c / 6.0)
+        P.add_(A2, alpha=c * c / 24.0).diagonal(dim1=-2, dim2=-1).add_(0.5)
+        S = A * c
+        S.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        return _mm_into(S, L, P), [L, P]
+    x = _T8  # m == 8: A4 = A2 X4, R = S + Lf Rt
+    X4 = A * (x["x1"] * c ** 3)
+    X4.add_(A2, alpha=x["x2"] * c ** 4)
+    A4 = A2 @ X4
+    Lf = A2 * (x["x3"] * c * c)
+    Lf.add_(A4)
+    Rt = A * (x["x5"] * c)
+    Rt.add_(A2, alpha=x["x6"] * c * c).add_(A4, alpha=x["x7"])
+    Rt.diagonal(dim1=-2, dim2=-1).add_(x["x4"])
+    S = A * c
+    S.add_(A2, alpha=x["y2"] * c * c).diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return _mm_into(S, Lf, Rt), [X4, Lf, Rt]
+
+
+def _low_degree_reverse(A2: Tensor, saved: tuple[Tensor, ...], m: int, c: float, g: Tensor,
+                        new) -> tuple[Tensor, Tensor]:
+    """The gradients with respect to ``A`` and ``A2`` of :func:`_low_degree_forward`."""
+    if m == 2:
+        return torch.mul(g, c, out=new()), torch.mul(g, c * c / 2.0, out=new())
+    if m == 4:
+        L, P = saved[:2]
+        gL = torch.matmul(g, P.mH, out=new())
+        gP = torch.matmul(L.mH, g, out=new())
+        gA = torch.mul(g, c, out=new()).add_(gP, alpha=c / 6.0)
+        return gA, gP.mul_(c * c / 24.0).add_(gL, alpha=c * c)
+    x = _T8
+    X4, Lf, Rt = saved[:3]
+    gLf = torch.matmul(g, Rt.mH, out=new())
+    gRt = torch.matmul(Lf.mH, g, out=new())
+    gA = torch.mul(g, c, out=new()).add_(gRt, alpha=x["x5"] * c)
+    gA2 = torch.mul(g, x["y2"] * c * c, out=new()).add_(gRt, alpha=x["x6"] * c * c)
+    gA2.add_(gLf, alpha=x["x3"] * c * c)
+    gA4 = gRt.mul_(x["x7"]).add_(gLf)
+    _mm_into(gA2, gA4, X4.mH)
+    gX4 = torch.matmul(A2.mH, gA4, out=gLf)
+    gA.add_(gX4, alpha=x["x1"] * c ** 3)
+    return gA, gA2.add_(gX4, alpha=x["x2"] * c ** 4)
 
 
 def _scheme_forward(A: Tensor, m: int, s: int, stack: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-    r""":math:`T_m(2^{-s}A)^{2^s}` for ``m`` in 12, 18 from the stacked powers ``stack``
-    (:func:`power_stack`: :math:`A, A^2, A^3, A^6`), the same operations as
-    :func:`_taylor_tape` without recording a tape. Returns ``(Q, saved)``: what
-    :func:`_scheme_reverse` reads (views of one fresh buffer, and the squarings' factors)."""
+    r""":math:`T_m(2^{-s}A)^{2^s}` from the stacked powers ``stack`` (:func:`power_stack`:
+    :math:`A, A^2, A^3, A^6`), the same operations as :func:`_taylor_tape` without recording
+    a tape. Returns ``(Q, saved)``: what :func:`_scheme_reverse` reads (the scheme's factors,
+    for degrees 12 and 18 views of one fresh buffer, then the squarings' factors)."""
     c = 2.0 ** -s
+    if m < 12:
+        R, saved = _low_degree_forward(A, stack[1], m, c)
+        for _ in range(s):
+            saved.append(R)
+            R = R @ R
+        return R, tuple(saved)
     k = 4 if m == 18 else 3
     table, exps = (_T18, (1, 2, 3, 6)) if m == 18 else (_T12, (1, 2, 3))
     rows, diags = _lin_rows(table, c, exps)
@@ -1001,6 +1061,9 @@ def _scheme_reverse(A: Tensor, stack: Tensor, saved: tuple[Tensor, ...], m: int,
     for R in reversed(saved[len(saved) - s:]):
         Rh = R.mH
         g = _mm_into(torch.matmul(g, Rh, out=new()), Rh, g)
+    if m < 12:
+        gA, gA2 = _low_degree_reverse(stack[1], saved, m, 2.0 ** -s, g, new)
+        return _square_reverse(A, gA, gA2, skew_only, new, arena)
     k = 4 if m == 18 else 3
     gB = new((k + 1, *A.shape))
     if m == 18:  # gradients of B0..B4 (B1 = R - X A9, B2 = X - A9, B3 = A9 - B0 B4)
@@ -1034,7 +1097,14 @@ def _scheme_reverse(A: Tensor, stack: Tensor, saved: tuple[Tensor, ...], m: int,
             _mm_into(_mm_into(gA3, gA6, A3.mH), A3.mH, gA6)
     _mm_into(gA2, gA3, A.mH)  # A3 = A2 A
     _mm_into(gA, stack[1].mH, gA3)
-    if skew_only:  # A2 = A A
+    return _square_reverse(A, gA, gA2, skew_only, new, arena)
+
+
+def _square_reverse(A: Tensor, gA: Tensor, gA2: Tensor, skew_only: bool, new,
+                    arena: Arena | None) -> Tensor:
+    """``gA`` plus the gradient through :math:`A^2 = A A` of ``gA2`` (one product with
+    ``skew_only``, see :func:`_taylor_tape_adjoint`)."""
+    if skew_only:
         return _mm_into(gA, _sym2(gA2, new, arena), A, alpha=-1.0)
     return _mm_into(_mm_into(gA, gA2, A.mH), A.mH, gA2)
 
@@ -1047,11 +1117,10 @@ def _sym2(g: Tensor, new, arena: Arena | None) -> Tensor:
 
 @reports_backward
 class ExpmOfSkewWrittenOut(torch.autograd.Function):
-    """:class:`ExpmOfSkewTaylor` for plain tensors in eager code and the schemes of degree 12
-    and 18 (the moderate and large norms): the forward and its reverse pass written out
-    (:func:`_scheme_forward`, :func:`_scheme_reverse`) instead of recording and interpreting a
-    tape, whose bookkeeping costs about 120 us per forward and backward (18% at n = 64, 5% at
-    n = 256). The same operations, so the same values and gradients.
+    """:class:`ExpmOfSkewTaylor` for plain tensors in eager code: the forward and its reverse
+    pass written out per scheme (:func:`_scheme_forward`, :func:`_scheme_reverse`) instead of
+    recording and interpreting a tape, whose bookkeeping cost 9% of a forward and backward at
+    n = 16, 7% at 64 and 3% at 256. The same operations, so the same values and gradients.
 
     ``apply(X, A, lower, m, s, stack)`` returns ``(Q, *saved)``; ``stack`` holds
     :math:`A, A^2, A^3, A^6` (:func:`power_stack`)."""
@@ -1096,8 +1165,8 @@ class ExpmOfSkewWrittenOut(torch.autograd.Function):
 
 @reports_backward
 class ExpmWrittenOut(torch.autograd.Function):
-    """:class:`ExpmTaylor` for plain tensors in eager code and the schemes of degree 12 and 18,
-    written out (see :class:`ExpmOfSkewWrittenOut`). ``apply(A, m, s, stack)`` returns
+    """:class:`ExpmTaylor` for plain tensors in eager code, written out per scheme (see
+    :class:`ExpmOfSkewWrittenOut`). ``apply(A, m, s, stack)`` returns
     ``(Q, *saved)``; ``stack`` holds a copy of ``A`` and :math:`A^2, A^3, A^6`."""
 
     @staticmethod
@@ -1141,7 +1210,7 @@ class ExpmWrittenOut(torch.autograd.Function):
 def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     r""":func:`expm_skew_taylor` of ``A = X - X^H`` (same plan and forward), differentiated
     with respect to ``X`` by :class:`ExpmOfSkewTaylor` (:class:`ExpmOfSkewWrittenOut` for
-    the degrees 12 and 18 in eager code); with ``lower``, of ``A = L - L^H``
+    plain tensors in eager code); with ``lower``, of ``A = L - L^H``
     for ``L = X.tril()`` (no separate ``tril`` node: the forward forms ``A`` in one pass and
     the backward returns the lower triangle). Backward cost: two products per forward product
     except one for each of the squares :math:`A^2` and :math:`A^6`.
@@ -1182,7 +1251,7 @@ def expm_skew_taylor(A: Tensor) -> Tensor:
     Backward: the exact derivative of the computed polynomial, two products per forward
     product (no solve), evaluated by :class:`ExpmTaylor` from the saved intermediates with
     fused accumulations (fewer passes over memory and autograd nodes than recording every
-    product and sum); in eager code the schemes of degree 12 and 18 by
+    product and sum); in eager code by
     :class:`ExpmWrittenOut`, the same operations without a tape. Second derivatives
     differentiate :func:`expm_skew_taylor_autograd` (the same computation recorded by
     autograd); forward mode uses

@@ -193,8 +193,7 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
     skew-Hermitian part of :math:`\bar A` is needed, the backward through the squares
     :math:`A^2` and :math:`A^6 = (A^3)^2` (Hermitian along skew directions) costs one product
     each instead of two (:class:`~dtriv.retractions._expm.ExpmOfSkewTaylor`; in eager code
-    the schemes of degree 12 and 18 are written out,
-    :class:`~dtriv.retractions._expm.ExpmOfSkewWrittenOut`). The same
+    written out, :class:`~dtriv.retractions._expm.ExpmOfSkewWrittenOut`). The same
     fallbacks as :func:`expm` apply (``n <= TORCH_MAX_N``, empty or non-finite input,
     ``torch.func.vmap``). Second derivatives and forward mode are supported.
 
