@@ -946,6 +946,8 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
 
 
 # ---------------------------------------------------- the schemes written out (eager code)
+#: the degrees whose eager evaluation is written out (all of them; the tests empty it to
+#: compare with the tape)
 _WRITTEN_OUT = (2, 4, 8, 12, 18)
 
 
@@ -1048,7 +1050,7 @@ def _scheme_reverse(A: Tensor, stack: Tensor, saved: tuple[Tensor, ...], m: int,
     same order: the squarings :math:`\bar R_{j-1} = \bar R_j R_{j-1}^H + R_{j-1}^H \bar R_j`,
     the scheme, its ``lin`` step (one product with the transposed coefficients), then the
     powers :math:`A^6 = (A^3)^2` (one product with ``skew_only``), :math:`A^3 = A^2 A` and
-    :math:`A^2 = A^2` (one product with ``skew_only``). Temporaries from ``arena``."""
+    :math:`A^2 = A A` (one product with ``skew_only``). Temporaries from ``arena``."""
 
     def new(shape: tuple[int, ...] | None = None) -> Tensor:
         buf = arena.empty(shape) if arena is not None else None
