@@ -69,8 +69,9 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
     (a projection, hence linear) to the next step, where it is fused with the projection of
     the next gradient: the same iterates for two ``n x k`` products per step instead of
     four, and ``momentum_buffer`` holds the buffer at the previous point (its projection at
-    the parameter is the transported buffer). On that path the QR retraction and the
-    storage of multi-parameter buckets are those of :class:`RiemannianAdam` (block
+    the parameter is the transported buffer). On that path, and without momentum (where
+    the step :math:`X \leftarrow R_X(-\eta\, P_X(G))` is in place too), the QR retraction
+    and the storage of multi-parameter buckets are those of :class:`RiemannianAdam` (block
     Cholesky QR when provably safe; the parameters' ``.data`` and ``momentum_buffer``
     re-pointed once to rows of persistent stacked buffers).
     """
