@@ -55,8 +55,10 @@ _TWO_DSINC = tuple(2 * c for c in _DSINC)
 
 
 def _horner(coeffs: tuple[float, ...], z: Tensor) -> Tensor:
-    out = torch.full_like(z, coeffs[-1])
-    for c in reversed(coeffs[:-1]):
+    r""":math:`\sum_j c_j z^j` (``coeffs`` from :math:`c_0`, at least two) by Horner's rule,
+    out of place (it may be differentiated)."""
+    out = z * coeffs[-1] + coeffs[-2]
+    for c in reversed(coeffs[:-2]):
         out = out * z + c
     return out
 
@@ -131,15 +133,8 @@ def _two_dsinc_of(t: float) -> float:
 
 def _two_dsinc_series(z: Tensor) -> Tensor:
     r""":math:`2\operatorname{sinc}'(z)` by its power series (for :math:`z < 10^{-2}`), with
-    the terms the precision of ``z`` needs there (three in single precision), in place on one
-    fresh tensor."""
-    coeffs = _TWO_DSINC if z.dtype == torch.float64 else _TWO_DSINC[:3]
-    out = torch.mul(z, coeffs[-1])
-    for i in range(len(coeffs) - 2, -1, -1):
-        out.add_(coeffs[i])
-        if i:
-            out.mul_(z)
-    return out
+    the terms the precision of ``z`` needs there (three in single precision)."""
+    return _horner(_TWO_DSINC if z.dtype == torch.float64 else _TWO_DSINC[:3], z)
 
 
 def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor | float:
