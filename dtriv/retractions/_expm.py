@@ -679,6 +679,12 @@ def _plan_saved_names(key: tuple[int, int, int]) -> tuple[str, ...]:
 _PLAN_SAVED_NAMES: dict[tuple[int, int, int], tuple[str, ...]] = {}
 
 
+def _sym2(g: Tensor, new, arena: Arena | None) -> Tensor:
+    """:math:`g + g^H` (read from padded rows where the transposed read would alias)."""
+    gp = transposable(g, arena)
+    return torch.add(gp, gp.mH, out=new())
+
+
 def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: Tensor,
                          skew_only: bool = False, arena: Arena | None = None) -> Tensor:
     r"""Reverse pass over the tape: the gradient of :math:`\mathrm{Re}\langle G, v_{out}\rangle`
@@ -725,8 +731,7 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
         if op[0] == "mm":
             _, _, x, y, add = op
             if skew_only and x == y and x in ("A", "A3") and add is None:
-                gp = transposable(g, arena)  # padded rows when g.mH would alias
-                S = torch.add(gp, gp.mH, out=new())  # 2 sym(g)
+                S = _sym2(g, new, arena)  # 2 sym(g)
                 cur = grads.get(x)
                 if cur is not None and cur[1] and cur[0].dim() == 2 and S.dim() == 2:
                     cur[0].addmm_(S, v[x], alpha=-1.0)
@@ -788,6 +793,20 @@ def _restore_tape(ctx, A: Tensor, saved: list[Tensor]) -> tuple[dict[str, Tensor
     return v, tape
 
 
+def _recorded_grad(X: Tensor, G: Tensor, lower: bool | None = None) -> Tensor:
+    """The double backward of the Taylor nodes: the gradient in ``X`` of the same computation
+    recorded by autograd, with its graph (:func:`expm_skew_taylor_autograd`), of ``expm(X)``
+    (``lower=None``) or of ``expm(X - X^H)`` (``lower``: of ``L - L^H``, ``L = tril(X)``)."""
+    with torch.enable_grad():
+        if lower is None:
+            A = X
+        else:
+            L = X.tril() if lower else X
+            A = L - L.mH
+        (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(A), X, G, create_graph=True)
+    return grad
+
+
 @reports_backward
 class ExpmTaylor(torch.autograd.Function):
     """``A -> T_m(2^{-s}A)^{2^s}`` (skew ``A``) with the hand-written reverse pass.
@@ -818,9 +837,7 @@ class ExpmTaylor(torch.autograd.Function):
         A, v, tape = ExpmTaylor._restore(ctx)
         grad: Tensor
         if torch.is_grad_enabled():  # double backward: differentiate the recorded version
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(A), A, G,
-                                              create_graph=True)
+            grad = _recorded_grad(A, G)
         else:
             with Arena(A) as arena:
                 grad = _own(_taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype),
@@ -883,17 +900,6 @@ def skew_of_adjoint(Abar: Tensor, lower: bool = False, arena: Arena | None = Non
     return grad.tril_() if lower else grad
 
 
-def _recorded_grad_of_skew(X: Tensor, lower: bool, G: Tensor) -> Tensor:
-    """The double backward of the nodes of ``expm(X - X^H)`` (``lower``: of ``L - L^H``,
-    ``L = tril(X)``): the gradient of the same computation recorded by autograd, with its
-    graph (:func:`expm_skew_taylor_autograd`)."""
-    with torch.enable_grad():
-        L = X.tril() if lower else X
-        (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(L - L.mH), X, G,
-                                      create_graph=True)
-    return grad
-
-
 @reports_backward
 class ExpmOfSkewTaylor(torch.autograd.Function):
     """``X -> T_m(2^{-s}A)^{2^s}`` with ``A = X - X^H`` (or ``tril(X) - tril(X)^H``) and the
@@ -929,7 +935,7 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
             return (None, None, None, None, None, *([None] * ctx.n_powers))
         X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
         if torch.is_grad_enabled():  # double backward: differentiate the recorded version
-            grad = _recorded_grad_of_skew(X, ctx.lower, G)
+            grad = _recorded_grad(X, G, ctx.lower)
         else:
             with Arena(A) as arena:  # Abar and the other temporaries go back to it
                 Abar = _taylor_tape_adjoint(v, tape, _final(tape), G.to(A.dtype),
@@ -1111,12 +1117,6 @@ def _square_reverse(A: Tensor, gA: Tensor, gA2: Tensor, skew_only: bool, new,
     return _mm_into(_mm_into(gA, gA2, A.mH), A.mH, gA2)
 
 
-def _sym2(g: Tensor, new, arena: Arena | None) -> Tensor:
-    """:math:`g + g^H` (read from padded rows where the transposed read would alias)."""
-    gp = transposable(g, arena)
-    return torch.add(gp, gp.mH, out=new())
-
-
 @reports_backward
 class ExpmOfSkewWrittenOut(torch.autograd.Function):
     """:class:`ExpmOfSkewTaylor` for plain tensors in eager code: the forward and its reverse
@@ -1148,7 +1148,7 @@ class ExpmOfSkewWrittenOut(torch.autograd.Function):
             return None, None, None, None, None, None
         X, A, stack, *saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: differentiate the recorded version
-            grad = _recorded_grad_of_skew(X, ctx.lower, G)
+            grad = _recorded_grad(X, G, ctx.lower)
         else:
             with Arena(A) as arena:
                 Abar = _scheme_reverse(A, stack, tuple(saved), ctx.m, ctx.s, G.to(A.dtype),
@@ -1191,9 +1191,7 @@ class ExpmWrittenOut(torch.autograd.Function):
             return None, None, None, None
         A, stack, *saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: differentiate the recorded version
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(A), A, G,
-                                              create_graph=True)
+            grad = _recorded_grad(A, G)
         else:
             with Arena(stack[0]) as arena:
                 grad = _own(_scheme_reverse(stack[0], stack, tuple(saved), ctx.m, ctx.s,
