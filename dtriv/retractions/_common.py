@@ -128,6 +128,7 @@ def eps(dtype: torch.dtype) -> float:
 
 #: whether a ``torch.func`` transform (grad, vmap, jvp, ...) is active around the call
 transforms_active = torch._C._are_functorch_transforms_active
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def eager_context() -> bool:
@@ -136,7 +137,6 @@ def eager_context() -> bool:
     tricks are allowed)."""
     return (not transforms_active() and torch._C._get_tracing_state() is None
             and not torch.compiler.is_compiling())
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def reports_backward(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
