@@ -170,6 +170,7 @@ def pieces(count: int, n: int, k: int, device, rounds: int = 15) -> dict[str, fl
         tick("m <- N - X S (product)", m.baddbmm_, Xw, Sn, alpha=-1)
         tick("norm(G)^2 - norm(sym(X^T G))^2 (reductions)", norms, G, Sg)
         tick("block-QR bound (reduction)", S.safe_for_block_qr, m, c)
+        tick("orthonormality probe (one pass over X)", S.near_orthonormal, Xw)
         tick("Y = X + c m", Xw.addcmul_, m, c)
         Y = Xw.clone()
         tick("QR: block Cholesky QR", S.block_cholesky_qf_, Xw)
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                  md_table(["piece", "time", "matmuls"], rows_p),
                  "Each piece timed alone (medians over rounds); matmuls: in units of one "
                  "512 x 512 float32 product. The block QR runs when the point is the "
-                 "optimizer's own and the step passes the bound; else the checked QR.")
+                 "optimizer's own, passes the probe and the step passes the bound; else the "
+                 "checked QR.")
     if not quick:
         errors = constraint_after(1000, 256, 256, device)
         emit(args, "Constraint error after 1,000 float32 Adam steps, Stiefel (256, 256)",

@@ -206,7 +206,9 @@ class RiemannianMixin:
     def _on_manifold(self, params: list[Tensor]) -> bool:
         """Whether every parameter still holds the point this optimizer wrote last (same
         tensor, memory and version counter): then it lies on its manifold to rounding and
-        the fused retractions may skip their conditioning checks."""
+        the fused retractions may skip their conditioning checks. A write through
+        ``p.data`` bumps no version counter, so the fused QR also tests the points
+        themselves (:func:`dtriv.optim._stiefel.near_orthonormal`)."""
         marks = self.__dict__.get("_written")
         if not marks:
             return False

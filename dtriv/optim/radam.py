@@ -55,8 +55,9 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
     ``exp_avg`` then holds the moment at the previous point (its projection at the
     parameter is the transported moment, what :meth:`stabilize` stores). The QR retraction
     there runs as recursive block Cholesky QR when the point is the one this optimizer
-    wrote and :math:`c^2 \|m\|_F^2 \le 2` for the step :math:`c\, m` (then
-    :math:`\kappa(X + c m)^2 \le 3`), else as checked Cholesky/Householder QR. A
+    wrote, a randomized test of one pass finds it orthonormal (a write through ``p.data``
+    escapes the first test) and :math:`c^2 \|m\|_F^2 \le 2` for the step :math:`c\, m`
+    (then :math:`\kappa(X + c m)^2 \le 3`), else as checked Cholesky/Householder QR. A
     bucket of several Stiefel parameters is kept in persistent stacked buffers: at its
     first step the parameters' ``.data`` and their ``exp_avg`` are re-pointed to rows of
     one ``(m, n, k)`` tensor each (same values), so that no step copies them; a parameter

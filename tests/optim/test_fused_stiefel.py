@@ -3,6 +3,7 @@ manifold interface), against geoopt in float32, and its constraint error over lo
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -226,6 +227,88 @@ def test_checked_retraction_after_the_parameter_is_changed_outside():
         p.mul_(3.0).add_(torch.randn(80, 70, generator=_gen(5), dtype=torch.float64))
     _run([p], opt, loss, 1)
     assert M.distance(p.detach()).max() < 1e-12
+
+
+def _ill_conditioned(n, k, cond, dtype, seed):
+    """An ``n x k`` matrix with singular values from 1 down to ``1 / cond`` (log-spaced)."""
+    g = _gen(seed)
+    U = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)
+    return ((U * s) @ V.T).to(dtype)
+
+
+@pytest.mark.parametrize("algo,kwargs", [
+    (RiemannianAdam, dict(lr=1e-2)), (RiemannianSGD, dict(lr=1e-3, momentum=0.9)),
+    (RiemannianSGD, dict(lr=1e-2)),
+])
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_write_through_data_takes_the_checked_qr(algo, kwargs, count):
+    """``p.data.copy_(W)`` does not bump ``p``'s version counter, so the optimizer still
+    takes the point for its own; the probe test sends the ill-conditioned ``W`` to the
+    checked QR, whose result is orthonormal (the block Cholesky QR's was off by 5e-3 to
+    3e-2 in float32)."""
+    dt = torch.float32
+    n, k = 64, 64
+    M = Stiefel(n, k)
+    params = _params([M.sample(generator=_gen(i), dtype=dt) for i in range(count)], M)
+    opt = algo(params, retraction="qr", **kwargs)
+    loss = _loss((n, k), dt, seed=8)
+    _run(params, opt, loss, 3)
+    version = params[-1]._version
+    params[-1].data.copy_(_ill_conditioned(n, k, 1e3, dt, seed=9))
+    assert params[-1]._version == version  # invisible to the version counter
+    _run(params, opt, loss, 1)
+    for p in params:
+        assert M.distance(p.detach()).max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b,n,k", [(1, 64, 64), (3, 300, 40), (2, 40, 1)])
+def test_near_orthonormal_tells_points_from_perturbed_ones(dtype, b, n, k):
+    from dtriv.optim._stiefel import NEAR_ORTHONORMAL_TOL, near_orthonormal
+
+    X = Stiefel(n, k).sample(b, generator=_gen(10), dtype=dtype)
+    assert near_orthonormal(X)
+    # E = X^T X - I of Frobenius norm 100 tol, rank one: X (I + t u u^T)
+    u = torch.randn(k, 1, generator=_gen(11), dtype=dtype)
+    u = u / u.norm()
+    t = math.sqrt(1 + 100 * NEAR_ORTHONORMAL_TOL) - 1
+    Y = X.clone()
+    Y[-1] = X[-1] + t * (X[-1] @ u) @ u.T
+    E = Y[-1].mT @ Y[-1] - torch.eye(k, dtype=dtype)
+    assert float(torch.linalg.matrix_norm(E)) == pytest.approx(100 * NEAR_ORTHONORMAL_TOL,
+                                                                rel=1e-3)
+    assert not near_orthonormal(Y)
+    assert not near_orthonormal(1.01 * X)
+    if k > 1:  # a repeated column: rank deficient, unit column norms
+        Z = X.clone()
+        Z[0, :, 1] = Z[0, :, 0]
+        assert not near_orthonormal(Z)
+
+
+def test_the_optimizers_own_points_take_the_block_qr(monkeypatch):
+    """The probe test must not turn away the points the optimizer wrote (float32, many
+    steps, a tall and a square shape): every step after the first is a block Cholesky QR."""
+    from dtriv.optim import _stiefel
+
+    calls = []
+    original = _stiefel.block_cholesky_qf_
+
+    def counting(Y, base=None):
+        calls.append(Y.shape)
+        return original(Y, base)
+
+    monkeypatch.setattr(_stiefel, "block_cholesky_qf_", counting)
+    dt = torch.float32
+    for n, k, steps in ((2048, 128, 40), (256, 256, 100)):
+        calls.clear()
+        M = Stiefel(n, k)
+        p = ManifoldParameter(M.sample(generator=_gen(12), dtype=dt), M)
+        opt = RiemannianAdam([p], lr=1e-2, retraction="qr")
+        _run([p], opt, _loss((n, k), dt, seed=13), steps)
+        assert len(calls) == steps - 1
+        assert M.distance(p.detach()).max() < 1e-5
 
 
 def _params(X0, manifold):
