@@ -307,3 +307,115 @@ def test_stabilize_projects_points_and_momenta(algo, key):
     assert opt.param_groups[0]["step"] == 3
     with pytest.raises(ValueError, match=r"stabilize: expected None or a positive integer"):
         algo([p], lr=0.01, stabilize=0)
+
+
+@pytest.mark.parametrize("algo,kw", [(RiemannianSGD, dict(momentum=0.5)),
+                                     (RiemannianAdam, {})])
+def test_step_with_a_closure_returns_its_loss_and_takes_the_same_step(algo, kw):
+    """``step(closure)``: the closure runs with grad enabled (also when ``step`` is called under
+    ``no_grad``), its loss is returned, and the step equals the one after a manual backward,
+    for manifold and Euclidean parameters of one group."""
+    M = Stiefel(7, 3)
+    X0 = M.sample(generator=_gen(20), dtype=DT)
+    w0 = torch.randn(4, generator=_gen(21), dtype=DT)
+    f = _problem((7, 3), seed=22)
+
+    def setup():
+        p, w = ManifoldParameter(X0.clone(), M), nn.Parameter(w0.clone())
+        return p, w, algo([p, w], lr=0.05, **kw)
+
+    def loss_of(p, w):
+        return f(p) + (w * w).sum() + w.sum()
+
+    p1, w1, o1 = setup()
+    p2, w2, o2 = setup()
+    for _ in range(3):
+        def closure():
+            o1.zero_grad()
+            value = loss_of(p1, w1)
+            value.backward()
+            return value
+
+        with torch.no_grad():
+            returned = o1.step(closure)
+        o2.zero_grad()
+        expected = loss_of(p2, w2)
+        expected.backward()
+        o2.step()
+        assert torch.equal(returned.detach(), expected.detach())
+    assert torch.equal(p1.detach(), p2.detach()) and torch.equal(w1.detach(), w2.detach())
+    assert (p1.detach() - X0).abs().max() > 1e-3
+
+
+def test_stabilize_at_once_leaves_euclidean_parameters_and_empty_states_alone():
+    """``opt.stabilize()``: points projected (polar factor), first moments projected onto the
+    tangent space there; a Euclidean parameter in the same group is left as it is, and a
+    manifold parameter never stepped gets no state."""
+    M = Stiefel(6, 3)
+    p = ManifoldParameter(M.sample(generator=_gen(23), dtype=DT), M)
+    idle = ManifoldParameter(M.sample(generator=_gen(24), dtype=DT), M)
+    w = nn.Parameter(torch.randn(5, generator=_gen(25), dtype=DT))
+    opt = RiemannianAdam([p, idle, w], lr=0.01, retraction="qr")
+    f = _problem((6, 3), seed=26)
+    for _ in range(2):
+        opt.zero_grad()
+        (f(p) + (w * w).sum()).backward()
+        idle.grad = None
+        opt.step()
+    with torch.no_grad():
+        p.add_(1e-3 * torch.randn(6, 3, generator=_gen(27), dtype=DT))  # off the manifold
+        opt.state[p]["exp_avg"].add_(p, alpha=0.1)  # off the tangent space
+    off, m_off = p.detach().clone(), opt.state[p]["exp_avg"].clone()
+    w_before, idle_before = w.detach().clone(), idle.detach().clone()
+    w_state = {k: v.clone() for k, v in opt.state[w].items()}
+    opt.stabilize()
+    X = p.detach()
+    torch.testing.assert_close(X, M.project(off), rtol=0, atol=1e-15)
+    assert M.distance(X) < 1e-14
+    torch.testing.assert_close(opt.state[p]["exp_avg"], M.proj_tangent(X, m_off),
+                               rtol=0, atol=1e-15)
+    assert torch.equal(w.detach(), w_before)
+    assert all(torch.equal(opt.state[w][k], v) for k, v in w_state.items())
+    # a point without state is projected too (a change at rounding level), and gets no state
+    torch.testing.assert_close(idle.detach(), M.project(idle_before), rtol=0, atol=0)
+    assert len(opt.state[idle]) == 0
+
+
+def test_complex_and_sparse_inputs_are_refused_with_their_shape():
+    from dtriv.manifolds import Stiefel as St
+
+    z = ManifoldParameter(St(4, 2).sample(dtype=torch.complex128), St(4, 2))
+    with pytest.raises(ValueError, match=r"params: expected real manifold parameters, got a "
+                                         r"complex one of shape \(4, 2\)"):
+        RiemannianSGD([z], lr=0.1)
+    p = ManifoldParameter(Sphere(5).sample(generator=_gen(28), dtype=DT), Sphere(5))
+    opt = RiemannianSGD([p], lr=0.1)
+    p.grad = torch.eye(5, dtype=DT)[0].to_sparse()
+    with pytest.raises(RuntimeError, match=r"RiemannianSGD does not support sparse gradients "
+                                           r"\(parameter of shape \(5,\)"):
+        opt.step()
+
+
+def test_amsgrad_turned_on_later_starts_its_maximum_from_the_current_moment():
+    """A group switched to ``amsgrad=True`` after some steps (or a state dict saved without
+    it) gets ``max_exp_avg_sq`` at its next step: the maximum of zeros and the new second
+    moment, so that step equals one of plain Adam, and the maximum then holds."""
+    M = Stiefel(6, 3)
+    X0 = M.sample(generator=_gen(29), dtype=DT)
+    f = _problem((6, 3), seed=30)
+    p, q = ManifoldParameter(X0.clone(), M), ManifoldParameter(X0.clone(), M)
+    op, oq = RiemannianAdam([p], lr=0.02), RiemannianAdam([q], lr=0.02)
+    _run(p, op, f, 3)
+    _run(q, oq, f, 3)
+    op.param_groups[0]["amsgrad"] = True
+    _run(p, op, f, 1)
+    _run(q, oq, f, 1)
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-14)
+    s = op.state[p]
+    assert torch.equal(s["max_exp_avg_sq"], s["exp_avg_sq"])
+    with torch.no_grad():  # a tiny gradient: the second moment falls, the maximum stays
+        before = s["max_exp_avg_sq"].clone()
+        p.grad = 1e-6 * torch.ones_like(p)
+    op.step()
+    assert torch.equal(s["max_exp_avg_sq"], before)
+    assert (s["exp_avg_sq"] < before).all()
