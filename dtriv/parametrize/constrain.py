@@ -10,7 +10,6 @@ trivialization of a model and :func:`refresh` refreshes them all.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -44,8 +43,9 @@ def _attach(module: nn.Module, name: str) -> None:
 
     The trivialization gets a (deepcopy-aware) weak link to its ``ParametrizationList`` so
     that ``refresh()`` finds the parameter, and the parameter gets
-    ``original._dtriv_trivialization = weakref.ref(trivialization)`` so that an optimizer
-    finds the trivialization of a parameter from its param groups.
+    ``original._dtriv_trivialization``, a :class:`_Link` to the trivialization, so that an
+    optimizer finds the trivialization of a parameter from its param groups (a link, not a
+    ``weakref.ref``: the parameter, and an optimizer holding it, can then be pickled).
     """
     plist = module.parametrizations[name]
     first = plist[0]
@@ -60,7 +60,7 @@ def _attach(module: nn.Module, name: str) -> None:
         if first._owner() is not plist:
             first._owner = _Link(plist)
         if getattr(plist.original, "_dtriv_trivialization", lambda: None)() is not first:
-            plist.original._dtriv_trivialization = weakref.ref(first)
+            plist.original._dtriv_trivialization = _Link(first)
 
 
 def constrain(

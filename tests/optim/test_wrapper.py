@@ -492,3 +492,31 @@ def test_geotorch_sphere_is_refreshed_through_its_right_inverse():
     assert torch.count_nonzero(lin.parametrizations.bias.original) == 0
     assert abs(bias.norm().item() - 1) < 1e-14
     assert (bias - base0).abs().max() > 1e-2 and not torch.equal(bias, b)
+
+
+@pytest.mark.parametrize("kind", ["constrain", "twin"])
+def test_optimizers_over_dtriv_parameters_pickle(kind):
+    """The parameter's link to its trivialization is a weak link that pickles (as a dead
+    link): an optimizer holding dtriv's parameters, and the wrapper, can be pickled (a raw
+    ``weakref.ref`` made ``pickle`` fail), and a parameter loaded alone has no trivialization."""
+    import pickle
+
+    model = nn.Linear(5, 5)
+    if kind == "constrain":
+        constrain(model, "weight", Orthogonal(5))
+    else:
+        dtriv_orthogonal(model, "weight", use_trivialization=True)
+    original = model.parametrizations.weight.original
+    assert original._dtriv_trivialization() is model.parametrizations.weight[0]
+    wrapper = DynamicTrivialization(torch.optim.SGD(model.parameters(), lr=0.1), K=2)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        wrapper.zero_grad()
+        model(x).square().sum().backward()
+        wrapper.step()
+    inner = pickle.loads(pickle.dumps(wrapper.optimizer))
+    assert inner.state_dict()["param_groups"] == wrapper.optimizer.state_dict()["param_groups"]
+    loaded = pickle.loads(pickle.dumps(wrapper))
+    assert (loaded.steps, loaded.refreshes, loaded.K) == (wrapper.steps, wrapper.refreshes, 2)
+    p = pickle.loads(pickle.dumps(original))
+    assert torch.equal(p, original) and p._dtriv_trivialization() is None

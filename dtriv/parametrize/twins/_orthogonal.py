@@ -40,7 +40,6 @@ that both produce, since the diagonal gets no gradient).
 
 from __future__ import annotations
 
-import weakref
 from enum import Enum, auto
 
 import torch
@@ -401,6 +400,6 @@ def orthogonal(
     plist = module.parametrizations[name]
     orth._owner = _Link(plist)
     if use_trivialization and len(plist) == 1:
-        plist.original._dtriv_trivialization = weakref.ref(orth)
+        plist.original._dtriv_trivialization = _Link(orth)
     install_fast_read(module, name)  # reads served from the memo (once per forward)
     return module
