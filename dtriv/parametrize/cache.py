@@ -174,7 +174,21 @@ def _state(X: Tensor, base: Tensor | None) -> tuple:
         torch.is_grad_enabled(),
         torch.is_inference_mode_enabled(),
         autocast and torch.get_autocast_dtype(X.device.type),
+        _saved_tensors_hooks(),
     )
+
+
+def _saved_tensors_hooks() -> weakref.ref | None:
+    """The innermost active saved-tensor hooks, as a weak reference to their pack function
+    (equal while that same function is alive), or ``None`` when there are none.
+
+    ``torch.utils.checkpoint`` (non-reentrant) runs each checkpointed region under hooks of
+    its own and in backward runs the region again under other hooks, where it must save the
+    same tensors as in the forward: a value computed in one region is therefore not handed
+    out in another, nor in a recomputation (which then computes the map again, as the
+    forward did)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return None if hooks is None else weakref.ref(hooks[0])
 
 
 def _watch(node: Any) -> Any:
@@ -209,6 +223,10 @@ class ForwardMemo:
       updates: optimizer steps, ``refresh``, ``load_state_dict``, ``copy_`` bump it) and the
       same storage (``X.data = ...``), dtype and device;
     * grad mode, inference mode, autocast and ``X.requires_grad`` are unchanged;
+    * the innermost saved-tensor hooks are the same (none, or the same ``save_on_cpu``
+      context): under non-reentrant ``torch.utils.checkpoint`` a value is shared within one
+      checkpointed region only, so that backward's recomputation of the region saves the
+      tensors its forward saved (see :func:`_saved_tensors_hooks`);
     * the value was not modified in place (its ``_version``; inference tensors have none);
     * backward has not consumed its graph: the node that made the value (``value.grad_fn``)
       tells when backward reaches it, which is when (``retain_graph=False``) the graph of the

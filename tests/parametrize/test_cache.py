@@ -452,6 +452,57 @@ def test_deepcopy_pickle_and_state_dict(kind):
     assert torch.allclose(model(x), clone(x), rtol=1e-12, atol=1e-14)
 
 
+def checkpointed_forward(model, x, chunk, reentrant):
+    """``model``'s RNN forward with every ``chunk`` steps in one ``torch.utils.checkpoint``."""
+    from torch.utils.checkpoint import checkpoint
+
+    def steps(h, xs):
+        for x_t in xs:
+            h = torch.tanh(model.recurrent(h) + model.input(x_t))
+        return h
+
+    h = x.new_zeros(x.shape[1], model.n_hidden).requires_grad_(reentrant)
+    for i in range(0, x.shape[0], chunk):
+        h = checkpoint(steps, h, x[i:i + chunk], use_reentrant=reentrant)
+    return h
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk,reentrant", [(1, False), (4, False), (4, True)])
+def test_checkpointed_regions_recompute_what_their_forward_computed(kind, chunk, reentrant):
+    """Non-reentrant checkpointing runs each region again in backward and requires the same
+    tensors to be saved: the memo is shared within a region only (one map per region), so the
+    recomputation computes the map where the forward did. (Sharing it across regions raised
+    CheckpointError for the twin: 6 tensors saved in the forward, 2 in the recomputation.)"""
+    x = inputs()
+    plain = RNN(seed=31, kind=kind, memo=False)
+    _, reference = loss_and_grads(plain, x)
+    model = RNN(seed=31, kind=kind)
+    counter = count_maps(model)
+    model.zero_grad()
+    loss = checkpointed_forward(model, x, chunk, reentrant).square().sum()
+    # the forward: one map per region; reentrant checkpointing runs it under no_grad, with
+    # no hooks, so one map in all (its backward recomputes each region with grad enabled)
+    assert counter["calls"] == (1 if reentrant else STEPS // chunk)
+    loss.backward()
+    assert_same_grads({n: p.grad for n, p in model.named_parameters()}, reference)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_map_per_forward_under_save_on_cpu(kind):
+    x = inputs()
+    plain = RNN(seed=32, kind=kind, memo=False)
+    _, reference = loss_and_grads(plain, x)
+    model = RNN(seed=32, kind=kind)
+    counter = count_maps(model)
+    model.zero_grad()
+    with torch.autograd.graph.save_on_cpu():
+        loss = model(x).square().sum()
+    loss.backward()
+    assert counter["calls"] == 1
+    assert_same_grads({n: p.grad for n, p in model.named_parameters()}, reference)
+
+
 def test_memo_holds_no_reference_cycle():
     model = RNN(seed=18)
     value = weakref.ref(model.recurrent.weight)
