@@ -452,6 +452,17 @@ def test_deepcopy_pickle_and_state_dict(kind):
     assert torch.allclose(model(x), clone(x), rtol=1e-12, atol=1e-14)
 
 
+def memoized_and_reference(kind, seed):
+    """Inputs, a memoizing RNN (its map evaluations counted, gradients zeroed) and the
+    gradients of the same RNN without the memo."""
+    x = inputs()
+    _, reference = loss_and_grads(RNN(seed=seed, kind=kind, memo=False), x)
+    model = RNN(seed=seed, kind=kind)
+    counter = count_maps(model)
+    model.zero_grad()
+    return x, model, counter, reference
+
+
 def checkpointed_forward(model, x, chunk, reentrant):
     """``model``'s RNN forward with every ``chunk`` steps in one ``torch.utils.checkpoint``."""
     from torch.utils.checkpoint import checkpoint
@@ -474,12 +485,7 @@ def test_checkpointed_regions_recompute_what_their_forward_computed(kind, chunk,
     tensors to be saved: the memo is shared within a region only (one map per region), so the
     recomputation computes the map where the forward did. (Sharing it across regions raised
     CheckpointError for the twin: 6 tensors saved in the forward, 2 in the recomputation.)"""
-    x = inputs()
-    plain = RNN(seed=31, kind=kind, memo=False)
-    _, reference = loss_and_grads(plain, x)
-    model = RNN(seed=31, kind=kind)
-    counter = count_maps(model)
-    model.zero_grad()
+    x, model, counter, reference = memoized_and_reference(kind, seed=31)
     loss = checkpointed_forward(model, x, chunk, reentrant).square().sum()
     # the forward: one map per region; reentrant checkpointing runs it under no_grad, with
     # no hooks, so one map in all (its backward recomputes each region with grad enabled)
@@ -490,12 +496,7 @@ def test_checkpointed_regions_recompute_what_their_forward_computed(kind, chunk,
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_map_per_forward_under_save_on_cpu(kind):
-    x = inputs()
-    plain = RNN(seed=32, kind=kind, memo=False)
-    _, reference = loss_and_grads(plain, x)
-    model = RNN(seed=32, kind=kind)
-    counter = count_maps(model)
-    model.zero_grad()
+    x, model, counter, reference = memoized_and_reference(kind, seed=32)
     with torch.autograd.graph.save_on_cpu():
         loss = model(x).square().sum()
     loss.backward()
