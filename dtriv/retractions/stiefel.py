@@ -347,6 +347,8 @@ def stiefel_polar(B: Tensor, V: Tensor) -> Tensor:
 def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> Tensor:
     r"""``G^{-1/2}`` of a Hermitian positive definite ``G`` by coupled Newton--Schulz."""
     k = G.shape[-1]
+    if G.numel() == 0:  # an empty batch: nothing to iterate (and no maximum to read)
+        return G.clone()
     I = _eye(k, G)
     with torch.no_grad():
         fro = torch.linalg.matrix_norm(G)
@@ -399,7 +401,8 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
     iteration) and Ch. 8 (polar decomposition).
     """
     _check(B, V)
-    if iters is not None and (not isinstance(iters, int) or iters < 1):
+    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int)
+                              or iters < 1):
         raise ValueError(f"iters: expected None or a positive int, got {iters!r}")
     X = B + V
     G = X.mH @ X

@@ -62,6 +62,23 @@ def test_registered_sphere_inverses_invert(randn):
         assert (entry.inverse(x, entry.map(x, v)) - v).abs().max().item() < 1e-13
 
 
+ALL_MAPS = [(kind, name) for kind in R.KINDS for name in available(kind)]
+
+
+@pytest.mark.parametrize("kind,name", ALL_MAPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_registered_map_takes_an_empty_batch(kind, name, dtype):
+    """A batch of no points gives no points, of the input's shape and dtype, with a backward
+    (the Newton-Schulz polar map read a maximum over the empty batch and raised)."""
+    shape = {"lie": (0, 4, 4), "stiefel": (0, 5, 3), "sphere": (0, 6)}[kind]
+    inputs = [torch.zeros(shape, dtype=dtype, requires_grad=True)
+              for _ in range(1 if kind == "lie" else 2)]
+    out = get(kind, name).map(*inputs)
+    assert out.shape == shape and out.dtype == dtype
+    out.sum().backward()
+    assert all(x.grad is not None and x.grad.shape == shape for x in inputs[-1:])
+
+
 def test_importing_the_package_populates_the_registry():
     code = (
         "import dtriv.retractions as R; "

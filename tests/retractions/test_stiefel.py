@@ -142,8 +142,10 @@ def test_newton_schulz_fixed_iterations():
     assert maxdiff(stiefel_polar_newton_schulz(B, V, iters=30), exact) < 1e-12
     # too few iterations are measurably inexact: the count is really used
     assert maxdiff(stiefel_polar_newton_schulz(B, V, iters=1), exact) > 1e-3
-    with pytest.raises(ValueError, match="iters"):
-        stiefel_polar_newton_schulz(B, V, iters=0)
+    for bad in (0, True, 2.0):  # a bool is an int to Python, not a count
+        with pytest.raises(ValueError, match=rf"iters: expected None or a positive int, got "
+                                             rf"{bad!r}"):
+            stiefel_polar_newton_schulz(B, V, iters=bad)
 
 
 @pytest.mark.parametrize("kind", INVERSES)
