@@ -191,6 +191,43 @@ def _saved_tensors_hooks() -> weakref.ref | None:
     return None if hooks is None else weakref.ref(hooks[0])
 
 
+#: at most this many rows of a parameter are read by :func:`_fingerprint`
+FINGERPRINT_ROWS = 1024
+_FINGERPRINT_INDEX: dict[tuple, Tensor] = {}
+
+
+def _fingerprint_index(X: Tensor) -> Tensor:
+    """Row-major positions of the entries :func:`_fingerprint` reads (cached per shape and
+    device): ``X`` viewed as ``(rows, m)`` (``m`` its last dimension), one entry in each of
+    up to :data:`FINGERPRINT_ROWS` evenly spread rows, in column ``row mod m``, so that
+    ``m`` consecutive rows (the rows of a tall matrix) meet every column."""
+    key = (tuple(X.shape), X.device)
+    index = _FINGERPRINT_INDEX.get(key)
+    if index is None:
+        m = X.shape[-1] if X.dim() > 0 else 1
+        rows = X.numel() // m
+        r = torch.linspace(0, rows - 1, min(rows, FINGERPRINT_ROWS), dtype=torch.float64)
+        r = r.round().long().unique()
+        index = _FINGERPRINT_INDEX[key] = (r * m + r % m).to(X.device)
+    return index
+
+
+def _fingerprint(X: Tensor) -> Tensor | None:
+    """A sample of the entries of ``X`` (:func:`_fingerprint_index`), or ``None`` for an empty
+    ``X``: a write through ``X.data`` bumps no version counter but changes the sample (a write
+    that replaces whole rows or columns of a matrix, or every entry, always does)."""
+    if X.numel() == 0:
+        return None
+    return torch.take(X.detach(), _fingerprint_index(X))
+
+
+def _same_prints(entry: tuple, X: Tensor) -> bool:
+    """Whether ``X`` still has the sampled entries of when ``entry`` was stored (a value with
+    a graph has no sample: backward drops it)."""
+    prints = entry[6]
+    return prints is None or torch.equal(torch.take(X.detach(), _fingerprint_index(X)), prints)
+
+
 def _watch(node: Any) -> Any:
     """What tells the memo that backward has reached ``node``: the node itself when it records
     its backward (:func:`~dtriv.retractions._common.reports_backward`), else a list that a
@@ -244,12 +281,21 @@ class ForwardMemo:
     (up to rounding). The owner also drops it explicitly (:meth:`clear`) on ``refresh``,
     ``right_inverse`` and ``load_state_dict``.
 
-    Limits. Writes that bypass the version counter, through ``tensor.data`` (as in
-    ``p.data.copy_(ema)``, or ``torch.autograd.gradcheck``'s perturbations of its inputs), are
-    not seen: a value memoized before such a write (one read under ``no_grad``, or in grad
-    mode and not backpropagated) would be handed out again; write under ``torch.no_grad()``
-    instead, or call :func:`memoize` ``(model)`` (which clears the memos) after the write. A
-    training loop is safe either way, since backward invalidates the memo before the step. Two
+    Writes through ``tensor.data`` (as in ``p.data.copy_(ema)``, the soft update of a target
+    network, or ``torch.autograd.gradcheck``'s perturbations of its inputs) bypass the version
+    counter. A value without a graph (read under ``no_grad`` or ``inference_mode``, or of a
+    parameter that does not require grad) is never dropped by a backward, so it also keeps a
+    sample of the parameter's entries (:func:`_fingerprint`: one per row, up to
+    :data:`FINGERPRINT_ROWS` rows, every column of a tall matrix met) and is handed out only
+    while they are unchanged: a write to all entries, or to whole rows or columns of a matrix,
+    is seen (about 3 us per read).
+
+    Limits. A value with a graph memoized before a write through ``.data`` (read in grad mode
+    and not yet backpropagated) is handed out again until backward, and so is a value
+    without a graph after a write that misses every sampled entry; write under
+    ``torch.no_grad()`` instead, or call :func:`memoize` ``(model)`` (which clears the memos)
+    after the write. A training loop is safe either way, since backward invalidates the memo
+    before the step. Two
     forwards between which nothing changed share one value and one graph of the
     map: backpropagate their losses together (``(loss_a + loss_b).backward()``), or the first
     backward with ``retain_graph=True``; a second ``backward`` through a graph that the first
@@ -273,9 +319,10 @@ class ForwardMemo:
     __slots__ = ("_entry", "__weakref__")
 
     def __init__(self) -> None:
-        #: ``(weakref(X), weakref(base) | None, state, value, value._version, seen)`` or None;
-        #: ``seen``: ``value.grad_fn`` when it records its backward itself, else the list its
-        #: pre-hook appends to (``None``: not watched); :func:`_consumed` reads either
+        #: ``(weakref(X), weakref(base) | None, state, value, value._version, seen, prints)``
+        #: or None; ``seen``: ``value.grad_fn`` when it records its backward itself, else the
+        #: list its pre-hook appends to (``None``: not watched); :func:`_consumed` reads
+        #: either; ``prints``: :func:`_fingerprint` of ``X`` for a value without a graph
         self._entry: tuple | None = None
 
     def clear(self) -> None:
@@ -299,7 +346,7 @@ class ForwardMemo:
         state = _state(X, base)
         entry = self._entry
         if entry is not None:
-            if self._fresh(entry, X, base) and entry[2] == state:
+            if self._fresh(entry, X, base) and entry[2] == state and _same_prints(entry, X):
                 return entry[3]
             self._entry = None  # frees the old value (and its graph) before computing anew
         value = compute(X)
@@ -309,7 +356,10 @@ class ForwardMemo:
                 return value
             seen = _watch(value.grad_fn)
         base_ref = None if base is None else weakref.ref(base)
-        self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen)
+        # a value without a graph is never dropped by a backward: guard it against writes
+        # through ``X.data`` too (see the class doc)
+        prints = None if value.requires_grad else _fingerprint(X)
+        self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen, prints)
         return value
 
     @staticmethod
@@ -334,7 +384,9 @@ class ForwardMemo:
             if _consumed(entry[5]):
                 self._entry = None
             return None
-        return entry[3] if entry[2] == _state(X, base) else None
+        if entry[2] != _state(X, base) or not _same_prints(entry, X):
+            return None
+        return entry[3]
 
     def __deepcopy__(self, memo: dict) -> ForwardMemo:
         return ForwardMemo()

@@ -156,15 +156,43 @@ def test_gradcheck_through_the_memo(kind):
     assert torch.autograd.gradcheck(f, (X,))
 
 
-def test_writes_through_data_are_not_seen_until_cleared():
-    # the documented limit: ``.data`` writes bypass the version counter
-    model = RNN(seed=21)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_value_without_graph_sees_writes_through_data(kind):
+    """``.data`` writes bypass the version counter; a value read under ``no_grad`` (a target
+    network's, which no backward ever drops) checks a sample of the parameter's entries, so a
+    soft update ``p.data.copy_(...)`` is seen, as are writes to one row or one column."""
+    model = RNN(seed=21, kind=kind)
+    X = kernel_param(model)
     with torch.no_grad():
-        stale = model.recurrent.weight.clone()
-        perturb_(kernel_param(model).data)
-        assert torch.equal(model.recurrent.weight, stale)
-        memoize(model)  # clears
-        assert not torch.allclose(model.recurrent.weight, stale)
+        first = model.recurrent.weight.clone()
+        assert model.recurrent.weight is model.recurrent.weight  # memoized
+        X.data.copy_(0.9 * X.data + 0.1 * torch.ones_like(X))  # a soft update
+        soft = model.recurrent.weight.clone()
+        assert not torch.allclose(soft, first)
+        X.data[:, 4].add_(0.5)  # one column
+        column = model.recurrent.weight.clone()
+        assert not torch.allclose(column, soft)
+        X.data[2].add_(0.5)  # one row
+        assert not torch.allclose(model.recurrent.weight, column)
+        memoize(model, False)  # the recomputed value agrees with the memoized one
+        fresh = model.recurrent.weight
+        memoize(model, True)
+        assert torch.equal(model.recurrent.weight, fresh)
+
+
+def test_a_value_with_graph_sees_writes_through_data_after_backward_or_clear():
+    # the documented limit: a grad-mode value is only guarded by the version counter
+    model = RNN(seed=22)
+    X = kernel_param(model)
+    stale = model.recurrent.weight
+    perturb_(X.data)
+    assert model.recurrent.weight is stale
+    memoize(model)  # clears
+    fresh = model.recurrent.weight
+    assert not torch.allclose(fresh, stale)
+    fresh.sum().backward()
+    perturb_(X.data, seed=1)
+    assert not torch.allclose(model.recurrent.weight, fresh)
 
 
 @pytest.mark.parametrize("kind", KINDS)
