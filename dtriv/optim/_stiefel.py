@@ -288,9 +288,9 @@ def _step_within_bound(V: Tensor, c: Tensor | float) -> Tensor:
 #: how many Gaussian probes :func:`near_orthonormal` uses
 NEAR_ORTHONORMAL_PROBES = 8
 #: :func:`near_orthonormal` admits points whose estimate of :math:`\|X^T X - I\|_F` is at
-#: most this: then :math:`\kappa(X)^2 \le 1.003`. The optimizer's own float32 points
-#: estimate at 1e-5 to 3e-5 (measured after hundreds of steps at (512, 512), (2048, 512)
-#: and (16384, 256)).
+#: most this (a norm that small would mean :math:`\kappa(X)^2 \le 1.003`; how much larger
+#: norms can pass is in its doc). The optimizer's own float32 points estimate at 1e-5 to
+#: 3e-5 (measured after hundreds of steps at (512, 512), (2048, 512) and (16384, 256)).
 NEAR_ORTHONORMAL_TOL = 1e-3
 
 
