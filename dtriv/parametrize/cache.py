@@ -199,8 +199,9 @@ _FINGERPRINT_INDEX: dict[tuple, Tensor] = {}
 def _fingerprint_index(X: Tensor) -> Tensor:
     """Row-major positions of the entries :func:`_fingerprint` reads (cached per shape and
     device): ``X`` viewed as ``(rows, m)`` (``m`` its last dimension), one entry in each of
-    up to :data:`FINGERPRINT_ROWS` evenly spread rows, in column ``row mod m``, so that
-    ``m`` consecutive rows (the rows of a tall matrix) meet every column."""
+    up to :data:`FINGERPRINT_ROWS` evenly spread rows, in column ``row mod m``: up to that
+    many rows, every row is read, and ``m`` consecutive rows (those of a tall matrix) meet
+    every column."""
     key = (tuple(X.shape), X.device)
     index = _FINGERPRINT_INDEX.get(key)
     if index is None:
@@ -285,10 +286,10 @@ class ForwardMemo:
     network, or ``torch.autograd.gradcheck``'s perturbations of its inputs) bypass the version
     counter. A value without a graph (read under ``no_grad`` or ``inference_mode``, or of a
     parameter that does not require grad) is never dropped by a backward, so it also keeps a
-    sample of the parameter's entries (:func:`_fingerprint`: one per row, up to
-    :data:`FINGERPRINT_ROWS` rows, every column of a tall matrix met) and is handed out only
-    while they are unchanged: a write to all entries, or to whole rows or columns of a matrix,
-    is seen (about 3 us per read).
+    sample of the parameter's entries (:func:`_fingerprint`: one in each of up to
+    :data:`FINGERPRINT_ROWS` rows) and is handed out only while they are unchanged: a write
+    to all entries is seen, and for a tall matrix of at most that many rows, a write to a
+    whole row or column (about 3 us per read).
 
     Limits. A value with a graph memoized before a write through ``.data`` (read in grad mode
     and not yet backpropagated) is handed out again until backward, and so is a value
