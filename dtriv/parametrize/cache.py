@@ -50,6 +50,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
@@ -191,42 +192,57 @@ def _saved_tensors_hooks() -> weakref.ref | None:
     return None if hooks is None else weakref.ref(hooks[0])
 
 
-#: at most this many rows of a parameter are read by :func:`_fingerprint`
-FINGERPRINT_ROWS = 1024
-_FINGERPRINT_INDEX: dict[tuple, Tensor] = {}
+#: :class:`_Sample` reads this many runs of :data:`SAMPLE_RUN` consecutive entries
+SAMPLE_RUNS = 4
+SAMPLE_RUN = 16
+_SAMPLE_INDEX: dict[tuple[int, int], np.ndarray] = {}
 
 
-def _fingerprint_index(X: Tensor) -> Tensor:
-    """Row-major positions of the entries :func:`_fingerprint` reads (cached per shape and
-    device): ``X`` viewed as ``(rows, m)`` (``m`` its last dimension), one entry in each of
-    up to :data:`FINGERPRINT_ROWS` evenly spread rows, in column ``row mod m``: up to that
-    many rows, every row is read, and ``m`` consecutive rows (those of a tall matrix) meet
-    every column."""
-    key = (tuple(X.shape), X.device)
-    index = _FINGERPRINT_INDEX.get(key)
+def _sample_index(numel: int, itemsize: int) -> np.ndarray:
+    """Byte positions of the entries a :class:`_Sample` reads in a contiguous tensor of
+    ``numel`` entries of ``itemsize`` bytes (cached): :data:`SAMPLE_RUNS` runs of
+    :data:`SAMPLE_RUN` consecutive entries, evenly spread from the first entry to the last."""
+    key = (numel, itemsize)
+    index = _SAMPLE_INDEX.get(key)
     if index is None:
-        m = X.shape[-1] if X.dim() > 0 else 1
-        rows = X.numel() // m
-        r = torch.linspace(0, rows - 1, min(rows, FINGERPRINT_ROWS), dtype=torch.float64)
-        r = r.round().long().unique()
-        index = _FINGERPRINT_INDEX[key] = (r * m + r % m).to(X.device)
+        run = min(SAMPLE_RUN, numel)
+        starts = np.unique(np.linspace(0, numel - run, SAMPLE_RUNS).round().astype(np.int64))
+        entries = (starts[:, None] + np.arange(run)).ravel()
+        index = _SAMPLE_INDEX[key] = (entries[:, None] * itemsize + np.arange(itemsize)).ravel()
     return index
 
 
-def _fingerprint(X: Tensor) -> Tensor | None:
-    """A sample of the entries of ``X`` (:func:`_fingerprint_index`), or ``None`` for an empty
-    ``X``: a write through ``X.data`` bumps no version counter but changes the sample (a write
-    that replaces whole rows or columns of a matrix, or every entry, always does)."""
-    if X.numel() == 0:
-        return None
-    return torch.take(X.detach(), _fingerprint_index(X))
+class _Sample:
+    """Some entries of a parameter, to tell whether it was written since.
 
+    A write through ``X.data`` (a target network's soft update ``p.data.copy_(...)``), and
+    torch's fused Adam on CPU, bump no version counter; they change the sampled entries when
+    they change every entry. For a contiguous CPU tensor this keeps a byte view of its
+    storage (through NumPy: reading the sample back costs about half a microsecond, with no
+    torch op), the byte positions (:func:`_sample_index`) and their bytes (so a NaN compares
+    equal to itself). Other tensors get no sample (:meth:`unchanged` is always true): on an
+    accelerator, reading it back would synchronise the device at every read.
+    """
 
-def _same_prints(entry: tuple, X: Tensor) -> bool:
-    """Whether ``X`` still has the sampled entries of when ``entry`` was stored (a value with
-    a graph has no sample: backward drops it)."""
-    prints = entry[6]
-    return prints is None or torch.equal(torch.take(X.detach(), _fingerprint_index(X)), prints)
+    __slots__ = ("_bytes", "_index", "_values")
+
+    def __init__(self, X: Tensor) -> None:
+        self._bytes: np.ndarray | None = None
+        if X.device.type != "cpu" or X.layout != torch.strided or X.numel() == 0:
+            return
+        alias = X.detach()
+        if not alias.is_contiguous():
+            return
+        try:
+            self._bytes = alias.reshape(-1).view(torch.uint8).numpy()
+        except (RuntimeError, TypeError):  # a conjugate or negative view, ...: no sample
+            return
+        self._index = _sample_index(X.numel(), X.element_size())
+        self._values = self._bytes[self._index].tobytes()
+
+    def unchanged(self) -> bool:
+        """Whether the sampled entries hold the bytes they held when sampled."""
+        return self._bytes is None or self._bytes[self._index].tobytes() == self._values
 
 
 def _watch(node: Any) -> Any:
@@ -266,6 +282,11 @@ class ForwardMemo:
       checkpointed region only, so that backward's recomputation of the region saves the
       tensors its forward saved (see :func:`_saved_tensors_hooks`);
     * the value was not modified in place (its ``_version``; inference tensors have none);
+    * a sample of the parameter's entries (:class:`_Sample`: four runs of 16 consecutive
+      entries) is unchanged. Writes through ``tensor.data`` (as in ``p.data.copy_(ema)``,
+      the soft update of a target network, or ``torch.autograd.gradcheck``'s perturbations
+      of its inputs) and torch's fused Adam on CPU bypass the version counter; a write that
+      changes every entry changes the sample (CPU tensors; about a microsecond per read);
     * backward has not consumed its graph: the node that made the value (``value.grad_fn``)
       tells when backward reaches it, which is when (``retain_graph=False``) the graph of the
       map is freed; from then on the value is not handed out (the next read drops it and
@@ -282,18 +303,9 @@ class ForwardMemo:
     (up to rounding). The owner also drops it explicitly (:meth:`clear`) on ``refresh``,
     ``right_inverse`` and ``load_state_dict``.
 
-    Writes through ``tensor.data`` (as in ``p.data.copy_(ema)``, the soft update of a target
-    network, or ``torch.autograd.gradcheck``'s perturbations of its inputs) bypass the version
-    counter. A value without a graph (read under ``no_grad`` or ``inference_mode``, or of a
-    parameter that does not require grad) is never dropped by a backward, so it also keeps a
-    sample of the parameter's entries (:func:`_fingerprint`: one in each of up to
-    :data:`FINGERPRINT_ROWS` rows) and is handed out only while they are unchanged: a write
-    to all entries is seen, and for a tall matrix of at most that many rows, a write to a
-    whole row or column (about 3 us per read).
-
-    Limits. A value with a graph memoized before a write through ``.data`` (read in grad mode
-    and not yet backpropagated) is handed out again until backward, and so is a value
-    without a graph after a write that misses every sampled entry; write under
+    Limits. A write through ``.data`` that leaves every sampled entry as it was (one that
+    changes a few rows or columns, say) is not seen: the memoized value is handed out again
+    until backward drops it (a value with a graph) or for good (one without); write under
     ``torch.no_grad()`` instead, or call :func:`memoize` ``(model)`` (which clears the memos)
     after the write. A training loop is safe either way, since backward invalidates the memo
     before the step. Two
@@ -320,10 +332,10 @@ class ForwardMemo:
     __slots__ = ("_entry", "__weakref__")
 
     def __init__(self) -> None:
-        #: ``(weakref(X), weakref(base) | None, state, value, value._version, seen, prints)``
+        #: ``(weakref(X), weakref(base) | None, state, value, value._version, seen, sample)``
         #: or None; ``seen``: ``value.grad_fn`` when it records its backward itself, else the
         #: list its pre-hook appends to (``None``: not watched); :func:`_consumed` reads
-        #: either; ``prints``: :func:`_fingerprint` of ``X`` for a value without a graph
+        #: either; ``sample``: the :class:`_Sample` of ``X``
         self._entry: tuple | None = None
 
     def clear(self) -> None:
@@ -347,7 +359,7 @@ class ForwardMemo:
         state = _state(X, base)
         entry = self._entry
         if entry is not None:
-            if self._fresh(entry, X, base) and entry[2] == state and _same_prints(entry, X):
+            if self._fresh(entry, X, base) and entry[2] == state and entry[6].unchanged():
                 return entry[3]
             self._entry = None  # frees the old value (and its graph) before computing anew
         value = compute(X)
@@ -357,10 +369,8 @@ class ForwardMemo:
                 return value
             seen = _watch(value.grad_fn)
         base_ref = None if base is None else weakref.ref(base)
-        # a value without a graph is never dropped by a backward: guard it against writes
-        # through ``X.data`` too (see the class doc)
-        prints = None if value.requires_grad else _fingerprint(X)
-        self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen, prints)
+        sample = _Sample(X)  # writes that bump no version counter (see the class doc)
+        self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen, sample)
         return value
 
     @staticmethod
@@ -385,7 +395,7 @@ class ForwardMemo:
             if _consumed(entry[5]):
                 self._entry = None
             return None
-        if entry[2] != _state(X, base) or not _same_prints(entry, X):
+        if entry[2] != _state(X, base) or not entry[6].unchanged():
             return None
         return entry[3]
 

@@ -199,19 +199,32 @@ def test_an_eval_read_after_a_fused_adam_step_sees_the_step(kind):
     assert not torch.allclose(after, before)
 
 
-def test_a_value_with_graph_sees_writes_through_data_after_backward_or_clear():
-    # the documented limit: a grad-mode value is only guarded by the version counter
+def test_a_value_with_graph_sees_writes_through_data():
+    """The same for a value read in grad mode and never backpropagated (a target network read
+    without ``no_grad`` and detached, as DDPG's reference code does)."""
     model = RNN(seed=22)
     X = kernel_param(model)
     stale = model.recurrent.weight
-    perturb_(X.data)
     assert model.recurrent.weight is stale
-    memoize(model)  # clears
+    X.data.mul_(0.9).add_(0.01)
     fresh = model.recurrent.weight
-    assert not torch.allclose(fresh, stale)
-    fresh.sum().backward()
-    perturb_(X.data, seed=1)
-    assert not torch.allclose(model.recurrent.weight, fresh)
+    assert fresh is not stale and not torch.allclose(fresh, stale)
+
+
+def test_a_write_that_misses_the_sample_is_the_documented_limit():
+    from dtriv.parametrize.cache import _sample_index
+
+    layer = nn.Linear(64, 64, bias=False).double()
+    constrain_kernel(layer, "constrain")
+    X = layer.parametrizations.weight.original
+    sampled = set((_sample_index(X.numel(), X.element_size()) // X.element_size()).tolist())
+    missed = next(i for i in range(X.numel()) if i not in sampled)
+    with torch.no_grad():
+        stale = layer.weight
+        X.data.view(-1)[missed] += 0.5  # one entry outside the sample
+        assert layer.weight is stale  # not seen
+        memoize(layer)  # clears
+        assert not torch.allclose(layer.weight, stale)
 
 
 @pytest.mark.parametrize("kind", KINDS)
