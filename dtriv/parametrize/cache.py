@@ -245,6 +245,12 @@ class _Sample:
         return self._bytes is None or self._bytes[self._index].tobytes() == self._values
 
 
+def _unchanged(entry: tuple) -> bool:
+    """Whether the sample of a memo entry (if it has one) is unchanged."""
+    sample = entry[6]
+    return sample is None or sample.unchanged()
+
+
 def _watch(node: Any) -> Any:
     """What tells the memo that backward has reached ``node``: the node itself when it records
     its backward (:func:`~dtriv.retractions._common.reports_backward`), else a list that a
@@ -282,11 +288,14 @@ class ForwardMemo:
       checkpointed region only, so that backward's recomputation of the region saves the
       tensors its forward saved (see :func:`_saved_tensors_hooks`);
     * the value was not modified in place (its ``_version``; inference tensors have none);
-    * a sample of the parameter's entries (:class:`_Sample`: four runs of 16 consecutive
-      entries) is unchanged. Writes through ``tensor.data`` (as in ``p.data.copy_(ema)``,
-      the soft update of a target network, or ``torch.autograd.gradcheck``'s perturbations
-      of its inputs) and torch's fused Adam on CPU bypass the version counter; a write that
-      changes every entry changes the sample (CPU tensors; about a microsecond per read);
+    * for a value without a graph (read under ``no_grad`` or ``inference_mode``, or of a
+      parameter that does not require grad), which no backward ever drops: a sample of the
+      parameter's entries (:class:`_Sample`: four runs of 16 consecutive entries) is
+      unchanged. Writes through ``tensor.data`` (as in ``p.data.copy_(ema)``, the soft update
+      of a target network) and torch's fused Adam on CPU bypass the version counter; a write
+      that changes every entry changes the sample (CPU tensors; half a microsecond per read;
+      a value with a graph gets no sample, since taking one costs 15 to 40 us per forward in
+      a training loop, 3 to 8% of a 64 x 64 map's forward and backward);
     * backward has not consumed its graph: the node that made the value (``value.grad_fn``)
       tells when backward reaches it, which is when (``retain_graph=False``) the graph of the
       map is freed; from then on the value is not handed out (the next read drops it and
@@ -303,9 +312,11 @@ class ForwardMemo:
     (up to rounding). The owner also drops it explicitly (:meth:`clear`) on ``refresh``,
     ``right_inverse`` and ``load_state_dict``.
 
-    Limits. A write through ``.data`` that leaves every sampled entry as it was (one that
-    changes a few rows or columns, say) is not seen: the memoized value is handed out again
-    until backward drops it (a value with a graph) or for good (one without); write under
+    Limits. A write through ``.data`` (or a fused Adam step) after a read in grad mode that
+    is not backpropagated (a target network read without ``no_grad`` and detached, as in
+    DDPG's reference code) is not seen until backward drops the value, and one that leaves
+    every sampled entry of a value without a graph as it was (a few rows or columns, say) is
+    not seen at all; read such a network under ``torch.no_grad()``, write under
     ``torch.no_grad()`` instead, or call :func:`memoize` ``(model)`` (which clears the memos)
     after the write. A training loop is safe either way, since backward invalidates the memo
     before the step. Two
@@ -359,7 +370,7 @@ class ForwardMemo:
         state = _state(X, base)
         entry = self._entry
         if entry is not None:
-            if self._fresh(entry, X, base) and entry[2] == state and entry[6].unchanged():
+            if self._fresh(entry, X, base) and entry[2] == state and _unchanged(entry):
                 return entry[3]
             self._entry = None  # frees the old value (and its graph) before computing anew
         value = compute(X)
@@ -369,7 +380,9 @@ class ForwardMemo:
                 return value
             seen = _watch(value.grad_fn)
         base_ref = None if base is None else weakref.ref(base)
-        sample = _Sample(X)  # writes that bump no version counter (see the class doc)
+        # a value without a graph, which no backward drops, also checks a sample of X for
+        # writes that bump no version counter (see the class doc)
+        sample = None if value.requires_grad else _Sample(X)
         self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen, sample)
         return value
 
@@ -395,7 +408,7 @@ class ForwardMemo:
             if _consumed(entry[5]):
                 self._entry = None
             return None
-        if entry[2] != _state(X, base) or not entry[6].unchanged():
+        if entry[2] != _state(X, base) or not _unchanged(entry):
             return None
         return entry[3]
 
