@@ -54,9 +54,9 @@ _DSINC = tuple((-1) ** j * j / math.factorial(2 * j + 1) for j in range(1, 7))
 _TWO_DSINC = tuple(2 * c for c in _DSINC)
 
 
-def _horner(coeffs: tuple[float, ...], z: Tensor) -> Tensor:
+def _horner(coeffs: tuple[float, ...], z: Tensor | float) -> Tensor | float:
     r""":math:`\sum_j c_j z^j` (``coeffs`` from :math:`c_0`, at least two) by Horner's rule,
-    out of place (it may be differentiated)."""
+    out of place (it may be differentiated); ``z`` a tensor or a number."""
     out = z * coeffs[-1] + coeffs[-2]
     for c in reversed(coeffs[:-2]):
         out = out * z + c
@@ -124,10 +124,7 @@ def _two_dsinc_of(t: float) -> float:
     the power series below :math:`t^2 = 10^{-2}`, else :math:`(\cos t - \sin t/t)/t^2`."""
     z = t * t
     if z < _SERIES:
-        out = 0.0
-        for c in reversed(_TWO_DSINC):
-            out = out * z + c
-        return out
+        return _horner(_TWO_DSINC, z)
     return (math.cos(t) - math.sin(t) / t) / z
 
 
