@@ -217,36 +217,42 @@ class _Sample:
 
     A write through ``X.data`` (a target network's soft update ``p.data.copy_(...)``), and
     torch's fused Adam on CPU, bump no version counter; they change the sampled entries when
-    they change every entry. For a contiguous CPU tensor this keeps a byte view of its
-    storage (through NumPy: reading the sample back costs about half a microsecond, with no
-    torch op), the byte positions (:func:`_sample_index`) and their bytes (so a NaN compares
-    equal to itself). Other tensors get no sample (:meth:`unchanged` is always true): on an
-    accelerator, reading it back would synchronise the device at every read.
+    they change every entry. Keeps a byte view of a contiguous CPU tensor's storage (through
+    NumPy: reading the sample back costs about half a microsecond, with no torch op), the
+    byte positions (:func:`_sample_index`) and their bytes (so a NaN compares equal to
+    itself). Made by :meth:`of`, which gives other tensors no sample: on an accelerator,
+    reading it back would synchronise the device at every read.
     """
 
     __slots__ = ("_bytes", "_index", "_values")
 
-    def __init__(self, X: Tensor) -> None:
-        self._bytes: np.ndarray | None = None
+    def __init__(self, data: np.ndarray, index: np.ndarray) -> None:
+        self._bytes, self._index = data, index
+        self._values = data[index].tobytes()
+
+    @classmethod
+    def of(cls, X: Tensor) -> _Sample | None:
+        """The sample of ``X``, or ``None`` when ``X`` is not a non-empty contiguous dense
+        CPU tensor whose bytes NumPy can view."""
         if X.device.type != "cpu" or X.layout != torch.strided or X.numel() == 0:
-            return
+            return None
         alias = X.detach()
         if not alias.is_contiguous():
-            return
+            return None
         try:
-            self._bytes = alias.reshape(-1).view(torch.uint8).numpy()
+            data = alias.reshape(-1).view(torch.uint8).numpy()
         except (RuntimeError, TypeError):  # a conjugate or negative view, ...: no sample
-            return
-        self._index = _sample_index(X.numel(), X.element_size())
-        self._values = self._bytes[self._index].tobytes()
+            return None
+        return cls(data, _sample_index(X.numel(), X.element_size()))
 
     def unchanged(self) -> bool:
         """Whether the sampled entries hold the bytes they held when sampled."""
-        return self._bytes is None or self._bytes[self._index].tobytes() == self._values
+        return self._bytes[self._index].tobytes() == self._values
 
 
 def _unchanged(entry: tuple) -> bool:
-    """Whether the sample of a memo entry (if it has one) is unchanged."""
+    """Whether the sample of a memo entry (if it has one: a value without a graph, of a
+    tensor :meth:`_Sample.of` samples) is unchanged."""
     sample = entry[6]
     return sample is None or sample.unchanged()
 
@@ -382,7 +388,7 @@ class ForwardMemo:
         base_ref = None if base is None else weakref.ref(base)
         # a value without a graph, which no backward drops, also checks a sample of X for
         # writes that bump no version counter (see the class doc)
-        sample = None if value.requires_grad else _Sample(X)
+        sample = None if value.requires_grad else _Sample.of(X)
         self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen, sample)
         return value
 
