@@ -122,8 +122,8 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         fused = _stiefel.fast_stiefel(manifold, params[0])
         # a fused bucket without Nesterov momentum (plain or lazy momentum step) is updated in
         # place, a multi-parameter one in persistent buffers
-        lazy = fused and not group["nesterov"]
-        X = self._stacked(params) if lazy and len(params) > 1 else stack(params)
+        in_place = fused and not group["nesterov"]
+        X = self._stacked(params) if in_place and len(params) > 1 else stack(params)
         G = bucket.stacked_grads()
         if group["maximize"]:
             G = -G
@@ -133,10 +133,10 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             # fused path: the same formulas on the tall batch (m, n, k)
             Xb = _stiefel.as_batch(manifold, X)
             Gb = _stiefel.as_batch(manifold, G)
-            if lazy and momentum == 0:
+            if in_place and momentum == 0:
                 self._plain_step(group, bucket, X, Gb)
                 return
-            if lazy:
+            if in_place:
                 self._lazy_momentum_step(group, bucket, X, Xb, Gb)
                 return
             grad = _stiefel.riemannian_grad(Xb, Gb)
