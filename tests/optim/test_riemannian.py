@@ -382,9 +382,7 @@ def test_stabilize_at_once_leaves_euclidean_parameters_and_empty_states_alone():
 
 
 def test_complex_and_sparse_inputs_are_refused_with_their_shape():
-    from dtriv.manifolds import Stiefel as St
-
-    z = ManifoldParameter(St(4, 2).sample(dtype=torch.complex128), St(4, 2))
+    z = ManifoldParameter(Stiefel(4, 2).sample(dtype=torch.complex128), Stiefel(4, 2))
     with pytest.raises(ValueError, match=r"params: expected real manifold parameters, got a "
                                          r"complex one of shape \(4, 2\)"):
         RiemannianSGD([z], lr=0.1)
