@@ -356,6 +356,8 @@ def retract_(
     does not bump: without it such a write (an ill-conditioned ``W``) would reach the block
     QR, whose result is then not orthonormal (:math:`O(\kappa^2 \epsilon)`).
     """
+    # both tests in one host read (one device synchronisation on an accelerator), so the probe
+    # also runs when the bound already fails
     if method == "qr" and trusted and bool(_step_within_bound(V, c) & _near_orthonormal(X)):
         Y = X.addcmul_(V, c) if isinstance(c, Tensor) else X.add_(V, alpha=c)
         if block_cholesky_qf_(Y):
