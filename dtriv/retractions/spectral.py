@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import check_floating, check_matrix, compute_dtype, upcast_half
+from ._common import apply_function, check_floating, check_matrix, compute_dtype, upcast_half
 
 __all__ = [
     "power_iteration_init",
@@ -169,14 +169,115 @@ def _estimate(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
     return (u.conj() * _mv(W, v)).sum(dim=-1)
 
 
+def _clip_coefficients(S: Tensor, upper: float, lower: float
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The divided differences of :math:`f(s) = \operatorname{clamp}(s, \ell, u)` that the
+    derivative of :math:`U f(\Sigma) V^H` needs, for singular values ``S`` ``(..., m)``:
+
+    * ``C_s`` ``(..., m, m)``: :math:`(f(s_i) - f(s_j))/(s_i - s_j)`, and :math:`f'(s_i)` where
+      :math:`s_i = s_j` (the diagonal included), with :math:`f' = 1` on the closed interval
+      :math:`[\ell, u]` (as ``torch.clamp``'s gradient) and 0 outside;
+    * ``C_k`` ``(..., m, m)``: :math:`(f(s_i) + f(s_j))/(s_i + s_j)`;
+    * ``q`` ``(..., m)``: :math:`f(s_i)/s_i`.
+
+    At :math:`s_i = s_j = 0` the last two take their limit :math:`f'(0^+) = 1` when
+    :math:`\ell = 0`; for :math:`\ell > 0` the map is not differentiable there (the clipped
+    directions are arbitrary) and they are infinite (the gradient is not finite).
+    """
+    F_ = S.clamp(min=lower, max=upper)
+    fprime = ((S >= lower) & (S <= upper)).to(S.dtype)
+    Si, Sj = S.unsqueeze(-1), S.unsqueeze(-2)
+    Fi, Fj = F_.unsqueeze(-1), F_.unsqueeze(-2)
+    diff = Si - Sj
+    same = diff == 0
+    C_s = torch.where(same, fprime.unsqueeze(-1).expand_as(diff),
+                      (Fi - Fj) / torch.where(same, torch.ones_like(diff), diff))
+    at_zero = 1.0 if lower == 0 else float("inf")
+    total = Si + Sj
+    positive = total > 0
+    C_k = torch.where(positive, (Fi + Fj) / torch.where(positive, total, torch.ones_like(total)),
+                      torch.full_like(total, at_zero))
+    q = torch.where(S > 0, F_ / torch.where(S > 0, S, torch.ones_like(S)),
+                    torch.full_like(S, at_zero))
+    return C_s, C_k, q
+
+
+def _clip_backward(U: Tensor, S: Tensor, Vh: Tensor, G: Tensor, upper: float,
+                   lower: float) -> Tensor:
+    r"""The gradient of :math:`W = U\Sigma V^H \mapsto U f(\Sigma) V^H` (thin SVD, ``m``
+    singular values) given the output's gradient ``G``.
+
+    With :math:`\bar P = U^H G V`, :math:`\operatorname{He}` and :math:`\operatorname{Sk}` its
+    Hermitian and skew-Hermitian parts, and the coefficients of :func:`_clip_coefficients`:
+
+    .. math::
+        \bar W = U\,(C_s \circ \operatorname{He}\bar P + C_k \circ \operatorname{Sk}\bar P)\,V^H
+                  + (G V - U \bar P)\operatorname{diag}(q)\,V^H
+                  + U \operatorname{diag}(q)\,(U^H G - \bar P V^H),
+
+    the second term for tall ``W`` (``n > m``), the third for wide (``k > m``). Only sums and
+    differences of singular values are divided by, never :math:`s_i^2 - s_j^2`: the gradient
+    is finite at repeated singular values (a multiple of the identity, values clipped to the
+    same bound), where the generic SVD backward is not.
+    """
+    C_s, C_k, q = (c.to(G.dtype) for c in _clip_coefficients(S, upper, lower))
+    V = Vh.mH
+    GV = G @ V
+    P = U.mH @ GV
+    Ph = P.mH
+    M = C_s * ((P + Ph) / 2) + C_k * ((P - Ph) / 2)
+    grad = U @ M @ Vh
+    n, k, m = G.shape[-2], G.shape[-1], S.shape[-1]
+    if n > m:
+        grad = grad + ((GV - U @ P) * q.unsqueeze(-2)) @ Vh
+    if k > m:
+        grad = grad + U @ (q.unsqueeze(-1) * (U.mH @ G - P @ Vh))
+    return grad
+
+
+class _ClipSingularValues(torch.autograd.Function):
+    r"""``W -> U clamp(S, lower, upper) V^H`` with the closed-form backward of
+    :func:`_clip_backward` (finite at repeated singular values). Differentiating the backward
+    (``create_graph=True``) recomputes the SVD differentiably and applies the same formula."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(W: Tensor, upper: float, lower: float):  # type: ignore[override]
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        out = (U * S.clamp(min=lower, max=upper).unsqueeze(-2).to(U.dtype)) @ Vh
+        return out, U, S, Vh
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        W, upper, lower = inputs
+        ctx.bounds = (upper, lower)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(W, *output[1:])
+
+    @staticmethod
+    def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if G is None or not ctx.needs_input_grad[0]:
+            return None, None, None
+        W, U, S, Vh = ctx.saved_tensors
+        if torch.is_grad_enabled():  # differentiable recomputation for higher orders
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return _clip_backward(U, S, Vh, G, *ctx.bounds), None, None
+
+
 @upcast_half
 def clip_singular_values(W: Tensor, upper: float = 1.0, lower: float = 0.0) -> Tensor:
     r"""Clip the singular values of ``W`` to ``[lower, upper]``.
 
     With the thin SVD :math:`W = U\operatorname{diag}(\sigma)V^H`, returns
     :math:`U\operatorname{diag}(\min(\max(\sigma, \ell), u))V^H`, the nearest matrix with
-    singular values in :math:`[\ell, u]` (Frobenius and spectral norms). Differentiable
-    (through the SVD: finite for distinct singular values), batched, real or complex.
+    singular values in :math:`[\ell, u]` (Frobenius and spectral norms). Batched, real or
+    complex. The gradient is the closed form of :func:`_clip_backward`, which divides by sums
+    and differences of singular values only: it is finite at repeated singular values (e.g.
+    ``W`` a multiple of the identity, or several values clipped to one bound). It is not
+    finite only at a zero singular value with ``lower > 0``, where the map is not
+    differentiable.
 
     Args:
         W: ``(..., n, k)`` real or complex.
@@ -189,7 +290,8 @@ def clip_singular_values(W: Tensor, upper: float = 1.0, lower: float = 0.0) -> T
     Raises:
         ValueError: for ``lower < 0``, ``upper <= 0`` or ``lower > upper``.
 
-    Cost: one thin SVD, :math:`O(nk\min(n, k))`, plus a product of the same order.
+    Cost: one thin SVD, :math:`O(nk\min(n, k))`, plus a product of the same order; the
+    backward :math:`O(nk\min(n, k))` (a few products, no second SVD).
     """
     check_matrix(W, "W")
     check_floating(W, "W")
@@ -199,6 +301,4 @@ def clip_singular_values(W: Tensor, upper: float = 1.0, lower: float = 0.0) -> T
         raise ValueError(f"lower: expected a non-negative bound, got {lower}")
     if lower > upper:
         raise ValueError(f"lower: expected lower <= upper = {upper}, got {lower}")
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    S = S.clamp(min=lower, max=upper)
-    return (U * S.unsqueeze(-2).to(U.dtype)) @ Vh
+    return apply_function(_ClipSingularValues, W, float(upper), float(lower))[0]

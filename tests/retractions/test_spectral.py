@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 from torch.nn.utils import parametrizations
 from torch.nn.utils.parametrizations import _SpectralNorm
 
+import dtriv
+from dtriv.manifolds import SpectrallyBounded
 from dtriv.retractions import (
     clip_singular_values,
+    polar_factor,
     power_iteration_,
     power_iteration_init,
     spectral_norm_estimate,
@@ -167,6 +170,95 @@ def test_clip_is_idempotent_and_keeps_matrices_inside(randn):
 def test_clip_gradcheck(randn, dtype):
     W = randn(2, 4, 3, dtype=dtype).requires_grad_()
     assert gradcheck(lambda X: clip_singular_values(X, 1.5, 0.5), (W,))
+
+
+def svd_clip(W, upper, lower):
+    """The formula differentiated through torch's SVD (its gradient divides by s_i^2 - s_j^2)."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return (U * S.clamp(lower, upper).unsqueeze(-2).to(U.dtype)) @ Vh
+
+
+def vjp(fn, W, G):
+    W = W.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(fn(W), W, G)
+    return grad
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 6), (2, 4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("bounds", [(1.5, 0.5), (100.0, 0.0), (1.0, 1.0), (0.3, 0.0)])
+def test_clip_gradient_equals_the_svd_gradient_at_distinct_values(randn, shape, dtype, bounds):
+    W, G = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
+    ours = vjp(lambda X: clip_singular_values(X, *bounds), W, G)
+    assert (ours - vjp(lambda X: svd_clip(X, *bounds), W, G)).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_clip_gradgradcheck(randn, dtype):
+    W = randn(2, 4, 3, dtype=dtype).requires_grad_()
+    assert gradgradcheck(lambda X: clip_singular_values(X, 1.5, 0.5), (W,))
+
+
+def random_orthogonal(randn, n):
+    return torch.linalg.qr(randn(n, n))[0]
+
+
+@pytest.mark.parametrize("W", ["half_identity", "repeated_pair", "scaled_orthogonal"])
+def test_clip_gradient_is_finite_at_repeated_values_inside(randn, W):
+    # every singular value strictly inside the bounds: the map is the identity near W
+    W = {"half_identity": 0.5 * torch.eye(3, dtype=torch.float64),
+         "repeated_pair": torch.diag(torch.tensor([0.5, 0.5, 0.2], dtype=torch.float64)),
+         "scaled_orthogonal": 0.9 * random_orthogonal(randn, 4)}[W]
+    G = randn(*W.shape)
+    assert (vjp(lambda X: clip_singular_values(X, 1.0, 0.1), W, G) - G).abs().max() < 1e-13
+    assert vjp(lambda X: svd_clip(X, 1.0, 0.1), W, G).isnan().any()  # the generic backward
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (6, 3)])
+def test_clip_to_one_bound_is_the_scaled_polar_factor(randn, shape):
+    # all values above ``upper``, or lower == upper: the map is upper * polar(W) near W,
+    # whose gradient has its own stable formula (repeated values at W = 2 Q)
+    Q = torch.linalg.qr(randn(*shape))[0]
+    for W, bounds in ((2 * Q, (1.0, 0.0)), (randn(*shape), (0.7, 0.7))):
+        G = randn(*shape)
+        ours = vjp(lambda X, b=bounds: clip_singular_values(X, *b), W, G)
+        oracle = vjp(lambda X, b=bounds: b[0] * polar_factor(X), W, G)
+        assert (ours - oracle).abs().max().item() < 1e-12
+
+
+def test_clip_gradient_under_vmap_matches_a_loop(randn):
+    W = randn(3, 5, 4)
+    loss = lambda X: (clip_singular_values(X, 1.0, 0.2) ** 2).sum()  # noqa: E731
+    batched = torch.func.vmap(torch.func.grad(loss))(W)
+    looped = torch.stack([torch.func.grad(loss)(w) for w in W])
+    assert (batched - looped).abs().max().item() < 1e-13
+
+
+@pytest.mark.parametrize("lower", [0.0, 1.0])
+def test_spectrally_bounded_layer_at_a_multiple_of_the_identity_trains(lower):
+    # a weight with repeated singular values at registration (0.5 I; with lower == upper the
+    # projected base has them all equal): the first gradient is finite
+    layer = torch.nn.Linear(4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(0.5 * torch.eye(4))
+    dtriv.parametrize.spectrally_bounded(layer, "weight", upper=1.0, lower=lower)
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    layer(x).square().sum().backward()
+    grad = layer.parametrizations.weight.original.grad
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+    if lower == 0.0:  # inside the bounds the map is the identity at the base
+        W = layer.weight.detach().requires_grad_()
+        torch.nn.functional.linear(x, W, layer.bias.detach()).square().sum().backward()
+        assert (grad - W.grad).abs().max().item() < 1e-12
+
+
+def test_spectrally_bounded_retract_at_repeated_values():
+    M = SpectrallyBounded(3, 3, upper=1.0)
+    B = 0.5 * torch.eye(3, dtype=torch.float64)
+    V = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
+    G = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (M.retract(B, V) * G).sum().backward()
+    assert (V.grad - G).abs().max().item() < 1e-13
 
 
 def test_estimate_gradcheck_complex(randn):
