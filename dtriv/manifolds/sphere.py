@@ -86,8 +86,9 @@ class Sphere(Manifold):
         norm = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
         e1 = torch.zeros_like(X)
         e1[..., 0] = 1
-        X = torch.where(norm > 0, X, e1)
-        norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+        zero = norm == 0  # NaN entries stay NaN (a NaN norm is not zero)
+        X = torch.where(zero, e1, X)
+        norm = torch.where(zero, torch.ones_like(norm), norm)
         return self.radius * X / norm
 
     def validate(self, X: Tensor, name: str = "X") -> None:
@@ -98,26 +99,39 @@ class Sphere(Manifold):
             return
         super().validate(X, name)
 
+    def _validate_pair(self, B: Tensor, V: Tensor, name: str) -> None:
+        """Validate ``B`` and ``V`` (named ``name``), whose batch shapes must broadcast (one
+        point with a batch of vectors, or the reverse)."""
+        self.validate(B, "B")
+        self.validate(V, name)
+        if B.shape != V.shape:
+            try:
+                torch.broadcast_shapes(B.shape, V.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"{name}: expected a shape that broadcasts with that of B, "
+                    f"{tuple(B.shape)}, got {tuple(V.shape)}"
+                ) from None
+
     def proj_tangent(self, B: Tensor, V: Tensor) -> Tensor:
         r""":math:`V - B \operatorname{Re}\langle B, V\rangle / r^2`; O(n).
 
-        One autograd node (one dot product and one pass each way)."""
-        self.validate(B, "B")
-        self.validate(V, "V")
+        One autograd node (one dot product and one pass each way). The batch shapes of ``B``
+        and ``V`` broadcast."""
+        self._validate_pair(B, V, "V")
         return tangent_radius(B, V, self.radius)
 
     def tangent(self, B: Tensor, X: Tensor) -> Tensor:
         """``proj_tangent(B, X)`` (the chart of the sphere is the identity)."""
-        self.validate(X)
-        self.validate(B, "B")
+        self._validate_pair(B, X, "X")
         return tangent_radius(B, X, self.radius)
 
     def retract(self, B: Tensor, V: Tensor, method: str | None = None) -> Tensor:
-        """As :meth:`Manifold.retract`; each retraction is one fused autograd node, O(n)."""
+        """As :meth:`Manifold.retract`; each retraction is one fused autograd node, O(n). The
+        batch shapes of ``B`` and ``V`` broadcast."""
         if method is not None and method not in ("exp", "projective"):
             method = self._method(method)  # raises, listing the choices
-        self.validate(B, "B")
-        self.validate(V, "V")
+        self._validate_pair(B, V, "V")
         return self._retract(B, V, method or "exp")
 
     def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:

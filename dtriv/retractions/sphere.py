@@ -96,11 +96,12 @@ def _cos_sinc(t2: Tensor) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------- fused autograd functions
 def _rdot_fast(x: Tensor, y: Tensor) -> Tensor:
     """:math:`\\operatorname{Re}\\langle x, y\\rangle` over the last dimension, keepdim (for
-    one vector a 0-d tensor, which broadcasts the same: one op less)."""
+    two single vectors a 0-d tensor, which broadcasts the same: one op less). ``x`` and ``y``
+    may broadcast (one point and a batch of vectors)."""
     d = torch.linalg.vecdot(x, y, dim=-1)
     if d.is_complex():
         d = d.real
-    return d if x.dim() == 1 else d.unsqueeze(-1)
+    return d if d.dim() == 0 else d.unsqueeze(-1)
 
 
 def _cos_sinc_values(t: Tensor) -> tuple[Tensor, Tensor]:

@@ -102,6 +102,50 @@ def test_tolerance():
     e32, e64 = torch.finfo(torch.float32).eps, torch.finfo(F64).eps
     assert Sphere(10).tolerance(torch.float32) == pytest.approx(1000 * e32)
     assert Sphere(10).tolerance(F64) == pytest.approx(1000 * e64)
+    # capped at 100 sqrt(eps): at n = 100,000 the uncapped bound (1.19) admitted the zero vector
+    assert Sphere(100_000).tolerance(torch.float32) == pytest.approx(100 * math.sqrt(e32))
+    assert not Sphere(100_000).check(torch.zeros(100_000))
+    assert not Sphere(100_000).check(2 * Sphere(100_000).sample())
+    assert Sphere(100_000).check(Sphere(100_000).sample())
+
+
+def test_project_keeps_nan():
+    P = Sphere(3).project(torch.tensor([[float("nan"), 1.0, 0.0], [0.0, 3.0, 4.0]], dtype=F64))
+    assert P[0].isnan().all()  # not the point e1 chosen for the zero vector
+    torch.testing.assert_close(P[1], torch.tensor([0.0, 0.6, 0.8], dtype=F64))
+
+
+@pytest.mark.parametrize("batch", [3, 5])
+@pytest.mark.parametrize("method", ["exp", "projective"])
+def test_one_point_with_a_batch_of_vectors_broadcasts(batch, method, gen):
+    # one base (n,) with vectors (b, n): equal to the expanded base, values and gradients
+    # (with b == n a wrongly shaped dot product broadcast silently along the wrong dimension)
+    M = Sphere(3, radius=2.0)
+    x = M.sample(generator=gen, dtype=F64)
+    V = torch.randn(batch, 3, generator=gen, dtype=F64)
+    G = torch.randn(batch, 3, generator=gen, dtype=F64)
+    T = M.proj_tangent(x, V)
+    torch.testing.assert_close(T, M.proj_tangent(x.expand(batch, 3), V))
+    assert rdot(x, T).abs().max() < 1e-13
+    torch.testing.assert_close(M.retract(x, T, method), M.retract(x.expand(batch, 3), T, method))
+    grads = []
+    for expand in (False, True):
+        xr, Vr = x.clone().requires_grad_(), V.clone().requires_grad_()
+        out = M.trivialize(xr.expand(batch, 3) if expand else xr, Vr, method)
+        grads.append(torch.autograd.grad((out * G).sum(), (xr, Vr)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    xr, Vr = x.clone().requires_grad_(), V.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: M.trivialize(a, b, method), (xr, Vr))
+
+
+def test_shapes_that_do_not_broadcast_are_refused(gen):
+    M = Sphere(3)
+    B = M.sample(2, generator=gen, dtype=F64)
+    with pytest.raises(ValueError, match=r"^V: expected a shape that broadcasts with that of B"):
+        M.retract(B, torch.zeros(4, 3, dtype=F64))
+    with pytest.raises(ValueError, match=r"^X: expected a shape that broadcasts"):
+        M.tangent(B, torch.zeros(4, 3, dtype=F64))
 
 
 # ---------------------------------------------------------------------------- 4. laws
