@@ -13,6 +13,7 @@ map from a Euclidean gradient to the Riemannian gradient.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 
 import torch
@@ -36,7 +37,12 @@ class Manifold(abc.ABC):
     constraint errors of an orthonormal factor computed by QR, SVD or a matrix exponential
     grow like ``c * n * eps`` with ``c`` of order one (measured: ``c <= 2`` for
     ``n <= 1024``), so a sample or a few retraction steps stay well inside it; in float32
-    it is ``1.2e-5`` for ``n = 1`` and ``1.2e-2`` for ``n = 1024``.
+    it is ``1.2e-5`` for ``n = 1`` and ``1.2e-2`` for ``n = 1024``. It is capped at
+    ``tolerance_factor * sqrt(eps(dtype))`` (``3.5e-2`` in float32, reached from
+    ``n = 2897``; ``1.5e-6`` in float64, beyond any practical ``n``), without which the bound
+    would pass 1 in float32 from ``n = 83,887`` and admit the zero vector as a unit vector.
+    Rounding errors grow far more slowly than ``n * eps`` in practice (a (65536, 8) Stiefel
+    sample: ``2.6e-6``).
     """
 
     #: Factor of the default tolerance ``tolerance_factor * max(shape) * eps(dtype)``.
@@ -95,8 +101,10 @@ class Manifold(abc.ABC):
 
     # ------------------------------------------------------------------ membership
     def tolerance(self, dtype: torch.dtype) -> float:
-        """Default absolute tolerance: ``tolerance_factor * max(shape) * eps(dtype)``."""
-        return self.tolerance_factor * max(self.shape) * eps(dtype)
+        """Default absolute tolerance: ``tolerance_factor * min(max(shape) * eps(dtype),
+        sqrt(eps(dtype)))`` (see the class's note)."""
+        e = eps(dtype)
+        return self.tolerance_factor * min(max(self.shape) * e, math.sqrt(e))
 
     @abc.abstractmethod
     def _constraints(self, X: Tensor) -> list[tuple[str, Tensor]]:

@@ -416,10 +416,11 @@ class Trivialization(nn.Module):
     def reproject_atol(self, dtype: torch.dtype) -> float:
         """The constraint error above which :meth:`refresh` re-projects the base.
 
-        A twentieth of ``manifold.tolerance(dtype)`` (``5 max(shape) eps`` for the manifolds
-        of :mod:`dtriv.manifolds`): above the error of a fresh projection (``<= 2 n eps`` for
-        an orthonormal factor), so a base is not re-projected at every refresh, and well
-        inside the tolerance of ``manifold.check`` (float32, ``n = 8``: ``4.8e-6``).
+        A twentieth of ``manifold.tolerance(dtype)`` (``5 max(shape) eps``, capped, for the
+        manifolds of :mod:`dtriv.manifolds`): above the error of a fresh projection
+        (``<= 2 n eps`` for an orthonormal factor), so a base is not re-projected at every
+        refresh, and well inside the tolerance of ``manifold.check`` (float32, ``n = 8``:
+        ``4.8e-6``).
         """
         return self.manifold.tolerance(dtype) / 20
 
