@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dtriv.retractions._common import eps
+from dtriv.retractions._common import compute_dtype, eps
 
 __all__ = ["Manifold"]
 
@@ -120,7 +120,7 @@ class Manifold(abc.ABC):
         It is zero on the manifold and is compared with :meth:`tolerance` by :meth:`check`.
         """
         self.validate(X)
-        errors = [err for _, err in self._constraints(X)]
+        errors = [err for _, err in self._constraints(X.to(compute_dtype(X.dtype)))]
         return torch.stack(errors).amax(dim=0) if len(errors) > 1 else errors[0]
 
     def check(
@@ -142,7 +142,7 @@ class Manifold(abc.ABC):
             return (False, f"X{where} has non-finite entries") if explain else False
         if X.numel() == 0:
             return (True, "X is an empty batch") if explain else True
-        for description, err in self._constraints(X):
+        for description, err in self._constraints(X.to(compute_dtype(X.dtype))):
             worst = float(err.max())
             if not worst <= atol:
                 if not explain:
@@ -294,7 +294,8 @@ class Manifold(abc.ABC):
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not (dtype.is_floating_point or dtype.is_complex):
             raise ValueError(f"dtype: expected a floating point or complex dtype, got {dtype}")
-        return self._sample(tuple(batch), generator, dtype, device, init)
+        work = compute_dtype(dtype)  # half precision: drawn in float32, then rounded
+        return self._sample(tuple(batch), generator, work, device, init).to(dtype)
 
     @abc.abstractmethod
     def _sample(

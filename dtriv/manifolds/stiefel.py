@@ -10,7 +10,7 @@ from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
 from dtriv.retractions import registry
-from dtriv.retractions._common import skew, sym
+from dtriv.retractions._common import compute_dtype, skew, sym
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm, expm_of_skew, logm
 from dtriv.retractions.stiefel import (
     polar_factor,
@@ -218,9 +218,11 @@ class Stiefel(Manifold):
         Differentiable, with the stable backward of
         :func:`dtriv.retractions.stiefel.polar_factor` (finite at repeated singular values,
         e.g. on the manifold). For SO(n), points whose polar factor is a reflection get the
-        last singular vector flipped.
+        last singular vector flipped. Half precision is computed in float32.
         """
         self.validate(X)
+        if compute_dtype(X.dtype) != X.dtype:
+            return self.project(X.to(compute_dtype(X.dtype))).to(X.dtype)
         T = self._t(X)
         Q = polar_factor(T)
         if self.special:
@@ -245,7 +247,7 @@ class Stiefel(Manifold):
         T = self._t(X)
         G = T.mH @ T
         eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-        if bool(((G - eye).abs().amax() > 0.1).item()):
+        if G.numel() and bool(((G - eye).abs().amax() > 0.1).item()):
             return self.project(X)
         return self._t(T @ (1.5 * eye - 0.5 * G))
 
@@ -253,6 +255,8 @@ class Stiefel(Manifold):
         r""":math:`V - B \operatorname{sym}(B^H V)` (on the transposes for wide shapes)."""
         self.validate(B, "B")
         self.validate(V, "V")
+        if V.dtype != B.dtype:
+            raise ValueError(f"V: expected the dtype of B, {B.dtype}, got {V.dtype}")
         Bt, Vt = self._t(B), self._t(V)
         return self._t(Vt - Bt @ sym(Bt.mH @ Vt))
 

@@ -87,6 +87,8 @@ def _raise_near_minus_one(Q: Tensor, name: str, bad: Tensor, tol: float,
     if bad.ndim > 0:
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), bad.shape))
         where = f" at batch index {index}"
+    if not bool(torch.isfinite(Q.reshape(-1, *Q.shape[-2:])[worst]).all()):
+        raise ValueError(f"{name}: expected finite entries, got NaN or infinity{where}")
     msg = (
         f"{name}: expected a matrix without eigenvalue -1 (distance of the spectrum from -1, "
         f"measured as the smallest singular value of {name} + I, at least {tol:.2e}), "

@@ -130,3 +130,15 @@ def test_empty_batch():
     M = Stiefel(4, 2)
     X = M.sample(0, dtype=F64)
     assert X.shape == (0, 4, 2) and M.check(X) and M.check(X, explain=True)[0]
+
+
+@pytest.mark.parametrize("M", CATALOGUE, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sample_check_and_project(M, dtype, gen):
+    # drawn and checked through float32 (CPU LAPACK has no half QR, SVD or LU)
+    X = M.sample(3, generator=gen, dtype=dtype)
+    assert X.dtype == dtype and X.shape == (3, *M.shape)
+    assert M.check(X), M.check(X, explain=True)[1]
+    P = M.project(X.float().mul(1.01).to(dtype))
+    assert P.dtype == dtype and M.check(P)
+    assert M.distance(X).dtype == torch.float32

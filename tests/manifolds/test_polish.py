@@ -35,3 +35,8 @@ def test_sphere_polish_normalizes():
     x = torch.tensor([3.0, 4.0], dtype=torch.float64)
     torch.testing.assert_close(Sphere(2, radius=2.0).polish(x), torch.tensor([1.2, 1.6],
                                                                             dtype=torch.float64))
+
+
+def test_stiefel_polish_empty_batch():
+    X = torch.zeros(0, 3, 2)
+    assert Stiefel(3, 2).polish(X).shape == (0, 3, 2)

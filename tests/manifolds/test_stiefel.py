@@ -406,6 +406,9 @@ def test_argument_errors(gen):
         M.project(torch.zeros(5, dtype=F64))
     with pytest.raises(ValueError, match=r"V: expected .*got shape \(3, 5\)"):
         M.proj_tangent(B, torch.zeros(3, 5, dtype=F64))
+    with pytest.raises(ValueError, match=r"^V: expected the dtype of B, torch.float64, got "
+                                         r"torch.float32"):
+        M.proj_tangent(B, torch.zeros(5, 3))
     with pytest.raises(ValueError, match=r"B: expected .*got shape \(3,\)"):
         M.retract(torch.zeros(3, dtype=F64), B)
     with pytest.raises(ValueError, match=r"X: expected a floating point .*got dtype torch.int64"):

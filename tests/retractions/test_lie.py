@@ -217,6 +217,17 @@ def test_logm_complex_unitary_with_eigenvalue_minus_one_raises():
         logm(Q)
 
 
+def test_inverses_name_non_finite_input():
+    Q = torch.eye(3, dtype=torch.float64)
+    Q[0, 0] = float("nan")  # not "a distance 0 from eigenvalue -1"
+    with pytest.raises(ValueError, match=r"^Q: expected finite entries, got NaN or infinity"):
+        cayley_inverse(Q)
+    batch = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    batch[1, 2, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"infinity at batch index \(1,\)"):
+        cayley_inverse(batch)
+
+
 def test_cayley_inverse_raises_near_eigenvalue_minus_one(gen):
     with pytest.raises(ValueError, match=r"^Q: .*eigenvalue -1.*got distance 0"):
         cayley_inverse(-torch.eye(3, dtype=torch.float64))
