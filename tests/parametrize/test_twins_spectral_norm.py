@@ -185,3 +185,136 @@ def test_fast_read_equals_torch_and_steps_aside_for_hooks_and_cached(kind):
     handle.remove()
     with parametrize.cached():
         assert m_d.weight is m_d.weight
+
+
+# --- the fused W / sigma node: in-place edits, sparse gradients, torch.func transforms ---
+
+F64 = {
+    "linear": lambda: nn.Linear(4, 3, dtype=torch.float64),
+    "conv2d": lambda: nn.Conv2d(2, 3, 2, dtype=torch.float64),  # W reshaped to (3, 8)
+}
+KEY = "parametrizations.weight.original"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("train", [True, False])
+def test_in_place_edit_of_the_read_weight_then_backward(kind, train):
+    # w = m.weight; w.mul_(mask): the node must not have saved its output
+    m_t, m_d = _pair(MODULES[kind][0])
+    C = torch.randn(m_t.parametrizations.weight.original.shape,
+                    generator=torch.Generator().manual_seed(2))
+    for m in (m_t, m_d):
+        m.train(train)
+        w = m.weight
+        w.mul_(2).clamp_(-0.1, 0.1)
+        (w * C).sum().backward()
+    assert _err(m_d.weight, m_t.weight) <= 1e-6
+    g_t = m_t.parametrizations.weight.original.grad
+    g_d = m_d.parametrizations.weight.original.grad
+    assert _err(g_d, g_t) <= 1e-6
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_sparse_embedding_gradient_is_torchs(train):
+    # nn.Embedding(sparse=True) hands the node a sparse (uncoalesced) gradient
+    m_t, m_d = _pair(lambda: nn.Embedding(6, 4, sparse=True))
+    idx = torch.tensor([1, 3, 3, 0])
+    for m in (m_t, m_d):
+        m.train(train)
+        m(idx).pow(2).sum().backward()
+    g_t = m_t.parametrizations.weight.original.grad
+    g_d = m_d.parametrizations.weight.original.grad
+    assert g_d.layout == g_t.layout == torch.strided
+    assert _err(g_d, g_t) <= 1e-6
+
+
+def _functional(make, train, fn):
+    torch.manual_seed(0)
+    m = fn(make()).train(train)
+    params = {k: p.detach() for k, p in m.named_parameters()}
+    buffers = dict(m.named_buffers())
+    x = torch.randn((5, 4) if isinstance(m, nn.Linear) else (5, 2, 3, 3),
+                    dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def loss(W, xi):
+        return (torch.func.functional_call(m, {**params, **buffers, KEY: W}, (xi,)) ** 2).sum()
+
+    return m, params[KEY] + 0.1, x, loss
+
+
+def _both(make, train, transform):
+    """``transform(loss, W, x)`` with torch's spectral_norm and with the twin, and the buffers."""
+    out = []
+    for fn in (tp.spectral_norm, twins.spectral_norm):
+        m, W, x, loss = _functional(make, train, fn)
+        out.append((transform(loss, W, x), dict(m.named_buffers())))
+    return out
+
+
+def _close(a, b):
+    return all(_err(p, q) <= 1e-10 for p, q in zip(torch.utils._pytree.tree_leaves(a),
+                                                    torch.utils._pytree.tree_leaves(b)))
+
+
+def _per_sample_grads(loss, W, x):
+    return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(W, x)
+
+
+@pytest.mark.parametrize("kind", list(F64))
+@pytest.mark.parametrize("train", [True, False])
+def test_per_sample_gradients_are_torchs(kind, train):
+    (g_t, buf_t), (g_d, buf_d) = _both(F64[kind], train, _per_sample_grads)
+    assert g_d.shape == (5, *F64[kind]().weight.shape)
+    assert _close(g_d, g_t)
+    for key, val in buf_t.items():  # in training mode both took one power step, in place
+        assert _err(buf_d[key], val) <= 1e-12, key
+
+
+@pytest.mark.parametrize("kind", list(F64))
+def test_eval_jvp_hessian_and_vmap_over_weights_are_torchs(kind):
+    def jvp(loss, W, x):
+        dW = torch.randn(W.shape, dtype=W.dtype, generator=torch.Generator().manual_seed(3))
+        return torch.func.jvp(lambda W: loss(W, x), (W,), (dW,))
+
+    def hessian(loss, W, x):
+        return torch.func.hessian(loss)(W, x)
+
+    def vmap_weights(loss, W, x):
+        Ws = torch.stack([W, 2 * W - 0.3])
+        return torch.func.vmap(lambda W: loss(W, x))(Ws), torch.func.vmap(torch.func.grad(
+            loss), in_dims=(0, None))(Ws, x)
+
+    for transform in (jvp, hessian, vmap_weights):
+        (a, _), (b, _) = _both(F64[kind], False, transform)
+        assert _close(b, a), transform.__name__
+
+
+def test_train_jvp_equals_torchs_eager_step_then_eval_jvp():
+    # torch's forward AD fails in training mode (an out= power step); the twin takes the same
+    # power step and differentiates W / sigma at the new u, v, as torch does in eval mode
+    make = F64["conv2d"]
+    m_d, W, x, loss_d = _functional(make, True, twins.spectral_norm)
+    m_t, _, _, loss_t = _functional(make, True, tp.spectral_norm)
+    dW = torch.randn(W.shape, dtype=W.dtype, generator=torch.Generator().manual_seed(3))
+    value_d, tangent_d = torch.func.jvp(lambda W: loss_d(W, x), (W,), (dW,))
+    loss_t(W, x)  # torch's power step, eagerly
+    m_t.eval()
+    value_t, tangent_t = torch.func.jvp(lambda W: loss_t(W, x), (W,), (dW,))
+    assert _err(value_d, value_t) <= 1e-12
+    assert _err(tangent_d, tangent_t) <= 1e-10
+    for key, val in m_t.state_dict().items():
+        assert _err(m_d.state_dict()[key], val) <= 1e-12, key
+
+
+def test_train_vmap_over_weights_raises_a_clear_error_as_torch_raises():
+    # one _u, _v cannot be refined in place for a batch of weights
+    def over_weights(loss, W, x):
+        return torch.func.vmap(loss, in_dims=(0, None))(torch.stack([W, 2 * W]), x)
+
+    for fn in (tp.spectral_norm, twins.spectral_norm):
+        m, W, x, loss = _functional(F64["linear"], True, fn)
+        with pytest.raises(RuntimeError) as info:
+            over_weights(loss, W, x)
+    assert "eval()" in str(info.value) and "vmap" in str(info.value)
+    m.eval()
+    assert over_weights(loss, W, x).shape == (2,)  # the advice works

@@ -49,3 +49,20 @@ def test_equals_the_formula_with_gradcheck_in_float64():
     f = lambda W: _DivideBySigma.apply(W, u, v)[0]  # noqa: E731
     assert gradcheck(f, (W,))
     assert gradgradcheck(f, (W,))
+
+
+def test_jvp_vmap_and_forward_over_reverse_with_gradcheck_in_float64():
+    # the jvp dY = (dW - (u^T dW v) Y)/sigma, the generated vmap rule (batched gradients) and
+    # forward-over-reverse (hessians) against finite differences
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(4, 3, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    u = torch.randn(4, dtype=torch.float64, generator=g)
+    v = torch.randn(6, dtype=torch.float64, generator=g)
+    f = lambda W: _DivideBySigma.apply(W, u, v)[0]  # noqa: E731
+    assert gradcheck(f, (W,), check_forward_ad=True, check_batched_grad=True,
+                     check_batched_forward_grad=True)
+    assert gradgradcheck(f, (W,), check_fwd_over_rev=True, check_batched_grad=True)
+    dW = torch.randn(W.shape, dtype=torch.float64, generator=g)
+    _, tangent = torch.func.jvp(f, (W.detach(),), (dW,))
+    _, expected = torch.func.jvp(lambda W: _plain(W, u, v), (W.detach(),), (dW,))
+    assert torch.allclose(tangent, expected, atol=1e-12, rtol=0)

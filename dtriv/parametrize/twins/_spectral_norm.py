@@ -13,6 +13,13 @@ Same signature, defaults, buffers (``_u``, ``_v``), random-number consumption (`
 then 15 warm-up iterations), ``state_dict`` keys, errors and results as torch's. In addition,
 ``state_dict`` s of the legacy :func:`torch.nn.utils.spectral_norm` (keys ``weight_orig``,
 ``weight_u``, ``weight_v``, and the stored ``weight`` of its oldest format) load.
+
+``torch.func`` transforms (``vmap``, ``grad``, per-sample gradients ``vmap(grad)``, ``jvp``,
+``jacfwd``, ``hessian``) compose with it in evaluation mode, and in training mode as long as
+the weight is not batched (``vmap`` over the inputs only): the power-iteration step writes
+the buffers in place, which ``vmap`` over the weight cannot do, as with torch's; the error
+then says so. Forward mode (``jvp``, ``hessian``) also works in training mode, where torch's
+raises.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from dtriv.parametrize.cache import install_fast_read
-from dtriv.retractions._common import apply_function, compute_dtype
+from dtriv.retractions._common import apply_function, compute_dtype, transforms_active
 from dtriv.retractions.spectral import (
     _power_steps_,
     power_iteration_,
@@ -39,19 +46,31 @@ class _DivideBySigma(torch.autograd.Function):
 
     ``W_mat = W.reshape(h, -1)``; ``u, v`` are constants (copies taken at the forward, so a
     later in-place power-iteration step does not change this node's backward). The forward
-    is torch's ``vdot(u, mv(W_mat, v))`` then ``W / sigma``, bit for bit. Backward, with
-    :math:`Y = W/\sigma`:
+    is torch's ``vdot(u, mv(W_mat, v))`` then ``W / sigma``, bit for bit. With
+    :math:`Y = W/\sigma` and :math:`\partial\sigma/\partial W = u v^T`, the derivative is
 
     .. math::
-        \bar W = \frac{1}{\sigma}\left(G - \langle G, Y\rangle\, u v^T\right)
+        dY = \frac{1}{\sigma}\left(dW - (u^T dW_{mat}\, v)\, Y\right)
 
-    (the derivative of :math:`W/\sigma` plus that of :math:`\sigma` through
-    :math:`\partial\sigma/\partial W = u v^T`; :math:`\langle G, Y\rangle` from the saved
-    output). Cost: forward one matrix-vector product and one scaling; backward one dot
-    product, one rank-one update and one scaling, O(h w). ``sigma``, the second output, is
-    non-differentiable and its gradient is not materialized. Double backward recomputes
-    through differentiable torch operations.
+    (``jvp``: forward mode), and its adjoint, the gradient (``backward``),
+
+    .. math::
+        \bar W = \frac{1}{\sigma}\left(G - \frac{\langle G, W\rangle}{\sigma}\, u v^T\right).
+
+    Only ``W`` and ``sigma`` (the second output, a scalar) are saved, not ``Y``: the value a
+    caller reads may be edited in place (``w = m.weight; w.mul_(mask)``) before its backward,
+    as with torch's ``spectral_norm``. A sparse ``G`` (the gradient of an
+    ``nn.Embedding(sparse=True)``) is made dense first: the rank-one term makes the gradient
+    dense, as torch's is. Under ``torch.func`` transforms ``vmap`` uses the rule generated from
+    the forward and the derivatives (``generate_vmap_rule``): ``vmap``, ``jvp``, ``jacfwd``,
+    ``hessian`` and per-sample gradients (``vmap(grad)``) compose. Cost: forward one
+    matrix-vector product and one scaling; backward two dot products, one rank-one update and
+    one scaling, O(h w); ``jvp`` likewise. ``sigma`` is non-differentiable and its gradient is
+    not materialized. Double backward recomputes ``sigma`` through differentiable torch
+    operations.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(W: Tensor, u: Tensor, v: Tensor):  # type: ignore[override]
@@ -61,28 +80,51 @@ class _DivideBySigma(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         W, u, v = inputs
+        sigma = output[1]
         ctx.set_materialize_grads(False)  # no zero gradient for ``sigma``
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(W, u, v, *output)
+        ctx.mark_non_differentiable(sigma)
+        ctx.save_for_backward(W, u, v, sigma)
+        ctx.save_for_forward(W, u, v, sigma)
 
     @staticmethod
     def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
         if G is None:
             return None, None, None
-        W, u, v, Y, sigma = ctx.saved_tensors
+        W, u, v, sigma = ctx.saved_tensors
+        if G.layout != torch.strided:  # sparse: the gradient is dense (rank-one term)
+            G = G.to_dense()
+        h = u.shape[0]
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
-            sigma = torch.vdot(u, torch.mv(W.reshape(u.shape[0], -1), v))
-            Y = W / sigma
+            sigma = torch.vdot(u, torch.mv(W.reshape(h, -1), v))
         # <G, Y> = <G, W>/sigma; gW = (G - <G, Y> u v^T)/sigma
-        c = torch.vdot(G.reshape(-1), Y.reshape(-1))
-        gW = torch.addr(G.reshape(u.shape[0], -1), u, v * c, alpha=-1).div_(sigma)
+        c = torch.vdot(G.reshape(-1), W.reshape(-1)) / sigma
+        gW = torch.addr(G.reshape(h, -1), u, v * c, alpha=-1)
+        # out of place under torch.func: an unbatched gW cannot take a batched sigma in place
+        gW = gW / sigma if transforms_active() else gW.div_(sigma)
         return gW.reshape(W.shape), None, None
+
+    @staticmethod
+    def jvp(ctx, dW: Tensor | None, *unused: Tensor | None):  # type: ignore[override]
+        W, u, v, sigma = ctx.saved_tensors
+        if dW is None:
+            return None, None
+        dsigma = torch.vdot(u, torch.mv(dW.reshape(u.shape[0], -1), v))
+        return (dW - W * (dsigma / sigma)) / sigma, None
 
 
 def _divide_by_sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """``_DivideBySigma.apply(W, u, v)[0]`` (through :func:`apply_function`: no per-call
     argument binding outside ``torch.func`` transforms and ``torch.compile``)."""
     return apply_function(_DivideBySigma, W, u, v)[0]
+
+
+_TRANSFORM_TRAINING_ERROR = (
+    "spectral_norm: in training mode every forward refines the buffers _u, _v in place by a "
+    "power-iteration step, which failed under a torch.func transform (the error above). Under "
+    "vmap over the weight it is impossible: one _u, _v cannot hold the singular vectors of a "
+    "batch of weights (torch's spectral_norm fails the same way). Call module.eval() first "
+    "(the buffers are then read, not written), or vmap over the inputs only."
+)
 
 
 class _SpectralNorm(nn.Module):
@@ -118,16 +160,26 @@ class _SpectralNorm(nn.Module):
             weight = weight.permute(self.dim, *(d for d in range(weight.dim()) if d != self.dim))
         return weight.flatten(1)
 
+    def _power_step_(self, W: Tensor) -> None:
+        """``n_power_iterations`` steps on the matrix ``W`` (detached), ``_u``, ``_v`` in place."""
+        # a compute dtype (no half-precision round trip), buffers checked at registration
+        if compute_dtype(W.dtype) == W.dtype and self._u.dtype == W.dtype:
+            _power_steps_(W, self._u, self._v, self.n_power_iterations, self.eps)
+        else:
+            power_iteration_(W, self._u, self._v, self.n_power_iterations, eps=self.eps)
+
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
         if self.training:
             W = self._reshape_weight_to_matrix(weight.detach())
-            # a compute dtype (no half-precision round trip), buffers checked at registration
-            if compute_dtype(W.dtype) == W.dtype and self._u.dtype == W.dtype:
-                _power_steps_(W, self._u, self._v, self.n_power_iterations, self.eps)
+            if transforms_active():
+                try:
+                    self._power_step_(W)
+                except RuntimeError as err:
+                    raise RuntimeError(_TRANSFORM_TRAINING_ERROR) from err
             else:
-                power_iteration_(W, self._u, self._v, self.n_power_iterations, eps=self.eps)
+                self._power_step_(W)
         # the estimate uses clones of u, v: a backward through two forwards sees the u, v of
         # its own forward although the buffers are updated in place
         u = self._u.clone(memory_format=torch.contiguous_format)
