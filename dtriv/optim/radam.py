@@ -184,7 +184,8 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         denom = v_hat.div(bc2.view(col)).sqrt_().add_(eps)
         direction = m.div(bc1.view(col)).div_(denom)
 
-        X_new = manifold.retract(X, direction.mul_(-lr), bucket.method)
+        X_new = _stiefel.settle_points(
+            manifold, bucket.method, manifold.retract(X, direction.mul_(-lr), bucket.method))
         copy_rows(exp_avgs, manifold.transport(X, X_new, m))
         copy_rows(exp_avg_sqs, v)
         copy_rows(params, X_new)

@@ -145,7 +145,9 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
 
         def move(direction: Tensor) -> Tensor:
             if not fused:
-                return manifold.retract(X, direction.mul(-lr), bucket.method)
+                return _stiefel.settle_points(
+                    manifold, bucket.method,
+                    manifold.retract(X, direction.mul(-lr), bucket.method))
             Q = _stiefel.retract(manifold, bucket.method, Xb, direction, -lr)
             return (Q.mT if manifold.wide else Q).reshape(X.shape)
 
