@@ -259,8 +259,15 @@ class _Cayley(torch.autograd.Function):
         # copy) and solve M X = I as the adjoint system: measured 20% faster than inv(M).
         Id = _eye(A)
         LU, pivots, info = torch.linalg.lu_factor_ex(torch.add(Id, A, alpha=-0.5).mH)
-        _cayley_check(info)
+        # Under torch.func transforms info cannot be read (data-dependent control flow; a
+        # singular I - A/2 then gives non-finite entries) and vmap has no batching rule for
+        # out=.
+        transformed = transforms_active()
+        if not transformed:
+            _cayley_check(info)
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(A), adjoint=True)
+        if transformed:
+            return torch.add(-Id, Minv, alpha=2.0), Minv
         Q = torch.empty_like(Minv, memory_format=torch.contiguous_format)
         torch.mul(Minv, 2.0, out=Q)
         Q.diagonal(dim1=-2, dim2=-1).sub_(1.0)
@@ -312,7 +319,8 @@ def cayley(A: Tensor) -> Tensor:
 
     Raises:
         ValueError: when :math:`I - A/2` is singular (inverse path; the solve path raises
-            torch's error).
+            torch's error). Under ``torch.func`` transforms the inverse path cannot read the
+            factorization's status and returns non-finite entries instead.
 
     Cost: one inverse (LU of :math:`M^H` and the adjoint solve with :math:`n` right-hand
     sides, about :math:`8n^3/3` flops, 4 products' time on CPU) forward; two products

@@ -268,12 +268,71 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- polar
 
 
+def _lyapunov_in_eigenbasis(C: Tensor, S: Tensor, W: Tensor) -> Tensor:
+    r"""The solution :math:`\Omega` of :math:`\Omega H + H \Omega = C` for
+    :math:`H = W \operatorname{diag}(s) W^H` (:math:`s > 0`): in the basis ``W`` the operator
+    divides entry ``(i, j)`` by :math:`s_i + s_j`. Not differentiable in ``S`` and ``W``."""
+    Wh = W.mH
+    denom = S.unsqueeze(-1) + S.unsqueeze(-2)
+    return W @ ((Wh @ C @ W) / denom.to(C.dtype)) @ Wh
+
+
+class _Lyapunov(torch.autograd.Function):
+    r""":math:`\Omega = L_H^{-1}(C)`, :math:`L_H(\Omega) = \Omega H + H \Omega`, for a Hermitian
+    positive definite ``H`` given with its eigendecomposition ``H = W diag(S) W^H`` (``S`` and
+    ``W`` are constants that must describe ``H``; they receive no gradient).
+
+    Differential: :math:`d\Omega = L_H^{-1}(dC - dH\,\Omega - \Omega\, dH)`. :math:`L_H` is
+    self-adjoint for the real inner product :math:`\operatorname{Re}\operatorname{tr}(X^H Y)`,
+    so the adjoint is :math:`\bar C = L_H^{-1}(\bar\Omega)`,
+    :math:`\bar H = -(\bar C\,\Omega^H + \Omega^H \bar C)`. Both are applications of this
+    map again, so it is differentiable to any order, and every step divides by
+    :math:`s_i + s_j > 0` only: finite at repeated eigenvalues of ``H`` (where
+    differentiating ``eigh`` divides by :math:`s_i - s_j = 0`). Used for the second
+    derivatives of :class:`_PolarFactor`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(H: Tensor, C: Tensor, S: Tensor, W: Tensor) -> Tensor:  # type: ignore[override]
+        return _lyapunov_in_eigenbasis(C, S, W)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        H, _, S, W = inputs
+        ctx.save_for_backward(H, S, W, output)
+        ctx.save_for_forward(H, S, W, output)
+
+    @staticmethod
+    def backward(ctx, gOmega: Tensor):  # type: ignore[override]
+        H, S, W, Omega = ctx.saved_tensors
+        if torch.is_grad_enabled():  # higher orders: the same map, differentiable in H
+            gC = _Lyapunov.apply(H, gOmega, S, W)
+        else:
+            gC = _lyapunov_in_eigenbasis(gOmega, S, W)
+        gH = None
+        if ctx.needs_input_grad[0]:
+            OmegaH = Omega.mH
+            gH = -(gC @ OmegaH + OmegaH @ gC)
+        return gH, gC, None, None
+
+    @staticmethod
+    def jvp(ctx, dH: Tensor | None, dC: Tensor | None, *unused):  # type: ignore[override]
+        H, S, W, Omega = ctx.saved_tensors
+        rhs = torch.zeros_like(Omega) if dC is None else dC
+        if dH is not None:
+            rhs = rhs - (dH @ Omega + Omega @ dH)
+        return _Lyapunov.apply(H, rhs, S, W)
+
+
 @reports_backward
 class _PolarFactor(torch.autograd.Function):
     r"""Polar factor :math:`Q = U W^H` of a full-rank ``X = U S W^H`` with a stable backward.
 
-    With :math:`H = W S W^H` and :math:`L(\Omega) = \Omega H + H \Omega`, the differential is
-    :math:`dQ = Q L^{-1}(Q^H dX - dX^H Q) + (I - Q Q^H)\, dX\, H^{-1}`, whose adjoint is
+    With :math:`H = W S W^H` (:math:`= Q^H X`) and :math:`L(\Omega) = \Omega H + H \Omega`, the
+    differential is :math:`dQ = Q L^{-1}(Q^H dX - dX^H Q) + (I - Q Q^H)\, dX\, H^{-1}`, whose
+    adjoint is
 
     .. math:: \bar X = 2 Q\, L^{-1}(\operatorname{skew}(Q^H \bar Q))
                        + (\bar Q - Q Q^H \bar Q) H^{-1}.
@@ -281,26 +340,63 @@ class _PolarFactor(torch.autograd.Function):
     In the basis ``W``, :math:`L^{-1}` divides entry ``(i, j)`` by :math:`s_i + s_j > 0`, so
     the gradient is finite at repeated singular values (e.g. ``X = B`` on the manifold),
     where the generic SVD backward divides by :math:`s_i^2 - s_j^2 = 0`.
+
+    Second derivatives (``create_graph=True``): the same adjoint, written with differentiable
+    pieces: ``Q`` (this map's saved output), :math:`H = \operatorname{sym}(Q^H X)`, the
+    solve with ``H`` and :math:`L^{-1}` as :class:`_Lyapunov` (whose derivatives also divide
+    by :math:`s_i + s_j` only), so they too are finite at repeated singular values. Forward
+    mode (``torch.func.jvp``) applies the differential above; ``torch.func.vmap`` runs all of
+    them batched. The first-order backward uses the saved SVD factors only.
     """
 
-    @staticmethod
-    def forward(ctx, X: Tensor) -> Tensor:
-        U, S, Wh = torch.linalg.svd(X, full_matrices=False)
-        Q = U @ Wh
-        ctx.save_for_backward(Q, S, Wh)
-        return Q
+    generate_vmap_rule = True
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gQ: Tensor) -> Tensor:
-        Q, S, Wh = ctx.saved_tensors
+    def forward(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        U, S, Wh = torch.linalg.svd(X, full_matrices=False)
+        return U @ Wh, S, Wh
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (X,) = inputs
+        Q, S, Wh = output
+        ctx.set_materialize_grads(False)  # no zero gradients for S and Wh
+        ctx.mark_non_differentiable(S, Wh)
+        # the same tensors for both: torch.func's generated vmap rule keeps the batch dims of
+        # the last call only
+        ctx.save_for_backward(X, Q, S, Wh)
+        ctx.save_for_forward(X, Q, S, Wh)
+
+    @staticmethod
+    def backward(ctx, gQ: Tensor | None, *unused: Tensor | None):  # type: ignore[override]
+        if gQ is None:
+            return None
+        X, Q, S, Wh = ctx.saved_tensors
         W = Wh.mH
         QhG = Q.mH @ gQ
-        C = W.mH @ ((QhG - QhG.mH) / 2) @ W
-        denom = S.unsqueeze(-1) + S.unsqueeze(-2)
-        Omega = W @ (C / denom.to(C.dtype)) @ Wh
+        C = (QhG - QhG.mH) / 2
+        if torch.is_grad_enabled():  # double backward: differentiable in X (through Q, H)
+            H = Q.mH @ X
+            H = (H + H.mH) / 2
+            Omega = _Lyapunov.apply(H, C, S, W)
+            return 2 * Q @ Omega + torch.linalg.solve(H, gQ - Q @ QhG, left=False)
+        Omega = _lyapunov_in_eigenbasis(C, S, W)
         Hinv = (W / S.unsqueeze(-2).to(W.dtype)) @ Wh
         return 2 * Q @ Omega + (gQ - Q @ QhG) @ Hinv
+
+    @staticmethod
+    def jvp(ctx, dX: Tensor):  # type: ignore[override]
+        X, Q, S, Wh = ctx.saved_tensors
+        W = Wh.mH
+        QhdX = Q.mH @ dX
+        if torch.is_grad_enabled():  # reverse over forward: differentiable in X
+            H = Q.mH @ X
+            H = (H + H.mH) / 2
+            K = _Lyapunov.apply(H, QhdX - QhdX.mH, S, W)
+            return Q @ K + torch.linalg.solve(H, dX - Q @ QhdX, left=False), None, None
+        K = _lyapunov_in_eigenbasis(QhdX - QhdX.mH, S, W)
+        Hinv = (W / S.unsqueeze(-2).to(W.dtype)) @ Wh
+        return Q @ K + (dX - Q @ QhdX) @ Hinv, None, None
 
 
 @upcast_half
@@ -310,15 +406,17 @@ def polar_factor(X: Tensor) -> Tensor:
     It is the point of the Stiefel manifold nearest to ``X`` (in any unitarily invariant
     norm) and equals :math:`X (X^H X)^{-1/2}`. The gradient uses the stable formula of
     :class:`_PolarFactor` (denominators :math:`s_i + s_j`), finite at repeated singular
-    values. Tall (``n >= k``) input.
+    values; so do second derivatives (``create_graph=True``) and forward mode
+    (``torch.func.jvp``), and ``torch.func.vmap`` applies. Tall (``n >= k``) input.
 
-    Cost: one thin SVD, :math:`O(n k^2)`; backward :math:`O(n k^2)`.
+    Cost: one thin SVD, :math:`O(n k^2)`; backward :math:`O(n k^2)` (no second SVD; a double
+    backward adds a ``k x k`` solve).
 
     Reference: Higham, "Functions of Matrices" (2008), Ch. 8.
     """
     check_matrix(X, "X", tall=True)
     check_floating(X, "X")
-    return apply_function(_PolarFactor, X)
+    return apply_function(_PolarFactor, X)[0]
 
 
 @upcast_half
@@ -329,7 +427,8 @@ def stiefel_polar(B: Tensor, V: Tensor) -> Tensor:
 
     since :math:`B^H V` is skew, :math:`(B + V)^H (B + V) = I + V^H V`. It is the
     metric projection of :math:`B + V` onto the manifold, a second-order retraction. The
-    backward pass is the stable closed form of :func:`polar_factor`, finite at ``V = 0``.
+    backward pass is the stable closed form of :func:`polar_factor`, finite at ``V = 0``, and
+    so are its second derivatives (Hessians of a loss through the retraction).
 
     Args:
         B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
@@ -341,7 +440,7 @@ def stiefel_polar(B: Tensor, V: Tensor) -> Tensor:
     Higham (2008), Ch. 8.
     """
     _check(B, V)
-    return apply_function(_PolarFactor, B + V)
+    return apply_function(_PolarFactor, B + V)[0]
 
 
 def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> Tensor:

@@ -172,3 +172,77 @@ def test_householder_works_under_torch_func_grad():
     Y = X.clone().requires_grad_()
     householder(Y).sum().backward()
     torch.testing.assert_close(grad, Y.grad)
+
+
+# ------------------------------------------------------------------ second derivatives, torch.func
+
+
+def test_gradgradcheck(randn):
+    # fast mode, as for test_gradcheck
+    X = random_signs(randn, randn(2, 5, 3)).requires_grad_()
+    assert torch.autograd.gradgradcheck(householder, (X,), fast_mode=True)
+    X = random_signs(randn, randn(4, 4)).requires_grad_()
+    assert torch.autograd.gradgradcheck(householder, (X,), fast_mode=True)
+
+
+def _loss(W, C):
+    """A loss with a non-zero Hessian in the weight: <W, C>^2 + sum W^3."""
+    return (W * C).sum() ** 2 + W.pow(3).sum()
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (5, 5)])
+def test_hessian_vector_product_equals_torch_orthogonal(randn, shape):
+    """Oracle: torch's orthogonal(..., orthogonal_map="householder"), differentiated twice by
+    torch's own derivatives of householder_product."""
+    layer = torch_householder_layer(*shape)
+    key = "parametrizations.weight.original"
+    X = random_signs(randn, randn(*shape))
+    C, E = randn(*shape), randn(*shape)
+
+    eye = torch.eye(shape[1], dtype=X.dtype)
+
+    def theirs(x):  # the layer maps eye to eye @ W^T
+        return _loss(torch.func.functional_call(layer, {key: x}, (eye,)).mT, C)
+
+    def ours(x):
+        return _loss(householder(x), C)
+
+    _, hv_ref = torch.autograd.functional.hvp(theirs, X, E)
+    _, hv = torch.autograd.functional.hvp(ours, X, E)
+    assert hv_ref.abs().max() > 0.1
+    torch.testing.assert_close(hv, hv_ref, atol=1e-11, rtol=0)
+
+
+def _householder_reference(X):
+    A = X.tril(-1)
+    tau = 2.0 / (1.0 + (A * A).sum(dim=-2))
+    signs = X.diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)
+    return torch.linalg.householder_product(A, tau) * signs
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_householder_under_torch_func_transforms(randn):
+    """vmap(grad) equals a loop of backward passes, jvp equals the derivative of torch's
+    householder_product, torch.func.hessian (forward over reverse) equals autograd's Hessian
+    (reverse over reverse, checked against torch's in the test above)."""
+    C = randn(6, 3)
+    Xs = torch.stack([random_signs(randn, randn(6, 3)) for _ in range(4)])
+
+    def loss(x):
+        return _loss(householder(x), C)
+
+    looped = []
+    for x in Xs:
+        x = x.clone().requires_grad_()
+        looped.append(torch.autograd.grad(loss(x), x)[0])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(Xs), torch.stack(looped),
+                               atol=1e-13, rtol=0)
+
+    X, E = Xs[0], randn(6, 3)
+    _, dQ = torch.func.jvp(householder, (X,), (E,))
+    _, dQ_ref = torch.func.jvp(_householder_reference, (X,), (E,))
+    torch.testing.assert_close(dQ, dQ_ref, atol=1e-12, rtol=0)
+
+    H = torch.autograd.functional.hessian(loss, X)
+    assert H.abs().max() > 0.1
+    torch.testing.assert_close(torch.func.hessian(loss)(X), H, atol=1e-11, rtol=0)

@@ -360,6 +360,38 @@ def test_cayley_of_a_singular_shift_raises(monkeypatch):
         cayley(2 * torch.eye(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("n", [95, 96], ids=["solve_path", "inverse_path"])
+def test_cayley_under_vmap_equals_the_batched_call(randn, n):
+    """torch.func.vmap of cayley and of grad through it, on both sides of CAYLEY_SOLVE_MAX_N."""
+    from dtriv.retractions import lie
+
+    assert lie.CAYLEY_SOLVE_MAX_N == 95
+    X = randn(3, n, n) / n ** 0.5
+    A, G = X - X.mT, randn(n, n)
+    assert (torch.vmap(cayley)(A) - cayley(A)).abs().max() < 1e-12
+
+    def loss(a):
+        return (cayley(a) * G).sum() ** 2
+
+    looped = []
+    for a in A:
+        a = a.clone().requires_grad_()
+        looped.append(torch.autograd.grad(loss(a), a)[0])
+    grads = torch.func.vmap(torch.func.grad(loss))(A)
+    assert (grads - torch.stack(looped)).abs().max() < 1e-10
+
+
+def test_cayley_of_a_singular_shift_under_vmap_is_not_finite(monkeypatch):
+    """Under torch.func transforms the inverse path cannot raise (docstring of cayley)."""
+    from dtriv.retractions import lie
+
+    monkeypatch.setattr(lie, "CAYLEY_SOLVE_MAX_N", 0)
+    A = torch.stack([torch.zeros(3, 3), 2 * torch.eye(3)]).double()
+    Q = torch.vmap(cayley)(A)
+    assert (Q[0] == torch.eye(3, dtype=torch.float64)).all()
+    assert not torch.isfinite(Q[1]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
                                    torch.complex128])
 @pytest.mark.parametrize("n", [5, 64, 130])

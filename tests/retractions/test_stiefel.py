@@ -333,6 +333,87 @@ def test_gradcheck_polar_factor_repeated_singular_values():
     assert torch.autograd.gradcheck(polar_factor, (X,))
 
 
+# ------------------------------------------------------------------ 6. second derivatives
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 3), (4, 4)], ids=["tall", "square"])
+def test_gradgradcheck_polar_factor(dtype, shape):
+    """Second derivatives of the polar factor, also at repeated singular values (X = 2B)."""
+    X = torch.randn(*shape, dtype=dtype, generator=_gen(37)).requires_grad_()
+    assert torch.autograd.gradgradcheck(polar_factor, (X,), fast_mode=dtype.is_complex)
+    X = (2.0 * point(*shape, dtype=dtype, seed=38)).requires_grad_()
+    assert torch.autograd.gradgradcheck(polar_factor, (X,), fast_mode=dtype.is_complex)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradgradcheck_polar_retraction(dtype):
+    """In B and V at a tangent V, and in V at V = 0 (the point of a dynamic trivialization)."""
+    B = point(5, 3, dtype=dtype, seed=39)
+    V = tangent(B, seed=40)
+    assert torch.autograd.gradgradcheck(
+        stiefel_polar, (B.requires_grad_(), V.requires_grad_()), fast_mode=dtype.is_complex)
+    zero = torch.zeros_like(V, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda v: stiefel_polar(B.detach(), v), (zero,))
+
+
+def _hessian_vector_product(retraction, B, V, C, E):
+    r"""The derivative of :math:`\nabla_V L` along ``E`` for
+    :math:`L(V) = \operatorname{Re}\langle R, C\rangle^2 + \sum |R_{ij}|^3`, :math:`R = R_B(V)`."""
+    V = V.clone().requires_grad_()
+    R = retraction(B, V)
+    loss = (R * C.conj()).sum().real ** 2 + R.abs().pow(3).sum()
+    (g,) = torch.autograd.grad(loss, V, create_graph=True)
+    (hv,) = torch.autograd.grad((g * E.conj()).sum().real, V)
+    return hv
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, 0.5], ids=["zero_tangent", "tangent"])
+def test_polar_hessian_vector_product_equals_newton_schulz(dtype, scale):
+    """Oracle: the matmul-only Newton--Schulz polar factor, differentiated twice by autograd
+    through its products (30 steps: converged to rounding, derivatives included)."""
+    B = point(6, 3, dtype=dtype, seed=41)
+    V = tangent(B, scale=scale, seed=42)
+    C = torch.randn(6, 3, dtype=dtype, generator=_gen(43))
+    E = torch.randn(6, 3, dtype=dtype, generator=_gen(44))
+    hv = _hessian_vector_product(stiefel_polar, B, V, C, E)
+    hv_ref = _hessian_vector_product(
+        lambda b, v: stiefel_polar_newton_schulz(b, v, iters=30), B, V, C, E)
+    assert float(hv.abs().max()) > 0.1  # not the zero of a once-differentiable backward
+    assert maxdiff(hv, hv_ref) < 1e-10
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_polar_under_torch_func_transforms():
+    """vmap(grad) equals a loop of backward passes; jvp equals the Newton--Schulz oracle's;
+    torch.func.hessian (forward over reverse) and jacrev(jacfwd) equal autograd's Hessian."""
+    B = point(5, 3, seed=45)
+    C = torch.randn(5, 3, dtype=torch.float64, generator=_gen(46))
+
+    def loss(v):
+        Q = stiefel_polar(B, v)
+        return (Q * C).sum() ** 2 + Q.pow(3).sum()
+
+    Vs = torch.stack([tangent(B, seed=47 + i) for i in range(3)])
+    looped = []
+    for v in Vs:
+        v = v.clone().requires_grad_()
+        looped.append(torch.autograd.grad(loss(v), v)[0])
+    assert maxdiff(torch.func.vmap(torch.func.grad(loss))(Vs), torch.stack(looped)) < 1e-12
+
+    V, E = Vs[0], torch.randn(5, 3, dtype=torch.float64, generator=_gen(50))
+    _, dQ = torch.func.jvp(lambda v: stiefel_polar(B, v), (V,), (E,))
+    _, dQ_ref = torch.func.jvp(lambda v: stiefel_polar_newton_schulz(B, v, iters=30), (V,), (E,))
+    assert maxdiff(dQ, dQ_ref) < 1e-10
+
+    zero = torch.zeros_like(V)
+    H = torch.autograd.functional.hessian(loss, zero)
+    assert float(H.abs().max()) > 0.1
+    assert maxdiff(torch.func.hessian(loss)(zero), H) < 1e-12
+    assert maxdiff(torch.func.jacrev(torch.func.jacfwd(loss))(zero), H) < 1e-12
+
+
 # ------------------------------------------------------------------ 7. batching, precision
 
 
