@@ -110,8 +110,15 @@ class Bucket:
 
 
 def _manifold_key(manifold: Manifold) -> tuple:
-    # Manifolds hold no data: the type and the arguments shown by repr identify them.
-    return (type(manifold), repr(manifold))
+    """What makes two manifolds one bucket: the same type and equal attributes (exact values:
+    ``repr`` rounds, e.g. the bounds of ``SpectrallyBounded``); a manifold with attributes
+    that cannot be hashed is a bucket of its own."""
+    try:
+        key = (type(manifold), tuple(sorted(vars(manifold).items())))
+        hash(key)
+    except TypeError:
+        return (type(manifold), id(manifold))
+    return key
 
 
 def resolve_retraction(spec: Any, manifold: Manifold) -> str:
@@ -171,8 +178,9 @@ class RiemannianMixin:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("retraction", None)
-        self.__dict__.setdefault("_default_retraction_spec", None)
-        self.__dict__.setdefault("_default_stabilize", None)
+        # the constructor's defaults for later groups (pickling keeps ``defaults`` only)
+        self.__dict__.setdefault("_default_retraction_spec", self.defaults.get("retraction"))
+        self.__dict__.setdefault("_default_stabilize", self.defaults.get("stabilize"))
         for group in self.param_groups:
             group.setdefault("stabilize", None)
             group.setdefault("step", 0)
@@ -195,11 +203,14 @@ class RiemannianMixin:
         if buffer is not None and _rows_of(buffer, tensors):
             return buffer
         buffer = torch.stack([t.detach() for t in tensors])
+        # re-pointing a parameter keeps its value: the points this optimizer wrote stay marked
+        written = [p for p in params if self._on_manifold([p])] if name is None else []
         for p, row in zip(params, buffer.unbind(0)):
             if name is None:
                 p.data = row
             else:
                 self.state[p][name] = row
+        self._mark_on_manifold(written)
         cache[key] = buffer
         return buffer
 
@@ -223,6 +234,31 @@ class RiemannianMixin:
         marks = self.__dict__.setdefault("_written", {})
         for p in params:
             marks[id(p)] = (weakref.ref(p), p.data_ptr(), p._version)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's state dict, whose per-parameter state also says ``"on_manifold": True``
+        for the parameters that still hold the point this optimizer wrote (see
+        :meth:`_on_manifold`), so that a run resumed from it takes the same (fused) steps as
+        one never interrupted, bit for bit."""
+        packed = super().state_dict()  # type: ignore[misc]
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._on_manifold([p]):
+                    entry = packed["state"].get(index, {})
+                    packed["state"][index] = {**entry, "on_manifold": True}
+                index += 1
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Torch's ``load_state_dict``; parameters saved ``"on_manifold"`` are marked as
+        written by this optimizer at their current value. Load the model's parameters first:
+        a parameter written after this call is not trusted (its version changes), and the
+        fused QR tests the points themselves in any case
+        (:func:`dtriv.optim._stiefel.near_orthonormal`)."""
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        written = [p for p, entry in self.state.items() if entry.pop("on_manifold", False)]
+        self._mark_on_manifold(written)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step on every parameter; ``closure`` re-evaluates the loss (optional)."""

@@ -108,6 +108,8 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
             maximize=maximize,
             foreach=foreach,
         )
+        # kept in ``defaults`` (which pickling and deepcopy keep) for groups added later
+        self.defaults.update(retraction=retraction, stabilize=stabilize)
 
     def _update_bucket(self, group: dict[str, Any], bucket: Bucket) -> None:
         manifold, params = bucket.manifold, bucket.params

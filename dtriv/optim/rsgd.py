@@ -113,6 +113,8 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             maximize=maximize,
             foreach=foreach,
         )
+        # kept in ``defaults`` (which pickling and deepcopy keep) for groups added later
+        self.defaults.update(retraction=retraction, stabilize=stabilize)
 
     def _update_bucket(self, group: dict[str, Any], bucket: Bucket) -> None:
         manifold, params = bucket.manifold, bucket.params
@@ -158,7 +160,10 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         fresh, buffers = _momentum_buffers_of(self.state, params)
         buf = stack(buffers)
         if fused:
-            buf = _stiefel.as_batch(manifold, buf)
+            # the lazy momentum step leaves buffers at the previous point (see
+            # _lazy_momentum_step): project them, in case that step wrote them (nesterov
+            # turned on mid-run, or a state dict saved without it); idempotent otherwise
+            buf = _stiefel.transport(Xb, _stiefel.as_batch(manifold, buf))
         buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
         if any(fresh):
             mask = torch.tensor(fresh, device=X.device)

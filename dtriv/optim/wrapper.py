@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .targets import Target, find_targets
+from .targets import Target, _dtriv_link, _owners, find_targets
 
 __all__ = ["DynamicTrivialization", "NonFiniteGradientError"]
 
@@ -207,8 +207,20 @@ class DynamicTrivialization(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer and look for trivializations in it."""
+        """Add a group to the inner optimizer and look for trivializations in it.
+
+        With ``modules`` given to the constructor, the group's parameters that no
+        parametrization of those modules owns are looked for among all of them (a scan of
+        the live objects, once per added group): a module added later is refreshed too.
+        """
         self.optimizer.add_param_group(param_group)
+        if self._modules_hint is not None:
+            new = [p for p in self.optimizer.param_groups[-1]["params"]
+                   if _dtriv_link(p) is None]
+            known = _owners(new, self._modules_hint)
+            missed = [p for p in new if id(p) not in known]
+            if missed:  # a ParametrizationList is a module: the hint takes it as it is
+                self._modules_hint.extend(_owners(missed, None).values())
         self._scan(warn=False)
 
     # ------------------------------------------------------------ targets
@@ -361,7 +373,11 @@ class DynamicTrivialization(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict plus the wrapper's counters and options."""
+        """The inner optimizer's state dict plus the wrapper's counters and options (the
+        hooks registered on the wrapper with ``register_state_dict_pre_hook`` and
+        ``register_state_dict_post_hook`` run as torch's optimizers run them)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         inner = self.optimizer.state_dict()
         state = dict(inner)
         state[_STATE_KEY] = {
@@ -372,6 +388,10 @@ class DynamicTrivialization(torch.optim.Optimizer):
             "state": self.state_mode,
             "reproject_every": self.reproject_every,
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -379,8 +399,13 @@ class DynamicTrivialization(torch.optim.Optimizer):
 
         The counters are restored, so the resumed run refreshes at the same steps; the
         options (``K``, ``state``, ``reproject_every``) keep the values given to the
-        constructor.
+        constructor. The load hooks registered on the wrapper run as torch's optimizers run
+        them (a pre-hook may return a replacement state dict).
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         state_dict = dict(state_dict)
         ours = state_dict.pop(_STATE_KEY, None)
         self.optimizer.load_state_dict(state_dict)
@@ -388,3 +413,5 @@ class DynamicTrivialization(torch.optim.Optimizer):
             self.steps = int(ours["steps"])
             self.refreshes = int(ours["refreshes"])
             self.skipped_steps = int(ours.get("skipped_steps", 0))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

@@ -474,3 +474,103 @@ def test_half_precision_stiefel_steps(dtype, opt_cls, kw):
         (p.float() ** 3).sum().backward()
         opt.step()
     assert p.dtype == dtype and M.distance(p.detach()).item() < 20 * torch.finfo(dtype).eps
+
+
+def _least_squares(M, seed=0, dtype=torch.float32):
+    g = _gen(seed)
+    x = torch.randn(9, M.k, generator=g, dtype=dtype)
+    T = torch.randn(9, M.n, generator=g, dtype=dtype)
+    return lambda W: ((x @ W.mT - T) ** 2).sum()
+
+
+@pytest.mark.parametrize("opt_cls, kw", [(RiemannianSGD, {"lr": 1e-2}),
+                                         (RiemannianSGD, {"lr": 1e-2, "momentum": 0.9}),
+                                         (RiemannianAdam, {"lr": 1e-2})],
+                         ids=["sgd", "sgd-momentum", "adam"])
+def test_resume_from_a_state_dict_is_bit_for_bit(opt_cls, kw, monkeypatch):
+    # the fused QR's record of the points it wrote travels in the state dict: a resumed run
+    # takes the same block Cholesky QR steps as one never interrupted (it took the checked QR
+    # before, 1e-9 away)
+    import dtriv.optim._stiefel as fused
+
+    M = Stiefel(32, 16)
+    loss = _least_squares(M)
+
+    def steps(p, opt, count):
+        for _ in range(count):
+            opt.zero_grad()
+            loss(p).backward()
+            opt.step()
+
+    p = ManifoldParameter(M.sample(generator=_gen(1)), M)
+    opt = opt_cls([p], retraction="qr", **kw)
+    steps(p, opt, 5)
+    saved = torch.load(_roundtrip(opt.state_dict()), weights_only=True)
+    q = ManifoldParameter(p.detach().clone(), M)
+    resumed = opt_cls([q], retraction="qr", **kw)
+    resumed.load_state_dict(saved)
+    calls = []
+    block_qr = fused.block_cholesky_qf_
+    monkeypatch.setattr(fused, "block_cholesky_qf_", lambda Y: calls.append(1) or block_qr(Y))
+    steps(p, opt, 3)
+    steps(q, resumed, 3)
+    assert torch.equal(p.detach(), q.detach()) and len(calls) == 6
+    assert all("on_manifold" not in s for s in resumed.state.values())
+
+
+def _roundtrip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize("opt_cls", [RiemannianSGD, RiemannianAdam])
+def test_deepcopy_and_pickle_keep_the_constructor_defaults(opt_cls):
+    import copy
+    import pickle
+
+    M = Stiefel(6, 3)
+    opt = opt_cls([ManifoldParameter(M.sample(generator=_gen(0)), M)], lr=0.1,
+                  retraction="qr", stabilize=5)
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        other.add_param_group({"params": [ManifoldParameter(M.sample(), M)]})
+        assert other.param_groups[-1]["retraction"] == "qr"
+        assert other.param_groups[-1]["stabilize"] == 5
+
+
+def test_manifolds_with_bounds_equal_in_repr_are_distinct_buckets():
+    from dtriv.manifolds import SpectrallyBounded
+
+    Ma, Mb = SpectrallyBounded(4, 3, upper=2.0), SpectrallyBounded(4, 3, upper=2.000004)
+    assert repr(Ma) == repr(Mb)  # repr rounds the bounds
+    g = _gen(0)
+    pa = ManifoldParameter(Ma.project(3 * torch.randn(4, 3, generator=g, dtype=DT)), Ma)
+    pb = ManifoldParameter(Mb.project(3 * torch.randn(4, 3, generator=g, dtype=DT)), Mb)
+    opt = RiemannianSGD([pa, pb], lr=0.1)
+    (-(pa**2).sum() - (pb**2).sum()).backward()
+    opt.step()
+    top = [torch.linalg.matrix_norm(p.detach(), 2).item() for p in (pa, pb)]
+    assert top[0] == pytest.approx(2.0, abs=1e-12) and top[1] == pytest.approx(2.000004, abs=1e-12)
+
+
+def test_nesterov_turned_on_mid_run_uses_the_transported_buffer():
+    # the lazy momentum step keeps the buffer at the previous point; the Nesterov step
+    # (eager) projects it: the fused path equals the generic one (a subclass)
+    M, own = Stiefel(8, 3), _OwnStiefel(8, 3)
+    loss = _least_squares(M, dtype=DT)
+    X0 = M.sample(generator=_gen(2), dtype=DT)
+    points = []
+    for manifold in (M, own):
+        p = ManifoldParameter(X0.clone(), manifold)
+        opt = RiemannianSGD([p], lr=0.01, momentum=0.9, retraction="qr")
+        for t in range(12):
+            if t == 6:
+                opt.param_groups[0]["nesterov"] = True
+            opt.zero_grad()
+            loss(p).backward()
+            opt.step()
+        points.append(p.detach())
+    assert (points[0] - points[1]).abs().max().item() < 1e-13

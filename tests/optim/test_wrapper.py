@@ -520,3 +520,37 @@ def test_optimizers_over_dtriv_parameters_pickle(kind):
     assert (loaded.steps, loaded.refreshes, loaded.K) == (wrapper.steps, wrapper.refreshes, 2)
     p = pickle.loads(pickle.dumps(original))
     assert torch.equal(p, original) and p._dtriv_trivialization() is None
+
+
+def test_add_param_group_finds_modules_outside_the_hint():
+    # modules= limits the constructor's search; a group added later may belong elsewhere
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 5), nn.Linear(5, 5)
+    for m in (a, b):
+        P.orthogonal(m, "weight", use_trivialization=True)
+    opt = DynamicTrivialization(torch.optim.SGD(a.parameters(), lr=0.1), K=1, modules=a)
+    opt.add_param_group({"params": list(b.parameters())})
+    assert len(opt.targets) == 2
+    x = torch.randn(3, 5)
+    for _ in range(3):
+        opt.zero_grad()
+        (a(x).sin().sum() + b(x).sin().sum()).backward()
+        opt.step()
+    for m in (a, b):  # refreshed: torch's base moved, original back at its origin (-I)
+        original = m.parametrizations.weight.original.detach()
+        assert (original + torch.eye(5)).abs().max().item() == 0.0
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run():
+    lin = _stiefel_linear()
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=0.1), K=2)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("load_pre", "extra" in sd)))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    state = opt.state_dict()
+    assert state["extra"] == 1 and calls == ["pre"]
+    state.pop("extra")
+    opt.load_state_dict(state)
+    assert calls == ["pre", ("load_pre", False), "load_post"]
