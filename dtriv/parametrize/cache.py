@@ -251,10 +251,11 @@ class _Sample:
 
 
 def _unchanged(entry: tuple) -> bool:
-    """Whether the sample of a memo entry (if it has one: a value without a graph, of a
-    tensor :meth:`_Sample.of` samples) is unchanged."""
-    sample = entry[6]
-    return sample is None or sample.unchanged()
+    """Whether the samples of a memo entry are unchanged: that of ``X`` (a value without a
+    graph, of a tensor :meth:`_Sample.of` samples) and that of an inference value."""
+    sample, value_sample = entry[6], entry[7]
+    return (sample is None or sample.unchanged()) and (
+        value_sample is None or value_sample.unchanged())
 
 
 def _watch(node: Any) -> Any:
@@ -293,7 +294,9 @@ class ForwardMemo:
       context): under non-reentrant ``torch.utils.checkpoint`` a value is shared within one
       checkpointed region only, so that backward's recomputation of the region saves the
       tensors its forward saved (see :func:`_saved_tensors_hooks`);
-    * the value was not modified in place (its ``_version``; inference tensors have none);
+    * the value was not modified in place: its ``_version``, or, for a value made under
+      ``torch.inference_mode`` (inference tensors have no version counter), a sample of its
+      entries as below (a CPU value; on an accelerator such a value is not memoized);
     * for a value without a graph (read under ``no_grad`` or ``inference_mode``, or of a
       parameter that does not require grad), which no backward ever drops: a sample of the
       parameter's entries (:class:`_Sample`: four runs of 16 consecutive entries) is
@@ -349,10 +352,11 @@ class ForwardMemo:
     __slots__ = ("_entry", "__weakref__")
 
     def __init__(self) -> None:
-        #: ``(weakref(X), weakref(base) | None, state, value, value._version, seen, sample)``
-        #: or None; ``seen``: ``value.grad_fn`` when it records its backward itself, else the
-        #: list its pre-hook appends to (``None``: not watched); :func:`_consumed` reads
-        #: either; ``sample``: the :class:`_Sample` of ``X``
+        #: ``(weakref(X), weakref(base) | None, state, value, value._version, seen, sample,
+        #: value_sample)`` or None; ``seen``: ``value.grad_fn`` when it records its backward
+        #: itself, else the list its pre-hook appends to (``None``: not watched);
+        #: :func:`_consumed` reads either; ``sample``: the :class:`_Sample` of ``X``;
+        #: ``value_sample``: that of an inference value
         self._entry: tuple | None = None
 
     def clear(self) -> None:
@@ -389,7 +393,13 @@ class ForwardMemo:
         # a value without a graph, which no backward drops, also checks a sample of X for
         # writes that bump no version counter (see the class doc)
         sample = None if value.requires_grad else _Sample.of(X)
-        self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen, sample)
+        value_sample = None
+        if value.is_inference():  # no version counter shows an in-place edit of the value
+            value_sample = _Sample.of(value)
+            if value_sample is None:  # not sampled (an accelerator's): not memoized
+                return value
+        self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen, sample,
+                       value_sample)
         return value
 
     @staticmethod

@@ -424,6 +424,23 @@ def test_no_grad_reads_are_memoized():
     assert counter["calls"] == 1
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_inference_value_edited_in_place_is_not_handed_out_again(kind):
+    # inference tensors have no version counter: the memo samples the value itself
+    model = RNN(seed=13, kind=kind)
+    with torch.no_grad():
+        reference = model.recurrent.weight.clone()
+    counter = count_maps(model)
+    with torch.inference_mode():
+        model(inputs())  # one map for every step of the sequence
+        assert counter["calls"] == 1
+        W = model.recurrent.weight
+        W.mul_(2)  # an edit of the read value (say, for an export)
+        again = model.recurrent.weight
+    assert counter["calls"] == 2
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)
+
+
 def test_dtype_change_and_data_assignment_invalidate():
     model = RNN(seed=13)
     model.recurrent.weight
