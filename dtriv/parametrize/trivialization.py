@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from dtriv.manifolds.base import Manifold
 from dtriv.parametrize.cache import ForwardMemo
+from dtriv.retractions._common import check_flag
 from dtriv.retractions._common import eps as _eps
 
 __all__ = ["Trivialization"]
@@ -171,6 +172,8 @@ class Trivialization(nn.Module):
             raise ValueError(f"dim: expected an integer, got {dim!r}")
         self.manifold = manifold
         self.retraction = retraction
+        check_flag(dynamic, "dynamic")
+        check_flag(strict, "strict")
         self.dynamic = bool(dynamic)
         self.strict = bool(strict)
         self.flatten = flatten
@@ -430,9 +433,16 @@ class Trivialization(nn.Module):
             "manifold": _identity(self.manifold),
             "retraction": self.retraction,
             "flatten": bool(self._flat),
-            "dim": self.dim if self._flat else None,
+            "dim": self._dim_of(self.dim) if self._flat else None,
             "repr": repr(self.manifold),
         }
+
+    def _dim_of(self, dim: Any) -> Any:
+        """``dim`` counted from the front (``-1`` and ``ndim - 1`` are one reading), once the
+        tensor's rank is known; other values as they are."""
+        if isinstance(dim, int) and not isinstance(dim, bool) and dim < 0 and self._tensor_shape:
+            return dim + len(self._tensor_shape)
+        return dim
 
     def get_extra_state(self) -> dict[str, Any]:
         """The manifold identity, retraction and tensor reading, checked when loading."""
@@ -447,10 +457,11 @@ class Trivialization(nn.Module):
                 f"the checkpoint was saved on {state.get('repr', state.get('manifold'))}, "
                 f"this module is constrained to {mine['repr']}"
             )
+        theirs = {**state, "dim": self._dim_of(state.get("dim"))}  # saved before normalising
         for key in ("retraction", "flatten", "dim"):
-            if state.get(key) != mine[key]:
+            if theirs.get(key) != mine[key]:
                 return (
-                    f"the checkpoint's trivialization has {key} {state.get(key)!r}, "
+                    f"the checkpoint's trivialization has {key} {theirs.get(key)!r}, "
                     f"this module's has {mine[key]!r}"
                 )
         return None

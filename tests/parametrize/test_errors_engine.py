@@ -127,3 +127,11 @@ def test_sphere_and_spectral_shortcut_errors():
         spectrally_bounded(module, "vector", flatten=False)
     with pytest.raises(ValueError, match="upper"):
         spectrally_bounded(nn.Linear(3, 3), "weight", upper=-1.0)
+
+
+@pytest.mark.parametrize("flag", ["dynamic", "strict"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_flags_must_be_booleans(flag, value):
+    # bool("no") is True: a string would silently mean the opposite
+    with pytest.raises(ValueError, match=rf"^{flag}: expected True or False, got {value!r}"):
+        constrain(nn.Linear(3, 5), "weight", Stiefel(5, 3), **{flag: value})

@@ -135,3 +135,18 @@ def test_set_extra_state_checks_directly():
     with pytest.raises(ValueError, match="saved on Sphere"):
         triv.set_extra_state({**triv.get_extra_state(), "manifold": "Sphere(n=4, radius=1.0)",
                               "repr": "Sphere(n=4)"})
+
+
+def test_flattening_dim_negative_and_positive_are_one_reading():
+    # a conv weight read with dim=-1 and with dim=3 is the same matrix: checkpoints load both
+    # ways (the description stored dim as given, so -1 and 3 were refused as different)
+    def make(dim):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 4, 3)  # weight (4, 3, 3, 3): dim 3 first gives (3, 36)
+        constrain(conv, "weight", Stiefel(3, 36), flatten=True, dim=dim)
+        return conv
+
+    for saved, loaded in ((-1, 3), (3, -1)):
+        source, target = make(saved), make(loaded)
+        target.load_state_dict(source.state_dict())
+        torch.testing.assert_close(target.weight, source.weight)
