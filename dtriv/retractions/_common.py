@@ -112,11 +112,6 @@ def eye_like(A: Tensor) -> Tensor:
     return torch.eye(n, k, dtype=A.dtype, device=A.device)
 
 
-@functools.lru_cache(maxsize=32)
-def cached_eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The ``n x n`` identity, one tensor per size, dtype and device (read-only: never write
-    to it; for the hot paths that would otherwise allocate it at every call)."""
-    return torch.eye(n, dtype=dtype, device=device)
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -129,6 +124,42 @@ def eps(dtype: torch.dtype) -> float:
 #: whether a ``torch.func`` transform (grad, vmap, jvp, ...) is active around the call
 transforms_active = torch._C._are_functorch_transforms_active
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+#: the largest ``n`` of the ``n x n`` constants that :func:`cached_outside_transforms` keeps
+#: (a 512 x 512 float64 identity is 2 MiB; beyond, allocating one is a small part of the
+#: O(n^3) work that needs it, and keeping 32 of them would hold gigabytes at n = 8192)
+CACHED_CONSTANT_MAX_N = 512
+
+
+def cached_outside_transforms(maxsize: int, sized: bool = True) -> Callable[[F], F]:
+    """``functools.lru_cache(maxsize)`` for functions that build read-only constant tensors
+    (from a size, their first argument when ``sized``, a dtype and a device), bypassed under
+    ``torch.func`` transforms (a tensor made inside one may be tied to its level: kept, it
+    broke a later transform with torch's "level <= current_level" assertion) and for sizes
+    above :data:`CACHED_CONSTANT_MAX_N`."""
+
+    def decorate(fn: F) -> F:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def wrapper(n, *args):
+            if (sized and n > CACHED_CONSTANT_MAX_N) or transforms_active():
+                return fn(n, *args)
+            return cached(n, *args)
+
+        wrapper.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+        wrapper.cache_info = cached.cache_info  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+@cached_outside_transforms(maxsize=32)
+def cached_eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The ``n x n`` identity, one tensor per size, dtype and device (read-only: never write
+    to it; for the hot paths that would otherwise allocate it at every call)."""
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 def eager_context() -> bool:

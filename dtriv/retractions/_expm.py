@@ -66,13 +66,17 @@ the LU factors and :math:`R_0, \dots, R_{s-1}` (about :math:`9 + s` matrices).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
-from ._common import apply_function, eager_context, reports_backward
+from ._common import (
+    apply_function,
+    cached_outside_transforms,
+    eager_context,
+    reports_backward,
+)
 from ._layout import COPY_MIN_SIZE, aliases, padded_empty, transposable
 from ._scratch import Arena
 
@@ -531,7 +535,7 @@ def _lin_rows(table: tuple[tuple[float, ...], ...], c: float, exps: tuple[int, .
 _LIN_ROWS: dict[tuple[int, float, tuple[int, ...]], tuple] = {}
 
 
-@functools.lru_cache(maxsize=64)
+@cached_outside_transforms(maxsize=64, sized=False)
 def _coefficients(rows: tuple[tuple[float, ...], ...], diags: tuple[float, ...],
                   dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
     """The coefficient matrix of the combinations of a written-out scheme
@@ -884,7 +888,7 @@ def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None,
     return A
 
 
-@functools.lru_cache(maxsize=16)
+@cached_outside_transforms(maxsize=16)
 def _strict_lower(n: int, device: torch.device) -> Tensor:
     """The boolean mask of the entries below the diagonal of an ``n x n`` matrix (read-only)."""
     return torch.ones(n, n, dtype=torch.bool, device=device).tril_(-1)

@@ -18,7 +18,6 @@ Registered as kind ``"lie"``: ``"expm"`` (inverse :func:`logm`) and ``"cayley"``
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -28,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from ._common import (
     apply_function,
     cached_eye,
+    cached_outside_transforms,
     check_flag,
     check_floating,
     check_matrix,
@@ -337,7 +337,7 @@ def cayley(A: Tensor) -> Tensor:
     return apply_function(_Cayley, A)[0]
 
 
-@functools.lru_cache(maxsize=16)
+@cached_outside_transforms(maxsize=16)
 def _eyes_cached(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     Id = cached_eye(n, dtype, device)
     return Id, -Id

@@ -374,3 +374,39 @@ def test_engine_finds_and_refreshes_the_twin():
     assert refresh(model) == 1
     assert _err(model[0].weight, W) <= 1e-6
     assert not model[0].parametrizations.weight.original.any()
+
+
+def test_a_hessian_does_not_poison_the_constant_caches():
+    # a constant built inside a torch.func transform and kept in a module cache broke the next
+    # transform through another map of the same size ("level <= current_level" assertion)
+    from torch.func import functional_call, hessian
+
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    key = "parametrizations.weight.original"
+
+    def hess(orthogonal_map):
+        torch.manual_seed(0)
+        m = nn.Linear(4, 4, dtype=torch.float64)
+        twins.orthogonal(m, orthogonal_map=orthogonal_map)
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(X):
+            return (functional_call(m, {**params, key: X}, (x,)) ** 3).sum()
+
+        return hessian(loss)(params[key] + 0.1)
+
+    hess("matrix_exp")
+    after = hess("cayley")
+    from dtriv.retractions import _expm
+
+    _expm._strict_lower.cache_clear()
+    torch.testing.assert_close(after, hess("cayley"))
+
+
+def test_large_identities_are_not_cached():
+    from dtriv.retractions._common import CACHED_CONSTANT_MAX_N, cached_eye
+
+    before = cached_eye.cache_info().currsize
+    big = cached_eye(CACHED_CONSTANT_MAX_N + 1, torch.float64, torch.device("cpu"))
+    assert torch.equal(big, torch.eye(CACHED_CONSTANT_MAX_N + 1, dtype=torch.float64))
+    assert cached_eye.cache_info().currsize == before
