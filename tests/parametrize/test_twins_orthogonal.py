@@ -410,3 +410,24 @@ def test_large_identities_are_not_cached():
     big = cached_eye(CACHED_CONSTANT_MAX_N + 1, torch.float64, torch.device("cpu"))
     assert torch.equal(big, torch.eye(CACHED_CONSTANT_MAX_N + 1, dtype=torch.float64))
     assert cached_eye.cache_info().currsize == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4, 4), (6, 3)])
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley", "householder"])
+def test_half_precision_read_assign_and_refresh(dtype, shape, orthogonal_map):
+    # QR-based steps (assignment, the refresh of a tall base) compute in float32: CPU LAPACK
+    # has no half QR (torch's own twin fails there)
+    from dtriv.parametrize import refresh
+
+    torch.manual_seed(0)
+    m = nn.Linear(shape[1], shape[0])
+    twins.orthogonal(m, orthogonal_map=orthogonal_map)
+    m = m.to(dtype)
+    m.weight.float().sum().backward()
+    m.weight = torch.randn(shape).to(dtype)
+    refresh(m)
+    W = m.weight.float()
+    gram = W.mT @ W if shape[0] >= shape[1] else W @ W.mT
+    assert m.weight.dtype == dtype
+    assert (gram - torch.eye(min(shape))).abs().max().item() < 50 * torch.finfo(dtype).eps

@@ -48,6 +48,7 @@ from torch.nn.utils import parametrize
 
 from dtriv.parametrize.cache import ForwardMemo, install_fast_read
 from dtriv.parametrize.trivialization import _Link
+from dtriv.retractions._common import upcast_half
 from dtriv.retractions.householder import householder, householder_inverse
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm_of_skew, logm
 from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp_canonical
@@ -63,8 +64,10 @@ def _is_orthogonal(Q: Tensor) -> bool:
     return torch.allclose(Q.mH @ Q, Id, atol=eps)
 
 
+@upcast_half
 def _make_orthogonal(A: Tensor) -> Tensor:
-    """Q factor of the QR decomposition ``A = QR`` of a tall ``A`` with ``diag(R) > 0``."""
+    """Q factor of the QR decomposition ``A = QR`` of a tall ``A`` with ``diag(R) > 0``
+    (half precision through float32: CPU LAPACK has no half QR)."""
     X, tau = torch.geqrf(A)
     Q = torch.linalg.householder_product(X, tau)
     Q *= X.diagonal(dim1=-2, dim2=-1).sgn().unsqueeze(-2)
@@ -122,8 +125,10 @@ def _stiefel_cayley_preimage(Q: Tensor) -> Tensor:
     return X
 
 
+@upcast_half
 def _complete_base(base: Tensor, Q: Tensor) -> Tensor:
-    r"""An orthogonal ``base @ H`` with ``H`` orthogonal ``n x n`` and ``H[:, :k] = Q``.
+    r"""An orthogonal ``base @ H`` with ``H`` orthogonal ``n x n`` and ``H[:, :k] = Q``
+    (half precision through float32).
 
     ``H`` is the product of the Householder reflectors of the QR decomposition of ``Q``
     (``n x k``, orthonormal columns, so ``R`` is diagonal with unit-modulus entries), its first
