@@ -76,6 +76,7 @@ from ._common import (
     cached_outside_transforms,
     eager_context,
     reports_backward,
+    transforms_active,
 )
 from ._layout import COPY_MIN_SIZE, aliases, padded_empty, transposable
 from ._scratch import Arena
@@ -801,13 +802,17 @@ def _recorded_grad(X: Tensor, G: Tensor, lower: bool | None = None) -> Tensor:
     """The double backward of the Taylor nodes: the gradient in ``X`` of the same computation
     recorded by autograd, with its graph (:func:`expm_skew_taylor_autograd`), of ``expm(X)``
     (``lower=None``) or of ``expm(X - X^H)`` (``lower``: of ``L - L^H``, ``L = tril(X)``)."""
-    with torch.enable_grad():
+
+    def exp_of(X: Tensor) -> Tensor:
         if lower is None:
-            A = X
-        else:
-            L = X.tril() if lower else X
-            A = L - L.mH
-        (grad,) = torch.autograd.grad(expm_skew_taylor_autograd(A), X, G, create_graph=True)
+            return expm_skew_taylor_autograd(X)
+        L = X.tril() if lower else X
+        return expm_skew_taylor_autograd(L - L.mH)
+
+    if transforms_active():  # the saved X is a transform's tensor: ``torch.func.vjp``
+        return torch.func.vjp(exp_of, X)[1](G)[0]
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(exp_of(X), X, G, create_graph=True)
     return grad
 
 

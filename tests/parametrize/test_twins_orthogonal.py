@@ -431,3 +431,25 @@ def test_half_precision_read_assign_and_refresh(dtype, shape, orthogonal_map):
     gram = W.mT @ W if shape[0] >= shape[1] else W @ W.mT
     assert m.weight.dtype == dtype
     assert (gram - torch.eye(min(shape))).abs().max().item() < 50 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley"])
+def test_jacrev_of_jacrev_matches_torch(orthogonal_map):
+    # the Taylor nodes' double backward differentiates its recorded computation with
+    # torch.func.vjp under transforms (autograd.grad cannot see the transform's saved input)
+    from torch.func import functional_call, jacrev
+
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    key = "parametrizations.weight.original"
+    hessians = []
+    for register in (twins.orthogonal, tp.orthogonal):
+        torch.manual_seed(0)
+        m = nn.Linear(4, 4, dtype=torch.float64)
+        register(m, orthogonal_map=orthogonal_map, use_trivialization=False)
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(X, m=m, params=params):
+            return (functional_call(m, {**params, key: X}, (x,)) ** 3).sum()
+
+        hessians.append(jacrev(jacrev(loss))(params[key] + 0.1))
+    torch.testing.assert_close(hessians[0], hessians[1], rtol=1e-9, atol=1e-9)
