@@ -282,7 +282,7 @@ class Manifold(abc.ABC):
     ) -> Tensor:
         """A sample of shape ``(*batch, *shape)``; ``init="haar"`` is the uniform law.
 
-        ``dtype`` defaults to ``torch.get_default_dtype()``.
+        ``dtype`` defaults to ``torch.get_default_dtype()``. The result is contiguous.
         """
         if len(batch) == 1 and isinstance(batch[0], (tuple, list, torch.Size)):
             batch = tuple(batch[0])
@@ -295,7 +295,9 @@ class Manifold(abc.ABC):
         if not (dtype.is_floating_point or dtype.is_complex):
             raise ValueError(f"dtype: expected a floating point or complex dtype, got {dtype}")
         work = compute_dtype(dtype)  # half precision: drawn in float32, then rounded
-        return self._sample(tuple(batch), generator, work, device, init).to(dtype)
+        # contiguous (a QR factor is column-major): a parameter made from it then has the
+        # layout of its gradients (torch warns of the "gradient layout contract" otherwise)
+        return self._sample(tuple(batch), generator, work, device, init).to(dtype).contiguous()
 
     @abc.abstractmethod
     def _sample(

@@ -142,3 +142,11 @@ def test_half_precision_sample_check_and_project(M, dtype, gen):
     P = M.project(X.float().mul(1.01).to(dtype))
     assert P.dtype == dtype and M.check(P)
     assert M.distance(X).dtype == torch.float32
+
+
+@pytest.mark.parametrize("M", CATALOGUE, ids=repr)
+def test_samples_are_contiguous(M, gen):
+    # a QR factor is column-major; a parameter made from it would not have its gradient's
+    # layout (torch's "gradient layout contract" warning in optimizers)
+    assert M.sample(generator=gen).is_contiguous()
+    assert M.sample(2, 3, generator=gen).is_contiguous()
