@@ -35,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "read_jsonl",
     "MetricsLog",
+    "jsonable",
 ]
 
 
@@ -52,17 +53,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read from ``/proc`` where possible: setting it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: the file's own if it exists, else 0666 & ~umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` atomically: ``write(f)`` fills a temporary file that replaces ``path``.
 
     If ``write`` raises (or the process dies) the previous content of ``path`` is intact and
     the temporary file is removed (or, after a kill, left as ``.<name>.*.tmp``, never read).
+    The file gets the permissions a plain ``open(path, "w")`` would give it (``mkstemp``
+    alone would make it private, 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -81,19 +108,20 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats as JSON can hold them (NaN: null, inf: "inf")."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically replace ``path`` with ``obj`` as indented JSON."""
-    write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -140,7 +168,7 @@ class MetricsLog:
         """Append ``record`` as one line with a single write, then flush and fsync."""
         if not self.enabled:
             return
-        line = (json.dumps(_jsonable(record), sort_keys=True) + "\n").encode("utf-8")
+        line = (json.dumps(jsonable(record), sort_keys=True) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab") as f:
             f.write(line)

@@ -11,12 +11,17 @@
 changes single keys, e.g. ``--set optim.K=10``). Under ``torchrun`` a run is data-parallel.
 ``sweep`` runs every combination of the ``[sweep]`` table, ``--jobs`` at a time, or with
 ``--print-commands`` prints one ``run`` command per combination for a scheduler.
+
+Exit status: 0 done; 1 a run failed or diverged (one line naming the step and what went
+non-finite), or a file/folder problem; 2 a configuration error; 130 interrupted (the message
+gives the command that continues with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from importlib import resources
@@ -144,6 +149,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues an interrupted ``run``/``sweep`` with ``--resume``."""
+    if args.command not in ("run", "sweep"):
+        return ""
+    argv = [sys.executable, "-m", "experiments", args.command, args.config]
+    for pair in args.overrides:
+        argv += ["--set", pair]
+    if args.output:
+        argv += ["--output", args.output]
+    if getattr(args, "jobs", 1) != 1:
+        argv += ["--jobs", str(args.jobs)]
+    return shlex.join([*argv, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report, "demo": _cmd_demo}
@@ -152,9 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a diverged run (train.DivergedError)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+        command = _resume_command(args)
+        print("interrupted; " + (f"continue with: {command}" if command else "stopped"),
+              file=sys.stderr)
         return 130

@@ -65,13 +65,17 @@ def _int(low: int | None = None) -> Callable[[Any], Any]:
     return check
 
 
-def _float(positive: bool = False, nonnegative: bool = False) -> Callable[[Any], Any]:
+def _float(positive: bool = False, nonnegative: bool = False,
+           below_one: bool = False) -> Callable[[Any], Any]:
+    """A finite number, optionally > 0 / >= 0, and with ``below_one`` < 1."""
     what = "a number" + (" > 0" if positive else " >= 0" if nonnegative else "")
+    if below_one:
+        what = "a number in [0, 1)" if nonnegative else what + " and < 1"
 
     def check(v: Any) -> Any:
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise ValueError(what)
-        if (positive and v <= 0) or (nonnegative and v < 0):
+        if (positive and v <= 0) or (nonnegative and v < 0) or (below_one and v >= 1):
             raise ValueError(what)
         return float(v)
     return check
@@ -90,8 +94,10 @@ def _str(v: Any) -> Any:
 
 
 def _name(v: Any) -> Any:
-    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", v):
-        raise ValueError("a non-empty name of letters, digits and _ . + -")
+    """A folder name: letters, digits and ``_ . + -``, not ``.`` or ``..`` (no path tricks)."""
+    if (not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", v)
+            or v in (".", "..")):
+        raise ValueError("a non-empty name of letters, digits and _ . + - (not '.' or '..')")
     return v
 
 
@@ -137,8 +143,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "lr_orth": Field(1e-4, _float(positive=True), "learning rate of constrained parameters"),
         "K": Field(100, _period, "refresh period of the dynamic trivialization"),
         "state": Field("keep", _choice("keep", "reset"), "optimizer state at a refresh"),
-        "momentum": Field(0.0, _float(nonnegative=True), "momentum (rmsprop, sgd)"),
-        "alpha": Field(0.99, _float(positive=True), "rmsprop smoothing constant"),
+        "momentum": Field(0.0, _float(nonnegative=True, below_one=True),
+                          "momentum (rmsprop, sgd, riemannian_sgd), in [0, 1)"),
+        # RMSprop keeps v <- alpha v + (1 - alpha) g^2: alpha = 1 never updates v (steps of
+        # g / eps), alpha = 0 is v = g^2 (sign descent, a valid choice)
+        "alpha": Field(0.99, _float(nonnegative=True, below_one=True),
+                       "rmsprop smoothing constant, in [0, 1)"),
         "clip_grad": Field(0.0, _float(nonnegative=True), "gradient-norm clipping; 0 = off"),
     },
     "train": {
@@ -323,13 +333,20 @@ NOT_IN_NAMES = ("train.device", "train.threads", "train.log_every", "train.check
                 "train.eval_batch")
 
 
+def _label_value(value: Any) -> str:
+    """``value`` as one safe folder-name part: every run of characters other than letters,
+    digits and ``_ . + -`` becomes ``_`` (``/data/mnist`` -> ``_data_mnist``)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", _fmt(value))
+
+
 def run_label(overrides: dict[str, Any], seed: int) -> tuple[str, str]:
     """``(run, group)`` names from the swept keys, e.g. ``"retraction=expm_K=100_seed=0"``.
 
     The group is the run name without the seed; runs of one group differ only in their seed.
-    Keys in ``NOT_IN_NAMES`` (device, threads, logging periods) are left out.
+    Keys in ``NOT_IN_NAMES`` (device, threads, logging periods) are left out. Values are
+    reduced to safe characters, so a label is always one folder (never ``a/b`` or ``..``).
     """
-    parts = [f"{_short(key)}={_fmt(v)}" for key, v in overrides.items()
+    parts = [f"{_short(key)}={_label_value(v)}" for key, v in overrides.items()
              if key != "train.seed" and key not in NOT_IN_NAMES]
     group = "_".join(parts) or "default"
     return "_".join([*parts, f"seed={seed}"]), group
@@ -352,10 +369,17 @@ class Run:
         return Path(self.config["output"]) / self.config["name"] / self.name
 
 
-def _resolve(raw: dict[str, Any], overrides: dict[str, Any], source: str) -> Run:
+def _resolve(raw: dict[str, Any], overrides: dict[str, Any], source: str,
+             cli: dict[str, Any] | None = None) -> Run:
+    """The run of ``raw`` with ``overrides`` applied; ``cli`` are those given with ``--set``
+    (named in errors, as ``FILE with --set KEY=VALUE ...``)."""
     base = copy.deepcopy(raw)
     base.pop("sweep", None)
-    cfg = validate(_set(base, overrides), source)
+    base.setdefault("name", Path(source).stem)  # before ``source`` grows a --set suffix
+    where = source
+    if cli:
+        where = f"{source} with --set " + " ".join(f"{k}={_fmt(v)}" for k, v in cli.items())
+    cfg = validate(_set(base, overrides), where)
     cfg.pop("sweep")
     run, group = run_label(overrides, cfg["train"]["seed"])
     cfg["run"] = {"name": run, "group": group, "source": source,
@@ -374,11 +398,20 @@ def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         parsed = value
     section, name = _resolve_key(key.strip(), source)
+    try:  # the value on its own (its combination with the file is checked later)
+        SCHEMA[section][name].check(parsed)
+    except ValueError as e:
+        raise _err(source, f"{section}.{name}", str(e), parsed) from None
     return f"{section}.{name}", parsed
 
 
-def apply_overrides(raw: dict[str, Any], pairs: list[str], source: str) -> dict[str, Any]:
-    """The parsed ``KEY=VALUE`` strings as a ``{"table.key": value}`` dict (validated later)."""
+def apply_overrides(raw: dict[str, Any], pairs: list[str],
+                    source: str = "--set") -> dict[str, Any]:
+    """The parsed ``KEY=VALUE`` strings as a ``{"table.key": value}`` dict.
+
+    Each value is checked on its own here (errors name ``source``, ``--set``); its
+    combination with the rest of the config is validated when the run is resolved.
+    """
     return dict(parse_override(p, source) for p in pairs)
 
 
@@ -401,7 +434,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
     if output is not None:
         raw["output"] = output
     validate(raw, str(path))  # the whole file, sweep included, before anything runs
-    return _resolve(raw, apply_overrides(raw, overrides or [], str(path)), str(path))
+    cli = apply_overrides(raw, overrides or [])
+    return _resolve(raw, cli, str(path), cli)
 
 
 def expand_sweep(path: str | Path, overrides: list[str] | None = None,
@@ -414,9 +448,10 @@ def expand_sweep(path: str | Path, overrides: list[str] | None = None,
     if output is not None:
         raw["output"] = output
     cfg = validate(raw, str(path))
-    fixed = apply_overrides(raw, overrides or [], str(path))
+    fixed = apply_overrides(raw, overrides or [])
     sweep = {k: v for k, v in cfg["sweep"].items() if k not in fixed}
-    runs = [_resolve(raw, {**combo, **fixed}, str(path)) for combo in _combinations(sweep)]
+    runs = [_resolve(raw, {**combo, **fixed}, str(path), fixed)
+            for combo in _combinations(sweep)]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):  # pragma: no cover - labels include every swept key
         raise ConfigError(f"{path}: sweep produces duplicate run names")

@@ -1,8 +1,9 @@
 """Summary table and plots of the runs under a results folder.
 
 ``report(DIR)`` finds every run below ``DIR`` (a folder with ``config.json`` and
-``metrics.jsonl``), groups the runs of an experiment that differ only in their seed, and
-writes to ``DIR``:
+``metrics.jsonl``), groups the runs of an experiment whose configurations are equal once the
+seed and the execution-only keys (``config.NOT_IN_NAMES``: device, threads, log and
+checkpoint periods, evaluation batch) are removed, and writes to ``DIR``:
 
 ``summary.md``
     per configuration: seeds, steps done, final and best loss, final accuracy (and final and
@@ -14,6 +15,11 @@ writes to ``DIR``:
     constraint error against step (log scale);
 ``time_per_step.png``
     milliseconds per training step per configuration.
+
+A diverged run (its log ends in a ``diverged`` record or a non-finite loss) shows as
+``diverged at step N``: its last finite values are not averaged into the final columns.
+Groups sharing a label (e.g. a file edited between runs) get the differing keys appended;
+groups whose members differ in execution-only keys or labels are flagged below the table.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import read_jsonl, write_text
+from .config import NOT_IN_NAMES
 from .tasks import baseline_of
 
 __all__ = ["report", "load_runs", "RunResult", "mean_std"]
@@ -46,6 +53,35 @@ class RunResult:
     @property
     def group(self) -> str:
         return self.config.get("run", {}).get("group", "default")
+
+    @property
+    def diverged(self) -> int | None:
+        """The step at which the run diverged (a ``diverged`` record or a non-finite loss)."""
+        for r in self.records:
+            loss = r.get("loss", 0.0)
+            finite = isinstance(loss, int | float) and math.isfinite(loss)
+            if "diverged" in r or ("loss" in r and not finite):
+                return r.get("step")
+        return None
+
+    def comparable(self) -> dict[str, Any]:
+        """The config without seed, execution-only keys, run label and output folder."""
+        skip = {"train.seed", *NOT_IN_NAMES}
+        out: dict[str, Any] = {}
+        for section, body in self.config.items():
+            if section in ("run", "output"):
+                continue
+            if isinstance(body, dict):
+                out.update({f"{section}.{k}": v for k, v in body.items()
+                            if f"{section}.{k}" not in skip})
+            else:
+                out[section] = body
+        return out
+
+    def execution(self) -> dict[str, Any]:
+        """The execution-only keys of the config (they do not change what a run computes)."""
+        return {key: self.config.get(key.partition(".")[0], {}).get(key.partition(".")[2])
+                for key in NOT_IN_NAMES}
 
     def values(self, key: str) -> list[tuple[int, float]]:
         return [(r["step"], float(r[key])) for r in self.records
@@ -71,10 +107,28 @@ class Group:
     experiment: str
     name: str
     runs: list[RunResult] = field(default_factory=list)
+    suffix: str = ""
 
     @property
     def label(self) -> str:
-        return self.name
+        return self.name + self.suffix
+
+    @property
+    def finished(self) -> list[RunResult]:
+        """The runs that did not diverge."""
+        return [r for r in self.runs if r.diverged is None]
+
+    def warnings(self) -> list[str]:
+        """How the members differ beyond their seed (labels, execution-only keys)."""
+        notes = []
+        labels = sorted({r.group for r in self.runs})
+        if len(labels) > 1:
+            notes.append(f"run labels {', '.join(labels)}")
+        for key in NOT_IN_NAMES:
+            values = sorted({json.dumps(r.execution()[key]) for r in self.runs})
+            if len(values) > 1:
+                notes.append(f"{key} {', '.join(values)}")
+        return notes
 
     def baseline(self) -> tuple[float, str]:
         return baseline_of(self.runs[0].config["task"])
@@ -115,11 +169,35 @@ def _fmt(ms: tuple[float, float] | None, scale: float = 1.0, digits: int = 4) ->
 
 
 def _groups(runs: list[RunResult]) -> list[Group]:
+    """Runs of one experiment with equal configs but for the seed (``comparable``)."""
     groups: dict[tuple[str, str], Group] = {}
     for r in runs:
-        key = (r.experiment, r.group)
-        groups.setdefault(key, Group(*key)).runs.append(r)
-    return list(groups.values())
+        key = (r.experiment, json.dumps(r.comparable(), sort_keys=True))
+        groups.setdefault(key, Group(r.experiment, r.group)).runs.append(r)
+    out = list(groups.values())
+    by_label: dict[tuple[str, str], list[Group]] = defaultdict(list)
+    for g in out:
+        by_label[(g.experiment, g.name)].append(g)
+    for same in by_label.values():  # one label, different configs: name what differs
+        if len(same) > 1:
+            configs = [g.runs[0].comparable() for g in same]
+            keys = [k for k in configs[0] if len({json.dumps(c.get(k)) for c in configs}) > 1]
+            keys += [k for c in configs for k in c if k not in configs[0] and k not in keys]
+            for g, c in zip(same, configs):
+                g.suffix = " [" + ", ".join(f"{k}={c.get(k)}" for k in keys) + "]"
+    return out
+
+
+def _final_loss(g: Group) -> tuple[str, tuple[float, float] | None]:
+    """The final-loss cell (diverged runs named, not averaged) and the finite mean ± std."""
+    final_ms = mean_std([r.final("loss") for r in g.finished])
+    steps = sorted(r.diverged for r in g.runs if r.diverged is not None)
+    if not steps:
+        return _fmt(final_ms), final_ms
+    at = "/".join(map(str, steps))
+    if len(steps) == len(g.runs):
+        return f"diverged at step {at}", None
+    return f"{_fmt(final_ms)}; {len(steps)}/{len(g.runs)} diverged (step {at})", final_ms
 
 
 def summary_table(groups: list[Group]) -> str:
@@ -140,22 +218,26 @@ def summary_table(groups: list[Group]) -> str:
                   "| test accuracy | best test accuracy | constraint error | ms / step "
                   "| vs baseline |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
+        notes = []
         for g in gs:
-            finals = [r.final("loss") for r in g.runs]
-            final_ms = mean_std(finals)
+            final_cell, final_ms = _final_loss(g)
+            ok = g.finished  # a diverged run's last finite values would mislead
             ratio = f"{final_ms[0] / base:.3f}x" if final_ms and base > 0 else "–"
             steps = sorted({r.records[-1]["step"] for r in g.runs if r.records})
+            flag = " (*)" if g.warnings() else ""
             lines.append(
-                f"| {g.label} | {len(g.runs)} | {'/'.join(map(str, steps)) or 0} "
-                f"| {_fmt(final_ms)} | {_fmt(mean_std([r.best('loss') for r in g.runs]))} "
-                f"| {_fmt(mean_std([r.final('accuracy') for r in g.runs]))} "
-                f"| {_fmt(mean_std([r.final('test_accuracy') for r in g.runs]))} "
+                f"| {g.label}{flag} | {len(g.runs)} | {'/'.join(map(str, steps)) or 0} "
+                f"| {final_cell} | {_fmt(mean_std([r.best('loss') for r in g.runs]))} "
+                f"| {_fmt(mean_std([r.final('accuracy') for r in ok]))} "
+                f"| {_fmt(mean_std([r.final('test_accuracy') for r in ok]))} "
                 f"| {_fmt(mean_std([r.best('test_accuracy', largest=True) for r in g.runs]))} "
-                f"| {_fmt(mean_std([r.final('constraint_error') for r in g.runs]), digits=2)} "
+                f"| {_fmt(mean_std([r.final('constraint_error') for r in ok]), digits=2)} "
                 f"| {_fmt(mean_std([r.time_per_step() for r in g.runs]), scale=1e3, digits=3)} "
                 f"| {ratio} |"
             )
-        lines.append("")
+            if g.warnings():
+                notes.append(f"(*) {g.label}: members differ in {'; '.join(g.warnings())}")
+        lines += ["", *notes, ""] if notes else [""]
     lines += ["Mean ± standard deviation over seeds; final = last logged record (the mean "
               "training loss over its logging interval); ratio = final loss / baseline.", ""]
     return "\n".join(lines)

@@ -4,6 +4,10 @@ Every run of a sweep is independent, so a sweep is nothing but a list of
 ``python -m experiments run CONFIG --set key=value ...`` commands (:func:`commands`, for a
 cluster scheduler), or the same runs executed here by a pool of ``jobs`` processes, each
 limited to ``cpu_count // jobs`` torch threads so that they do not oversubscribe the CPU.
+
+Ctrl-C (SIGINT) stops a parallel sweep promptly: the queued runs are cancelled, the running
+ones are interrupted like a single run (their checkpoints and logs stay consistent) and
+:func:`run_all` raises ``KeyboardInterrupt``; ``--resume`` continues every run.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shlex
+import signal
 import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .config import Run
@@ -44,19 +50,48 @@ def commands(runs: list[Run], config_path: str, extra: list[str] | None = None) 
 
 
 def _worker(run: Run, resume: bool, overwrite: bool, threads: int,
-            progress: bool = False) -> dict[str, Any]:
+            progress: bool = False, in_pool: bool = False) -> dict[str, Any]:
+    """Train ``run``; ``{"run", "final", "wall"}`` or ``{"run", "error"}``.
+
+    Expected failures (divergence, a config or folder problem) give a one-line error,
+    anything else its traceback. In a pool worker (``in_pool``) Ctrl-C ends the worker
+    process once the run has cleaned up, so that it takes no further queued run.
+    """
     import torch
 
-    from .train import train
+    from .config import ConfigError
+    from .train import RunExistsError, RunLockedError, train
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    if in_pool:  # idle workers ignore SIGINT (see _ignore_sigint); a running one stops
+        signal.signal(signal.SIGINT, _interrupt_once)
     try:
         final = train(run, resume=resume, overwrite=overwrite, progress=progress)
+    except (ConfigError, FloatingPointError, RunExistsError, RunLockedError) as e:
+        return {"run": run.name, "error": "".join(traceback.format_exception_only(e))}
     except Exception:
         return {"run": run.name, "error": traceback.format_exc()}
+    except KeyboardInterrupt:
+        if in_pool:
+            os._exit(130)
+        raise
+    finally:
+        if in_pool:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     return {"run": run.name, "final": final, "wall": time.perf_counter() - t0}
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """SIGINT handler: ``KeyboardInterrupt`` once, then ignore SIGINT so cleanup can finish."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _ignore_sigint() -> None:
+    """Pool-worker initializer: an idle worker ignores Ctrl-C (the main process stops it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _line(result: dict[str, Any]) -> str:
@@ -94,13 +129,57 @@ def run_all(runs: list[Run], jobs: int = 1, resume: bool = False, overwrite: boo
         return results
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_sigint)
+    try:
         futures = {pool.submit(_worker, run, resume, overwrite,
-                               run.config["train"]["threads"] or threads): run
+                               run.config["train"]["threads"] or threads, False, True): run
                    for run in runs}
         for fut in as_completed(futures):
-            result = fut.result()
+            try:
+                result = fut.result()
+            except BrokenProcessPool:  # a worker was killed or interrupted on its own
+                result = {"run": futures[fut].name,
+                          "error": "its worker process stopped (killed or interrupted); "
+                                   "continue it with --resume"}
             print(_line(result), file=stream, flush=True)
             results.append(result)
+    except KeyboardInterrupt:
+        try:  # a second Ctrl-C must not cut the cleanup short
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            previous = None
+        try:
+            _stop(pool)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        raise
+    pool.shutdown()
     order = {run.name: i for i, run in enumerate(runs)}
     return sorted(results, key=lambda r: order[r["run"]])
+
+
+def _stop(pool: ProcessPoolExecutor, grace: float = 10.0) -> None:
+    """Cancel the queued runs, interrupt the running ones (SIGINT) and wait for them.
+
+    SIGINT is repeated every half second (a worker may pick up an already-dispatched run
+    after the first); a worker still alive after ``grace`` seconds is terminated. A
+    terminal's Ctrl-C reaches the workers too; this covers a signal sent to this process only.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown clears it
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        for p in processes:
+            if p.is_alive() and p.pid is not None:
+                try:
+                    os.kill(p.pid, signal.SIGINT)
+                except OSError:
+                    pass
+        for p in processes:
+            p.join(0.5 / max(1, len(processes)))
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+            p.join()
+    pool.shutdown(wait=True)

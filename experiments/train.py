@@ -17,16 +17,33 @@ A run writes to ``<output>/<name>/<run>/``:
 
 ``resume=True`` restarts from the checkpoint, first truncating ``metrics.jsonl`` back to
 its step, and reproduces the metrics of an uninterrupted run exactly (same device, seed
-and thread count). All files are written atomically (see :mod:`experiments.checkpoint`).
+and thread count). The configuration must be the saved one except for ``RESUMABLE_KEYS``
+(more steps, threads, device, checkpoint period, evaluation batch); any other change is a
+:class:`ResumeConfigError` listing each changed key, raised before anything is written.
+All files are written atomically (see :mod:`experiments.checkpoint`).
+
+While a run trains, its folder holds a ``.lock`` file (the writer's pid and host) locked
+with ``flock``: a second process writing the same run (a ``--resume`` while an orphaned
+sweep worker still trains it) stops with :class:`RunLockedError`. The operating system
+drops the lock when its process dies, so a lock left by a killed run is simply taken over.
+
+A run whose loss, gradients or weights become NaN or inf stops with :class:`DivergedError`
+(naming the step and what went non-finite) and appends a record ``{"step", "diverged"}`` to
+``metrics.jsonl``; weights are checked before every checkpoint write, so the last checkpoint
+always holds finite weights.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +51,136 @@ import torch
 from torch import nn
 
 from . import backend, distributed
-from .checkpoint import MetricsLog, load_checkpoint, save_checkpoint, write_json
-from .config import Run
+from .checkpoint import MetricsLog, jsonable, load_checkpoint, save_checkpoint, write_json
+from .config import ConfigError, Run
 from .models import build_model
 from .progress import ProgressBar
 from .tasks import Task, build_task
 
-__all__ = ["train", "RunExistsError", "resolve_device", "RUN_FILES"]
+__all__ = ["train", "RunExistsError", "RunLockedError", "ResumeConfigError", "DivergedError",
+           "config_changes", "resolve_device", "RUN_FILES", "RESUMABLE_KEYS"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "final.json")
+LOCK_FILE = ".lock"
 CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("format", "step", "finished", "config", "model", "optimizer", "ranks", "rng",
+                   "elapsed", "best")
+
+# Keys that ``--resume`` lets change: more steps (extending a run), and keys that change how
+# a run executes, not what it computes or what its log records. (A different device or thread
+# count may change the rounding of the results, so exact reproduction needs the same ones.)
+RESUMABLE_KEYS = ("train.steps", "train.threads", "train.device", "train.checkpoint_every",
+                  "train.eval_batch")
+# Top-level keys that say where a run lives and how its config was given, not what it is.
+_PROVENANCE = ("output", "run")
 
 
 class RunExistsError(RuntimeError):
     """The run folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing the same run folder."""
+
+
+class ResumeConfigError(ConfigError):
+    """``--resume`` with a configuration that differs from the saved one where it matters."""
+
+
+class DivergedError(FloatingPointError):
+    """The loss, a gradient or a weight became NaN or inf; the last checkpoint is finite.
+
+    ``step`` is the step at which it was detected, ``what`` says what went non-finite.
+    """
+
+    def __init__(self, directory: Path, step: int, what: str, checkpoint_step: int | None):
+        self.directory, self.step, self.what = directory, step, what
+        kept = (f"the last checkpoint (step {checkpoint_step}) holds finite weights"
+                if checkpoint_step is not None else "no checkpoint was written")
+        super().__init__(f"{directory}: diverged at step {step}: {what}; {kept}")
+
+
+def _flatten(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``{"table.key": value}`` of a config, in JSON form (``inf`` as ``"inf"``)."""
+    cfg = json.loads(json.dumps(jsonable(cfg)))
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if key in _PROVENANCE:
+            continue
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+_ABSENT = "<absent>"
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for every key outside ``RESUMABLE_KEYS`` that differs."""
+    old, cur = _flatten(saved), _flatten(new)
+    keys = list(cur) + [k for k in old if k not in cur]
+    return [(k, old.get(k, _ABSENT), cur.get(k, _ABSENT)) for k in keys
+            if k not in RESUMABLE_KEYS and old.get(k, _ABSENT) != cur.get(k, _ABSENT)]
+
+
+def _check_resume_config(directory: Path, saved: dict[str, Any], cfg: dict[str, Any],
+                         where: str) -> None:
+    """``ResumeConfigError`` listing each key of ``cfg`` that differs from the ``saved`` one."""
+    changes = config_changes(saved, cfg)
+    if changes:
+        listed = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in changes)
+        raise ResumeConfigError(
+            f"{directory}: --resume with a configuration that differs from the one in its "
+            f"{where}: {listed}. Only {', '.join(RESUMABLE_KEYS)} may change on --resume; "
+            "restore the other keys, or pass --overwrite to start the run over")
+
+
+@contextmanager
+def _run_lock(directory: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold ``directory/.lock`` (``flock``, with ``pid@host`` inside) while the run writes.
+
+    ``RunLockedError`` if a live process holds it. The lock dies with its process, so a lock
+    file left by a killed run is taken over; the file is removed on a normal exit. A no-op
+    where ``fcntl`` is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        enabled = False
+    if not enabled:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 200).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunLockedError(
+                f"{directory} is being written by another process (pid@host: {owner}); "
+                "stop it first (e.g. a sweep worker left running), then run again") from None
+        try:  # the holder may have removed the file between our open and flock: retry
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+        yield
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,7 +225,13 @@ def _prepare_folder(directory: Path, resume: bool, overwrite: bool) -> bool:
     """Whether a checkpoint to resume from exists; clears the folder when overwriting."""
     existing = [directory / f for f in RUN_FILES if (directory / f).exists()]
     if overwrite:
-        shutil.rmtree(directory, ignore_errors=True)
+        for entry in directory.iterdir() if directory.is_dir() else []:
+            if entry.name == LOCK_FILE:  # ours, held
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         return False
     if resume:
         return (directory / "checkpoint.pt").exists()
@@ -119,8 +258,9 @@ def train(run: Run, *, resume: bool = False, overwrite: bool = False, progress: 
     if info.active and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     try:
-        result = _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
-                        callback)
+        with _run_lock(directory, enabled=info.is_main):
+            result = _train(run, cfg, tcfg, directory, device, info, resume, overwrite,
+                            progress, callback)
     except BaseException:
         distributed.teardown(info)
         raise
@@ -128,17 +268,60 @@ def train(run: Run, *, resume: bool = False, overwrite: bool = False, progress: 
     return result
 
 
+def _load_run_checkpoint(directory: Path, device: torch.device) -> dict[str, Any]:
+    """The run's checkpoint, checked for its format and keys (a clear error, not a KeyError)."""
+    path = directory / "checkpoint.pt"
+    ckpt = load_checkpoint(path, map_location=device)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: unknown checkpoint format {found!r}, "
+                         f"expected {CHECKPOINT_FORMAT}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: expected a run checkpoint with the keys "
+                         f"{', '.join(CHECKPOINT_KEYS)}; missing {', '.join(missing)}")
+    return ckpt
+
+
+def _nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the model's floating-point parameters and buffers holding NaN or inf."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors
+            if t.is_floating_point() or t.is_complex()
+            if not bool(torch.isfinite(t).all())]
+
+
+def _agree(info, bad: bool) -> bool:
+    """Whether any rank saw ``bad`` (every rank gets the same answer, so all stop together)."""
+    if not info.active:
+        return bad
+    return info.all_reduce_mean([1.0 if bad else 0.0])[0] > 0
+
+
 def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress, callback):
     if tcfg["threads"]:
         torch.set_num_threads(tcfg["threads"])
     seed, steps = tcfg["seed"], tcfg["steps"]
     task = build_task(cfg["task"], seed + 7919 * info.rank, device)  # data errors first
-    has_checkpoint = False
+    has_checkpoint, saved_json = False, None
     if info.is_main:
         has_checkpoint = _prepare_folder(directory, resume, overwrite)
+        if resume and not has_checkpoint and (directory / "config.json").exists():
+            saved_json = json.loads((directory / "config.json").read_text())
+    has_checkpoint, saved_json = info.all_gather((has_checkpoint, saved_json))[0]
+    ckpt = _load_run_checkpoint(directory, device) if has_checkpoint else None
+    # --resume continues the saved run: check the config before writing anything
+    if ckpt is not None:
+        _check_resume_config(directory, json.loads(ckpt["config"]), cfg, "checkpoint")
+        if int(ckpt["step"]) > steps:
+            raise ResumeConfigError(
+                f"{directory}: train.steps: expected at least {int(ckpt['step'])} (the step "
+                f"of its checkpoint) on --resume, got {steps}")
+    elif saved_json is not None:
+        _check_resume_config(directory, saved_json, cfg, "config.json")
+    if info.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         write_json(directory / "config.json", cfg)
-    has_checkpoint = info.all_gather(has_checkpoint)[0]
     info.barrier()
 
     torch.manual_seed(seed)
@@ -153,18 +336,11 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
     log = MetricsLog(directory / "metrics.jsonl", enabled=info.is_main)
 
     step, elapsed, best = 0, 0.0, math.inf
+    checkpoint_step: int | None = None
     acc = {"loss": 0.0, "accuracy": 0.0, "n": 0}
-    if not has_checkpoint:
+    if ckpt is None:
         log.truncate(0)  # --resume before the first checkpoint: start the log over
-    if has_checkpoint:
-        ckpt = load_checkpoint(directory / "checkpoint.pt", map_location=device)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{directory / 'checkpoint.pt'}: unknown checkpoint format "
-                             f"{ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-        saved = json.loads(ckpt["config"])
-        if saved["run"]["name"] != cfg["run"]["name"] or saved["train"]["seed"] != seed:
-            raise ValueError(f"{directory}: the checkpoint belongs to run "
-                             f"{saved['run']['name']!r}, not {cfg['run']['name']!r}")
+    else:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         ranks = ckpt["ranks"]
@@ -175,15 +351,32 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
         acc = dict(ranks[info.rank]["acc"])
         _set_rng_state(ckpt["rng"], device)
         step, elapsed, best = int(ckpt["step"]), float(ckpt["elapsed"]), float(ckpt["best"])
+        checkpoint_step = step
         log.truncate(step)
         if ckpt["finished"] and step >= steps:  # nothing left to do
             if not info.is_main:
                 return {}
             if (directory / "final.json").exists():
                 return json.loads((directory / "final.json").read_text())
-            return {**_final(log, best, elapsed, step), "baseline": task.baseline}
+            final = {**_final(log, best, elapsed, step), "baseline": task.baseline}
+            write_json(directory / "final.json", final)  # killed before it was written
+            return final
+        del ckpt
+
+    def diverged(at: int, what: str, loss: float | None = None) -> DivergedError:
+        """Mark the divergence in the log and return the error to raise."""
+        record: dict[str, Any] = {"step": at, "diverged": what}
+        if loss is not None:
+            record["loss"] = loss
+        log.append(record)
+        return DivergedError(directory, at, what, checkpoint_step)
 
     def save(finished: bool) -> None:
+        nonlocal checkpoint_step
+        bad = _nonfinite_tensors(model)
+        if _agree(info, bool(bad)):  # never replace a good checkpoint by a diverged one
+            raise diverged(step, "non-finite weights (NaN or inf) in "
+                           f"{', '.join(bad[:5]) or 'another process'}")
         ranks = info.all_gather({"task": task.state_dict(), "acc": dict(acc)})
         if info.is_main:
             save_checkpoint(directory / "checkpoint.pt", {
@@ -192,6 +385,7 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
                 "optimizer": optimizer.state_dict(), "ranks": ranks,
                 "rng": _rng_state(device), "elapsed": elapsed, "best": best,
             })
+        checkpoint_step = step
 
     bar = ProgressBar(steps, desc=f"{cfg['name']}/{run.name}", start=step,
                       enabled=progress and info.is_main)
@@ -203,14 +397,21 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
             loss, accuracy = task.loss(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            loss_value = loss.item()
+            if _agree(info, not math.isfinite(loss_value)):  # stop before stepping on it
+                raise diverged(step + 1, f"loss is {loss_value}", loss_value)
             if cfg["optim"]["clip_grad"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg["optim"]["clip_grad"])
-            optimizer.step()
+            try:
+                optimizer.step()
+            except FloatingPointError as e:  # dtriv's NonFiniteGradientError
+                what = re.sub(r" (at|after) step \d+", "", str(e).split(";")[0])
+                raise diverged(step + 1, what) from e
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed += time.perf_counter() - t0
             step += 1
-            acc["loss"] += loss.item()
+            acc["loss"] += loss_value
             acc["accuracy"] += accuracy if accuracy is not None else 0.0
             acc["n"] += 1
 
@@ -226,14 +427,11 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
                 if evaluate_now:
                     record["test_loss"], record["test_accuracy"] = evaluate(
                         model, task, tcfg["eval_batch"])
-                if math.isfinite(mean_loss):
-                    best = min(best, mean_loss)
+                best = min(best, mean_loss)  # finite: every step's loss was checked
                 log.append(record)
                 acc = {"loss": 0.0, "accuracy": 0.0, "n": 0}
                 bar.update(step, loss=mean_loss, baseline=task.baseline,
                            acc=record["accuracy"], err=record["constraint_error"])
-                if not math.isfinite(mean_loss):  # the last checkpoint stays the good one
-                    raise FloatingPointError(f"{directory}: loss {mean_loss} at step {step}")
             if step % tcfg["checkpoint_every"] == 0 and step < steps:
                 save(finished=False)
             if callback is not None:

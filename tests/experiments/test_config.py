@@ -151,3 +151,43 @@ def test_run_names_leave_out_execution_keys(write_config):
     run = load_config(path, ["train.threads=2", "train.device=cpu", "optim.lr=0.5",
                              "train.log_every=1"])
     assert run.name == "lr=0.5_seed=3" and run.config["train"]["threads"] == 2
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"optim": {"alpha": 1.0}}, r"optim\.alpha: expected a number in \[0, 1\), got 1\.0"),
+    ({"optim": {"alpha": -0.5}}, r"optim\.alpha: expected a number in \[0, 1\), got -0\.5"),
+    ({"optim": {"momentum": 1.0}}, r"optim\.momentum: expected a number in \[0, 1\), got 1\.0"),
+    ({"name": ".."}, r"name: expected a non-empty name .*\(not '\.' or '\.\.'\), got '\.\.'"),
+    ({"name": "."}, r"name: expected .*got '\.'"),
+])
+def test_ranges_and_folder_names(write_config, changes, pattern):
+    base = {k: v for k, v in load_config(write_config()).config.items()
+            if k in ("task", "model", "optim", "train")}
+    path = write_config(base={**base, **changes})
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path)
+
+
+def test_alpha_zero_is_allowed(write_config):
+    assert load_config(write_config(optim={"alpha": 0.0})).config["optim"]["alpha"] == 0.0
+
+
+def test_set_errors_name_set_not_the_file(write_config):
+    path = write_config()
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["optim.lr=-1"])
+    assert str(info.value) == "--set: optim.lr: expected a number > 0, got -1"
+    with pytest.raises(ConfigError, match=r"^\S+tiny\.toml with --set model\.retraction=nope: "
+                                          r"model\.retraction: expected a retraction"):
+        load_config(path, ["model.retraction=nope"])
+    with pytest.raises(ConfigError, match=r"with --set optim\.K=0|--set: optim\.K"):
+        expand_sweep(write_config(sweep={"model.retraction": ["expm"]}), ["optim.K=0"])
+
+
+def test_run_labels_are_one_folder(write_config, tmp_path):
+    base = {k: v for k, v in load_config(write_config()).config.items()
+            if k in ("model", "optim", "train")}
+    path = write_config(base=base, task={"name": "mnist", "path": "/x"})
+    run = load_config(path, ["task.path=/data/../mnist"])
+    assert run.name == "path=_data_.._mnist_seed=3"
+    assert run.directory.parent == tmp_path / "results" / "tiny"

@@ -10,7 +10,7 @@ from matplotlib import image
 
 from experiments.checkpoint import MetricsLog, write_json
 from experiments.cli import main
-from experiments.config import expand_sweep
+from experiments.config import expand_sweep, load_config
 from experiments.report import mean_std, report
 from experiments.sweep import run_all
 
@@ -92,3 +92,55 @@ def test_sweep_runs_and_reports(write_config, capsys):
     runs = expand_sweep(path)
     results = run_all(runs, jobs=1, progress=False)  # they exist: both fail, cleanly
     assert all("RunExistsError" in r["error"] for r in results)
+
+
+def _row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label}"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+@pytest.mark.parametrize("marker", [
+    {"step": 40, "diverged": "loss is nan", "loss": None},  # written by train
+    {"step": 40, "loss": "inf", "accuracy": 0.1, "constraint_error": 1e-7, "seconds": 0.1},
+])
+def test_a_diverged_run_is_shown_as_diverged(write_config, marker):
+    runs, expected = fake_runs(write_config)
+    bad = runs[0]  # K=1, seed 0: its last finite loss 0.1 must not count as its final loss
+    MetricsLog(bad.directory / "metrics.jsonl").append(marker)
+    text = report(runs[0].directory.parent, plots=False)[0].read_text()
+    cells = _row(text, "K=1 |")
+    finals = expected["K=1"][1:]
+    assert cells[3] == (f"{np.mean(finals):.4g} ± {np.std(finals, ddof=1):.2g}; "
+                        "1/3 diverged (step 40)")
+    for run in runs[1:3]:  # all of the group diverged: no number at all
+        MetricsLog(run.directory / "metrics.jsonl").append(marker)
+    text = report(runs[0].directory.parent, plots=False)[0].read_text()
+    cells = _row(text, "K=1 |")
+    assert cells[3] == "diverged at step 40/40/40" and cells[10] == "–"
+    assert cells[5] == "–" and cells[8] == "–"  # no final accuracy / constraint error
+
+
+def test_report_groups_by_config_not_by_label(write_config):
+    """Two runs labelled "seed=N" from a file edited in between are not seeds of one config."""
+    for seed, lr in ((0, 0.01), (1, 0.02), (2, 0.02)):
+        run = load_config(write_config(optim={"lr": lr}, train={"seed": seed}))
+        assert run.config["run"]["group"] == "default"
+        run.directory.mkdir(parents=True)
+        write_json(run.directory / "config.json", run.config)
+        MetricsLog(run.directory / "metrics.jsonl").append(
+            {"step": 30, "loss": lr * 10, "accuracy": 0.5, "constraint_error": 1e-7,
+             "seconds": 0.06})
+    text = report(run.directory.parent, plots=False)[0].read_text()
+    assert _row(text, "default [optim.lr=0.01]")[1:4] == ["1", "30", "0.1 ± 0"]
+    assert _row(text, "default [optim.lr=0.02]")[1:4] == ["2", "30", "0.2 ± 0"]
+
+
+def test_report_flags_members_that_differ_beyond_the_seed(write_config):
+    for seed, threads in ((0, 1), (1, 2)):
+        run = load_config(write_config(train={"seed": seed, "threads": threads}))
+        run.directory.mkdir(parents=True)
+        write_json(run.directory / "config.json", run.config)
+        MetricsLog(run.directory / "metrics.jsonl").append({"step": 30, "loss": 1.0})
+    text = report(run.directory.parent, plots=False)[0].read_text()
+    assert _row(text, "default (*)")[1] == "2"
+    assert "(*) default: members differ in train.threads 1, 2" in text

@@ -10,14 +10,21 @@ import os
 import pytest
 import torch
 
+from experiments import backend, distributed
 from experiments import checkpoint as ckpt_mod
-from experiments import distributed
+from experiments import train as train_mod
 from experiments.checkpoint import MetricsLog, load_checkpoint, read_jsonl, save_checkpoint
 from experiments.cli import main
 from experiments.config import load_config
 from experiments.distributed import DistInfo, from_env
 from experiments.progress import ProgressBar, format_duration
-from experiments.train import RunExistsError, train
+from experiments.train import (
+    DivergedError,
+    ResumeConfigError,
+    RunExistsError,
+    RunLockedError,
+    train,
+)
 
 METRICS = ("step", "loss", "accuracy", "constraint_error", "test_loss", "test_accuracy")
 
@@ -233,3 +240,128 @@ def test_resume_extends_a_finished_run(write_config, tmp_path):
     train(reference, progress=False)
     assert metrics(longer.directory) == metrics(reference.directory)
     assert [r["step"] for r in metrics(longer.directory)] == [5, 10, 15, 20]
+
+
+# --- resume safety, divergence, final.json, file modes, the run lock ---------------------
+
+def test_resume_refuses_a_changed_config_and_leaves_config_json(write_config):
+    run = load_config(write_config(train={"steps": 10}))
+    train(run, progress=False)
+    saved = (run.directory / "config.json").read_bytes()
+    changed = load_config(write_config(train={"steps": 20}, optim={"lr": 0.02},
+                                       model={"hidden": 16}))
+    assert changed.directory == run.directory
+    with pytest.raises(ResumeConfigError) as info:
+        train(changed, resume=True, progress=False)
+    msg = str(info.value)
+    assert "optim.lr: saved 0.01, now 0.02" in msg and "model.hidden: saved 8, now 16" in msg
+    assert "train.steps" not in msg.split(". Only")[0]  # more steps is allowed
+    assert (run.directory / "config.json").read_bytes() == saved
+    assert main(["run", str(write_config(optim={"lr": 0.02})), "--resume", "--no-progress"]) == 2
+    # execution-only keys may change
+    same = load_config(write_config(train={"steps": 10, "threads": 2, "checkpoint_every": 3}))
+    assert train(same, resume=True, progress=False)["step"] == 10
+
+
+def test_resume_before_a_checkpoint_checks_config_json(write_config):
+    run = load_config(write_config())
+    with pytest.raises(Crash):
+        train(run, progress=False, callback=crash_at(3))  # no checkpoint yet
+    with pytest.raises(ResumeConfigError, match=r"optim\.K: saved 7, now 9"):
+        train(load_config(write_config(optim={"K": 9})), resume=True, progress=False)
+
+
+def _poison_after(step_to_poison: int, monkeypatch):
+    """Make the optimizer write NaN into the readout weights after step ``step_to_poison``."""
+    real = backend.build_optimizer
+
+    def build(cfg, model, retraction=None):
+        opt = real(cfg, model, retraction)
+        count = {"n": 0}
+        step = opt.step
+
+        def poisoned_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            count["n"] += 1
+            if count["n"] == step_to_poison:
+                with torch.no_grad():
+                    model.readout.weight.fill_(float("nan"))
+            return out
+        opt.step = poisoned_step
+        return opt
+    monkeypatch.setattr(backend, "build_optimizer", build)
+
+
+def test_the_last_checkpoint_always_holds_finite_weights(write_config, monkeypatch):
+    run = load_config(write_config())
+    _poison_after(20, monkeypatch)  # finite loss at step 20, NaN weights at its checkpoint
+    with pytest.raises(DivergedError, match="diverged at step 20: non-finite weights") as info:
+        train(run, progress=False)
+    assert info.value.step == 20 and "readout.weight" in info.value.what
+    state = load_checkpoint(run.directory / "checkpoint.pt")
+    assert state["step"] == 10
+    assert all(torch.isfinite(t).all() for t in state["model"].values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+    last = read_jsonl(run.directory / "metrics.jsonl")[-1]
+    assert last["step"] == 20 and "readout.weight" in last["diverged"]
+
+
+def test_a_diverged_run_ends_with_one_line_and_exit_1(write_config, capsys):
+    path = write_config()
+    code = main(["run", str(path), "--no-progress", "--set", "optim.lr=1e6",
+                 "--set", "optim.lr_orth=1e6"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "diverged at step 2: loss is nan" in err
+
+
+def test_final_json_is_written_when_resumed_after_the_final_checkpoint(write_config,
+                                                                       monkeypatch):
+    run = load_config(write_config())
+    real = train_mod.write_json
+
+    def killed(path, obj):
+        if path.name == "final.json":
+            raise Crash("killed before final.json")
+        real(path, obj)
+    monkeypatch.setattr(train_mod, "write_json", killed)
+    with pytest.raises(Crash):
+        train(run, progress=False)
+    monkeypatch.undo()
+    assert load_checkpoint(run.directory / "checkpoint.pt")["finished"] is True
+    final = train(run, resume=True, progress=False)
+    saved = json.loads((run.directory / "final.json").read_text())
+    assert saved["step"] == final["step"] == 30 and saved["baseline"] == final["baseline"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        ckpt_mod.write_json(tmp_path / "a.json", {"x": 1})
+        save_checkpoint(tmp_path / "c.pt", {"n": 1})
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == expected
+    os.chmod(tmp_path / "a.json", 0o640)  # an existing file keeps its mode, as with open()
+    ckpt_mod.write_json(tmp_path / "a.json", {"x": 2})
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_run_folder_has_one_writer(write_config):
+    run = load_config(write_config(train={"steps": 10}))
+    with train_mod._run_lock(run.directory):  # another live writer (here: this process)
+        lock = (run.directory / ".lock").read_text()
+        assert lock.startswith(f"{os.getpid()}@")
+        with pytest.raises(RunLockedError, match=rf"pid@host: {os.getpid()}@"):
+            train(run, progress=False)
+    assert not (run.directory / ".lock").exists()
+    (run.directory / ".lock").write_text("999999999@gone\n")  # left by a killed run
+    assert train(run, progress=False, overwrite=True)["step"] == 10
+    assert not (run.directory / ".lock").exists()

@@ -1,0 +1,46 @@
+"""Parallel sweeps: Ctrl-C stops them promptly, without starting the queued runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.config import expand_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_stops_a_parallel_sweep_and_cancels_the_queued_runs(write_config):
+    path = write_config(sweep={"train.seed": [0, 1, 2, 3, 4, 5]},
+                        train={"steps": 3000, "log_every": 5, "checkpoint_every": 50})
+    runs = expand_sweep(path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments", "sweep", str(path), "--jobs", "2", "--no-report"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((r.directory / "checkpoint.pt").exists() for r in runs):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and took < 15
+    assert "--resume" in err and "Traceback" not in err
+    started = [r for r in runs if r.directory.exists()]
+    assert not any((r.directory / "final.json").exists() for r in runs)
+    assert len(started) <= 3  # two running (one more may have been dispatched), none queued
+    assert not any((r.directory / ".lock").exists() for r in started)
