@@ -106,7 +106,16 @@ def constrain_kernel(linear: nn.Linear, manifold, retraction: str, dynamic: bool
             if retraction == "expm" and A is not None:
                 linear.parametrizations.weight.original.copy_(A)
             else:
-                linear.weight = W0
+                try:
+                    linear.weight = W0
+                except ValueError as err:  # W0 outside the image of the map at I
+                    raise ValueError(
+                        f"model.init = {init!r} with model.retraction = {retraction!r} and "
+                        "optim.K = inf (a static map at the identity): the initial kernel is "
+                        f"not in the map's image ({err}); use a finite optim.K (the base "
+                        "starts at the initial kernel), or model.retraction = 'expm' with "
+                        "init 'henaff' or 'cayley' (the map starts from their generator)"
+                    ) from err
 
 
 def manifold_kernel(linear: nn.Linear, manifold, init: str, generator: torch.Generator) -> None:

@@ -39,7 +39,10 @@ def _value(v: Any) -> str:
 
 
 def commands(runs: list[Run], config_path: str, extra: list[str] | None = None) -> list[str]:
-    """One shell command per run, reproducing it exactly (same name, folder and values)."""
+    """One shell command per run: the same name, folder and values. Its metrics are those of
+    the run in ``sweep --jobs 1`` bit for bit; a parallel sweep gives each run with
+    ``train.threads = 0`` ``cpu_count // jobs`` threads, which changes the rounding of the
+    products (pin ``train.threads`` to compare runs across the two bit for bit)."""
     out = []
     for run in runs:
         args = [sys.executable, "-m", "experiments", "run", config_path, *(extra or [])]

@@ -178,3 +178,23 @@ def test_baselines(kind):
     assert last(task.batch(3)[0]).shape == (3, 1)
     assert backend.constraint_error(last) is None
     assert len(backend.build_optimizer(OPTIM, last).param_groups) == 1
+
+
+def test_a_static_map_that_cannot_reach_the_initial_kernel_names_the_config_keys():
+    # qr at the identity reaches only some orthogonal matrices; a henaff kernel is usually not
+    # one of them (the library's own error alone did not say which settings to change)
+    from dtriv.manifolds import Orthogonal
+
+    failures = 0
+    for seed in range(6):
+        layer = torch.nn.Linear(16, 16, bias=False)
+        try:
+            backend.constrain_kernel(layer, Orthogonal(16), "qr", False, "henaff",
+                                     torch.Generator().manual_seed(seed))
+        except ValueError as err:
+            failures += 1
+            message = str(err)
+            assert message.startswith("model.init = 'henaff' with model.retraction = 'qr' and "
+                                      "optim.K = inf")
+            assert "use a finite optim.K" in message
+    assert failures > 0
