@@ -42,7 +42,7 @@ class Manifold(abc.ABC):
     ``n = 2897``; ``1.5e-6`` in float64, beyond any practical ``n``), without which the bound
     would pass 1 in float32 from ``n = 83,887`` and admit the zero vector as a unit vector.
     Rounding errors grow far more slowly than ``n * eps`` in practice (a (65536, 8) Stiefel
-    sample: ``2.6e-6``).
+    sample in float32: about ``1e-5``).
     """
 
     #: Factor of the default tolerance ``tolerance_factor * max(shape) * eps(dtype)``.
@@ -78,7 +78,8 @@ class Manifold(abc.ABC):
 
     # ------------------------------------------------------------------ validation
     def validate(self, X: Tensor, name: str = "X") -> None:
-        """Raise ``ValueError`` unless ``X`` is a floating tensor of trailing shape :attr:`shape`.
+        """Raise ``TypeError`` unless ``X`` is a tensor, ``ValueError`` unless it is a floating
+        tensor of trailing shape :attr:`shape`.
 
         The message names the argument, the expected shape and the shape it got.
         """

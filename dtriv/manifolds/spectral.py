@@ -51,7 +51,8 @@ class SpectrallyBounded(Manifold):
       :math:`[\ell, u]`. The law is invariant under :math:`W \mapsto P W Q` for unitary
       ``P``, ``Q`` and its singular values are i.i.d. uniform; it is *not* the uniform
       (Lebesgue) law on the set, which would put almost all singular values near ``u``.
-    * **Dimension**: :math:`nk` (:math:`2nk` for complex tensors).
+    * **Dimension** (:attr:`dim`, that of real tensors): :math:`nk` (:math:`2nk` for complex
+      tensors).
 
     References: Lewis, *The convex analysis of unitarily invariant matrix functions*,
     J. Convex Anal. 2 (1995); Miyato et al., *Spectral normalization for GANs*, ICLR 2018.

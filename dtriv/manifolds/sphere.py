@@ -43,7 +43,8 @@ class Sphere(Manifold):
       :math:`|\|x\|/r - 1|`.
     * **Sampling**: ``init="haar"``, the uniform law, as :math:`r g / \|g\|` with ``g``
       standard Gaussian (Muller 1959).
-    * **Dimension**: ``n - 1`` (``2n - 1`` for complex tensors).
+    * **Dimension** (:attr:`dim`, that of real tensors): ``n - 1`` (``2n - 1`` for complex
+      tensors).
 
     Cost: O(n) per point for every method.
 

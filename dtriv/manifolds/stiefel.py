@@ -143,8 +143,9 @@ class Stiefel(Manifold):
       ``Q`` (Mezzadri 2007); for :math:`SO(n)` the first column is multiplied by
       :math:`\det Q`, which keeps the law invariant under :math:`SO(n)`. Square only:
       ``init="henaff"`` and ``init="cayley"``, ``expm`` of :func:`generator_init`.
-    * **Dimension**: :math:`nk - k(k+1)/2` for real tensors (``n >= k``; :math:`n(n-1)/2`
-      for :math:`O(n)` and :math:`SO(n)`); for complex tensors :math:`2nk - k^2`.
+    * **Dimension** (:attr:`dim` gives the real one): :math:`nk - k(k+1)/2` for real tensors
+      (``n >= k``; :math:`n(n-1)/2` for :math:`O(n)` and :math:`SO(n)`); for complex tensors
+      :math:`2nk - k^2`.
     * **Free coordinates** (:meth:`chart`, :meth:`tangent`): square, ``skew(X)`` and the
       left-invariant tangent :math:`B \operatorname{skew}(X)`; otherwise ``X`` and
       :math:`P_B(X)`.

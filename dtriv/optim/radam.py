@@ -21,7 +21,8 @@ __all__ = ["RiemannianAdam"]
 
 
 class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
-    r"""Adam on manifolds, with the arguments of :class:`torch.optim.Adam`.
+    r"""Adam on manifolds, with the arguments of :class:`torch.optim.Adam` but ``fused``,
+    ``capturable``, ``differentiable`` and ``decoupled_weight_decay``.
 
     For a :class:`~dtriv.optim.ManifoldParameter` ``X`` with Euclidean gradient :math:`G`,
     step :math:`t` is

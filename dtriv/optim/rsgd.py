@@ -31,7 +31,8 @@ def _momentum_buffers_of(state, params: list[Tensor]) -> tuple[list[bool], list[
 
 
 class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
-    r"""SGD on manifolds, with the arguments of :class:`torch.optim.SGD`.
+    r"""SGD on manifolds, with the arguments of :class:`torch.optim.SGD` but ``fused`` and
+    ``differentiable``.
 
     For a :class:`~dtriv.optim.ManifoldParameter` ``X`` on a manifold :math:`M` with
     Euclidean gradient :math:`G`, one step is

@@ -110,7 +110,8 @@ def power_iteration_init(W: Tensor, eps: float = 1e-12, n_warmup: int = 15,
     ``u`` (``h``) then ``v`` (``w``) are drawn from a standard normal distribution (in that
     order, with ``Tensor.normal_``), normalised, and refined by ``n_warmup`` steps of the
     power iteration: from the same random state this reproduces the ``_u``, ``_v`` buffers
-    that ``torch.nn.utils.parametrizations.spectral_norm`` creates (it runs 15 steps).
+    that the constructor of torch's ``_SpectralNorm`` creates (it runs 15 steps);
+    ``spectral_norm(module)`` then runs one more step at registration (a training forward).
 
     Args:
         W: ``(..., h, w)`` real or complex matrix (leading dimensions: a batch).

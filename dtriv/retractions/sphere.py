@@ -500,7 +500,7 @@ def sphere_exp(x: Tensor, v: Tensor) -> Tensor:
         v: ``(..., n)`` tangent vectors at ``x``.
 
     Returns:
-        ``(..., n)`` unit vectors, dtype of ``x``.
+        ``(..., n)`` unit vectors, of the dtype of the inputs (promoted when they differ).
 
     Cost: :math:`O(n)` per vector (one norm, two scalings).
     """
@@ -528,7 +528,8 @@ def sphere_log(x: Tensor, y: Tensor) -> Tensor:
         y: ``(..., n)`` unit vectors.
 
     Returns:
-        ``(..., n)`` tangent vectors at ``x``, dtype of ``x``.
+        ``(..., n)`` tangent vectors at ``x``, of the dtype of the inputs (promoted when
+        they differ).
 
     Cost: :math:`O(n)` per vector.
     """
@@ -568,7 +569,7 @@ def sphere_projective(x: Tensor, v: Tensor) -> Tensor:
         v: ``(..., n)`` tangent vectors at ``x``.
 
     Returns:
-        ``(..., n)`` unit vectors, dtype of ``x``.
+        ``(..., n)`` unit vectors, of the dtype of the inputs (promoted when they differ).
 
     Cost: :math:`O(n)` per vector.
     """
@@ -592,7 +593,8 @@ def sphere_projective_inverse(x: Tensor, y: Tensor) -> Tensor:
         y: ``(..., n)`` unit vectors.
 
     Returns:
-        ``(..., n)`` tangent vectors at ``x``, dtype of ``x``.
+        ``(..., n)`` tangent vectors at ``x``, of the dtype of the inputs (promoted when
+        they differ).
 
     Cost: :math:`O(n)` per vector.
     """
