@@ -55,9 +55,10 @@ def check_unit_interval(value: Any, name: str) -> None:
 
 def stack(tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
     """Stack into a batch ``(m, ...)`` (into ``out`` when given); a single tensor becomes a
-    view (no copy)."""
+    view (no copy) of its detached alias: the updates write into it in place, which on a view
+    of a leaf that requires grad ``torch.compile`` refuses."""
     if len(tensors) == 1:
-        return tensors[0].unsqueeze(0)
+        return tensors[0].detach().unsqueeze(0)
     return torch.stack(tensors, out=out)
 
 
