@@ -27,8 +27,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return _HALF.get(dtype, dtype)
 
 
+def autocast_off(device_type: str):
+    """A context in which autocast is off on ``device_type`` (``"cpu"``, ``"cuda"``, ...)."""
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
 def upcast_half(fn: F) -> F:
-    """Decorate a map so that half-precision tensor arguments are computed in float32.
+    """Decorate a map so that half-precision tensor arguments are computed in float32, and
+    with autocast off (inside ``torch.autocast`` its products would run in half precision and
+    meet its float32 tensors: the maps' accuracy needs float32 throughout).
 
     Tensor positional and keyword arguments in half precision are cast up; tensor results
     (a tensor or a tuple of tensors) are cast back to the dtype of the first tensor argument.
@@ -37,6 +44,9 @@ def upcast_half(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is not None and torch._C._is_any_autocast_enabled():
+            with autocast_off(first.device.type):
+                return wrapper(*args, **kwargs)
         if first is None or first.dtype not in _HALF:
             return fn(*args, **kwargs)
         out_dtype = first.dtype

@@ -138,3 +138,47 @@ def test_public_names():
                  "register_parametrization", "remove_parametrizations", "is_parametrized",
                  "orthogonal", "spectral_norm", "weight_norm", "weight_norm_init_"):
         assert name in P.__all__ and hasattr(P, name), name
+
+
+AUTOCAST_CASES = {
+    "orthogonal-expm": lambda m: constrain(m, "weight", Orthogonal(6), "expm"),
+    "orthogonal-polar": lambda m: constrain(m, "weight", Orthogonal(6), "polar"),
+    "stiefel-exp": lambda m: constrain(m, "weight", Stiefel(8, 6), "exp"),
+    "spectral-clip": lambda m: P.spectrally_bounded(m, "weight"),
+    "twin-matrix_exp": lambda m: P.orthogonal(m),
+    "twin-tall": lambda m: P.orthogonal(m, orthogonal_map="matrix_exp"),
+}
+
+
+@pytest.mark.parametrize("case", list(AUTOCAST_CASES))
+def test_maps_under_autocast_compute_in_float32(case):
+    # inside torch.autocast the maps' products ran in bfloat16 and met their float32 tensors
+    # (a crash once the parameter was not tiny); the weight is now the float32 one
+    torch.manual_seed(0)
+    shape = (8, 6) if case in ("stiefel-exp", "twin-tall") else (6, 6)
+    m = torch.nn.Linear(6, 6, bias=False)
+    m.weight = torch.nn.Parameter(torch.randn(*shape))
+    AUTOCAST_CASES[case](m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    reference = m.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        W = m.weight
+        y = torch.nn.functional.linear(torch.randn(3, 6), W)
+    assert W.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert torch.equal(W.detach(), reference)
+    y.float().square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_public_maps_under_autocast_compute_in_float32():
+    from dtriv.retractions import expm, polar_factor
+
+    A = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    A = A - A.mT
+    X = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = (expm(A), polar_factor(X))
+    for a, b in zip(inside, (expm(A), polar_factor(X))):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
