@@ -30,6 +30,7 @@ from ._common import (
     compute_dtype,
     eps,
     reports_backward,
+    transforms_active,
     upcast_half,
 )
 from .registry import register
@@ -145,6 +146,8 @@ def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor | float:
     :math:`t^2 < 10^{-2}`: the common case of a trivialization near its base) or
     :func:`_dsinc`, which selects per entry.
     """
+    if transforms_active():  # no host read of a transform's tensor: select per entry
+        return 2 * _dsinc(t * t, cos, sinc)
     count = t.numel()
     if count == 1:
         return _two_dsinc_of(t.item())
@@ -217,6 +220,8 @@ class _SphereExp(torch.autograd.Function):
     (``create_graph=True``) the coefficients are recomputed differentiably from ``x, v``.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x: Tensor, v: Tensor, radius: float):  # type: ignore[override]
         t = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
@@ -265,6 +270,8 @@ class _SphereProjective(torch.autograd.Function):
     ``apply`` returns ``(y, r/|w|)``, the second non-differentiable.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x: Tensor, v: Tensor, radius: float):  # type: ignore[override]
         return _normalize_(x + v, radius)
@@ -301,6 +308,8 @@ class _SphereTangent(torch.autograd.Function):
     + \operatorname{Re}\langle x, g\rangle\,v)/r^2`. Cost: one dot product and one pass each
     way (two for :math:`\bar x`).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, v: Tensor, radius: float) -> Tensor:  # type: ignore[override]
@@ -340,6 +349,8 @@ class _TrivializeProjective(torch.autograd.Function):
     passes (four for :math:`\bar x`), O(n) per vector. When the backward is differentiated
     (``create_graph=True``) the intermediates are recomputed differentiably from ``x, X``.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, X: Tensor, radius: float):  # type: ignore[override]
@@ -396,6 +407,8 @@ class _TrivializeExp(torch.autograd.Function):
     Cost: forward two reductions and three passes, backward three dot products and four
     passes, O(n) per vector. Double backward recomputes the coefficients differentiably.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, X: Tensor, radius: float):  # type: ignore[override]

@@ -182,3 +182,28 @@ def test_public_maps_under_autocast_compute_in_float32():
         inside = (expm(A), polar_factor(X))
     for a, b in zip(inside, (expm(A), polar_factor(X))):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("retraction", ["exp", "projective"])
+@pytest.mark.parametrize("scale", [1e-3, 0.5])  # near the base (series) and away from it
+def test_sphere_per_sample_gradients_under_vmap(retraction, scale):
+    # the sphere's nodes had no vmap rule (and read an angle on the host in their backward)
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3, dtype=torch.float64)
+    P.sphere(lin, retraction=retraction)
+    with torch.no_grad():
+        lin.parametrizations.weight.original.normal_(0, scale)
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    buffers = dict(lin.named_buffers())
+
+    def loss(p, x):
+        return functional_call(lin, (p, buffers), (x[None],)).square().sum()
+
+    x = torch.randn(5, 4, dtype=torch.float64)
+    batched = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(5):
+        single = grad(loss)(params, x[i])
+        for key in params:
+            torch.testing.assert_close(batched[key][i], single[key], rtol=1e-12, atol=1e-12)
