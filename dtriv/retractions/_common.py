@@ -172,6 +172,13 @@ def cached_eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.eye(n, dtype=dtype, device=device)
 
 
+def tracing() -> bool:
+    """Whether ``torch.jit.trace`` is recording the call: a value read on the host (a norm
+    that picks a degree or an iteration count) would be frozen into the trace, so the maps
+    take their data-independent reference paths."""
+    return torch._C._get_tracing_state() is not None
+
+
 def eager_context() -> bool:
     """Whether the call runs in plain eager code: no ``torch.func`` transform, ``torch.jit``
     tracing or ``torch.compile`` around it (where ``out=`` buffers, host reads and layout

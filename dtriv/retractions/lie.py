@@ -33,6 +33,7 @@ from ._common import (
     check_matrix,
     eps,
     reports_backward,
+    tracing,
     transforms_active,
     upcast_half,
 )
@@ -168,7 +169,7 @@ def expm(A: Tensor) -> Tensor:
     """
     check_matrix(A, "A", square=True)
     check_floating(A, "A")
-    if A.shape[-1] <= TORCH_MAX_N or A.numel() == 0:
+    if A.shape[-1] <= TORCH_MAX_N or A.numel() == 0 or tracing():
         return torch.linalg.matrix_exp(A)
     try:
         norm = float(A.detach().abs().sum(dim=-2).amax())
@@ -221,7 +222,7 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
         L = X.tril() if lower else X
         return torch.linalg.matrix_exp(L - L.mH)
 
-    if X.shape[-1] <= TORCH_MAX_N or X.numel() == 0:
+    if X.shape[-1] <= TORCH_MAX_N or X.numel() == 0 or tracing():
         return reference()
     try:
         return expm_of_skew_taylor(X, lower)

@@ -47,6 +47,7 @@ from ._common import (
     check_same_shape,
     eps,
     reports_backward,
+    tracing,
     upcast_half,
 )
 from .lie import expm
@@ -504,6 +505,8 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
                               or iters < 1):
         raise ValueError(f"iters: expected None or a positive int, got {iters!r}")
     X = B + V
+    if tracing():  # the iteration stops on a host-read criterion: the SVD polar factor,
+        return apply_function(_PolarFactor, X)[0]  # its limit, for a trace
     G = X.mH @ X
     G = (G + G.mH) / 2
     return X @ _inv_sqrt_newton_schulz(G, iters)

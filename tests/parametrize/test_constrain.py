@@ -207,3 +207,33 @@ def test_sphere_per_sample_gradients_under_vmap(retraction, scale):
         single = grad(loss)(params, x[i])
         for key in params:
             torch.testing.assert_close(batched[key][i], single[key], rtol=1e-12, atol=1e-12)
+
+
+TRACE_CASES = {
+    "twin": lambda m: P.orthogonal(m),
+    "expm": lambda m: constrain(m, "weight", Orthogonal(6), "expm"),
+    "polar_ns": lambda m: constrain(m, "weight", Orthogonal(6), "polar_ns"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRACE_CASES))
+def test_a_trace_follows_a_later_checkpoint(case):
+    # degrees and iteration counts chosen from host-read norms were frozen into the trace:
+    # a trace loaded with a later checkpoint gave a weight 3.0 off the orthogonal group
+    import warnings
+
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    m = nn.Linear(6, 6, bias=False)
+    TRACE_CASES[case](m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the checks
+        traced = torch.jit.trace(m, (x,))
+    torch.manual_seed(1)
+    later = nn.Linear(6, 6, bias=False)
+    TRACE_CASES[case](later)
+    with torch.no_grad():
+        later.parametrizations.weight.original.add_(0.5 * torch.randn(6, 6))
+    state = {k: v for k, v in later.state_dict().items() if not k.endswith("_extra_state")}
+    traced.load_state_dict(state)  # a traced module keeps no extra state
+    torch.testing.assert_close(traced(x), later(x), rtol=1e-5, atol=1e-5)
