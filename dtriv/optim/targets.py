@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,9 +55,25 @@ class Target:
 
     kind = "generic"
 
-    def __init__(self, original: Tensor, parametrization: nn.Module) -> None:
+    def __init__(self, original: Tensor, parametrization: nn.Module,
+                 parent: tuple[nn.Module, str, ParametrizationList] | None = None) -> None:
         self.original = original
         self.parametrization = parametrization
+        #: ``(weakref(module), tensor name, ParametrizationList)`` when known
+        self._parent = None if parent is None else (weakref.ref(parent[0]), *parent[1:])
+
+    def attached(self) -> bool:
+        """Whether the parametrization is still registered on its module (``False`` after
+        ``remove_parametrizations``: its parameter is then a plain weight, which a refresh
+        would overwrite); ``True`` when the module is not known."""
+        if self._parent is None:
+            return True
+        ref, name, plist = self._parent
+        module = ref()
+        if module is None:
+            return False
+        registered = module._modules.get("parametrizations")
+        return registered is not None and registered._modules.get(name) is plist
 
     @property
     def base(self) -> Tensor:
@@ -93,6 +110,17 @@ class DtrivTarget(Target):
     """A :class:`dtriv.parametrize.Trivialization`: its own ``refresh(original)``."""
 
     kind = "dtriv"
+
+    def attached(self) -> bool:
+        p = self.parametrization
+        module_link, plist_link = getattr(p, "_module", None), getattr(p, "_owner", None)
+        if module_link is None or plist_link is None:  # links not set: the generic test
+            return super().attached()
+        module, plist = module_link(), plist_link()
+        if module is None or plist is None:
+            return False
+        registered = module._modules.get("parametrizations")
+        return registered is not None and any(v is plist for v in registered._modules.values())
 
     def refresh(self, index: int, count: int) -> None:
         self.parametrization.refresh(self.original)
@@ -192,12 +220,15 @@ class GeotorchSphereTarget(Target):
             b.copy_(b / torch.linalg.vector_norm(b, dim=-1, keepdim=True))
 
 
-def _classify(original: Tensor, plist: ParametrizationList) -> Target | None:
-    """The target for the first parametrization of ``plist``, or None when it has no base."""
+def _classify(original: Tensor, plist: ParametrizationList,
+              parent: tuple[nn.Module, str, ParametrizationList] | None = None
+              ) -> Target | None:
+    """The target for the first parametrization of ``plist``, or None when it has no base
+    (``parent``: its module, tensor name and list, to tell when it is removed)."""
     first = plist[0]
     if hasattr(first, "refresh") and getattr(first, "dynamic", True) and callable(first.refresh):
         if getattr(first, "base", None) is not None:
-            return DtrivTarget(original, first)
+            return DtrivTarget(original, first, parent)
         return None
     base = getattr(first, "base", None)
     if not isinstance(base, Tensor):
@@ -207,18 +238,18 @@ def _classify(original: Tensor, plist: ParametrizationList) -> Target | None:
     except ImportError:  # pragma: no cover - torch without the private class
         _Orthogonal = None
     if _Orthogonal is not None and isinstance(first, _Orthogonal):
-        return TorchOrthogonalTarget(original, first)
+        return TorchOrthogonalTarget(original, first, parent)
     try:
         from geotorch.so import SO
         from geotorch.sphere import Sphere
     except ImportError:
         SO = Sphere = None
     if SO is not None and isinstance(first, SO):
-        return GeotorchSOTarget(original, first)
+        return GeotorchSOTarget(original, first, parent)
     if Sphere is not None and isinstance(first, Sphere):
-        return GeotorchSphereTarget(original, first)
+        return GeotorchSphereTarget(original, first, parent)
     if hasattr(first, "right_inverse"):
-        return Target(original, first)
+        return Target(original, first, parent)
     return None
 
 
@@ -233,23 +264,28 @@ def _dtriv_link(p: Tensor) -> nn.Module | None:
 
 
 def _owners(params: list[Tensor], modules: Iterable[nn.Module] | None) -> dict[int, Any]:
-    """``id(parameter) -> ParametrizationList`` for the parameters registered as ``original``."""
+    """``id(parameter) -> (module, tensor name, ParametrizationList)`` for the parameters
+    registered as ``original`` of a parametrization of ``modules`` (or of any live module)."""
     wanted = {id(p) for p in params}
     if modules is None:
         candidates: Iterable[Any] = (
             # type() rather than isinstance: isinstance reads ``__class__``, which some
             # module proxies override (with deprecation warnings)
-            o for o in gc.get_objects() if issubclass(type(o), ParametrizationList)
+            o for o in gc.get_objects()
+            if issubclass(type(o), nn.Module) and "parametrizations" in o.__dict__.get(
+                "_modules", ())
         )
     else:
-        candidates = (
-            m for module in modules for m in module.modules() if isinstance(m, ParametrizationList)
-        )
+        candidates = (m for module in modules for m in module.modules())
     owners: dict[int, Any] = {}
-    for plist in candidates:
-        original = plist._parameters.get("original")
-        if original is not None and id(original) in wanted:
-            owners[id(original)] = plist
+    for module in candidates:
+        registered = module._modules.get("parametrizations")
+        if registered is None:
+            continue
+        for name, plist in registered._modules.items():
+            original = plist._parameters.get("original")
+            if original is not None and id(original) in wanted:
+                owners[id(original)] = (module, name, plist)
     return owners
 
 
@@ -270,16 +306,18 @@ def find_targets(
         if triv is None:
             remaining.append(p)
         elif getattr(triv, "dynamic", True) and getattr(triv, "base", None) is not None:
-            found[id(p)] = DtrivTarget(p, triv)
+            target = DtrivTarget(p, triv)
+            if target.attached():  # not removed since (the link on the parameter stays)
+                found[id(p)] = target
         else:
             static += 1
     if remaining:
         owners = _owners(remaining, modules)
         for p in remaining:
-            plist = owners.get(id(p))
-            if plist is None:
+            owner = owners.get(id(p))
+            if owner is None:
                 continue
-            target = _classify(p, plist)
+            target = _classify(p, owner[2], owner)
             if target is None:
                 static += 1
             else:

@@ -219,8 +219,8 @@ class DynamicTrivialization(torch.optim.Optimizer):
                    if _dtriv_link(p) is None]
             known = _owners(new, self._modules_hint)
             missed = [p for p in new if id(p) not in known]
-            if missed:  # a ParametrizationList is a module: the hint takes it as it is
-                self._modules_hint.extend(_owners(missed, None).values())
+            if missed:  # the modules that own them join the hint
+                self._modules_hint.extend(owner[0] for owner in _owners(missed, None).values())
         self._scan(warn=False)
 
     # ------------------------------------------------------------ targets
@@ -350,6 +350,8 @@ class DynamicTrivialization(torch.optim.Optimizer):
         with ``state="reset"``; re-projects the bases every ``reproject_every`` refreshes.
         """
         targets = self.targets
+        if not all(t.attached() for t in targets):  # remove_parametrizations since the scan
+            targets = self._targets = [t for t in targets if t.attached()]
         if not targets:
             return
         flags = self._finite([t.original for t in targets])

@@ -59,6 +59,8 @@ def _attach(module: nn.Module, name: str) -> None:
     if isinstance(first, Trivialization) or follows_protocol:
         if first._owner() is not plist:
             first._owner = _Link(plist)
+        if getattr(first, "_module", _Link())() is not module:
+            first._module = _Link(module)  # to tell when it is removed (optimizer wrapper)
         if getattr(plist.original, "_dtriv_trivialization", lambda: None)() is not first:
             plist.original._dtriv_trivialization = _Link(first)
 

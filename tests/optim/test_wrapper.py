@@ -554,3 +554,29 @@ def test_state_dict_hooks_registered_on_the_wrapper_run():
     state.pop("extra")
     opt.load_state_dict(state)
     assert calls == ["pre", ("load_pre", False), "load_post"]
+
+
+@pytest.mark.parametrize("kind", ["constrain", "twin", "torch"])
+def test_a_removed_parametrization_is_no_longer_refreshed(kind):
+    # after remove_parametrizations(leave_parametrized=True) the parameter is a plain weight:
+    # a refresh overwrote it (with constrain, by zeros)
+    from torch.nn.utils import parametrize
+
+    make = {"constrain": lambda m: constrain(m, "weight", Stiefel(6, 4)),
+            "twin": dtriv_orthogonal, "torch": P.orthogonal}[kind]
+    x = torch.randn(5, 4, generator=_gen(0))
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 6)
+    make(lin)
+    opt = DynamicTrivialization(torch.optim.SGD(lin.parameters(), lr=0.1), K=2, modules=lin)
+    for _ in range(3):
+        opt.zero_grad()
+        lin(x).square().sum().backward()
+        opt.step()
+    parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+    W = lin.weight.detach().clone()
+    opt.zero_grad()
+    lin(x).square().sum().backward()
+    opt.step()  # the fourth step: a refresh step for K = 2
+    torch.testing.assert_close(lin.weight.detach(), W - 0.1 * lin.weight.grad)
+    assert opt.targets == []

@@ -408,6 +408,7 @@ def orthogonal(
         orth._registering = False
     plist = module.parametrizations[name]
     orth._owner = _Link(plist)
+    orth._module = _Link(module)
     if use_trivialization and len(plist) == 1:
         plist.original._dtriv_trivialization = _Link(orth)
     install_fast_read(module, name)  # reads served from the memo (once per forward)
