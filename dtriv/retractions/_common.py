@@ -173,10 +173,10 @@ def cached_eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def tracing() -> bool:
-    """Whether ``torch.jit.trace`` is recording the call: a value read on the host (a norm
-    that picks a degree or an iteration count) would be frozen into the trace, so the maps
-    take their data-independent reference paths."""
-    return torch._C._get_tracing_state() is not None
+    """Whether ``torch.jit.trace`` or ``torch.export`` is recording the call: a value read on
+    the host (a norm that picks a degree or an iteration count) would be frozen into the
+    trace, or stop the export, so the maps take their data-independent reference paths."""
+    return torch._C._get_tracing_state() is not None or torch.compiler.is_exporting()
 
 
 def eager_context() -> bool:

@@ -263,7 +263,7 @@ class _Cayley(torch.autograd.Function):
         # Under torch.func transforms info cannot be read (data-dependent control flow; a
         # singular I - A/2 then gives non-finite entries) and vmap has no batching rule for
         # out=.
-        transformed = transforms_active()
+        transformed = transforms_active() or tracing()
         if not transformed:
             _cayley_check(info)
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(A), adjoint=True)
@@ -383,7 +383,8 @@ class _CayleyOfSkew(torch.autograd.Function):
                 torch.add(Id, A, alpha=0.5, out=arena.empty()))
         # M is invertible for every X (A is skew): only non-finite input can fail, and under
         # torch.func transforms info cannot be read (data-dependent control flow).
-        if not transforms_active() and (info.item() if info.dim() == 0 else info.any()):
+        if not (transforms_active() or tracing()) and (
+                info.item() if info.dim() == 0 else info.any()):
             _cayley_check(info)
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(X), adjoint=True)
         if left is not None:

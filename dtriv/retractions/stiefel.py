@@ -193,7 +193,10 @@ def stiefel_qr(B: Tensor, V: Tensor) -> Tensor:
 
 def qf(X: Tensor) -> Tensor:
     """The q-factor of ``X`` with diag(R) > 0: :func:`cholesky_qf` when safe, else
-    :func:`householder_qf`. ``X``: ``(..., n, k)``, ``n >= k``; cost :math:`O(n k^2)`."""
+    :func:`householder_qf` (always under ``torch.jit.trace`` and ``torch.export``: the test
+    reads a norm on the host). ``X``: ``(..., n, k)``, ``n >= k``; cost :math:`O(n k^2)`."""
+    if tracing():
+        return householder_qf(X)
     Q = cholesky_qf(X)
     return householder_qf(X) if Q is None else Q
 
