@@ -42,6 +42,14 @@ class ManifoldParameter(nn.Parameter):
 
     The check costs one evaluation of the constraints (``X^H X - I`` for Stiefel:
     O(n k^2)); the projection, when asked for, one polar decomposition or normalisation.
+
+    The manifold lives on this object. Operations that replace a module's parameters by new
+    plain ``Parameter`` objects drop it (as they drop geoopt's): ``module.to("meta")`` then
+    ``to_empty``, ``load_state_dict(..., assign=True)``, and module conversions under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``; the Riemannian
+    optimizers then treat the new parameter as Euclidean. Wrap it again afterwards
+    (``module.weight = ManifoldParameter(module.weight.data, manifold)``), or load values
+    in place (``load_state_dict`` without ``assign``).
     """
 
     manifold: Manifold
