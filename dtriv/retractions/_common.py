@@ -32,6 +32,17 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (one fast check when it is off everywhere;
+    autocast on another device's type leaves this one's tensors alone)."""
+    if not torch._C._is_any_autocast_enabled():
+        return False
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (meta, ...)
+        return False
+
+
 def upcast_half(fn: F) -> F:
     """Decorate a map so that half-precision tensor arguments are computed in float32, and
     with autocast off (inside ``torch.autocast`` its products would run in half precision and
@@ -44,7 +55,7 @@ def upcast_half(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, Tensor)), None)
-        if first is not None and torch._C._is_any_autocast_enabled():
+        if first is not None and autocast_on(first.device.type):
             with autocast_off(first.device.type):
                 return wrapper(*args, **kwargs)
         if first is None or first.dtype not in _HALF:

@@ -237,3 +237,22 @@ def test_a_trace_follows_a_later_checkpoint(case):
     state = {k: v for k, v in later.state_dict().items() if not k.endswith("_extra_state")}
     traced.load_state_dict(state)  # a traced module keeps no extra state
     torch.testing.assert_close(traced(x), later(x), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_of_another_device_type_leaves_cpu_maps_alone():
+    # autocast on for "cuda" only: turning it off for the tensors' "cpu" left autocast on
+    # somewhere, and the check recursed without end
+    from dtriv.retractions import expm
+
+    m = nn.Linear(6, 6)
+    P.orthogonal(m)
+    lin = nn.Linear(3, 5)
+    constrain(lin, "weight", Stiefel(5, 3))
+    A = torch.randn(6, 6)
+    previous = torch.is_autocast_enabled("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        assert m.weight.dtype == torch.float32 and lin.weight.dtype == torch.float32
+        assert expm(A - A.mT).dtype == torch.float32
+    finally:
+        torch.set_autocast_enabled("cuda", previous)
