@@ -237,29 +237,26 @@ class RiemannianMixin:
             marks[id(p)] = (weakref.ref(p), p.data_ptr(), p._version)
 
     def state_dict(self) -> dict[str, Any]:
-        """Torch's state dict, whose per-parameter state also says ``"on_manifold": True``
-        for the parameters that still hold the point this optimizer wrote (see
-        :meth:`_on_manifold`), so that a run resumed from it takes the same (fused) steps as
-        one never interrupted, bit for bit."""
+        """Torch's state dict, plus ``"on_manifold"``: the indices (torch's numbering of the
+        parameters, group after group) of the parameters that still hold the point this
+        optimizer wrote (see :meth:`_on_manifold`), so that a run resumed from it takes the
+        same (fused) steps as one never interrupted, bit for bit. A top-level entry: the
+        per-parameter states stay torch's, whatever the state-dict hooks do with them."""
         packed = super().state_dict()  # type: ignore[misc]
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self._on_manifold([p]):
-                    entry = packed["state"].get(index, {})
-                    packed["state"][index] = {**entry, "on_manifold": True}
-                index += 1
+        params = [p for group in self.param_groups for p in group["params"]]
+        packed["on_manifold"] = [i for i, p in enumerate(params) if self._on_manifold([p])]
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Torch's ``load_state_dict``; parameters saved ``"on_manifold"`` are marked as
+        """Torch's ``load_state_dict``; the parameters listed ``"on_manifold"`` are marked as
         written by this optimizer at their current value. Load the model's parameters first:
         a parameter written after this call is not trusted (its version changes), and the
         fused QR tests the points themselves in any case
         (:func:`dtriv.optim._stiefel.near_orthonormal`)."""
+        flagged = state_dict.get("on_manifold", ())
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        written = [p for p, entry in self.state.items() if entry.pop("on_manifold", False)]
-        self._mark_on_manifold(written)
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._mark_on_manifold([params[i] for i in flagged if 0 <= i < len(params)])
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step on every parameter; ``closure`` re-evaluates the loss (optional)."""

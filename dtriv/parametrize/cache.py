@@ -232,11 +232,13 @@ class _Sample:
 
     @classmethod
     def of(cls, X: Tensor) -> _Sample | None:
-        """The sample of ``X``, or ``None`` when ``X`` is not a non-empty contiguous dense
-        CPU tensor whose bytes NumPy can view."""
+        """The sample of ``X``, or ``None`` when ``X`` is not a non-empty dense CPU tensor,
+        contiguous or transposed from one, whose bytes NumPy can view."""
         if X.device.type != "cpu" or X.layout != torch.strided or X.numel() == 0:
             return None
         alias = X.detach()
+        if not alias.is_contiguous() and X.ndim >= 2:
+            alias = alias.mT  # a transposed view (a wide weight): its storage in order
         if not alias.is_contiguous():
             return None
         try:

@@ -516,6 +516,24 @@ def test_resume_from_a_state_dict_is_bit_for_bit(opt_cls, kw, monkeypatch):
     steps(q, resumed, 3)
     assert torch.equal(p.detach(), q.detach()) and len(calls) == 6
     assert all("on_manifold" not in s for s in resumed.state.values())
+    packed = opt.state_dict()
+    assert packed["on_manifold"] == [0]  # a top-level entry: the states stay torch's
+    assert all("on_manifold" not in entry for entry in packed["state"].values())
+    if opt_cls is RiemannianSGD and "momentum" not in kw:
+        assert packed["state"] == {}  # as torch's SGD without momentum
+
+
+def test_state_dict_post_hooks_see_torch_s_per_parameter_states():
+    # a hook that re-keys the states by name (torch lets post-hooks return a new dict) must
+    # not leave a stray entry behind
+    M = Stiefel(8, 3)
+    p = ManifoldParameter(M.sample(generator=_gen(0)), M)
+    opt = RiemannianAdam([p], lr=0.01)
+    p.grad = torch.randn(8, 3, generator=_gen(1))
+    opt.step()
+    opt.register_state_dict_post_hook(
+        lambda o, sd: {**sd, "state": {f"w{k}": v for k, v in sd["state"].items()}})
+    assert set(opt.state_dict()["state"]) == {"w0"}
 
 
 def _roundtrip(state):

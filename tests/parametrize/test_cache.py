@@ -770,3 +770,15 @@ def test_fast_read_after_remove_and_register_again():
     assert torch.allclose(W.mT @ W, torch.eye(4, dtype=F64), atol=1e-12)
     layer.weight = torch.eye(4, dtype=F64)  # torch's setter
     assert torch.allclose(layer.weight, torch.eye(4, dtype=F64), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (8, 3)])
+def test_inference_reads_of_a_transposed_value_are_memoized(shape):
+    # a wide weight is the transpose of the tall map's value: it is sampled through it
+    m = nn.Linear(shape[1], shape[0])
+    orthogonal(m)
+    with torch.inference_mode():
+        first = m.weight
+        assert m.weight is first
+        first.mul_(2)
+        assert m.weight is not first
