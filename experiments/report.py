@@ -66,7 +66,7 @@ class RunResult:
 
     def comparable(self) -> dict[str, Any]:
         """The config without seed, execution-only keys, run label and output folder."""
-        skip = {"train.seed", *NOT_IN_NAMES}
+        skip = {"train.seed", "task.path", *NOT_IN_NAMES}  # the data's location: not the run
         out: dict[str, Any] = {}
         for section, body in self.config.items():
             if section in ("run", "output"):

@@ -18,8 +18,9 @@ A run writes to ``<output>/<name>/<run>/``:
 ``resume=True`` restarts from the checkpoint, first truncating ``metrics.jsonl`` back to
 its step, and reproduces the metrics of an uninterrupted run exactly (same device, seed
 and thread count). The configuration must be the saved one except for ``RESUMABLE_KEYS``
-(more steps, threads, device, checkpoint period, evaluation batch); any other change is a
-:class:`ResumeConfigError` listing each changed key, raised before anything is written.
+(more steps, threads, device, checkpoint period, evaluation batch, data path); any other
+change is a :class:`ResumeConfigError` listing each changed key, raised before anything is
+written.
 All files are written atomically (see :mod:`experiments.checkpoint`).
 
 While a run trains, its folder holds a ``.lock`` file (the writer's pid and host) locked
@@ -70,7 +71,7 @@ CHECKPOINT_KEYS = ("format", "step", "finished", "config", "model", "optimizer",
 # a run executes, not what it computes or what its log records. (A different device or thread
 # count may change the rounding of the results, so exact reproduction needs the same ones.)
 RESUMABLE_KEYS = ("train.steps", "train.threads", "train.device", "train.checkpoint_every",
-                  "train.eval_batch")
+                  "train.eval_batch", "task.path")  # task.path: where the data lives
 # Top-level keys that say where a run lives and how its config was given, not what it is.
 _PROVENANCE = ("output", "run")
 
@@ -152,6 +153,7 @@ def _run_lock(directory: Path, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     while True:
@@ -181,6 +183,11 @@ def _run_lock(directory: Path, enabled: bool = True) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)
+        if created:  # a run that wrote nothing (a data error, say) leaves no empty folder
+            try:
+                directory.rmdir()
+            except OSError:  # not empty: the run's files
+                pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -398,7 +405,10 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             loss_value = loss.item()
-            if _agree(info, not math.isfinite(loss_value)):  # stop before stepping on it
+            # one process: stop before stepping on a non-finite loss. Under torchrun no
+            # collective per step: the ranks agree at the log steps (the logged mean loss)
+            # and before each checkpoint (the weights), which are the same on every rank
+            if not info.active and not math.isfinite(loss_value):
                 raise diverged(step + 1, f"loss is {loss_value}", loss_value)
             if cfg["optim"]["clip_grad"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg["optim"]["clip_grad"])
@@ -420,6 +430,8 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
             if step % tcfg["log_every"] == 0 or step == steps or evaluate_now:
                 mean_loss, mean_acc = info.all_reduce_mean(
                     [acc["loss"] / acc["n"], acc["accuracy"] / acc["n"]])
+                if not math.isfinite(mean_loss):  # a rank's loss (torchrun; see above)
+                    raise diverged(step, f"mean loss is {mean_loss}", mean_loss)
                 record = {"step": step, "loss": mean_loss,
                           "accuracy": mean_acc if accuracy is not None else None,
                           "constraint_error": backend.constraint_error(model),
@@ -427,7 +439,7 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
                 if evaluate_now:
                     record["test_loss"], record["test_accuracy"] = evaluate(
                         model, task, tcfg["eval_batch"])
-                best = min(best, mean_loss)  # finite: every step's loss was checked
+                best = min(best, mean_loss)  # finite: checked above
                 log.append(record)
                 acc = {"loss": 0.0, "accuracy": 0.0, "n": 0}
                 bar.update(step, loss=mean_loss, baseline=task.baseline,

@@ -361,7 +361,27 @@ def test_a_run_folder_has_one_writer(write_config):
         assert lock.startswith(f"{os.getpid()}@")
         with pytest.raises(RunLockedError, match=rf"pid@host: {os.getpid()}@"):
             train(run, progress=False)
-    assert not (run.directory / ".lock").exists()
+    assert not run.directory.exists()  # nothing written: the folder it made is gone too
+    run.directory.mkdir(parents=True)
     (run.directory / ".lock").write_text("999999999@gone\n")  # left by a killed run
     assert train(run, progress=False, overwrite=True)["step"] == 10
     assert not (run.directory / ".lock").exists()
+
+
+def test_a_data_error_leaves_no_empty_run_folder(write_config, tmp_path):
+    base = {k: v for k, v in load_config(write_config()).config.items()
+            if k in ("model", "optim", "train")}
+    run = load_config(write_config(base=base, task={"name": "mnist",
+                                                    "path": str(tmp_path / "absent")}))
+    with pytest.raises((FileNotFoundError, ValueError)):
+        train(run, progress=False)
+    assert not run.directory.exists()
+
+
+def test_the_data_path_may_change_on_resume():
+    # where the data lives is not what the run computes (a preempted job on another node)
+    saved = {"task": {"name": "mnist", "path": "/a/mnist"}, "train": {"seed": 0}}
+    moved = {"task": {"name": "mnist", "path": "/b/mnist"}, "train": {"seed": 0}}
+    assert train_mod.config_changes(saved, moved) == []
+    reseeded = {"task": {"name": "mnist", "path": "/b/mnist"}, "train": {"seed": 1}}
+    assert train_mod.config_changes(saved, reseeded) == [("train.seed", 0, 1)]
