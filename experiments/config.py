@@ -453,6 +453,11 @@ def expand_sweep(path: str | Path, overrides: list[str] | None = None,
     runs = [_resolve(raw, {**combo, **fixed}, str(path), fixed)
             for combo in _combinations(sweep)]
     names = [r.name for r in runs]
-    if len(set(names)) != len(names):  # pragma: no cover - labels include every swept key
-        raise ConfigError(f"{path}: sweep produces duplicate run names")
+    if len(set(names)) != len(names):  # repeated values, or values equal once sanitized
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(
+            f"{path}: [sweep]: expected combinations with distinct run names (one folder "
+            f"each), got {len(names) - len(set(names))} repeated: {', '.join(twice[:5])}; "
+            "remove repeated values, or values that differ only in characters a folder name "
+            "cannot hold")
     return runs

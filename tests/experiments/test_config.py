@@ -191,3 +191,11 @@ def test_run_labels_are_one_folder(write_config, tmp_path):
     run = load_config(path, ["task.path=/data/../mnist"])
     assert run.name == "path=_data_.._mnist_seed=3"
     assert run.directory.parent == tmp_path / "results" / "tiny"
+
+
+def test_a_sweep_whose_runs_share_a_folder_names_them(write_config):
+    # repeated values (or values equal once sanitized for a folder name) would share a run
+    path = write_config(sweep={"optim.K": [1, 1]})
+    with pytest.raises(ConfigError, match=r"\[sweep\]: expected combinations with distinct run "
+                                          r"names .*got 1 repeated: K=1_seed=3"):
+        expand_sweep(path)
