@@ -10,7 +10,7 @@ from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
 from dtriv.retractions import registry
-from dtriv.retractions._common import compute_dtype, skew, sym
+from dtriv.retractions._common import skew, sym, upcast_half
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm, expm_of_skew, logm
 from dtriv.retractions.stiefel import (
     polar_factor,
@@ -213,6 +213,7 @@ class Stiefel(Manifold):
         return out
 
     # ------------------------------------------------------------------ geometry
+    @upcast_half
     def project(self, X: Tensor) -> Tensor:
         """The polar factor of ``X`` (nearest point in Frobenius norm), by a thin SVD.
 
@@ -222,8 +223,6 @@ class Stiefel(Manifold):
         last singular vector flipped. Half precision is computed in float32.
         """
         self.validate(X)
-        if compute_dtype(X.dtype) != X.dtype:
-            return self.project(X.to(compute_dtype(X.dtype))).to(X.dtype)
         T = self._t(X)
         Q = polar_factor(T)
         if self.special:

@@ -243,8 +243,7 @@ class RiemannianMixin:
         same (fused) steps as one never interrupted, bit for bit. A top-level entry: the
         per-parameter states stay torch's, whatever the state-dict hooks do with them."""
         packed = super().state_dict()  # type: ignore[misc]
-        params = [p for group in self.param_groups for p in group["params"]]
-        packed["on_manifold"] = [i for i, p in enumerate(params) if self._on_manifold([p])]
+        packed["on_manifold"] = [i for i, p in enumerate(self._params()) if self._on_manifold([p])]
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -255,8 +254,12 @@ class RiemannianMixin:
         (:func:`dtriv.optim._stiefel.near_orthonormal`)."""
         flagged = state_dict.get("on_manifold", ())
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._params()
         self._mark_on_manifold([params[i] for i in flagged if 0 <= i < len(params)])
+
+    def _params(self) -> list[Tensor]:
+        """The parameters in torch's state-dict numbering (group after group)."""
+        return [p for group in self.param_groups for p in group["params"]]
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step on every parameter; ``closure`` re-evaluates the loss (optional)."""

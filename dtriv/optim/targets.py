@@ -56,24 +56,20 @@ class Target:
     kind = "generic"
 
     def __init__(self, original: Tensor, parametrization: nn.Module,
-                 parent: tuple[nn.Module, str, ParametrizationList] | None = None) -> None:
+                 owner: tuple[nn.Module, ParametrizationList] | None = None) -> None:
         self.original = original
         self.parametrization = parametrization
-        #: ``(weakref(module), tensor name, ParametrizationList)`` when known
-        self._parent = None if parent is None else (weakref.ref(parent[0]), *parent[1:])
+        #: ``(weakref(module), ParametrizationList)``: where it is registered, when known
+        self._registration = None if owner is None else (weakref.ref(owner[0]), owner[1])
 
     def attached(self) -> bool:
         """Whether the parametrization is still registered on its module (``False`` after
         ``remove_parametrizations``: its parameter is then a plain weight, which a refresh
         would overwrite); ``True`` when the module is not known."""
-        if self._parent is None:
+        if self._registration is None:
             return True
-        ref, name, plist = self._parent
-        module = ref()
-        if module is None:
-            return False
-        registered = module._modules.get("parametrizations")
-        return registered is not None and registered._modules.get(name) is plist
+        ref, plist = self._registration
+        return _registered(ref(), plist)
 
     @property
     def base(self) -> Tensor:
@@ -101,6 +97,14 @@ class Target:
         return f"{type(self.parametrization).__name__} of shape {tuple(self.original.shape)}"
 
 
+def _registered(module: nn.Module | None, plist: ParametrizationList | None) -> bool:
+    """Whether ``plist`` is one of the parametrizations of ``module`` (both still alive)."""
+    if module is None or plist is None:
+        return False
+    registered = module._modules.get("parametrizations")
+    return registered is not None and any(v is plist for v in registered._modules.values())
+
+
 def _seed(index: int, count: int) -> int:
     digest = hashlib.sha256(f"dtriv-refresh-{index}-{count}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -116,11 +120,7 @@ class DtrivTarget(Target):
         module_link, plist_link = getattr(p, "_module", None), getattr(p, "_owner", None)
         if module_link is None or plist_link is None:  # links not set: the generic test
             return super().attached()
-        module, plist = module_link(), plist_link()
-        if module is None or plist is None:
-            return False
-        registered = module._modules.get("parametrizations")
-        return registered is not None and any(v is plist for v in registered._modules.values())
+        return _registered(module_link(), plist_link())
 
     def refresh(self, index: int, count: int) -> None:
         self.parametrization.refresh(self.original)
@@ -221,14 +221,14 @@ class GeotorchSphereTarget(Target):
 
 
 def _classify(original: Tensor, plist: ParametrizationList,
-              parent: tuple[nn.Module, str, ParametrizationList] | None = None
-              ) -> Target | None:
+              module: nn.Module | None = None) -> Target | None:
     """The target for the first parametrization of ``plist``, or None when it has no base
-    (``parent``: its module, tensor name and list, to tell when it is removed)."""
+    (``module``: the one ``plist`` is registered on, to tell when it is removed)."""
+    owner = None if module is None else (module, plist)
     first = plist[0]
     if hasattr(first, "refresh") and getattr(first, "dynamic", True) and callable(first.refresh):
         if getattr(first, "base", None) is not None:
-            return DtrivTarget(original, first, parent)
+            return DtrivTarget(original, first, owner)
         return None
     base = getattr(first, "base", None)
     if not isinstance(base, Tensor):
@@ -238,18 +238,18 @@ def _classify(original: Tensor, plist: ParametrizationList,
     except ImportError:  # pragma: no cover - torch without the private class
         _Orthogonal = None
     if _Orthogonal is not None and isinstance(first, _Orthogonal):
-        return TorchOrthogonalTarget(original, first, parent)
+        return TorchOrthogonalTarget(original, first, owner)
     try:
         from geotorch.so import SO
         from geotorch.sphere import Sphere
     except ImportError:
         SO = Sphere = None
     if SO is not None and isinstance(first, SO):
-        return GeotorchSOTarget(original, first, parent)
+        return GeotorchSOTarget(original, first, owner)
     if Sphere is not None and isinstance(first, Sphere):
-        return GeotorchSphereTarget(original, first, parent)
+        return GeotorchSphereTarget(original, first, owner)
     if hasattr(first, "right_inverse"):
-        return Target(original, first, parent)
+        return Target(original, first, owner)
     return None
 
 
@@ -264,8 +264,8 @@ def _dtriv_link(p: Tensor) -> nn.Module | None:
 
 
 def _owners(params: list[Tensor], modules: Iterable[nn.Module] | None) -> dict[int, Any]:
-    """``id(parameter) -> (module, tensor name, ParametrizationList)`` for the parameters
-    registered as ``original`` of a parametrization of ``modules`` (or of any live module)."""
+    """``id(parameter) -> (module, ParametrizationList)`` for the parameters registered as
+    ``original`` of a parametrization of ``modules`` (or of any live module)."""
     wanted = {id(p) for p in params}
     if modules is None:
         candidates: Iterable[Any] = (
@@ -282,10 +282,10 @@ def _owners(params: list[Tensor], modules: Iterable[nn.Module] | None) -> dict[i
         registered = module._modules.get("parametrizations")
         if registered is None:
             continue
-        for name, plist in registered._modules.items():
+        for plist in registered._modules.values():
             original = plist._parameters.get("original")
             if original is not None and id(original) in wanted:
-                owners[id(original)] = (module, name, plist)
+                owners[id(original)] = (module, plist)
     return owners
 
 
@@ -317,7 +317,8 @@ def find_targets(
             owner = owners.get(id(p))
             if owner is None:
                 continue
-            target = _classify(p, owner[2], owner)
+            module, plist = owner
+            target = _classify(p, plist, module)
             if target is None:
                 static += 1
             else:

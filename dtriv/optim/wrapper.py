@@ -349,9 +349,9 @@ class DynamicTrivialization(torch.optim.Optimizer):
         with every base untouched); clears the optimizer state of the refreshed parameters
         with ``state="reset"``; re-projects the bases every ``reproject_every`` refreshes.
         """
-        targets = self.targets
-        if not all(t.attached() for t in targets):  # remove_parametrizations since the scan
-            targets = self._targets = [t for t in targets if t.attached()]
+        targets = [t for t in self.targets if t.attached()]
+        if len(targets) < len(self.targets):  # remove_parametrizations since the scan
+            self._targets = targets
         if not targets:
             return
         flags = self._finite([t.original for t in targets])

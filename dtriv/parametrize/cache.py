@@ -330,9 +330,8 @@ class ForwardMemo:
     not seen at all; read such a network under ``torch.no_grad()``, write under
     ``torch.no_grad()`` instead, or call :func:`memoize` ``(model)`` (which clears the memos)
     after the write. A training loop is safe either way, since backward invalidates the memo
-    before the step. Two
-    forwards between which nothing changed share one value and one graph of the
-    map: backpropagate their losses together (``(loss_a + loss_b).backward()``), or the first
+    before the step. Two forwards between which nothing changed share one value and one graph
+    of the map: backpropagate their losses together (``(loss_a + loss_b).backward()``), or the first
     backward with ``retain_graph=True``; a second ``backward`` through a graph that the first
     one freed raises torch's "backward through the graph a second time" error, exactly as under
     :func:`torch.nn.utils.parametrize.cached`. A value read in grad mode keeps its graph (the

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from dtriv.manifolds.base import Manifold
 from dtriv.parametrize.cache import ForwardMemo
-from dtriv.retractions._common import autocast_off, autocast_on, check_flag
+from dtriv.retractions._common import check_flag, without_autocast
 from dtriv.retractions._common import eps as _eps
 
 __all__ = ["Trivialization"]
@@ -270,13 +270,11 @@ class Trivialization(nn.Module):
             return memo(X, self.base, self._evaluate)
         return self._evaluate(X)
 
+    @without_autocast
     def _evaluate(self, X: Tensor) -> Tensor:
         """The map itself, without the memo; with autocast off (the maps compute in the
         parameter's precision; under ``torch.autocast`` the layer that reads the weight casts
         it, as for any float32 weight)."""
-        if autocast_on(X.device.type):
-            with autocast_off(X.device.type):
-                return self._evaluate(X)
         if not self._flat:  # the common case: no reshaping around the map
             return self.manifold.trivialize(self.base, X, self.retraction)
         return self._from_point(

@@ -43,21 +43,34 @@ def autocast_on(device_type: str) -> bool:
         return False
 
 
-def upcast_half(fn: F) -> F:
-    """Decorate a map so that half-precision tensor arguments are computed in float32, and
-    with autocast off (inside ``torch.autocast`` its products would run in half precision and
-    meet its float32 tensors: the maps' accuracy needs float32 throughout).
-
-    Tensor positional and keyword arguments in half precision are cast up; tensor results
-    (a tensor or a tuple of tensors) are cast back to the dtype of the first tensor argument.
-    """
+def without_autocast(fn: F) -> F:
+    """Decorate a map so that it runs with autocast off on the device of its first tensor
+    argument: inside ``torch.autocast`` its products would run in half precision and meet its
+    float32 tensors (the maps' accuracy needs the precision of their inputs throughout)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is not None and autocast_on(first.device.type):
             with autocast_off(first.device.type):
-                return wrapper(*args, **kwargs)
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def upcast_half(fn: F) -> F:
+    """Decorate a map so that half-precision tensor arguments are computed in float32, and
+    with autocast off (:func:`without_autocast`).
+
+    Tensor positional and keyword arguments in half precision are cast up; tensor results
+    (a tensor or a tuple of tensors) are cast back to the dtype of the first tensor argument.
+    """
+
+    @without_autocast
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is None or first.dtype not in _HALF:
             return fn(*args, **kwargs)
         out_dtype = first.dtype
@@ -133,8 +146,6 @@ def eye_like(A: Tensor) -> Tensor:
     return torch.eye(n, k, dtype=A.dtype, device=A.device)
 
 
-
-
 def eps(dtype: torch.dtype) -> float:
     """Machine epsilon of a real or complex dtype."""
     if dtype.is_complex:
@@ -194,8 +205,7 @@ def eager_context() -> bool:
     """Whether the call runs in plain eager code: no ``torch.func`` transform, ``torch.jit``
     tracing or ``torch.compile`` around it (where ``out=`` buffers, host reads and layout
     tricks are allowed)."""
-    return (not transforms_active() and torch._C._get_tracing_state() is None
-            and not torch.compiler.is_compiling())
+    return not (transforms_active() or tracing() or torch.compiler.is_compiling())
 
 
 def reports_backward(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:

@@ -260,9 +260,9 @@ class _Cayley(torch.autograd.Function):
         # copy) and solve M X = I as the adjoint system: measured 20% faster than inv(M).
         Id = _eye(A)
         LU, pivots, info = torch.linalg.lu_factor_ex(torch.add(Id, A, alpha=-0.5).mH)
-        # Under torch.func transforms info cannot be read (data-dependent control flow; a
-        # singular I - A/2 then gives non-finite entries) and vmap has no batching rule for
-        # out=.
+        # Under torch.func transforms, jit tracing and export info is not read
+        # (data-dependent control flow; a singular I - A/2 then gives non-finite entries),
+        # and vmap has no batching rule for out=.
         transformed = transforms_active() or tracing()
         if not transformed:
             _cayley_check(info)

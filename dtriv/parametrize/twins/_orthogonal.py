@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 
 from dtriv.parametrize.cache import ForwardMemo, install_fast_read
 from dtriv.parametrize.trivialization import _Link
-from dtriv.retractions._common import autocast_off, autocast_on, upcast_half
+from dtriv.retractions._common import upcast_half, without_autocast
 from dtriv.retractions.householder import householder, householder_inverse
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm_of_skew, logm
 from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp_canonical
@@ -229,12 +229,10 @@ class _Orthogonal(nn.Module):
         self._forget()
         super()._load_from_state_dict(*args, **kwargs)
 
+    @without_autocast
     def _evaluate(self, X: Tensor) -> Tensor:
         """The weight for the parameter ``X``, without the memo; with autocast off (as
         :meth:`dtriv.parametrize.Trivialization._evaluate`)."""
-        if autocast_on(X.device.type):
-            with autocast_off(X.device.type):
-                return self._evaluate(X)
         transposed = X.size(-2) < X.size(-1)
         if transposed:
             X = X.mT
