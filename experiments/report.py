@@ -36,6 +36,7 @@ from typing import Any
 from .checkpoint import read_jsonl, write_text
 from .config import NOT_IN_NAMES
 from .tasks import baseline_of
+from .train import flat_config
 
 __all__ = ["report", "load_runs", "RunResult", "mean_std"]
 
@@ -67,16 +68,7 @@ class RunResult:
     def comparable(self) -> dict[str, Any]:
         """The config without seed, execution-only keys, run label and output folder."""
         skip = {"train.seed", "task.path", *NOT_IN_NAMES}  # the data's location: not the run
-        out: dict[str, Any] = {}
-        for section, body in self.config.items():
-            if section in ("run", "output"):
-                continue
-            if isinstance(body, dict):
-                out.update({f"{section}.{k}": v for k, v in body.items()
-                            if f"{section}.{k}" not in skip})
-            else:
-                out[section] = body
-        return out
+        return {k: v for k, v in flat_config(self.config).items() if k not in skip}
 
     def execution(self) -> dict[str, Any]:
         """The execution-only keys of the config (they do not change what a run computes)."""

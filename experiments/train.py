@@ -72,8 +72,6 @@ CHECKPOINT_KEYS = ("format", "step", "finished", "config", "model", "optimizer",
 # count may change the rounding of the results, so exact reproduction needs the same ones.)
 RESUMABLE_KEYS = ("train.steps", "train.threads", "train.device", "train.checkpoint_every",
                   "train.eval_batch", "task.path")  # task.path: where the data lives
-# Top-level keys that say where a run lives and how its config was given, not what it is.
-_PROVENANCE = ("output", "run")
 
 
 class RunExistsError(RuntimeError):
@@ -101,12 +99,17 @@ class DivergedError(FloatingPointError):
         super().__init__(f"{directory}: diverged at step {step}: {what}; {kept}")
 
 
-def _flatten(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``{"table.key": value}`` of a config, in JSON form (``inf`` as ``"inf"``)."""
+# Top-level keys that say where a run lives and how its config was given, not what it is.
+PROVENANCE = ("output", "run")
+
+
+def flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``{"table.key": value}`` of a resolved config without its :data:`PROVENANCE` keys, in
+    JSON form (``inf`` as ``"inf"``, as ``config.json`` and checkpoints hold it)."""
     cfg = json.loads(json.dumps(jsonable(cfg)))
     flat: dict[str, Any] = {}
     for key, value in cfg.items():
-        if key in _PROVENANCE:
+        if key in PROVENANCE:
             continue
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
@@ -120,7 +123,7 @@ _ABSENT = "<absent>"
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, new value)`` for every key outside ``RESUMABLE_KEYS`` that differs."""
-    old, cur = _flatten(saved), _flatten(new)
+    old, cur = flat_config(saved), flat_config(new)
     keys = list(cur) + [k for k in old if k not in cur]
     return [(k, old.get(k, _ABSENT), cur.get(k, _ABSENT)) for k in keys
             if k not in RESUMABLE_KEYS and old.get(k, _ABSENT) != cur.get(k, _ABSENT)]
