@@ -8,7 +8,9 @@
     python -m experiments demo [--jobs N] [--output DIR]
 
 ``run`` trains the configuration of CONFIG (its ``[sweep]`` table is ignored; ``--set``
-changes single keys, e.g. ``--set optim.K=10``). Under ``torchrun`` a run is data-parallel.
+changes single keys, e.g. ``--set optim.K=10``, and names them in the run's folder, except
+execution-only keys, ``train.steps`` and ``task.path``, so ``--resume --set train.steps=N``
+extends a run in its folder). Under ``torchrun`` a run is data-parallel.
 ``sweep`` runs every combination of the ``[sweep]`` table, ``--jobs`` at a time, or with
 ``--print-commands`` prints one ``run`` command per combination for a scheduler.
 
@@ -27,7 +29,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError, expand_sweep, load_config
+from .config import NOT_IN_NAMES, RESUMABLE_KEYS, ConfigError, expand_sweep, load_config
 
 __all__ = ["main", "build_parser", "demo_config_path"]
 
@@ -37,14 +39,22 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("experiments") / "configs" / "demo.toml"))
 
 
+_SET_HELP = (
+    "override one key, e.g. optim.K=10 or model.retraction=cayley; KEY=VALUE becomes part of "
+    f"the run's folder name, except for {', '.join(NOT_IN_NAMES)} and (unless CONFIG's "
+    f"[sweep] lists them) {' and '.join(k for k in RESUMABLE_KEYS if k not in NOT_IN_NAMES)}"
+    ", so --resume --set train.steps=N extends a run in its folder")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment TOML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. optim.K=10 or model.retraction=cayley")
+                   help=_SET_HELP)
     p.add_argument("--output", default=None, help="results folder (default: the config's)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
-                      help="continue an interrupted run from its checkpoint")
+                      help="continue an interrupted run from its checkpoint; with --set "
+                           "train.steps=N, extend it to N steps in the same folder")
     mode.add_argument("--overwrite", action="store_true", help="delete earlier results first")
 
 

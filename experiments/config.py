@@ -13,7 +13,7 @@ import copy
 import itertools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ __all__ = [
     "parse_override",
     "run_label",
     "Run",
+    "NOT_IN_NAMES",
+    "RESUMABLE_KEYS",
 ]
 
 MISSING = object()
@@ -332,6 +334,14 @@ def _short(key: str) -> str:
 NOT_IN_NAMES = ("train.device", "train.threads", "train.log_every", "train.checkpoint_every",
                 "train.eval_batch")
 
+# Keys that ``--resume`` lets change (checked by ``train``): more steps (extending a run), and
+# keys that change how a run executes, not what it computes or what its log records. (A
+# different device or thread count may change the rounding of the results, so exact
+# reproduction needs the same ones.) None of them is part of a run's name unless the config
+# file's ``[sweep]`` lists it, so ``--resume --set train.steps=N`` extends a run in its folder.
+RESUMABLE_KEYS = ("train.steps", "train.threads", "train.device", "train.checkpoint_every",
+                  "train.eval_batch", "task.path")  # task.path: where the data lives
+
 
 def _label_value(value: Any) -> str:
     """``value`` as one safe folder-name part: every run of characters other than letters,
@@ -339,15 +349,21 @@ def _label_value(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", _fmt(value))
 
 
-def run_label(overrides: dict[str, Any], seed: int) -> tuple[str, str]:
+def run_label(overrides: dict[str, Any], seed: int,
+              swept: Collection[str] = ()) -> tuple[str, str]:
     """``(run, group)`` names from the swept keys, e.g. ``"retraction=expm_K=100_seed=0"``.
 
     The group is the run name without the seed; runs of one group differ only in their seed.
-    Keys in ``NOT_IN_NAMES`` (device, threads, logging periods) are left out. Values are
-    reduced to safe characters, so a label is always one folder (never ``a/b`` or ``..``).
+    Keys in ``NOT_IN_NAMES`` (device, threads, logging periods) are left out, and so are the
+    other ``RESUMABLE_KEYS`` (``train.steps``, ``task.path``) unless ``swept`` (the keys of
+    the config file's ``[sweep]`` table) holds them: ``--resume --set train.steps=N`` extends
+    a run in its folder, while the runs of a sweep over ``train.steps`` keep distinct names
+    (and the ``run`` commands that reproduce them name the same folders). Values are reduced
+    to safe characters, so a label is always one folder (never ``a/b`` or ``..``).
     """
     parts = [f"{_short(key)}={_label_value(v)}" for key, v in overrides.items()
-             if key != "train.seed" and key not in NOT_IN_NAMES]
+             if key != "train.seed" and key not in NOT_IN_NAMES
+             and (key not in RESUMABLE_KEYS or key in swept)]
     group = "_".join(parts) or "default"
     return "_".join([*parts, f"seed={seed}"]), group
 
@@ -370,9 +386,10 @@ class Run:
 
 
 def _resolve(raw: dict[str, Any], overrides: dict[str, Any], source: str,
-             cli: dict[str, Any] | None = None) -> Run:
+             cli: dict[str, Any] | None = None, swept: Collection[str] = ()) -> Run:
     """The run of ``raw`` with ``overrides`` applied; ``cli`` are those given with ``--set``
-    (named in errors, as ``FILE with --set KEY=VALUE ...``)."""
+    (named in errors, as ``FILE with --set KEY=VALUE ...``); ``swept``: the keys of the
+    file's ``[sweep]`` table (see :func:`run_label`)."""
     base = copy.deepcopy(raw)
     base.pop("sweep", None)
     base.setdefault("name", Path(source).stem)  # before ``source`` grows a --set suffix
@@ -381,7 +398,7 @@ def _resolve(raw: dict[str, Any], overrides: dict[str, Any], source: str,
         where = f"{source} with --set " + " ".join(f"{k}={_fmt(v)}" for k, v in cli.items())
     cfg = validate(_set(base, overrides), where)
     cfg.pop("sweep")
-    run, group = run_label(overrides, cfg["train"]["seed"])
+    run, group = run_label(overrides, cfg["train"]["seed"], swept)
     cfg["run"] = {"name": run, "group": group, "source": source,
                   "overrides": {k: _fmt(v) if isinstance(v, float) else v
                                 for k, v in overrides.items()}}
@@ -429,20 +446,28 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None,
                 output: str | None = None) -> Run:
-    """The single run ``path`` describes (its ``[sweep]`` ignored), with ``--set`` overrides."""
+    """The single run ``path`` describes (its ``[sweep]`` ignored), with ``--set`` overrides.
+
+    The ``[sweep]`` table only decides whether a ``--set`` of ``train.steps`` or ``task.path``
+    is part of the run name (see :func:`run_label`), so that the commands of ``sweep
+    --print-commands`` name the folders of the sweep.
+    """
     raw = read_toml(path)
     if output is not None:
         raw["output"] = output
-    validate(raw, str(path))  # the whole file, sweep included, before anything runs
+    cfg = validate(raw, str(path))  # the whole file, sweep included, before anything runs
     cli = apply_overrides(raw, overrides or [])
-    return _resolve(raw, cli, str(path), cli)
+    return _resolve(raw, cli, str(path), cli, cfg["sweep"])
 
 
 def expand_sweep(path: str | Path, overrides: list[str] | None = None,
                  output: str | None = None) -> list[Run]:
     """Every run of the ``[sweep]`` table (the product of its lists, in file order).
 
-    ``overrides`` fix keys for all runs (a key both swept and overridden takes the override).
+    ``overrides`` fix keys for all runs (a key both swept and overridden takes the override);
+    like ``run``'s, a fixed ``train.steps`` or ``task.path`` keeps the run names unless the
+    file's ``[sweep]`` lists the key, so ``sweep --resume --set train.steps=N`` extends every
+    run of the sweep in its folder.
     """
     raw = read_toml(path)
     if output is not None:
@@ -450,14 +475,18 @@ def expand_sweep(path: str | Path, overrides: list[str] | None = None,
     cfg = validate(raw, str(path))
     fixed = apply_overrides(raw, overrides or [])
     sweep = {k: v for k, v in cfg["sweep"].items() if k not in fixed}
-    runs = [_resolve(raw, {**combo, **fixed}, str(path), fixed)
+    runs = [_resolve(raw, {**combo, **fixed}, str(path), fixed, cfg["sweep"])
             for combo in _combinations(sweep)]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):  # repeated values, or values equal once sanitized
         twice = sorted({n for n in names if names.count(n) > 1})
+        unnamed = [k for k in sweep if k in NOT_IN_NAMES]
+        hint = (f"; {', '.join(unnamed)} never enter run names (they change how a run "
+                "executes, not what it computes): run one sweep per value, each with its own "
+                "--output" if unnamed else "")
         raise ConfigError(
             f"{path}: [sweep]: expected combinations with distinct run names (one folder "
             f"each), got {len(names) - len(set(names))} repeated: {', '.join(twice[:5])}; "
             "remove repeated values, or values that differ only in characters a folder name "
-            "cannot hold")
+            f"cannot hold{hint}")
     return runs

@@ -23,6 +23,15 @@ change is a :class:`ResumeConfigError` listing each changed key, raised before a
 written.
 All files are written atomically (see :mod:`experiments.checkpoint`).
 
+Without a checkpoint, ``resume=True`` starts the run over, which rewrites ``metrics.jsonl``.
+It does so only where that loses nothing the restart does not compute again: a run killed
+before its first checkpoint (no ``final.json``, no record past the first checkpoint step,
+``min(checkpoint_every, steps)`` of its ``config.json``), whose log is truncated to step 0
+as a resume truncates it back to its checkpoint's step. A folder whose log shows that a
+checkpoint was written (or that has a log but no ``config.json``) has lost its checkpoint:
+:class:`CheckpointMissingError`, raised before anything is written, names the folder and the
+logged steps; ``overwrite=True`` starts such a run over.
+
 While a run trains, its folder holds a ``.lock`` file (the writer's pid and host) locked
 with ``flock``: a second process writing the same run (a ``--resume`` while an orphaned
 sweep worker still trains it) stops with :class:`RunLockedError`. The operating system
@@ -52,14 +61,22 @@ import torch
 from torch import nn
 
 from . import backend, distributed
-from .checkpoint import MetricsLog, jsonable, load_checkpoint, save_checkpoint, write_json
-from .config import ConfigError, Run
+from .checkpoint import (
+    MetricsLog,
+    jsonable,
+    load_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+    write_json,
+)
+from .config import RESUMABLE_KEYS, ConfigError, Run
 from .models import build_model
 from .progress import ProgressBar
 from .tasks import Task, build_task
 
-__all__ = ["train", "RunExistsError", "RunLockedError", "ResumeConfigError", "DivergedError",
-           "config_changes", "resolve_device", "RUN_FILES", "RESUMABLE_KEYS"]
+__all__ = ["train", "RunExistsError", "CheckpointMissingError", "RunLockedError",
+           "ResumeConfigError", "DivergedError", "config_changes", "resolve_device", "RUN_FILES",
+           "RESUMABLE_KEYS"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "final.json")
 LOCK_FILE = ".lock"
@@ -67,15 +84,13 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("format", "step", "finished", "config", "model", "optimizer", "ranks", "rng",
                    "elapsed", "best")
 
-# Keys that ``--resume`` lets change: more steps (extending a run), and keys that change how
-# a run executes, not what it computes or what its log records. (A different device or thread
-# count may change the rounding of the results, so exact reproduction needs the same ones.)
-RESUMABLE_KEYS = ("train.steps", "train.threads", "train.device", "train.checkpoint_every",
-                  "train.eval_batch", "task.path")  # task.path: where the data lives
-
 
 class RunExistsError(RuntimeError):
     """The run folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class CheckpointMissingError(RunExistsError):
+    """``--resume`` on a run whose checkpoint is gone while its log shows one was written."""
 
 
 class RunLockedError(RuntimeError):
@@ -253,6 +268,38 @@ def _prepare_folder(directory: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
+def _missing_checkpoint(directory: Path, saved: dict[str, Any] | None) -> str | None:
+    """Why ``--resume`` must not start a run without a checkpoint over; ``None`` if it may.
+
+    It may when the log holds no step, or no more than a run killed before its first
+    checkpoint logs: ``config.json`` (``saved``) present, no ``final.json``, and no record
+    past its first checkpoint step ``min(checkpoint_every, steps)`` (a record at that step:
+    killed while the checkpoint was written). Those records are computed again. Otherwise a
+    checkpoint was written and is gone, and starting over would rewrite ``metrics.jsonl``.
+    """
+    steps = [r["step"] for r in read_jsonl(directory / "metrics.jsonl")
+             if isinstance(r.get("step"), int)]
+    if not steps:
+        return None
+    try:
+        first = min(int(saved["train"]["checkpoint_every"]), int(saved["train"]["steps"]))
+    except (TypeError, KeyError, ValueError):
+        first = None
+    if (directory / "final.json").exists():
+        why = "final.json says the run finished, so it wrote a checkpoint"
+    elif first is None:
+        why = "config.json is missing or incomplete"
+    elif max(steps) > first:
+        why = f"its first checkpoint was due at step {first}"
+    else:
+        return None
+    return (f"{directory}: --resume: checkpoint.pt is missing, but metrics.jsonl holds "
+            f"{len(steps)} logged steps (up to step {max(steps)}) and {why}; starting over "
+            "would rewrite that log, so nothing was changed. Restore checkpoint.pt to continue "
+            "the run, or pass --overwrite to start it over (this deletes the run's files: "
+            "copy metrics.jsonl elsewhere first to keep it)")
+
+
 def train(run: Run, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           callback: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train ``run`` to its last step and return its final record (see the module docstring).
@@ -313,12 +360,17 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
         torch.set_num_threads(tcfg["threads"])
     seed, steps = tcfg["seed"], tcfg["steps"]
     task = build_task(cfg["task"], seed + 7919 * info.rank, device)  # data errors first
-    has_checkpoint, saved_json = False, None
+    has_checkpoint, saved_json, missing = False, None, None
     if info.is_main:
         has_checkpoint = _prepare_folder(directory, resume, overwrite)
-        if resume and not has_checkpoint and (directory / "config.json").exists():
-            saved_json = json.loads((directory / "config.json").read_text())
-    has_checkpoint, saved_json = info.all_gather((has_checkpoint, saved_json))[0]
+        if resume and not has_checkpoint:
+            if (directory / "config.json").exists():
+                saved_json = json.loads((directory / "config.json").read_text())
+            missing = _missing_checkpoint(directory, saved_json)
+    has_checkpoint, saved_json, missing = info.all_gather(
+        (has_checkpoint, saved_json, missing))[0]
+    if missing is not None:  # every rank stops, before anything is written
+        raise CheckpointMissingError(missing)
     ckpt = _load_run_checkpoint(directory, device) if has_checkpoint else None
     # --resume continues the saved run: check the config before writing anything
     if ckpt is not None:
@@ -349,7 +401,7 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
     checkpoint_step: int | None = None
     acc = {"loss": 0.0, "accuracy": 0.0, "n": 0}
     if ckpt is None:
-        log.truncate(0)  # --resume before the first checkpoint: start the log over
+        log.truncate(0)  # --resume before the first checkpoint (_missing_checkpoint: None)
     else:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

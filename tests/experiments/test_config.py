@@ -187,10 +187,54 @@ def test_set_errors_name_set_not_the_file(write_config):
 def test_run_labels_are_one_folder(write_config, tmp_path):
     base = {k: v for k, v in load_config(write_config()).config.items()
             if k in ("model", "optim", "train")}
-    path = write_config(base=base, task={"name": "mnist", "path": "/x"})
-    run = load_config(path, ["task.path=/data/../mnist"])
+    path = write_config(base=base, task={"name": "mnist", "path": "/x"},
+                        sweep={"task.path": ["/data/../mnist", "/y"]})
+    run = expand_sweep(path)[0]
     assert run.name == "path=_data_.._mnist_seed=3"
     assert run.directory.parent == tmp_path / "results" / "tiny"
+    assert load_config(path, ["task.path=/data/../mnist"]).directory == run.directory
+
+
+def test_set_of_a_resumable_key_keeps_the_run_name(write_config):
+    # --resume --set train.steps=N extends the run in its folder; the data may move
+    path = write_config(sweep={"optim.K": [1, 7], "train.seed": [0, 1]})
+    plain = load_config(path)
+    for pairs in (["train.steps=500"],
+                  ["train.steps=500", "train.threads=2", "train.checkpoint_every=3",
+                   "train.eval_batch=7", "train.device=cpu"]):
+        run = load_config(path, pairs)
+        assert run.name == plain.name == "seed=3" and run.directory == plain.directory
+        assert run.config["run"]["group"] == "default"
+    assert load_config(path, ["train.steps=500"]).config["train"]["steps"] == 500
+    assert load_config(path, ["optim.lr=0.5"]).name == "lr=0.5_seed=3"  # not resumable
+    names = [r.name for r in expand_sweep(path)]
+    extended = expand_sweep(path, ["train.steps=500"])
+    assert [r.name for r in extended] == names == ["K=1_seed=0", "K=1_seed=1", "K=7_seed=0",
+                                                   "K=7_seed=1"]
+    assert {r.config["train"]["steps"] for r in extended} == {500}
+    base = {k: v for k, v in plain.config.items() if k in ("model", "optim", "train")}
+    pixels = write_config("pixels.toml", base=base, task={"name": "digits", "path": "/a"})
+    assert load_config(pixels, ["task.path=/b/moved"]).name == "seed=3"
+
+
+def test_a_sweep_over_steps_names_its_runs(write_config, capsys):
+    # a swept resumable key is what tells the runs apart: it stays in their names, also in
+    # the `run` commands that reproduce them, and repeated values still collide
+    path = write_config(sweep={"train.steps": [10, 20], "train.seed": [0]})
+    runs = expand_sweep(path)
+    assert [r.name for r in runs] == ["steps=10_seed=0", "steps=20_seed=0"]
+    assert [r.config["run"]["group"] for r in runs] == ["steps=10", "steps=20"]
+    for line, run in zip(commands(runs, str(path)), runs):
+        argv = shlex.split(line)
+        again = load_config(path, [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+        assert again.config == run.config and again.directory == run.directory
+    assert [r.name for r in expand_sweep(path, ["train.steps=30"])] == ["steps=30_seed=0"]
+    with pytest.raises(ConfigError, match=r"distinct run names .*got 1 repeated: "
+                                          r"steps=10_seed=3"):
+        expand_sweep(write_config(sweep={"train.steps": [10, 10]}))
+    with pytest.raises(ConfigError, match=r"distinct run names .*got 1 repeated: seed=3.*"
+                                          r"train\.threads"):
+        expand_sweep(write_config(sweep={"train.threads": [1, 2]}))
 
 
 def test_a_sweep_whose_runs_share_a_folder_names_them(write_config):

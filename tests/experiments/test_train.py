@@ -218,6 +218,75 @@ def test_resume_before_the_first_checkpoint_starts_over(write_config, tmp_path):
     assert metrics(run.directory) == metrics(reference.directory)
 
 
+def test_resume_refuses_a_run_whose_checkpoint_is_gone(write_config, capsys):
+    # the log shows that a checkpoint was written (steps past the first checkpoint period):
+    # starting over would rewrite metrics.jsonl, so --resume stops and changes nothing
+    path = write_config()
+    run = load_config(path)
+    with pytest.raises(Crash):
+        train(run, progress=False, callback=crash_at(24))  # checkpoints at 10 and 20
+    (run.directory / "checkpoint.pt").unlink()
+    saved = {name: (run.directory / name).read_bytes() for name in ("config.json",
+                                                                    "metrics.jsonl")}
+    with pytest.raises(RunExistsError) as info:
+        train(run, resume=True, progress=False)
+    msg = str(info.value)
+    assert type(info.value).__name__ == "CheckpointMissingError"
+    assert msg.startswith(f"{run.directory}: ")
+    assert "checkpoint.pt is missing" in msg and "4 logged steps (up to step 20)" in msg
+    assert "--overwrite" in msg
+    assert sorted(p.name for p in run.directory.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert {name: (run.directory / name).read_bytes() for name in saved} == saved
+    assert main(["run", str(path), "--resume", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "checkpoint.pt" in err
+    assert (run.directory / "metrics.jsonl").read_bytes() == saved["metrics.jsonl"]
+    assert main(["run", str(path), "--overwrite", "--no-progress"]) == 0  # starting over
+    assert [r["step"] for r in metrics(run.directory)] == [5, 10, 15, 20, 25, 30]
+
+
+def test_resume_refuses_a_finished_run_whose_checkpoint_is_gone(write_config):
+    # one checkpoint period longer than the run: the final checkpoint was its only one, and
+    # final.json says that it was written
+    run = load_config(write_config(train={"checkpoint_every": 200}))
+    train(run, progress=False)
+    (run.directory / "checkpoint.pt").unlink()
+    log = (run.directory / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunExistsError, match=r"checkpoint\.pt is missing.*6 logged steps "
+                                             r"\(up to step 30\).*final\.json"):
+        train(run, resume=True, progress=False)
+    assert (run.directory / "metrics.jsonl").read_bytes() == log
+
+
+def test_resume_while_the_first_checkpoint_was_written_starts_over(write_config, tmp_path):
+    # killed between logging step 10 and its checkpoint landing: no checkpoint, and a log
+    # that holds no more than a run before its first checkpoint writes
+    path = write_config()
+    run = load_config(path)
+    with pytest.raises(Crash):
+        train(run, progress=False, callback=crash_at(10))
+    (run.directory / "checkpoint.pt").unlink()
+    assert [r["step"] for r in read_jsonl(run.directory / "metrics.jsonl")] == [5, 10]
+    train(run, resume=True, progress=False)
+    reference = load_config(path, output=str(tmp_path / "ref"))
+    train(reference, progress=False)
+    assert metrics(run.directory) == metrics(reference.directory)
+
+
+def test_resume_with_set_steps_extends_the_run_in_place(write_config, tmp_path):
+    path = write_config()
+    assert main(["run", str(path), "--no-progress", "--set", "train.steps=10"]) == 0
+    short = load_config(path, ["train.steps=10"])
+    assert main(["run", str(path), "--no-progress", "--resume", "--set", "train.steps=20"]) == 0
+    longer = load_config(path, ["train.steps=20"])
+    assert longer.directory == short.directory == load_config(path).directory
+    assert sorted(p.name for p in short.directory.parent.iterdir()) == [short.name]
+    reference = load_config(write_config(train={"steps": 20}), output=str(tmp_path / "ref"))
+    train(reference, progress=False)
+    assert metrics(longer.directory) == metrics(reference.directory)
+    assert [r["step"] for r in metrics(longer.directory)] == [5, 10, 15, 20]
+
+
 def test_progress_bar_shows_step_loss_and_constraint_error(write_config):
     stream = io.StringIO()
     bar = ProgressBar(40, desc="demo", stream=stream, interval=0.0)
