@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dtriv.retractions._common import compute_dtype, eps
+from dtriv.retractions._common import compute_dtype, eps, is_meta
 
 __all__ = ["Manifold"]
 
@@ -132,8 +132,16 @@ class Manifold(abc.ABC):
         ``atol`` defaults to :meth:`tolerance` of the dtype of ``X``. With ``explain=True``
         return ``(ok, reason)``: the reason names the worst violated condition, its error,
         the tolerance and (for a batch) the index of the worst point.
+
+        A meta tensor (``torch.device("meta")``: a shape and a dtype, no values) is not
+        checked: ``True``, with the reason "not checked". The shape and dtype are validated as
+        for any tensor; a model built on meta registers its parametrizations, whose
+        assignments check membership, and gets its values later (``load_state_dict``).
         """
         self.validate(X)
+        if is_meta(X):  # no values to check
+            reason = "X is a meta tensor: it has no values, not checked"
+            return (True, reason) if explain else True
         if atol is None:
             atol = self.tolerance(X.dtype)
         batch = self._batch_shape(X)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
 from dtriv.retractions import registry
-from dtriv.retractions._common import skew, sym, upcast_half
+from dtriv.retractions._common import no_host_reads, skew, sym, upcast_half
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm, expm_of_skew, logm
 from dtriv.retractions.stiefel import (
     polar_factor,
@@ -220,14 +220,16 @@ class Stiefel(Manifold):
         Differentiable, with the stable backward of
         :func:`dtriv.retractions.stiefel.polar_factor` (finite at repeated singular values,
         e.g. on the manifold). For SO(n), points whose polar factor is a reflection get the
-        last singular vector flipped. Half precision is computed in float32.
+        last singular vector flipped (selected per point, without reading whether any needs it,
+        for meta tensors and under ``torch.jit.trace``/``torch.export``). Half precision is
+        computed in float32.
         """
         self.validate(X)
         T = self._t(X)
         Q = polar_factor(T)
         if self.special:
             flip = torch.linalg.det(Q) < 0
-            if bool(flip.any()):
+            if no_host_reads(X) or bool(flip.any()):
                 U, _, Wh = torch.linalg.svd(T, full_matrices=False)
                 last = torch.where(flip[..., None, None], -U[..., -1:], U[..., -1:])
                 R = torch.cat([U[..., :-1], last], dim=-1) @ Wh
@@ -241,9 +243,13 @@ class Stiefel(Manifold):
         leaves :math:`Q(I - \tfrac{3}{2}E^2 + O(E^3))`: the constraint error goes from
         :math:`\epsilon` to :math:`O(\epsilon^2)` (down to rounding) at the cost of two
         matmuls, :math:`O(n k^2)`, instead of an SVD. Points farther than 0.1 from the
-        manifold (constraint error) are projected instead. Determinants keep their sign.
+        manifold (constraint error) are projected instead, as are meta tensors and traced calls
+        (:func:`~dtriv.retractions._common.no_host_reads`: the distance cannot be read).
+        Determinants keep their sign.
         """
         self.validate(X)
+        if no_host_reads(X):
+            return self.project(X)
         T = self._t(X)
         G = T.mH @ T
         eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)

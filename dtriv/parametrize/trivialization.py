@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from dtriv.manifolds.base import Manifold
 from dtriv.parametrize.cache import ForwardMemo
-from dtriv.retractions._common import check_flag, without_autocast
+from dtriv.retractions._common import check_flag, is_meta, without_autocast
 from dtriv.retractions._common import eps as _eps
 
 __all__ = ["Trivialization"]
@@ -119,6 +119,13 @@ class Trivialization(nn.Module):
     :meth:`right_inverse` on the module's current tensor ``W``: the base becomes ``W``
     (projected onto the manifold when off it) and the parameter becomes zero, so
     the module keeps its weight (never a random sample).
+
+    **Meta tensors.** A module built on ``torch.device("meta")`` registers, evaluates and
+    backpropagates (the maps take their data-independent paths) with the shapes and dtypes it
+    has on a real device, and the same ``state_dict`` keys; ``to_empty`` and
+    ``load_state_dict`` then give it its values. Meta tensors have no values, so assignments
+    (registration included) keep them as they are, without the membership check or the
+    projection (``strict`` checks nothing on meta), and :meth:`refresh` does not re-project.
 
     **Buffers and state.** ``base`` has the point shape (the matrix shape when flattened).
     The extra state (``..._extra_state`` in ``state_dict``) records the manifold, the
@@ -289,7 +296,12 @@ class Trivialization(nn.Module):
 
     # ------------------------------------------------------------------ assignment
     def _on_manifold(self, W: Tensor, strict: bool) -> Tensor:
-        """``W`` (a point-shaped tensor) checked against the manifold, projected if needed."""
+        """``W`` (a point-shaped tensor) checked against the manifold, projected if needed.
+
+        A meta tensor has no values: it is taken as it is (neither checked, even with
+        ``strict``, nor projected), as a point already on the manifold would be."""
+        if is_meta(W):
+            return W.clone()
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"{self.tensor_name}: expected finite entries, got NaN or inf")
         ok, reason = self.manifold.check(W, explain=True)
@@ -401,11 +413,12 @@ class Trivialization(nn.Module):
         P = self.manifold.retract(
             self.base, self.manifold.tangent(self.base, self._to_point(original)), self.retraction
         )
-        error = self.manifold.distance(P)
-        if bool((error > self.reproject_atol(P.dtype)).any()):
-            P = self.manifold.project(P)
-        elif bool((error > self.polish_atol(P.dtype)).any()):
-            P = self.manifold.polish(P)
+        if not is_meta(P):  # a meta tensor has no constraint error to correct
+            error = self.manifold.distance(P)
+            if bool((error > self.reproject_atol(P.dtype)).any()):
+                P = self.manifold.project(P)
+            elif bool((error > self.polish_atol(P.dtype)).any()):
+                P = self.manifold.polish(P)
         self.base.copy_(P)
         original.zero_()
 

@@ -26,6 +26,8 @@ from ._common import (
     apply_function,
     check_floating,
     check_matrix,
+    geqrf,
+    is_meta,
     reports_backward,
     upcast_half,
 )
@@ -160,7 +162,8 @@ def householder_inverse(Q: Tensor) -> Tensor:
 
     For a ``Q`` whose columns are not orthonormal, ``householder`` of the result is the
     q-factor of ``Q`` with :math:`\operatorname{diag}(R) > 0`. Not differentiable
-    (``torch.geqrf`` has no derivative): computed under ``no_grad``.
+    (``torch.geqrf`` has no derivative): computed under ``no_grad``. For a meta tensor (no
+    values, and no ``geqrf`` kernel in torch) an uninitialised meta tensor of the shape.
 
     Args:
         Q: real ``(..., n, k)``, :math:`n \ge k`.
@@ -174,7 +177,9 @@ def householder_inverse(Q: Tensor) -> Tensor:
     check_floating(Q, "Q")
     _check_real(Q, "Q")
     with torch.no_grad():
-        A, tau = torch.geqrf(Q)
+        A, tau = geqrf(Q)  # torch has no geqrf for meta tensors: ours gives the shapes
+        if is_meta(Q):  # no values: the sign fixes below would select entries by value
+            return A
         A.diagonal(dim1=-2, dim2=-1).sign_()
         A.diagonal(dim1=-2, dim2=-1)[tau == 0.0] *= -1
     return A

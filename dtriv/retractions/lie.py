@@ -32,8 +32,9 @@ from ._common import (
     check_floating,
     check_matrix,
     eps,
+    is_meta,
+    no_host_reads,
     reports_backward,
-    tracing,
     transforms_active,
     upcast_half,
 )
@@ -148,9 +149,9 @@ def expm(A: Tensor) -> Tensor:
     (:func:`~dtriv.retractions._expm.expm_skew_taylor`): forward :math:`\pi_m + s`
     products, backward twice that.
     Forward-mode derivatives (``torch.func.jvp``, ``jacfwd``) use the same recurrences.
-    Matrices with ``n <= TORCH_MAX_N``, empty inputs, inputs with non-finite entries and
-    calls under ``torch.func.vmap`` (the degree is chosen from a data-dependent norm) go
-    to ``torch.linalg.matrix_exp``.
+    Matrices with ``n <= TORCH_MAX_N``, empty inputs, inputs with non-finite entries, calls
+    under ``torch.func.vmap``, ``torch.jit.trace`` or ``torch.export`` and meta tensors (the
+    degree is chosen from a data-dependent norm) go to ``torch.linalg.matrix_exp``.
 
     Args:
         A: ``(..., n, n)`` real or complex (skew-Hermitian for an orthogonal result).
@@ -169,7 +170,7 @@ def expm(A: Tensor) -> Tensor:
     """
     check_matrix(A, "A", square=True)
     check_floating(A, "A")
-    if A.shape[-1] <= TORCH_MAX_N or A.numel() == 0 or tracing():
+    if A.shape[-1] <= TORCH_MAX_N or A.numel() == 0 or no_host_reads(A):
         return torch.linalg.matrix_exp(A)
     try:
         norm = float(A.detach().abs().sum(dim=-2).amax())
@@ -198,7 +199,8 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
     each instead of two (:class:`~dtriv.retractions._expm.ExpmOfSkewTaylor`; in eager code
     written out, :class:`~dtriv.retractions._expm.ExpmOfSkewWrittenOut`). The same
     fallbacks as :func:`expm` apply (``n <= TORCH_MAX_N``, empty or non-finite input,
-    ``torch.func.vmap``). Second derivatives and forward mode are supported.
+    ``torch.func.vmap``, tracing, meta tensors). Second derivatives and forward mode are
+    supported.
 
     Args:
         X: ``(..., n, n)`` real or complex.
@@ -222,7 +224,7 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
         L = X.tril() if lower else X
         return torch.linalg.matrix_exp(L - L.mH)
 
-    if X.shape[-1] <= TORCH_MAX_N or X.numel() == 0 or tracing():
+    if X.shape[-1] <= TORCH_MAX_N or X.numel() == 0 or no_host_reads(X):
         return reference()
     try:
         return expm_of_skew_taylor(X, lower)
@@ -260,10 +262,10 @@ class _Cayley(torch.autograd.Function):
         # copy) and solve M X = I as the adjoint system: measured 20% faster than inv(M).
         Id = _eye(A)
         LU, pivots, info = torch.linalg.lu_factor_ex(torch.add(Id, A, alpha=-0.5).mH)
-        # Under torch.func transforms, jit tracing and export info is not read
-        # (data-dependent control flow; a singular I - A/2 then gives non-finite entries),
-        # and vmap has no batching rule for out=.
-        transformed = transforms_active() or tracing()
+        # Under torch.func transforms, jit tracing and export, and on meta tensors, info is
+        # not read (data-dependent control flow; a singular I - A/2 then gives non-finite
+        # entries), and vmap has no batching rule for out=.
+        transformed = transforms_active() or no_host_reads(A)
         if not transformed:
             _cayley_check(info)
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(A), adjoint=True)
@@ -382,8 +384,9 @@ class _CayleyOfSkew(torch.autograd.Function):
             LU, pivots, info = torch.linalg.lu_factor_ex(
                 torch.add(Id, A, alpha=0.5, out=arena.empty()))
         # M is invertible for every X (A is skew): only non-finite input can fail, and under
-        # torch.func transforms info cannot be read (data-dependent control flow).
-        if not (transforms_active() or tracing()) and (
+        # torch.func transforms, tracing or on meta tensors info cannot be read
+        # (data-dependent control flow).
+        if not (transforms_active() or no_host_reads(X)) and (
                 info.item() if info.dim() == 0 else info.any()):
             _cayley_check(info)
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(X), adjoint=True)
@@ -501,7 +504,8 @@ def cayley_inverse(Q: Tensor, *, tol: float | None = None) -> Tensor:
         ValueError: when the smallest singular value of :math:`Q + I` (for normal
             :math:`Q` the distance of its spectrum from :math:`-1`) is below ``tol``
             (default :math:`\sqrt{\varepsilon}` of the dtype; ``tol=0`` keeps only the
-            check that :math:`Q + I` is numerically invertible).
+            check that :math:`Q + I` is numerically invertible). Meta tensors, which have
+            no values, are not checked.
 
     Args:
         Q: ``(..., n, n)`` real or complex.
@@ -517,7 +521,7 @@ def cayley_inverse(Q: Tensor, *, tol: float | None = None) -> Tensor:
     check_floating(Q, "Q")
     tol = _default_tol(Q.dtype, tol)
     X, info = _cayley_inverse(Q)
-    if Q.numel():
+    if Q.numel() and not is_meta(Q):  # a meta tensor has no values to check
         with torch.no_grad():
             finite = torch.isfinite(X).all(dim=(-2, -1)) & (info == 0)
             bad = ~finite
@@ -535,14 +539,15 @@ class _Logm(torch.autograd.Function):
     def forward(ctx, Q: Tensor, tol: float, unitary_tol: float) -> Tensor:  # type: ignore[override]
         n = Q.shape[-1]
         Id = _eye(Q)
-        if Q.numel():
+        checked = Q.numel() > 0 and not is_meta(Q)  # a meta tensor has no values to check
+        if checked:
             err = (Q.mH @ Q - Id).abs().amax(dim=(-2, -1))
             if bool((~torch.isfinite(err)).any()) or bool((err > unitary_tol).any()):
                 raise ValueError(
                     f"Q: expected an orthogonal/unitary matrix (max |Q^H Q - I| <= "
                     f"{unitary_tol:.2e}), got max |Q^H Q - I| = {float(err.max()):.3e}"
                 )
-        if Q.numel() and not Q.is_complex():
+        if checked and not Q.is_complex():
             negative = torch.linalg.det(Q) < 0
             if bool(negative.any()):
                 _raise_near_minus_one(Q, "Q", negative, tol)
@@ -558,7 +563,7 @@ class _Logm(torch.autograd.Function):
         c_max = C.abs().amax(dim=(-2, -1)) if n else dist * 0
         dist = torch.minimum(dist, 2 / torch.sqrt(1 + (c_max / 2) ** 2))
         dist = torch.where(finite, dist, torch.zeros_like(dist))
-        if Q.numel() and bool((dist <= tol).any()):
+        if checked and bool((dist <= tol).any()):
             _raise_near_minus_one(Q, "Q", dist <= tol, tol)
         theta = 2 * torch.atan(lam / 2)  # in (-pi, pi)
         # Daleckii-Krein divided differences of log at q = e^{i theta}:
@@ -574,7 +579,7 @@ class _Logm(torch.autograd.Function):
         # The correction is accurate while |R| << dist (the second derivative of log is
         # O(1 / dist)); a larger residual means Q is too far from unitary for how close its
         # spectrum is to -1 (e.g. a real eigenvalue near -1 of a slightly non-orthogonal Q).
-        if Q.numel():
+        if checked:
             residual = R.abs().amax(dim=(-2, -1))
             bad = ~(residual <= 0.1 * dist)
             if bool(bad.any()):
@@ -628,7 +633,8 @@ def logm(Q: Tensor, *, tol: float | None = None) -> Tensor:
             orthogonal/unitary), or when the Newton residual
             :math:`\max|U^HQU - D|` exceeds a tenth of the distance to :math:`-1` (the
             first-order correction would not be accurate: :math:`Q` is too far from
-            unitary for how close its spectrum comes to :math:`-1`).
+            unitary for how close its spectrum comes to :math:`-1`). Meta tensors, which
+            have no values, are not checked.
 
     Args:
         Q: ``(..., n, n)`` real orthogonal or complex unitary.

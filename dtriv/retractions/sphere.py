@@ -29,6 +29,8 @@ from ._common import (
     check_same_shape,
     compute_dtype,
     eps,
+    is_meta,
+    no_host_reads,
     reports_backward,
     transforms_active,
     upcast_half,
@@ -146,7 +148,7 @@ def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor | float:
     :math:`t^2 < 10^{-2}`: the common case of a trivialization near its base) or
     :func:`_dsinc`, which selects per entry.
     """
-    if transforms_active():  # no host read of a transform's tensor: select per entry
+    if transforms_active() or no_host_reads(t):  # no host read: select per entry
         return 2 * _dsinc(t * t, cos, sinc)
     count = t.numel()
     if count == 1:
@@ -550,7 +552,7 @@ def sphere_log(x: Tensor, y: Tensor) -> Tensor:
     c = _rdot(x, y)
     u = y - c * x
     s2 = _sqnorm(u)
-    if y.numel():
+    if y.numel() and not is_meta(y):  # a meta tensor has no values to check
         with torch.no_grad():
             tol = math.sqrt(eps(x.dtype))
             antipodal = (c < 0) & (s2 <= tol**2)
@@ -613,7 +615,7 @@ def sphere_projective_inverse(x: Tensor, y: Tensor) -> Tensor:
     """
     _check_vectors(x, y, "x", "y")
     c = _rdot(x, y)
-    if y.numel():
+    if y.numel() and not is_meta(y):  # a meta tensor has no values to check
         with torch.no_grad():
             tol = math.sqrt(eps(x.dtype))
             if bool((c <= tol).any()):

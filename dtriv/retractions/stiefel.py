@@ -46,6 +46,8 @@ from ._common import (
     check_matrix,
     check_same_shape,
     eps,
+    is_meta,
+    no_host_reads,
     reports_backward,
     tracing,
     upcast_half,
@@ -193,9 +195,10 @@ def stiefel_qr(B: Tensor, V: Tensor) -> Tensor:
 
 def qf(X: Tensor) -> Tensor:
     """The q-factor of ``X`` with diag(R) > 0: :func:`cholesky_qf` when safe, else
-    :func:`householder_qf` (always under ``torch.jit.trace`` and ``torch.export``: the test
-    reads a norm on the host). ``X``: ``(..., n, k)``, ``n >= k``; cost :math:`O(n k^2)`."""
-    if tracing():
+    :func:`householder_qf` (always under ``torch.jit.trace`` and ``torch.export`` and for meta
+    tensors: the test reads a norm on the host). ``X``: ``(..., n, k)``, ``n >= k``; cost
+    :math:`O(n k^2)`."""
+    if no_host_reads(X):
         return householder_qf(X)
     Q = cholesky_qf(X)
     return householder_qf(X) if Q is None else Q
@@ -225,7 +228,7 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
     Raises:
         ValueError: if ``Q`` is not in the image of the QR retraction at ``B`` (a leading
             principal minor of :math:`B^H Q` vanishes or the solved diagonal of ``R`` is
-            not positive).
+            not positive). Meta tensors, which have no values, are not checked.
 
     Cost: :math:`O(n k^2)` for :math:`B^H Q` and :math:`Q R`, plus ``k`` solves of size at
     most ``k``, :math:`O(k^4)`.
@@ -261,6 +264,8 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
         cols.append(col)
     R = torch.stack(cols, dim=-1)
     diag = R.diagonal(dim1=-2, dim2=-1).real
+    if is_meta(R):  # no values to check
+        return Q @ R - B
     if not bool(torch.isfinite(R).all()) or bool((diag <= 0).any()):
         raise ValueError(
             "Q: expected a point in the image of the QR retraction at B (positive diagonal "
@@ -496,6 +501,8 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
             :math:`\max|I - Z Y| \le \sqrt{\epsilon}` (one more step then reaches
             :math:`\epsilon`), at most 100 steps; this reads one scalar per step back from the
             device. An integer (>= 1) runs exactly that many steps, with no host synchronisation.
+            Under ``torch.jit.trace``/``torch.export``, and for meta tensors with ``None``,
+            the SVD polar factor (:func:`stiefel_polar`, the limit) is computed instead.
 
     Cost: :math:`O(n k^2)` for the Gram matrix and the final product, plus
     :math:`O(k^3)` per iteration.
@@ -508,8 +515,10 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
                               or iters < 1):
         raise ValueError(f"iters: expected None or a positive int, got {iters!r}")
     X = B + V
-    if tracing():  # the iteration stops on a host-read criterion: the SVD polar factor,
-        return apply_function(_PolarFactor, X)[0]  # its limit, for a trace
+    if tracing() or (iters is None and is_meta(X)):
+        # the iteration stops on a host-read criterion: the SVD polar factor, its limit, for a
+        # trace and for meta tensors (which run a given number of iterations as they are)
+        return apply_function(_PolarFactor, X)[0]
     G = X.mH @ X
     G = (G + G.mH) / 2
     return X @ _inv_sqrt_newton_schulz(G, iters)
@@ -534,7 +543,7 @@ def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
 
     Raises:
         ValueError: if ``Q`` is not in the image of the polar retraction at ``B`` (``S``
-            not positive definite).
+            not positive definite). Meta tensors, which have no values, are not checked.
 
     Cost: :math:`O(n k^2)` for :math:`B^H Q` and :math:`Q S`, plus a dense solve of size
     :math:`k^2`, :math:`O(k^6)`: cheap for ``k`` up to a few tens.
@@ -550,6 +559,8 @@ def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
     rhs = (2 * I).reshape(k * k).expand(*M.shape[:-2], k * k)
     S = torch.linalg.solve(K, rhs).reshape(M.shape)
     S = (S + S.mH) / 2
+    if is_meta(S):  # no values to check
+        return Q @ S - B
     with torch.no_grad():
         lam = torch.linalg.eigvalsh(S)
     if not bool(torch.isfinite(lam).all()) or bool((lam <= 0).any()):

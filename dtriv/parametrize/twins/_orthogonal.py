@@ -31,6 +31,11 @@ errors as torch's; the weights and their gradients agree to rounding. What it ad
   ``torch.nn.utils.parametrize.cached()``. ``memoize = False`` on the parametrization (or
   :func:`dtriv.parametrize.memoize`) recomputes at every read, as torch does.
 
+* Meta tensors: a model built on ``torch.device("meta")`` registers (``use_trivialization``
+  either way, where torch's registration reads the weight's values and fails), evaluates and
+  backpropagates with the shapes, dtypes and ``state_dict`` keys it has on a real device; a
+  meta weight has no values, so it is neither checked for orthogonality nor orthogonalized.
+
 Two conventions differ from torch without changing any weight or gradient: after an
 assignment with a base, the ``"matrix_exp"``/``"cayley"`` parameter is 0 (torch: ``-I``,
 whose skew part ``X.tril() - X.tril()^H`` is 0 as well); ``"householder"`` takes the column
@@ -48,7 +53,7 @@ from torch.nn.utils import parametrize
 
 from dtriv.parametrize.cache import ForwardMemo, install_fast_read
 from dtriv.parametrize.trivialization import _Link
-from dtriv.retractions._common import upcast_half, without_autocast
+from dtriv.retractions._common import geqrf, is_meta, upcast_half, without_autocast
 from dtriv.retractions.householder import householder, householder_inverse
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm_of_skew, logm
 from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp_canonical
@@ -57,7 +62,10 @@ __all__ = ["orthogonal"]
 
 
 def _is_orthogonal(Q: Tensor) -> bool:
-    """``Q^H Q == I`` to ``10 n eps`` (torch's criterion)."""
+    """``Q^H Q == I`` to ``10 n eps`` (torch's criterion); ``True`` for a meta tensor, which has
+    no values to check (it is then kept as it is, as an orthogonal value would be)."""
+    if is_meta(Q):
+        return True
     n, k = Q.size(-2), Q.size(-1)
     Id = torch.eye(k, dtype=Q.dtype, device=Q.device)
     eps = 10.0 * n * torch.finfo(Q.dtype).eps
@@ -67,8 +75,8 @@ def _is_orthogonal(Q: Tensor) -> bool:
 @upcast_half
 def _make_orthogonal(A: Tensor) -> Tensor:
     """Q factor of the QR decomposition ``A = QR`` of a tall ``A`` with ``diag(R) > 0``
-    (half precision through float32: CPU LAPACK has no half QR)."""
-    X, tau = torch.geqrf(A)
+    (half precision through float32: CPU LAPACK has no half QR; meta tensors: the shapes)."""
+    X, tau = geqrf(A)
     Q = torch.linalg.householder_product(X, tau)
     Q *= X.diagonal(dim1=-2, dim2=-1).sgn().unsqueeze(-2)
     return Q
@@ -117,6 +125,8 @@ def _stiefel_cayley_preimage(Q: Tensor) -> Tensor:
     T = torch.linalg.lu_solve(LU, pivots, torch.cat([Q1 - Q1.mH, Q2], dim=-2), left=False)
     S = 2 * torch.linalg.lu_solve(LU, pivots, T[..., :k, :], adjoint=True)
     X = torch.cat([_tril_preimage(S), 2 * T[..., k:, :]], dim=-2)
+    if is_meta(X):  # no values to check
+        return X
     if info.any() or not torch.isfinite(X).all():
         raise ValueError(
             "Q: the Cayley parametrization of a non-square weight cannot reach Q: its top "
@@ -135,7 +145,7 @@ def _complete_base(base: Tensor, Q: Tensor) -> Tensor:
     ``k`` columns multiplied by ``sgn(diag(R))``. It is applied to ``base`` without forming it
     (:func:`torch.ormqr`): :math:`O(n^2 k)`.
     """
-    a, tau = torch.geqrf(Q)
+    a, tau = geqrf(Q)
     out = torch.ormqr(a, tau, base, left=False)
     k = Q.size(-1)
     out[..., :k] *= a.diagonal(dim1=-2, dim2=-1).sgn().unsqueeze(-2)
