@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dtriv.manifolds.base import Manifold
-from dtriv.parametrize.cache import ForwardMemo
+from dtriv.parametrize.cache import ForwardMemo, outside_compiled_graphs
 from dtriv.retractions._common import check_flag, is_meta, without_autocast
 from dtriv.retractions._common import eps as _eps
 
@@ -262,6 +262,7 @@ class Trivialization(nn.Module):
         return bool(getattr(self.manifold, "square", False))
 
     # ------------------------------------------------------------------ the map
+    @outside_compiled_graphs
     def forward(self, X: Tensor) -> Tensor:
         r""":math:`R_B(T_B(X))`: the point of the manifold that ``X`` denotes at the base."""
         if self.base is None:

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from dtriv.parametrize.cache import ForwardMemo, install_fast_read
+from dtriv.parametrize.cache import ForwardMemo, install_fast_read, outside_compiled_graphs
 from dtriv.parametrize.trivialization import _Link
 from dtriv.retractions._common import geqrf, is_meta, upcast_half, without_autocast
 from dtriv.retractions.householder import householder, householder_inverse
@@ -221,6 +221,7 @@ class _Orthogonal(nn.Module):
                  else stiefel_cayley(E, V))
         return Q if base is None else base @ Q
 
+    @outside_compiled_graphs
     def forward(self, X: Tensor) -> Tensor:
         if self.memoize and not torch.compiler.is_compiling():
             memo = self.__dict__.get("_memo")

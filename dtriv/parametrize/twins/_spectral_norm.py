@@ -20,6 +20,9 @@ the weight is not batched (``vmap`` over the inputs only): the power-iteration s
 the buffers in place, which ``vmap`` over the weight cannot do, as with torch's; the error
 then says so. Forward mode (``jvp``, ``hessian``) also works in training mode, where torch's
 raises.
+
+Under ``torch.compile`` (``fullgraph=True`` included) it is traced: the power-iteration step
+and ``W / sigma`` are torch's operations there, as in torch's ``spectral_norm``.
 """
 
 from __future__ import annotations
@@ -184,7 +187,10 @@ class _SpectralNorm(nn.Module):
         # its own forward although the buffers are updated in place
         u = self._u.clone(memory_format=torch.contiguous_format)
         v = self._v.clone(memory_format=torch.contiguous_format)
-        if self.dim == 0 and weight.dtype in (torch.float32, torch.float64):
+        # one node with its own derivatives, in eager code; under torch.compile the same
+        # formula by torch's operations (dynamo refuses a Function with a custom jvp)
+        if (self.dim == 0 and weight.dtype in (torch.float32, torch.float64)
+                and not torch.compiler.is_compiling()):
             return _divide_by_sigma(weight, u, v)
         return weight / spectral_norm_estimate(self._reshape_weight_to_matrix(weight), u, v)
 
