@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
+from dtriv.retractions._common import outside_compiled_graphs
 from dtriv.retractions._scratch import Arena
 
 from .parameter import manifold_of
@@ -336,17 +337,26 @@ class RiemannianMixin:
             with torch.enable_grad():
                 loss = closure()
         self._euclidean_step()
-        with torch.no_grad():
-            for group in self.param_groups:
-                for bucket in self._buckets(group):
-                    # the update's temporaries (stacked gradients, ...) come from an arena
-                    with Arena(bucket.params[0].detach()) as bucket.arena:
-                        self._update_bucket(group, bucket)
-                    bucket.arena = None
-                group["step"] = group.get("step", 0) + 1
-                if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
-                    self._stabilize_group(group)
+        self._manifold_step()
         return loss
+
+    # Under torch.compile the manifold updates run as eager code: they read values on the
+    # host (which QR a bucket takes, the step counts of the stacked buffers), so traced they
+    # broke the graph at each read and recompiled as those values changed; the Euclidean
+    # parameters' torch step is still traced.
+    @outside_compiled_graphs
+    @torch.no_grad()
+    def _manifold_step(self) -> None:
+        """The update of every manifold parameter (bucket by bucket), and stabilization."""
+        for group in self.param_groups:
+            for bucket in self._buckets(group):
+                # the update's temporaries (stacked gradients, ...) come from an arena
+                with Arena(bucket.params[0].detach()) as bucket.arena:
+                    self._update_bucket(group, bucket)
+                bucket.arena = None
+            group["step"] = group.get("step", 0) + 1
+            if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
+                self._stabilize_group(group)
 
     @torch.no_grad()
     def stabilize(self) -> None:

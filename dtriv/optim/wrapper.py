@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dtriv.retractions._common import outside_compiled_graphs
+
 from .targets import Target, _dtriv_link, _owners, find_targets
 
 __all__ = ["DynamicTrivialization", "NonFiniteGradientError"]
@@ -283,6 +285,10 @@ class DynamicTrivialization(torch.optim.Optimizer):
                 flags[i] = v or bool(torch.isfinite(dense[i]).all())
         return flags
 
+    # Under torch.compile the checks of values and the refresh run as eager code (host reads
+    # and in-place writes of the bases, at most every K steps: traced, each refresh added
+    # graphs); the inner optimizer's step is still traced.
+    @outside_compiled_graphs
     def _gradients_finite(self) -> bool:
         grads = self._grads()
         flags = self._finite([g for _, _, g in grads])
@@ -341,6 +347,7 @@ class DynamicTrivialization(torch.optim.Optimizer):
             self.refresh()
         return loss
 
+    @outside_compiled_graphs
     @torch.no_grad()
     def refresh(self) -> None:
         """Refresh every base now (the wrapper calls this every ``K`` steps).

@@ -40,8 +40,16 @@ forward raises. Nothing else changes:
   ``torch.compile`` the values are computed once per compiled call as well.
 
 **Under** ``torch.compile`` dtriv's parametrizations run outside the compiled graphs
-(:func:`outside_compiled_graphs`): one graph break per read, the map computed in eager code,
-its memo kept.
+(:func:`~dtriv.retractions._common.outside_compiled_graphs`): the maps choose their degrees,
+scalings and iteration counts from norms read on the host and check their factorizations
+there; traced by dynamo, each such read was a graph break and each new choice (a larger
+generator after some steps, a smaller one after a refresh) a recompilation (dynamic
+trivialization reached torch's recompilation limit within ten steps), and the map ran once
+per read. Run outside the graph, the map is the same eager code as without compilation
+(values equal bit for bit), its memo serves the later reads of a forward, and the graphs
+compiled around it at the first step serve every later one: one graph break per read of the
+weight. ``torch.compile(..., fullgraph=True)`` therefore refuses these parametrizations;
+``torch.export`` traces the maps' data-independent paths.
 
 The handle it returns removes both hooks (``handle.remove()``) and is a context manager
 that removes them on exit (``with cache_per_forward(model): ...``).
@@ -49,7 +57,6 @@ that removes them on exit (``with cache_per_forward(model): ...``).
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable
 from types import TracebackType
@@ -79,33 +86,6 @@ __all__ = [
     "register_parametrization",
     "remove_parametrizations",
 ]
-
-
-def outside_compiled_graphs(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Decorate a parametrization's ``forward`` so that ``torch.compile`` calls it as eager
-    code instead of tracing it (``torch.export`` still traces it).
-
-    The maps choose their degrees, scalings and iteration counts from norms read on the
-    host, and check their factorizations there. Traced by dynamo, each such read is a graph
-    break, and each new choice (a larger generator after some steps, a smaller one after a
-    refresh) a recompilation: dynamic trivialization reached torch's recompilation limit
-    within ten steps, and the map ran once per read (the memo is off in traced code). Run
-    outside the graph, the map is computed by the same eager code as without compilation
-    (values equal to it, bit for bit), its memo serves the later reads of a forward, and the
-    graphs compiled around it at the first step serve every later one: one graph break per
-    read of the weight. ``torch.compile(..., fullgraph=True)`` therefore refuses these
-    parametrizations (it refuses any graph break); ``torch.export`` traces the maps' data-
-    independent paths instead (see :func:`dtriv.retractions._common.tracing`).
-    """
-    eager = torch.compiler.disable(forward, recursive=True)
-
-    @functools.wraps(forward)
-    def wrapper(self: nn.Module, *tensors: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-            return eager(self, *tensors)
-        return forward(self, *tensors)
-
-    return wrapper
 
 
 class CachePerForward:

@@ -35,8 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from dtriv.manifolds.base import Manifold
-from dtriv.parametrize.cache import ForwardMemo, outside_compiled_graphs
-from dtriv.retractions._common import check_flag, is_meta, without_autocast
+from dtriv.parametrize.cache import ForwardMemo
+from dtriv.retractions._common import (
+    check_flag,
+    is_meta,
+    outside_compiled_graphs,
+    without_autocast,
+)
 from dtriv.retractions._common import eps as _eps
 
 __all__ = ["Trivialization"]

@@ -51,9 +51,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from dtriv.parametrize.cache import ForwardMemo, install_fast_read, outside_compiled_graphs
+from dtriv.parametrize.cache import ForwardMemo, install_fast_read
 from dtriv.parametrize.trivialization import _Link
-from dtriv.retractions._common import geqrf, is_meta, upcast_half, without_autocast
+from dtriv.retractions._common import (
+    geqrf,
+    is_meta,
+    outside_compiled_graphs,
+    upcast_half,
+    without_autocast,
+)
 from dtriv.retractions.householder import householder, householder_inverse
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm_of_skew, logm
 from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp_canonical
