@@ -212,6 +212,11 @@ def test_resume_before_the_first_checkpoint_starts_over(write_config, tmp_path):
         train(run, progress=False, callback=crash_at(7))  # logged step 5, no checkpoint yet
     assert [r["step"] for r in read_jsonl(run.directory / "metrics.jsonl")] == [5]
     assert not (run.directory / "checkpoint.pt").exists()
+    resumed_matches_a_clean_run(run, path, tmp_path)
+
+
+def resumed_matches_a_clean_run(run, path, tmp_path):
+    """``--resume`` of ``run`` logs what a run from scratch of the same config logs."""
     train(run, resume=True, progress=False)
     reference = load_config(path, output=str(tmp_path / "ref"))
     train(reference, progress=False)
@@ -267,10 +272,7 @@ def test_resume_while_the_first_checkpoint_was_written_starts_over(write_config,
         train(run, progress=False, callback=crash_at(10))
     (run.directory / "checkpoint.pt").unlink()
     assert [r["step"] for r in read_jsonl(run.directory / "metrics.jsonl")] == [5, 10]
-    train(run, resume=True, progress=False)
-    reference = load_config(path, output=str(tmp_path / "ref"))
-    train(reference, progress=False)
-    assert metrics(run.directory) == metrics(reference.directory)
+    resumed_matches_a_clean_run(run, path, tmp_path)
 
 
 def test_resume_with_set_steps_extends_the_run_in_place(write_config, tmp_path):
