@@ -177,6 +177,43 @@ transforms_active = torch._C._are_functorch_transforms_active
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
+def nested_forward_ad() -> bool:
+    """Whether two or more ``torch.func`` forward-mode transforms are active around the call
+    (``jacfwd(jacfwd(f))``, ``jvp`` of a ``jvp``). In torch 2.13 the forward-mode derivative
+    of a custom ``autograd.Function`` under another forward-mode transform is taken as zero
+    (its ``jvp`` is not differentiated at the outer level), so the maps take their reference
+    compositions of differentiable torch ops there. Outside transforms: one flag read."""
+    if not transforms_active():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    jvp = torch._C._functorch.TransformType.Jvp
+    return sum(i.key() == jvp for i in retrieve_all_functorch_interpreters()) >= 2
+
+
+def jvp_differentiated(X: Tensor) -> bool:
+    """Whether the ``jvp`` of an ``autograd.Function`` that reads its saved input ``X`` may
+    itself be differentiated in reverse mode (``jacrev(jacfwd(f))``, or a dual tensor whose
+    tangent requires grad), so that it must compute from ``X`` with differentiable operations
+    rather than from saved constants. Under ``torch.func`` transforms the saved ``X`` hides
+    its grad level (``requires_grad`` reads False): taken as yes there."""
+    return torch.is_grad_enabled() and (X.requires_grad or transforms_active())
+
+
+def solve(A: Tensor, B: Tensor, *, left: bool = True) -> Tensor:
+    r""":math:`A^{-1} B` (``left=False``: :math:`B A^{-1}`): ``torch.linalg.solve``, except
+    under ``torch.func`` transforms, where it is a product with ``torch.linalg.inv(A)``.
+
+    In torch 2.13 the forward-mode derivative of ``torch.linalg.solve`` is wrong under
+    ``vmap`` of ``jacfwd`` (first derivatives off by orders of magnitude) and treats the LU
+    factors as constants, so ``jacrev(jacfwd(...))`` and ``jacfwd(jacfwd(...))`` miss terms;
+    ``inv``'s derivatives (:math:`-A^{-1}\,dA\,A^{-1}`) are right in every composition.
+    Eager code (one flag read more) keeps the solve."""
+    if not transforms_active():
+        return torch.linalg.solve(A, B, left=left)
+    return torch.linalg.inv(A) @ B if left else B @ torch.linalg.inv(A)
+
+
 #: the largest ``n`` of the ``n x n`` constants that :func:`cached_outside_transforms` keeps
 #: (a 512 x 512 float64 identity is 2 MiB; beyond, allocating one is a small part of the
 #: O(n^3) work that needs it, and keeping 32 of them would hold gigabytes at n = 8192)

@@ -67,6 +67,7 @@ the LU factors and :math:`R_0, \dots, R_{s-1}` (about :math:`9 + s` matrices).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -75,11 +76,14 @@ from ._common import (
     apply_function,
     cached_outside_transforms,
     eager_context,
+    jvp_differentiated,
     reports_backward,
     transforms_active,
 )
 from ._layout import COPY_MIN_SIZE, aliases, padded_empty, transposable
 from ._scratch import Arena
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 __all__ = ["expm_pade", "expm_frechet_adjoint", "expm_pade_autograd", "choose_degree",
            "ExpmPade"]
@@ -327,7 +331,10 @@ class ExpmPade(torch.autograd.Function):
     def jvp(ctx, dA: Tensor, *unused):  # type: ignore[override]
         # Forward mode: L(A, dA) = L(A^H, dA^H)^H, the same recurrences.
         A, saved = ExpmPade._unpack(ctx)
-        dQ = expm_frechet_adjoint(saved, dA.to(A.dtype).mH).mH
+        if jvp_differentiated(A):  # reverse over forward: differentiable in A
+            dQ = _frechet_adjoint_block(A.mH, dA.to(A.dtype))
+        else:
+            dQ = expm_frechet_adjoint(saved, dA.to(A.dtype).mH).mH
         n_saved = len(ctx.saved_tensors) - 1
         return (dQ, *([None] * n_saved))
 
@@ -798,10 +805,10 @@ def _restore_tape(ctx, A: Tensor, saved: list[Tensor]) -> tuple[dict[str, Tensor
     return v, tape
 
 
-def _recorded_grad(X: Tensor, G: Tensor, lower: bool | None = None) -> Tensor:
-    """The double backward of the Taylor nodes: the gradient in ``X`` of the same computation
-    recorded by autograd, with its graph (:func:`expm_skew_taylor_autograd`), of ``expm(X)``
-    (``lower=None``) or of ``expm(X - X^H)`` (``lower``: of ``L - L^H``, ``L = tril(X)``)."""
+def _recorded(lower: bool | None) -> Callable[[Tensor], Tensor]:
+    """The Taylor nodes' computation recorded by autograd (:func:`expm_skew_taylor_autograd`),
+    as a function of ``X``: ``expm(X)`` (``lower=None``) or ``expm(X - X^H)`` (``lower``: of
+    ``L - L^H``, ``L = tril(X)``)."""
 
     def exp_of(X: Tensor) -> Tensor:
         if lower is None:
@@ -809,7 +816,28 @@ def _recorded_grad(X: Tensor, G: Tensor, lower: bool | None = None) -> Tensor:
         L = X.tril() if lower else X
         return expm_skew_taylor_autograd(L - L.mH)
 
-    if transforms_active():  # the saved X is a transform's tensor: ``torch.func.vjp``
+    return exp_of
+
+
+def _recorded_jvp(X: Tensor, dX: Tensor, lower: bool | None = None) -> Tensor:
+    """The forward-mode derivative of the Taylor nodes when a ``torch.func`` transform
+    differentiates it (``jacrev(jacfwd(f))``): that of the same computation recorded by
+    autograd (:func:`_recorded`), differentiable in ``X``. Not available to a plain dual
+    tensor (``torch.autograd.forward_ad``), which admits no nested forward mode: there the
+    jvp reads the saved intermediates, and a reverse pass over its tangent misses the
+    second-order terms."""
+    return torch.func.jvp(_recorded(lower), (X,), (dX,))[1]
+
+
+def _recorded_grad(X: Tensor, G: Tensor, lower: bool | None = None) -> Tensor:
+    """The double backward of the Taylor nodes: the gradient in ``X`` of the same computation
+    recorded by autograd, with its graph (:func:`_recorded`)."""
+    exp_of = _recorded(lower)
+
+    # the saved X is a transform's tensor (also that of a finished transform: the backward
+    # of ``torch.func.vjp``'s vjp_fn, called after vjp returned, sees it so) or requires no
+    # grad: autograd.grad cannot differentiate through it, ``torch.func.vjp`` can
+    if transforms_active() or not X.requires_grad or _is_functorch_wrapped(X):
         return torch.func.vjp(exp_of, X)[1](G)[0]
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(exp_of(X), X, G, create_graph=True)
@@ -824,6 +852,8 @@ class ExpmTaylor(torch.autograd.Function):
     (detached) :math:`A^2, A^3, A^6` of :func:`_taylor_powers`, treated as functions of ``A``
     by the backward (their products are on the tape).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(A: Tensor, m: int, s: int, *powers: Tensor):  # type: ignore[override]
@@ -857,6 +887,8 @@ class ExpmTaylor(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dA: Tensor, *unused):  # type: ignore[override]
         A, v, tape = ExpmTaylor._restore(ctx)
+        if transforms_active() and jvp_differentiated(A):  # jacrev(jacfwd): differentiable
+            return (_recorded_jvp(A, dA.to(A.dtype)), *([None] * ctx.n_extra))
         dQ = _own(_taylor_tape_adjoint(v, tape, _final(tape), dA.to(A.dtype).mH)).mH
         return (dQ, *([None] * ctx.n_extra))
 
@@ -922,6 +954,8 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
     :func:`_taylor_tape_adjoint`).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(X: Tensor, A: Tensor, lower: bool, m: int, s: int,  # type: ignore[override]
                 *powers: Tensor):
@@ -956,6 +990,8 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
     def jvp(ctx, dX: Tensor, *unused):  # type: ignore[override]
         X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
         dA = skew_of(dX, ctx.lower).to(A.dtype)
+        if transforms_active() and jvp_differentiated(X):  # jacrev(jacfwd): differentiable
+            return (_recorded_jvp(X, dX.to(A.dtype), ctx.lower), *([None] * ctx.n_extra))
         dQ = _own(_taylor_tape_adjoint(v, tape, _final(tape), dA.mH)).mH
         return (dQ, *([None] * ctx.n_extra))
 

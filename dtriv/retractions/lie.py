@@ -33,8 +33,11 @@ from ._common import (
     check_matrix,
     eps,
     is_meta,
+    jvp_differentiated,
+    nested_forward_ad,
     no_host_reads,
     reports_backward,
+    solve,
     transforms_active,
     upcast_half,
 )
@@ -151,7 +154,10 @@ def expm(A: Tensor) -> Tensor:
     Forward-mode derivatives (``torch.func.jvp``, ``jacfwd``) use the same recurrences.
     Matrices with ``n <= TORCH_MAX_N``, empty inputs, inputs with non-finite entries, calls
     under ``torch.func.vmap``, ``torch.jit.trace`` or ``torch.export`` and meta tensors (the
-    degree is chosen from a data-dependent norm) go to ``torch.linalg.matrix_exp``.
+    degree is chosen from a data-dependent norm) go to ``torch.linalg.matrix_exp``; so do
+    calls under nested forward mode (``jacfwd(jacfwd(f))``, where torch 2.13 drops the
+    second-order terms of a custom Function's ``jvp``). A ``jvp`` that is itself
+    differentiated (``jacrev(jacfwd(f))``) is torch's differentiable block formula.
 
     Args:
         A: ``(..., n, n)`` real or complex (skew-Hermitian for an orthogonal result).
@@ -170,7 +176,8 @@ def expm(A: Tensor) -> Tensor:
     """
     check_matrix(A, "A", square=True)
     check_floating(A, "A")
-    if A.shape[-1] <= TORCH_MAX_N or A.numel() == 0 or no_host_reads(A):
+    if (A.shape[-1] <= TORCH_MAX_N or A.numel() == 0 or no_host_reads(A)
+            or nested_forward_ad()):
         return torch.linalg.matrix_exp(A)
     try:
         norm = float(A.detach().abs().sum(dim=-2).amax())
@@ -224,7 +231,8 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
         L = X.tril() if lower else X
         return torch.linalg.matrix_exp(L - L.mH)
 
-    if X.shape[-1] <= TORCH_MAX_N or X.numel() == 0 or no_host_reads(X):
+    if (X.shape[-1] <= TORCH_MAX_N or X.numel() == 0 or no_host_reads(X)
+            or nested_forward_ad()):
         return reference()
     try:
         return expm_of_skew_taylor(X, lower)
@@ -280,8 +288,10 @@ class _Cayley(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         (A,) = inputs
         ctx.mark_non_differentiable(output[1])
+        # the same tensors for both: torch.func's generated vmap rule keeps the batch dims of
+        # the last call only (different ones failed jacrev(jacfwd) with "flat_bdims")
         ctx.save_for_backward(A, output[1])
-        ctx.save_for_forward(output[1])
+        ctx.save_for_forward(A, output[1])
 
     @staticmethod
     def backward(ctx, G: Tensor, _unused: Tensor | None = None):  # type: ignore[override]
@@ -293,7 +303,9 @@ class _Cayley(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dA: Tensor):  # type: ignore[override]
-        (Minv,) = ctx.saved_tensors
+        A, Minv = ctx.saved_tensors
+        if jvp_differentiated(A):  # reverse over forward: a differentiable M^{-1}
+            Minv = torch.linalg.inv(torch.add(_eye(A), A, alpha=-0.5))
         return Minv @ dA @ Minv, None
 
 
@@ -312,7 +324,11 @@ def cayley(A: Tensor) -> Tensor:
     (torch's ``solve`` backward needs a solve with :math:`M^H` and a product). Any square
     :math:`A` with :math:`I - A/2` invertible is accepted; second derivatives and forward
     mode are supported. For ``n <= CAYLEY_SOLVE_MAX_N`` it is one
-    ``torch.linalg.solve(I - A/2, I + A/2)`` instead (less overhead at small sizes).
+    ``torch.linalg.solve(I - A/2, I + A/2)`` instead (less overhead at small sizes); under
+    ``torch.func`` transforms that solve is a product with ``torch.linalg.inv``
+    (:func:`~dtriv.retractions._common.solve`: torch's forward-mode ``solve`` is wrong
+    there), and under nested forward mode (``jacfwd(jacfwd(f))``) the map is the composition
+    :math:`2\,\mathrm{inv}(I - A/2) - I` of torch operations.
 
     Args:
         A: ``(..., n, n)`` real or complex (skew-Hermitian for an orthogonal result).
@@ -336,8 +352,20 @@ def cayley(A: Tensor) -> Tensor:
     if A.shape[-1] <= CAYLEY_SOLVE_MAX_N:
         # small n: one C++ solve node costs less than the Python autograd.Function overhead
         Id = _eye(A)
-        return torch.linalg.solve(torch.add(Id, A, alpha=-0.5), torch.add(Id, A, alpha=0.5))
+        return solve(torch.add(Id, A, alpha=-0.5), torch.add(Id, A, alpha=0.5))
+    if nested_forward_ad():
+        return _cayley_reference(A)
     return apply_function(_Cayley, A)[0]
+
+
+def _cayley_reference(A: Tensor) -> Tensor:
+    r""":math:`2(I - A/2)^{-1} - I` composed of torch operations (``torch.linalg.inv_ex``:
+    non-finite entries where :math:`I - A/2` is singular), whose derivatives are right in
+    every composition of ``torch.func`` transforms; for nested forward mode
+    (:func:`~dtriv.retractions._common.nested_forward_ad`), where those of :class:`_Cayley`
+    and :class:`_CayleyOfSkew` are not."""
+    Id = _eye(A)
+    return torch.add(-Id, torch.linalg.inv_ex(torch.add(Id, A, alpha=-0.5))[0], alpha=2.0)
 
 
 @cached_outside_transforms(maxsize=16)
@@ -401,8 +429,9 @@ class _CayleyOfSkew(torch.autograd.Function):
         X, lower, left = inputs
         ctx.lower = lower
         ctx.mark_non_differentiable(output[1])
+        # the same tensors for both (see _Cayley.setup_context)
         ctx.save_for_backward(X, output[1], left)
-        ctx.save_for_forward(output[1], left)
+        ctx.save_for_forward(X, output[1], left)
 
     @staticmethod
     def backward(ctx, G: Tensor, _unused: Tensor | None = None):  # type: ignore[override]
@@ -425,7 +454,9 @@ class _CayleyOfSkew(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dX: Tensor | None, _lower: None, dleft: Tensor | None):  # type: ignore[override]
-        Minv, left = ctx.saved_tensors
+        X, Minv, left = ctx.saved_tensors
+        if dX is not None and jvp_differentiated(X):  # a differentiable M^{-1}
+            Minv = torch.linalg.inv(torch.add(_eye(X), skew_of(X, ctx.lower), alpha=-0.5))
         dQ = None if dX is None else Minv @ skew_of(dX, ctx.lower) @ Minv
         if left is None:
             return dQ, None
@@ -481,12 +512,21 @@ def cayley_of_skew(X: Tensor, *, lower: bool = False, left: Tensor | None = None
             raise ValueError(f"left: expected the dtype of X ({X.dtype}), got {left.dtype}")
     if X.numel() == 0:
         return X.clone() if left is None else left @ X
+    if nested_forward_ad():
+        L = X.tril() if lower else X
+        Q = _cayley_reference(L - L.mH)
+        return Q if left is None else left @ Q
     return apply_function(_CayleyOfSkew, X, lower, left)[0]
 
 
 def _cayley_inverse(Q: Tensor) -> tuple[Tensor, Tensor]:
-    """``2 (Q - I)(Q + I)^{-1}`` and the LAPACK ``info`` of the solve (nonzero: singular)."""
+    """``2 (Q - I)(Q + I)^{-1}`` and the LAPACK ``info`` of the solve (nonzero: singular);
+    under ``torch.func`` transforms a product with the inverse (see
+    :func:`~dtriv.retractions._common.solve`)."""
     Id = _eye(Q)
+    if transforms_active():
+        inv, info = torch.linalg.inv_ex(Q + Id)
+        return 2 * (Q - Id) @ inv, info
     X, info = torch.linalg.solve_ex(Q + Id, 2 * (Q - Id), left=False)
     return X, info
 
@@ -505,7 +545,9 @@ def cayley_inverse(Q: Tensor, *, tol: float | None = None) -> Tensor:
             :math:`Q` the distance of its spectrum from :math:`-1`) is below ``tol``
             (default :math:`\sqrt{\varepsilon}` of the dtype; ``tol=0`` keeps only the
             check that :math:`Q + I` is numerically invertible). Meta tensors, which have
-            no values, are not checked.
+            no values, are not checked, nor are calls under ``torch.func`` transforms
+            (``vmap`` cannot read a value on the host): a singular :math:`Q + I` gives
+            non-finite entries there.
 
     Args:
         Q: ``(..., n, n)`` real or complex.
@@ -521,7 +563,8 @@ def cayley_inverse(Q: Tensor, *, tol: float | None = None) -> Tensor:
     check_floating(Q, "Q")
     tol = _default_tol(Q.dtype, tol)
     X, info = _cayley_inverse(Q)
-    if Q.numel() and not is_meta(Q):  # a meta tensor has no values to check
+    # a meta tensor has no values to check; under torch.func transforms none can be read
+    if Q.numel() and not is_meta(Q) and not transforms_active():
         with torch.no_grad():
             finite = torch.isfinite(X).all(dim=(-2, -1)) & (info == 0)
             bad = ~finite

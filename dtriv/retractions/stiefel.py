@@ -49,6 +49,7 @@ from ._common import (
     is_meta,
     no_host_reads,
     reports_backward,
+    solve,
     tracing,
     upcast_half,
 )
@@ -252,7 +253,7 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
             b_top = -(m21.unsqueeze(-2) @ R_prev[..., :j, :]).squeeze(-2).conj()
             M11 = M[..., :j, :j]
             m12 = M[..., :j, j]
-            uw = torch.linalg.solve(M11, torch.stack([b_top, m12], dim=-1))
+            uw = solve(M11, torch.stack([b_top, m12], dim=-1))
             u, w = uw[..., 0], uw[..., 1]
             num = 1.0 - (m21 * u).sum(-1).real
             den = (m22 - (m21 * w).sum(-1)).real
@@ -388,7 +389,7 @@ class _PolarFactor(torch.autograd.Function):
             H = Q.mH @ X
             H = (H + H.mH) / 2
             Omega = _Lyapunov.apply(H, C, S, W)
-            return 2 * Q @ Omega + torch.linalg.solve(H, gQ - Q @ QhG, left=False)
+            return 2 * Q @ Omega + solve(H, gQ - Q @ QhG, left=False)
         Omega = _lyapunov_in_eigenbasis(C, S, W)
         Hinv = (W / S.unsqueeze(-2).to(W.dtype)) @ Wh
         return 2 * Q @ Omega + (gQ - Q @ QhG) @ Hinv
@@ -402,7 +403,7 @@ class _PolarFactor(torch.autograd.Function):
             H = Q.mH @ X
             H = (H + H.mH) / 2
             K = _Lyapunov.apply(H, QhdX - QhdX.mH, S, W)
-            return Q @ K + torch.linalg.solve(H, dX - Q @ QhdX, left=False), None, None
+            return Q @ K + solve(H, dX - Q @ QhdX, left=False), None, None
         K = _lyapunov_in_eigenbasis(QhdX - QhdX.mH, S, W)
         Hinv = (W / S.unsqueeze(-2).to(W.dtype)) @ Wh
         return Q @ K + (dX - Q @ QhdX) @ Hinv, None, None
@@ -557,7 +558,7 @@ def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
     K = torch.einsum("...il,jm->...ijlm", M, I) + torch.einsum("il,...jm->...ijlm", I, M.conj())
     K = K.reshape(*M.shape[:-2], k * k, k * k)
     rhs = (2 * I).reshape(k * k).expand(*M.shape[:-2], k * k)
-    S = torch.linalg.solve(K, rhs).reshape(M.shape)
+    S = solve(K, rhs.unsqueeze(-1)).reshape(M.shape)
     S = (S + S.mH) / 2
     if is_meta(S):  # no values to check
         return Q @ S - B
@@ -612,7 +613,7 @@ def stiefel_cayley(B: Tensor, V: Tensor) -> Tensor:
         [torch.cat([BP, BB], dim=-1), torch.cat([-PP, -BP.mH], dim=-1)], dim=-2
     )  # W^H U, (2k, 2k)
     WhB = torch.cat([BB, -BP.mH], dim=-2)  # W^H B, (2k, k)
-    Y = torch.linalg.solve(_eye(2 * k, B) - WhU / 2, WhB)
+    Y = solve(_eye(2 * k, B) - WhU / 2, WhB)
     return B + PV @ Y[..., :k, :] + B @ Y[..., k:, :]
 
 
