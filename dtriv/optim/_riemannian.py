@@ -16,7 +16,6 @@ A Riemannian optimizer here is a subclass of a torch optimizer (``SGD``, ``Adam`
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -227,15 +226,20 @@ class RiemannianMixin:
             return False
         for p in params:
             mark = marks.get(id(p))
-            if mark is None or mark[0]() is not p or mark[1:] != (p.data_ptr(), p._version):
+            if mark is None or mark[0] is not p or mark[1:] != (p.data_ptr(), p._version):
                 return False
         return True
 
     def _mark_on_manifold(self, params: list[Tensor]) -> None:
-        """Record that ``params`` were just written by a retraction (see :meth:`_on_manifold`)."""
+        """Record that ``params`` were just written by a retraction (see :meth:`_on_manifold`).
+
+        The mark holds the parameter itself (as ``param_groups`` do), not a weak reference:
+        ``torch.utils.swap_tensors``, which converts parameters under
+        ``torch.__future__.set_swap_module_params_on_conversion(True)``, refuses a tensor
+        with one (a swap changes the memory, so the mark no longer matches)."""
         marks = self.__dict__.setdefault("_written", {})
         for p in params:
-            marks[id(p)] = (weakref.ref(p), p.data_ptr(), p._version)
+            marks[id(p)] = (p, p.data_ptr(), p._version)
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's state dict, plus ``"on_manifold"``: the indices (torch's numbering of the

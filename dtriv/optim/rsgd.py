@@ -21,12 +21,19 @@ __all__ = ["RiemannianSGD"]
 
 
 def _momentum_buffers_of(state, params: list[Tensor]) -> tuple[list[bool], list[Tensor]]:
-    """Each parameter's momentum buffer (zeros where none exists yet), and which are new."""
+    """Each parameter's momentum buffer (zeros where none exists yet), and which are new.
+
+    A buffer of another dtype or device than its parameter (the module was converted after
+    some steps: ``model.double()``, ``model.to(device)``) is converted to the parameter's, as
+    ``load_state_dict`` converts the state it loads; torch's SGD, whose in-place updates
+    promote, steps such a parameter too."""
     states = [state[p] for p in params]
     fresh = [("momentum_buffer" not in s or s["momentum_buffer"] is None) for s in states]
-    for s, new in zip(states, fresh):
+    for p, s, new in zip(params, states, fresh):
         if new:
             s["momentum_buffer"] = torch.zeros_like(params[0])
+        elif s["momentum_buffer"].dtype != p.dtype or s["momentum_buffer"].device != p.device:
+            s["momentum_buffer"] = s["momentum_buffer"].to(p)
     return fresh, [s["momentum_buffer"] for s in states]
 
 

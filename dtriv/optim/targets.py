@@ -29,8 +29,10 @@ weight while resetting ``original`` to the preimage of the base. Three kinds are
 the ``ParametrizationList`` modules holding the parameters are located either in the
 ``modules`` given to the optimizer wrapper, or, without it, by one scan of the objects the
 garbage collector tracks (``gc.get_objects()``, once, when the wrapper is built or a param
-group is added). The scan is O(number of live Python objects) and finds parametrizations of
-any model, including ones the caller holds no reference to.
+group is added, and for the parameters of removed parametrizations, which may have been
+registered again, at the first refresh after the removal). The scan is O(number of live
+Python objects) and finds parametrizations of any model, including ones the caller holds no
+reference to.
 """
 
 from __future__ import annotations
@@ -307,8 +309,10 @@ def find_targets(
             remaining.append(p)
         elif getattr(triv, "dynamic", True) and getattr(triv, "base", None) is not None:
             target = DtrivTarget(p, triv)
-            if target.attached():  # not removed since (the link on the parameter stays)
+            if target.attached():
                 found[id(p)] = target
+            else:  # removed since (the link on the parameter stays): registered again?
+                remaining.append(p)
         else:
             static += 1
     if remaining:

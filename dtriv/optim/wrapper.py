@@ -97,7 +97,9 @@ class DynamicTrivialization(torch.optim.Optimizer):
     Which parametrizations are refreshed: dtriv's ``Trivialization`` (and its twins),
     ``torch.nn.utils.parametrizations.orthogonal(..., use_trivialization=True)`` and
     geotorch's constraints (``orthogonal``, ``sphere``, ...); see
-    :mod:`dtriv.optim.targets`. A wrapper whose optimizer holds none of them warns.
+    :mod:`dtriv.optim.targets`. A wrapper whose optimizer holds none of them warns. A
+    parametrization removed with ``remove_parametrizations`` is no longer refreshed; one
+    registered again on that tensor (whose parameter torch keeps) is refreshed in its place.
 
     ``state_dict()`` holds the inner optimizer's state and the step and refresh counters,
     so a run resumed with ``load_state_dict`` refreshes at the same steps.
@@ -356,9 +358,9 @@ class DynamicTrivialization(torch.optim.Optimizer):
         with every base untouched); clears the optimizer state of the refreshed parameters
         with ``state="reset"``; re-projects the bases every ``reproject_every`` refreshes.
         """
-        targets = [t for t in self.targets if t.attached()]
-        if len(targets) < len(self.targets):  # remove_parametrizations since the scan
-            self._targets = targets
+        targets = self.targets
+        if not all(t.attached() for t in targets):  # remove_parametrizations since the scan
+            targets = self._retarget(targets)
         if not targets:
             return
         flags = self._finite([t.original for t in targets])
@@ -379,6 +381,25 @@ class DynamicTrivialization(torch.optim.Optimizer):
         if self.state_mode == "reset":
             for target in targets:
                 self.optimizer.state.pop(target.original, None)
+
+    def _retarget(self, targets: list[Target]) -> list[Target]:
+        """The targets once some were removed (``remove_parametrizations``).
+
+        A removed parametrization is not refreshed (its parameter is a plain weight, which a
+        refresh would overwrite). Torch keeps the parameter object through the removal and
+        makes it the ``original`` of a parametrization registered again on the tensor (so the
+        optimizer still holds it): that new parametrization, when it has a base, replaces
+        the removed one. Looks up the removed targets' parameters only (a scan of the live
+        objects, without ``modules``, for those that are not dtriv's).
+        """
+        removed = [t.original for t in targets if not t.attached()]
+        found = {id(t.original): t for t in find_targets(removed, self._modules_hint)[0]}
+        self._targets = [
+            t if t.attached() else found[id(t.original)]
+            for t in targets
+            if t.attached() or id(t.original) in found
+        ]
+        return self._targets
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

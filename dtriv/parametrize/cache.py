@@ -302,7 +302,11 @@ class ForwardMemo:
 
     * ``X`` and ``base`` are the same tensor objects, with the same ``_version`` (in-place
       updates: optimizer steps, ``refresh``, ``load_state_dict``, ``copy_`` bump it) and the
-      same storage (``X.data = ...``), dtype and device;
+      same storage (``X.data = ...``, or ``torch.utils.swap_tensors``, with which ``Module.to``
+      and ``load_state_dict`` convert parameters under
+      ``torch.__future__.set_swap_module_params_on_conversion(True)``), dtype and device (the
+      memo holds ``X`` and ``base`` themselves: a weak reference would make ``swap_tensors``
+      refuse them);
     * grad mode, inference mode, autocast and ``X.requires_grad`` are unchanged;
     * the innermost saved-tensor hooks are the same (none, or the same ``save_on_cpu``
       context): under non-reentrant ``torch.utils.checkpoint`` a value is shared within one
@@ -365,8 +369,12 @@ class ForwardMemo:
     __slots__ = ("_entry", "__weakref__")
 
     def __init__(self) -> None:
-        #: ``(weakref(X), weakref(base) | None, state, value, value._version, seen, sample,
-        #: value_sample)`` or None; ``seen``: ``value.grad_fn`` when it records its backward
+        #: ``(X, base | None, state, value, value._version, seen, sample, value_sample)`` or
+        #: None; ``X`` and ``base`` are held, not weakly referenced: ``torch.utils.swap_tensors``
+        #: (``Module.to`` and ``load_state_dict`` under
+        #: ``torch.__future__.set_swap_module_params_on_conversion(True)``) refuses a tensor
+        #: with a weak reference (the parametrization holds both anyway);
+        #: ``seen``: ``value.grad_fn`` when it records its backward
         #: itself, else the list its pre-hook appends to (``None``: not watched);
         #: :func:`_consumed` reads either; ``sample``: the :class:`_Sample` of ``X``;
         #: ``value_sample``: that of an inference value
@@ -402,7 +410,6 @@ class ForwardMemo:
             if value.grad_fn is None:  # a leaf: backward accumulates into its ``.grad``
                 return value
             seen = _watch(value.grad_fn)
-        base_ref = None if base is None else weakref.ref(base)
         # a value without a graph, which no backward drops, also checks a sample of X for
         # writes that bump no version counter (see the class doc)
         sample = None if value.requires_grad else _Sample.of(X)
@@ -411,8 +418,7 @@ class ForwardMemo:
             value_sample = _Sample.of(value)
             if value_sample is None:  # not sampled (an accelerator's): not memoized
                 return value
-        self._entry = (weakref.ref(X), base_ref, state, value, _version(value), seen, sample,
-                       value_sample)
+        self._entry = (X, base, state, value, _version(value), seen, sample, value_sample)
         return value
 
     @staticmethod
@@ -422,8 +428,8 @@ class ForwardMemo:
         return (
             not _consumed(entry[5])
             and _version(value) == entry[4]
-            and entry[0]() is X
-            and (base is None or entry[1]() is base)
+            and entry[0] is X
+            and (base is None or entry[1] is base)
         )
 
     def lookup(self, X: Tensor, base: Tensor | None) -> Tensor | None:
