@@ -28,6 +28,7 @@ from ._common import (
     check_matrix,
     geqrf,
     is_meta,
+    nested_forward_ad,
     reports_backward,
     upcast_half,
 )
@@ -131,7 +132,11 @@ def householder(X: Tensor) -> Tensor:
 
     Second derivatives (``create_graph=True``, ``torch.func.hessian``), forward mode
     (``torch.func.jvp``, ``jacfwd``) and ``torch.func.vmap`` are supported: they are the
-    derivatives of the same map in compact WY form.
+    derivatives of the same map in compact WY form. Under nested forward mode
+    (``jacfwd(jacfwd(f))``, where torch 2.13 drops the second-order terms of a custom
+    Function's ``jvp``) the map is the compact WY form itself, differentiated by torch
+    (equal to the fast path to rounding; torch 2.13's own forward-mode derivative of
+    ``householder_product`` is wrong at second order, by about 2 on a 5 x 3 example).
 
     Cost: forward ``torch.linalg.householder_product`` (LAPACK ``orgqr``), about
     :math:`4nk^2 - 4k^3/3` flops; backward through the compact WY form, about :math:`12nk^2`
@@ -142,7 +147,11 @@ def householder(X: Tensor) -> Tensor:
     check_matrix(X, "X", tall=True)
     check_floating(X, "X")
     _check_real(X, "X")
-    Q = apply_function(_ReflectorProduct, X.tril(diagonal=-1))
+    A = X.tril(diagonal=-1)
+    if nested_forward_ad():  # torch 2.13 does not differentiate a custom jvp here
+        Q = _reflector_product_wy(A)
+    else:
+        Q = apply_function(_ReflectorProduct, A)
     diag = X.detach().diagonal(dim1=-2, dim2=-1)
     signs = torch.where(diag < 0, -1.0, 1.0).to(Q.dtype)
     return Q * signs.unsqueeze(-2)

@@ -575,14 +575,75 @@ def cayley_inverse(Q: Tensor, *, tol: float | None = None) -> Tensor:
     return X
 
 
-class _Logm(torch.autograd.Function):
-    """Principal logarithm of a (near-)unitary matrix through a Hermitian eigendecomposition."""
+def _logm_frechet(U: Tensor, F: Tensor, E: Tensor, real: bool) -> Tensor:
+    r"""Daleckii--Krein: :math:`L_{\log}(Q)[E] = U(F \circ (U^H E U))U^H` (real part for
+    real :math:`Q`); with ``F.conj()`` its adjoint :math:`L_{\log}(Q)^*[E]`."""
+    Uh = U.mH
+    out = U @ (F * (Uh @ _complex(E) @ U)) @ Uh
+    return out.real if real else out
+
+
+def _expm_hvp(L: Tensor, B: Tensor, Y: Tensor) -> Tensor:
+    r"""Hessian of :math:`X \mapsto \langle B, e^X\rangle` at :math:`L` applied to :math:`Y`
+    (forward over reverse through ``torch.linalg.matrix_exp``, whose derivatives are right in
+    every composition)."""
+
+    def grad_psi(X: Tensor) -> Tensor:
+        return torch.func.vjp(torch.linalg.matrix_exp, X)[1](B)[0]
+
+    return torch.func.jvp(grad_psi, (L,), (Y,))[1]
+
+
+class _LogmGrad(torch.autograd.Function):
+    r"""The gradient of :func:`logm`, :math:`b = L_{\log}(Q)^*[G]`, as a node of ``(G, L)``
+    (:math:`L = \log Q`, the output of :class:`_Logm`, through which the graph reaches
+    :math:`Q`) so that it can be differentiated once more (second derivatives).
+
+    With :math:`\varphi(Q) = \langle G, \log Q\rangle`, differentiating :math:`e^{\log Q} = Q`
+    twice gives :math:`\log''(Q)[E_1, E_2] = -\log'(Q)[\exp''(L)[\log'E_1, \log'E_2]]`, so
+    the Hessian-vector product is :math:`H_\varphi W = -L_{\log}^*[H_\psi(L_{\log}W)]` with
+    :math:`\psi(X) = \langle b, e^X\rangle`. The backward returns
+    :math:`\bar G = L_{\log}(Q)[W]` and :math:`\bar L = -H_\psi(L_{\log}(Q)[W])`, which
+    :class:`_Logm`'s backward maps to :math:`\bar Q = L_{\log}^*[\bar L]`. Exact for the
+    principal logarithm at unitary :math:`Q`, stable with repeated eigenvalues (divided
+    differences and torch's block formula for the exponential)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, Q: Tensor, tol: float, unitary_tol: float) -> Tensor:  # type: ignore[override]
+    def forward(G: Tensor, L: Tensor, U: Tensor, F: Tensor, real: bool) -> Tensor:  # type: ignore[override]
+        return _logm_frechet(U, F.conj(), G, real)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _G, L, U, F, real = inputs
+        ctx.real = real
+        ctx.save_for_backward(L, U, F, output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, W: Tensor):  # type: ignore[override]
+        L, U, F, b = ctx.saved_tensors
+        Y = _logm_frechet(U, F, W, ctx.real)
+        grad_L = -_expm_hvp(L, b.to(L.dtype), Y.to(L.dtype))
+        return Y, grad_L, None, None, None
+
+
+class _Logm(torch.autograd.Function):
+    """Principal logarithm of a (near-)unitary matrix through a Hermitian eigendecomposition.
+
+    Returns ``(L, U, F)``: the logarithm, and the eigenvectors and divided differences of the
+    backward (non-differentiable outputs, so that they can be saved in ``setup_context``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(Q: Tensor, tol: float, unitary_tol: float):  # type: ignore[override]
         n = Q.shape[-1]
         Id = _eye(Q)
-        checked = Q.numel() > 0 and not is_meta(Q)  # a meta tensor has no values to check
+        # a meta tensor has no values to check; under torch.func transforms (vmap) none can
+        # be read on the host, nor under jit tracing or export
+        checked = Q.numel() > 0 and not (no_host_reads(Q) or transforms_active())
         if checked:
             err = (Q.mH @ Q - Id).abs().amax(dim=(-2, -1))
             if bool((~torch.isfinite(err)).any()) or bool((err > unitary_tol).any()):
@@ -633,17 +694,24 @@ class _Logm(torch.autograd.Function):
                     "this close to the branch cut)",
                 )
         L = U @ (torch.diag_embed(1j * theta.to(U.dtype)) + F * R) @ Uh
-        ctx.save_for_backward(U, F)
-        ctx.real = not Q.is_complex()
-        return L.real.contiguous() if ctx.real else L
+        if not Q.is_complex():
+            L = L.real.contiguous()
+        return L, U, F
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, G: Tensor):  # type: ignore[override]
-        U, F = ctx.saved_tensors
-        Uh = U.mH
-        grad = U @ (F.conj() * (Uh @ _complex(G) @ U)) @ Uh
-        return (grad.real if ctx.real else grad), None, None
+    def setup_context(ctx, inputs, output) -> None:
+        Q = inputs[0]
+        L, U, F = output
+        ctx.real = not Q.is_complex()
+        ctx.mark_non_differentiable(U, F)
+        ctx.save_for_backward(L, U, F)
+
+    @staticmethod
+    def backward(ctx, G: Tensor, _gu: Tensor | None = None, _gf: Tensor | None = None):  # type: ignore[override]
+        L, U, F = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: a node that is differentiable once
+            return _LogmGrad.apply(G, L, U, F, ctx.real), None, None
+        return _logm_frechet(U, F.conj(), G, ctx.real), None, None
 
 
 @upcast_half
@@ -665,7 +733,18 @@ def logm(Q: Tensor, *, tol: float | None = None) -> Tensor:
     (the Newton term makes the result exact to first order when :math:`Q` is only
     unitary to rounding). The gradient is the adjoint Daleckii--Krein formula
     :math:`\bar\nabla_Q = U(\bar F \circ (U^H G U))U^H` (real part for real :math:`Q`),
-    stable with repeated eigenvalues; second derivatives are not supported.
+    stable with repeated eigenvalues. Second derivatives (``create_graph=True``,
+    ``torch.func.jacrev`` of ``jacrev``) are those of the principal logarithm: from
+    :math:`e^{\log Q} = Q`, :math:`\log''(Q)[E_1, E_2] = -\log'(Q)[\exp''(\log Q)[\log'(Q)E_1,
+    \log'(Q)E_2]]`, with torch's differentiable ``matrix_exp`` for :math:`\exp''`
+    (:class:`_LogmGrad`; third derivatives raise). They are exact at unitary :math:`Q`;
+    off it the first derivative is exact only to first order in :math:`|Q^HQ - I|`, so
+    ``gradgradcheck``'s finite differences of the backward agree only along directions
+    tangent to the unitary group. Forward mode (``jvp``, ``jacfwd``) is not implemented.
+    ``torch.func.vmap``, ``grad`` and ``jacrev`` are supported; under ``torch.func``
+    transforms, as for meta tensors and under ``torch.jit.trace``/``torch.export``, the value
+    checks below are skipped (nothing can be read on the host): a matrix with eigenvalue
+    :math:`-1` then gives a wrong or non-finite result.
 
     Raises:
         ValueError: when some eigenvalue is within ``tol`` of :math:`-1` (default
@@ -677,7 +756,7 @@ def logm(Q: Tensor, *, tol: float | None = None) -> Tensor:
             :math:`\max|U^HQU - D|` exceeds a tenth of the distance to :math:`-1` (the
             first-order correction would not be accurate: :math:`Q` is too far from
             unitary for how close its spectrum comes to :math:`-1`). Meta tensors, which
-            have no values, are not checked.
+            have no values, are not checked, nor are calls under ``torch.func`` transforms.
 
     Args:
         Q: ``(..., n, n)`` real orthogonal or complex unitary.
@@ -697,7 +776,7 @@ def logm(Q: Tensor, *, tol: float | None = None) -> Tensor:
     check_matrix(Q, "Q", square=True)
     check_floating(Q, "Q")
     tol_ = _default_tol(Q.dtype, tol)
-    return _Logm.apply(Q, tol_, eps(Q.dtype) ** 0.25)
+    return apply_function(_Logm, Q, tol_, eps(Q.dtype) ** 0.25)[0]
 
 
 register("lie", "expm", expm, logm)

@@ -536,7 +536,11 @@ def sphere_log(x: Tensor, y: Tensor) -> Tensor:
 
     Raises:
         ValueError: for ``y`` antipodal to ``x`` (within :math:`\sqrt{\varepsilon}`), where
-            the direction of the geodesic is undefined.
+            the direction of the geodesic is undefined. Meta tensors, which have no
+            values, are not checked, nor are calls under ``torch.func`` transforms
+            (``vmap`` cannot read a value on the host): an antipodal ``y`` then gives a
+            result of length :math:`\pi` in an arbitrary (rounding-determined) direction,
+            or zero.
 
     Args:
         x: ``(..., n)`` unit vectors.
@@ -552,7 +556,8 @@ def sphere_log(x: Tensor, y: Tensor) -> Tensor:
     c = _rdot(x, y)
     u = y - c * x
     s2 = _sqnorm(u)
-    if y.numel() and not is_meta(y):  # a meta tensor has no values to check
+    # a meta tensor has no values to check; under torch.func transforms none can be read
+    if y.numel() and not is_meta(y) and not transforms_active():
         with torch.no_grad():
             tol = math.sqrt(eps(x.dtype))
             antipodal = (c < 0) & (s2 <= tol**2)
@@ -602,6 +607,9 @@ def sphere_projective_inverse(x: Tensor, y: Tensor) -> Tensor:
 
     Raises:
         ValueError: when :math:`\operatorname{Re}\langle x, y\rangle \le \sqrt{\varepsilon}`.
+            Meta tensors, which have no values, are not checked, nor are calls under
+            ``torch.func`` transforms (``vmap`` cannot read a value on the host): ``y``
+            outside the open hemisphere then gives a non-finite or meaningless result.
 
     Args:
         x: ``(..., n)`` unit vectors.
@@ -615,7 +623,8 @@ def sphere_projective_inverse(x: Tensor, y: Tensor) -> Tensor:
     """
     _check_vectors(x, y, "x", "y")
     c = _rdot(x, y)
-    if y.numel() and not is_meta(y):  # a meta tensor has no values to check
+    # a meta tensor has no values to check; under torch.func transforms none can be read
+    if y.numel() and not is_meta(y) and not transforms_active():
         with torch.no_grad():
             tol = math.sqrt(eps(x.dtype))
             if bool((c <= tol).any()):

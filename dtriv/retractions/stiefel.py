@@ -47,10 +47,12 @@ from ._common import (
     check_same_shape,
     eps,
     is_meta,
+    nested_forward_ad,
     no_host_reads,
     reports_backward,
     solve,
     tracing,
+    transforms_active,
     upcast_half,
 )
 from .lie import expm
@@ -176,7 +178,9 @@ def stiefel_qr(B: Tensor, V: Tensor) -> Tensor:
     holds for tangent steps with :math:`\|V^H V\|_F \le 0.5` and bounds the condition
     number by :math:`\sqrt 3`, so the result is orthonormal to rounding; otherwise
     Householder QR with the signs of the columns fixed (:func:`householder_qf`). Both give
-    the same ``Q`` and the same derivative.
+    the same ``Q`` and the same derivative. Under ``torch.func`` transforms (``vmap``
+    cannot read the test's norm on the host), tracing and for meta tensors: always
+    Householder QR.
 
     Args:
         B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
@@ -196,10 +200,10 @@ def stiefel_qr(B: Tensor, V: Tensor) -> Tensor:
 
 def qf(X: Tensor) -> Tensor:
     """The q-factor of ``X`` with diag(R) > 0: :func:`cholesky_qf` when safe, else
-    :func:`householder_qf` (always under ``torch.jit.trace`` and ``torch.export`` and for meta
-    tensors: the test reads a norm on the host). ``X``: ``(..., n, k)``, ``n >= k``; cost
-    :math:`O(n k^2)`."""
-    if no_host_reads(X):
+    :func:`householder_qf` (always under ``torch.func`` transforms, ``torch.jit.trace`` and
+    ``torch.export`` and for meta tensors: the test reads a norm on the host). ``X``:
+    ``(..., n, k)``, ``n >= k``; cost :math:`O(n k^2)`."""
+    if no_host_reads(X) or transforms_active():
         return householder_qf(X)
     Q = cholesky_qf(X)
     return householder_qf(X) if Q is None else Q
@@ -229,7 +233,9 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
     Raises:
         ValueError: if ``Q`` is not in the image of the QR retraction at ``B`` (a leading
             principal minor of :math:`B^H Q` vanishes or the solved diagonal of ``R`` is
-            not positive). Meta tensors, which have no values, are not checked.
+            not positive). Meta tensors, which have no values, are not checked, nor are
+            calls under ``torch.func`` transforms (``vmap`` cannot read a value on the
+            host): such a ``Q`` then gives a non-finite or meaningless result.
 
     Cost: :math:`O(n k^2)` for :math:`B^H Q` and :math:`Q R`, plus ``k`` solves of size at
     most ``k``, :math:`O(k^4)`.
@@ -265,7 +271,7 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
         cols.append(col)
     R = torch.stack(cols, dim=-1)
     diag = R.diagonal(dim1=-2, dim2=-1).real
-    if is_meta(R):  # no values to check
+    if is_meta(R) or transforms_active():  # no values to check / none can be read
         return Q @ R - B
     if not bool(torch.isfinite(R).all()) or bool((diag <= 0).any()):
         raise ValueError(
@@ -409,6 +415,17 @@ class _PolarFactor(torch.autograd.Function):
         return Q @ K + (dX - Q @ QhdX) @ Hinv, None, None
 
 
+def _polar(X: Tensor) -> Tensor:
+    """:class:`_PolarFactor`'s ``Q``; under nested forward mode (``jacfwd(jacfwd(f))``,
+    where torch 2.13 drops the second-order terms of a custom Function's ``jvp``) the same
+    ``U @ Wh`` of ``torch.linalg.svd`` with torch's derivatives (which divide by
+    :math:`s_i^2 - s_j^2`: not finite at repeated singular values, e.g. ``V = 0``)."""
+    if nested_forward_ad():
+        U, _, Wh = torch.linalg.svd(X, full_matrices=False)
+        return U @ Wh
+    return apply_function(_PolarFactor, X)[0]
+
+
 @upcast_half
 def polar_factor(X: Tensor) -> Tensor:
     r"""The unitary polar factor :math:`U W^H` of a full-rank ``X = U S W^H``, ``(..., n, k)``.
@@ -417,7 +434,10 @@ def polar_factor(X: Tensor) -> Tensor:
     norm) and equals :math:`X (X^H X)^{-1/2}`. The gradient uses the stable formula of
     :class:`_PolarFactor` (denominators :math:`s_i + s_j`), finite at repeated singular
     values; so do second derivatives (``create_graph=True``) and forward mode
-    (``torch.func.jvp``), and ``torch.func.vmap`` applies. Tall (``n >= k``) input.
+    (``torch.func.jvp``), and ``torch.func.vmap`` applies. Tall (``n >= k``) input. Under
+    nested forward mode (``jacfwd(jacfwd(f))``) it is ``U @ Wh`` of ``torch.linalg.svd``
+    with torch's derivatives (the same values; those derivatives are not finite at
+    repeated singular values).
 
     Cost: one thin SVD, :math:`O(n k^2)`; backward :math:`O(n k^2)` (no second SVD; a double
     backward adds a ``k x k`` solve).
@@ -426,7 +446,7 @@ def polar_factor(X: Tensor) -> Tensor:
     """
     check_matrix(X, "X", tall=True)
     check_floating(X, "X")
-    return apply_function(_PolarFactor, X)[0]
+    return _polar(X)
 
 
 @upcast_half
@@ -450,7 +470,7 @@ def stiefel_polar(B: Tensor, V: Tensor) -> Tensor:
     Higham (2008), Ch. 8.
     """
     _check(B, V)
-    return apply_function(_PolarFactor, B + V)[0]
+    return _polar(B + V)
 
 
 def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> Tensor:
@@ -519,7 +539,7 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
     if tracing() or (iters is None and is_meta(X)):
         # the iteration stops on a host-read criterion: the SVD polar factor, its limit, for a
         # trace and for meta tensors (which run a given number of iterations as they are)
-        return apply_function(_PolarFactor, X)[0]
+        return _polar(X)
     G = X.mH @ X
     G = (G + G.mH) / 2
     return X @ _inv_sqrt_newton_schulz(G, iters)
@@ -544,7 +564,9 @@ def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
 
     Raises:
         ValueError: if ``Q`` is not in the image of the polar retraction at ``B`` (``S``
-            not positive definite). Meta tensors, which have no values, are not checked.
+            not positive definite). Meta tensors, which have no values, are not checked,
+            nor are calls under ``torch.func`` transforms (``vmap`` cannot read a value on
+            the host): such a ``Q`` then gives a meaningless result.
 
     Cost: :math:`O(n k^2)` for :math:`B^H Q` and :math:`Q S`, plus a dense solve of size
     :math:`k^2`, :math:`O(k^6)`: cheap for ``k`` up to a few tens.
@@ -560,7 +582,7 @@ def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
     rhs = (2 * I).reshape(k * k).expand(*M.shape[:-2], k * k)
     S = solve(K, rhs.unsqueeze(-1)).reshape(M.shape)
     S = (S + S.mH) / 2
-    if is_meta(S):  # no values to check
+    if is_meta(S) or transforms_active():  # no values to check / none can be read
         return Q @ S - B
     with torch.no_grad():
         lam = torch.linalg.eigvalsh(S)

@@ -294,11 +294,25 @@ def test_logm_gradient_inverts_the_expm_derivative(random_skew):
     assert (J_log @ J_exp - torch.eye(16, dtype=torch.float64)).abs().max().item() < 1e-10
 
 
-def test_logm_second_derivatives_are_refused(random_orthogonal):
+def test_logm_third_derivatives_are_refused(random_orthogonal):
+    """Second derivatives are supported (tests/retractions/test_func_transforms.py); a third
+    raises instead of returning zeros."""
     Q = random_orthogonal(3).requires_grad_()
     (g,) = torch.autograd.grad(logm(Q).pow(2).sum(), Q, create_graph=True)
+    (h,) = torch.autograd.grad(g.pow(2).sum(), Q, create_graph=True)
     with pytest.raises(RuntimeError):
-        g.sum().backward()
+        h.sum().backward()
+
+
+def test_logm_second_derivative_at_the_identity(randn):
+    """At Q = I (one eigenvalue of multiplicity n) log(I + E) = E - E^2/2 + ...: the Hessian
+    of <C, log Q> applied to T is -(C T^T + T^T C)/2, finite and exact."""
+    n = 4
+    Q = torch.eye(n, dtype=torch.float64, requires_grad=True)
+    C, T = randn(n, n), randn(n, n)
+    (g,) = torch.autograd.grad((logm(Q) * C).sum(), Q, create_graph=True)
+    (hv,) = torch.autograd.grad((g * T).sum(), Q)
+    torch.testing.assert_close(hv, -(C @ T.mT + T.mT @ C) / 2, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", REAL_COMPLEX)
