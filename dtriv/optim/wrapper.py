@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -19,6 +21,24 @@ from .targets import Target, _dtriv_link, _owners, find_targets
 __all__ = ["DynamicTrivialization", "NonFiniteGradientError"]
 
 _STATE_KEY = "dynamic_trivialization"
+
+
+#: the packages whose frames a warning of the wrapper skips to name its caller's line
+_LIBRARY_DIRS = tuple(os.path.dirname(path) + os.sep for path in (
+    os.path.dirname(os.path.abspath(__file__)),  # dtriv/optim: dtriv
+    torch.__file__,
+))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the calling function name the first
+    frame outside dtriv and torch: the user's line that called ``step()`` (through torch's
+    step hooks, :func:`~dtriv.retractions._common.outside_compiled_graphs` and, under
+    ``torch.compile``, dynamo's frames), where a fixed count named a line of either library."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -243,7 +263,7 @@ class DynamicTrivialization(torch.optim.Optimizer):
                 f"{len(params)} parameters ({without_base} parametrized without a base); "
                 "the wrapper will step the optimizer without refreshing anything",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=_caller_stacklevel(),
             )
 
     @property
@@ -312,7 +332,7 @@ class DynamicTrivialization(torch.optim.Optimizer):
         warnings.warn(
             f"DynamicTrivialization: skipped a step with a non-finite gradient in {where}{more}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
         return False
 

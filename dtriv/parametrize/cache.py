@@ -152,9 +152,11 @@ _PLAIN = (Tensor, nn.Parameter)
 def _memo_allowed(X: Any, base: Any) -> bool:
     """Whether a parametrization may reuse its last value: eager code on plain tensors.
 
-    Not under ``torch.compile``/dynamo (the compiled graph computes the map itself), ``torch.jit``
-    tracing or scripting, or ``torch.func`` transforms (``vmap``, ``grad``, ...); not for
-    tensor subclasses (functorch wrappers, fake or meta-programming tensors).
+    Not while dynamo or ``torch.export`` traces the map (the graph computes it itself;
+    dtriv's parametrizations run outside ``torch.compile``'s graphs, as eager code where this
+    holds), ``torch.jit`` tracing or scripting, or ``torch.func`` transforms (``vmap``,
+    ``grad``, ...); not for tensor subclasses (functorch wrappers, fake or meta-programming
+    tensors).
     """
     return (
         not torch.compiler.is_compiling()
@@ -353,11 +355,15 @@ class ForwardMemo:
     :func:`torch.nn.utils.parametrize.cached`. A value read in grad mode keeps its graph (the
     map's intermediates) alive until backward frees it, and the value (with the gradient a
     pre-hook received) alive until the next read (or :meth:`clear`): one value and at most one
-    gradient of the tensor's size per parametrization held through the optimizer step.
-    (``weight.grad`` stays ``None``, as for torch's parametrized tensors.) The memo is
-    bypassed (the map is computed at every read) under ``torch.compile``, ``torch.jit``
-    tracing, ``torch.func`` transforms and for tensor subclasses; it is not copied by
-    ``deepcopy`` or pickled.
+    gradient of the tensor's size per parametrization held through the optimizer step; so are
+    the ``X`` and ``base`` it was computed from, which matters only once they were replaced (a
+    tensor substituted by ``torch.func.functional_call``, a base buffer that ``Module.to``
+    replaced). (``weight.grad`` stays ``None``, as for torch's parametrized tensors.) The memo
+    is bypassed (the map is computed at every read) where the map is traced (``torch.export``,
+    ``torch.jit`` tracing, or dynamo for a parametrization that is not dtriv's own:
+    dtriv's run outside ``torch.compile``'s graphs, as eager code that uses the memo), under
+    ``torch.func`` transforms and for tensor subclasses; it is not copied by ``deepcopy`` or
+    pickled.
 
     Cost of a read that hits: a handful of attribute reads (about a microsecond); of a miss,
     a few microseconds of bookkeeping besides the map, plus, for a value that a node other than

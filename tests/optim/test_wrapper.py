@@ -608,3 +608,25 @@ def test_compiled_step_refreshes_without_new_graphs_and_matches_eager():
     assert graphs[10] == graphs[-1] == 1, graphs[10:]
     # (compiled Adam rounds differently from the eager one: 6e-6 after ten steps)
     torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_skip_warning_names_the_callers_line(compiled):
+    # stacklevel=3 named a line of torch's step hooks (torch/optim/optimizer.py), and since
+    # _gradients_finite runs through outside_compiled_graphs one of dtriv's wrapper.py:
+    # warnings filters by module and the reported location then missed the training loop
+    import warnings
+
+    torch._dynamo.reset()
+    m = nn.Linear(4, 4, bias=False)
+    dtriv_orthogonal(m)
+    opt = DynamicTrivialization(torch.optim.SGD(m.parameters(), lr=0.1), K=2,
+                                nonfinite="skip")
+    step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+    m.parametrizations.weight.original.grad = torch.full((4, 4), float("nan"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+    skipped = [w for w in caught if "skipped a step" in str(w.message)]
+    assert len(skipped) == 1 and opt.skipped_steps == 1
+    assert skipped[0].filename == __file__, (skipped[0].filename, skipped[0].lineno)
