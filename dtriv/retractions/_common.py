@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 _HALF = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -189,6 +190,14 @@ def nested_forward_ad() -> bool:
 
     jvp = torch._C._functorch.TransformType.Jvp
     return sum(i.key() == jvp for i in retrieve_all_functorch_interpreters()) >= 2
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode derivative can be asked of the call: a ``torch.func`` transform
+    is active (``jvp``, ``jacfwd``, ...) or a ``torch.autograd.forward_ad.dual_level`` is
+    open. Nodes whose forward costs microseconds save tensors for their ``jvp``
+    (``ctx.save_for_forward``, about a microsecond per tensor) only then."""
+    return transforms_active() or _forward_ad._current_level >= 0
 
 
 def jvp_differentiated(X: Tensor) -> bool:

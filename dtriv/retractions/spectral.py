@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import apply_function, check_floating, check_matrix, compute_dtype, upcast_half
+from ._common import (
+    apply_function,
+    check_floating,
+    check_matrix,
+    compute_dtype,
+    jvp_differentiated,
+    nested_forward_ad,
+    upcast_half,
+)
 
 __all__ = [
     "power_iteration_init",
@@ -239,7 +247,12 @@ def _clip_backward(U: Tensor, S: Tensor, Vh: Tensor, G: Tensor, upper: float,
 class _ClipSingularValues(torch.autograd.Function):
     r"""``W -> U clamp(S, lower, upper) V^H`` with the closed-form backward of
     :func:`_clip_backward` (finite at repeated singular values). Differentiating the backward
-    (``create_graph=True``) recomputes the SVD differentiably and applies the same formula."""
+    (``create_graph=True``) recomputes the SVD differentiably and applies the same formula.
+
+    The map is the gradient of the unitarily invariant function :math:`\sum_i h(\sigma_i)`
+    with :math:`h' = \operatorname{clamp}(\cdot, \ell, u)` (Lewis), so its derivative is
+    that function's Hessian, self-adjoint for :math:`\operatorname{Re}\operatorname{tr}(A^H
+    B)`: the forward-mode derivative (``jvp``) is the same formula applied to the tangent."""
 
     generate_vmap_rule = True
 
@@ -256,6 +269,16 @@ class _ClipSingularValues(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(W, *output[1:])
+        ctx.save_for_forward(W, *output[1:])
+
+    @staticmethod
+    def jvp(ctx, dW: Tensor | None, *unused):  # type: ignore[override]
+        if dW is None:
+            return None, None, None, None
+        W, U, S, Vh = ctx.saved_tensors
+        if jvp_differentiated(W):  # reverse over forward: differentiable in W
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return _clip_backward(U, S, Vh, dW, *ctx.bounds), None, None, None
 
     @staticmethod
     def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
@@ -302,4 +325,7 @@ def clip_singular_values(W: Tensor, upper: float = 1.0, lower: float = 0.0) -> T
         raise ValueError(f"lower: expected a non-negative bound, got {lower}")
     if lower > upper:
         raise ValueError(f"lower: expected lower <= upper = {upper}, got {lower}")
+    if nested_forward_ad():  # torch 2.13 does not differentiate a custom jvp here
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return (U * S.clamp(min=lower, max=upper).unsqueeze(-2).to(U.dtype)) @ Vh
     return apply_function(_ClipSingularValues, W, float(upper), float(lower))[0]

@@ -29,7 +29,10 @@ from ._common import (
     check_same_shape,
     compute_dtype,
     eps,
+    forward_ad_active,
     is_meta,
+    jvp_differentiated,
+    nested_forward_ad,
     no_host_reads,
     reports_backward,
     transforms_active,
@@ -164,6 +167,13 @@ def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor | float:
     return 2 * _dsinc(z, cos, sinc)
 
 
+def _sinc_g_plus(g: Tensor, sinc: Tensor, coef: Tensor, v: Tensor) -> Tensor:
+    """``sinc g + coef v``, the second term added in place in eager code (under torch.func
+    ``g`` may be a ZeroTensor, whose product cannot be written in place)."""
+    out = torch.mul(g, sinc)
+    return torch.addcmul(out, coef, v) if transforms_active() else out.addcmul_(coef, v)
+
+
 def _normalize_(w: Tensor, radius: float) -> tuple[Tensor, Tensor]:
     r"""``(r w/|w|, r/|w|)``, the first written into ``w`` (a fresh tensor of the caller)."""
     scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).reciprocal_()
@@ -199,6 +209,52 @@ def _tangent_backward(x: Tensor, X: Tensor, gV: Tensor, b: Tensor, r2: float,
     if needs[1]:
         gX = gV.addcmul_(x, b, value=-1) if owned else torch.addcmul(gV, x, b, value=-1)
     return gx, gX
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a + b`` where a missing tangent (``None``) is zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _tangent_jvp(x: Tensor, X: Tensor, dx: Tensor | None, dX: Tensor | None,
+                 r2: float) -> Tensor | None:
+    r"""The derivative of ``(x, X) -> P_x(X) = X - x Re<x, X>/r^2`` along ``(dx, dX)``:
+    :math:`dX - c\,dx - x\,(\operatorname{Re}\langle dx, X\rangle + \operatorname{Re}
+    \langle x, dX\rangle)/r^2`, :math:`c = \operatorname{Re}\langle x, X\rangle/r^2`
+    (``None`` when both tangents are)."""
+    if dx is None and dX is None:
+        return None
+    dc = _add(None if dx is None else _rdot_fast(dx, X),
+              None if dX is None else _rdot_fast(x, dX))
+    if r2 != 1.0:
+        dc = dc / r2
+    out = -x * dc
+    if dX is not None:
+        out = out + dX
+    if dx is not None:
+        c = _rdot_fast(x, X)
+        out = out - (c / r2 if r2 != 1.0 else c) * dx
+    return out
+
+
+def _exp_jvp(x: Tensor, V: Tensor, dx: Tensor | None, dV: Tensor | None, cos: Tensor,
+             sinc: Tensor, d2: Tensor | float, r2: float) -> Tensor | None:
+    r"""The derivative of ``(x, V) -> cos(t) x + sinc(t) V`` (:math:`z = t^2 = \|V\|^2/r^2`)
+    along ``(dx, dV)``, given ``d2`` :math:`= 2\operatorname{sinc}'(z)`:
+    :math:`\cos(t)\,dx + \operatorname{sinc}(t)\,dV + \frac{\operatorname{Re}\langle V,
+    dV\rangle}{r^2}\,(d_2 V - \operatorname{sinc}(t)\,x)` (with
+    :math:`\frac{d}{dz}\cos\sqrt z = -\operatorname{sinc}/2`)."""
+    out = None
+    if dV is not None:
+        a = _rdot_fast(V, dV)
+        if r2 != 1.0:
+            a = a / r2
+        out = sinc * dV + a * (d2 * V - sinc * x)
+    if dx is not None:
+        out = _add(out, cos * dx)
+    return out
 
 
 @reports_backward
@@ -239,6 +295,20 @@ class _SphereExp(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(x, v, *output[1:])
+        if forward_ad_active():  # (a microsecond per tensor otherwise)
+            ctx.save_for_forward(x, v, *output[1:])
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dv: Tensor | None, _dr):  # type: ignore[override]
+        x, v, t, cos, sinc = ctx.saved_tensors
+        r2 = ctx.radius * ctx.radius
+        if jvp_differentiated(v):  # reverse over forward: differentiable in x, v
+            z = _sqnorm(v) / r2
+            cos, sinc = _cos_sinc(z)
+            d2 = 2 * _dsinc(z, cos, sinc)
+        else:
+            d2 = _two_dsinc(t, cos, sinc)
+        return _exp_jvp(x, v, dx, dv, cos, sinc, d2, r2), None, None, None
 
     @staticmethod
     def backward(ctx, g: Tensor | None, *unused: Tensor):  # type: ignore[override]
@@ -257,7 +327,7 @@ class _SphereExp(torch.autograd.Function):
             coef = torch.addcmul(d2 * _rdot_fast(v, g), sinc, _rdot_fast(x, g), value=-1)
             if r2 != 1.0:
                 coef = coef / r2
-            gv = torch.mul(g, sinc).addcmul_(coef, v)
+            gv = _sinc_g_plus(g, sinc, coef, v)
         return gx, gv, None
 
 
@@ -285,6 +355,20 @@ class _SphereProjective(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(x, v, *output)
+        if forward_ad_active():  # (a microsecond per tensor otherwise)
+            ctx.save_for_forward(x, v, *output)
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dv: Tensor | None, _dr):  # type: ignore[override]
+        x, v, y, scale = ctx.saved_tensors
+        dw = _add(dx, dv)
+        if dw is None:
+            return None, None
+        if jvp_differentiated(v):  # reverse over forward: differentiable in x, v
+            w = x + v
+            scale = ctx.radius / torch.sqrt(_sqnorm(w))
+            y = w * scale
+        return _normalize_backward(y, scale, dw, ctx.radius * ctx.radius), None
 
     @staticmethod
     def backward(ctx, g: Tensor | None, *unused: Tensor):  # type: ignore[override]
@@ -325,6 +409,13 @@ class _SphereTangent(torch.autograd.Function):
         x, v, radius = inputs
         ctx.radius = radius
         ctx.save_for_backward(x, v)
+        if forward_ad_active():  # (a microsecond per tensor otherwise)
+            ctx.save_for_forward(x, v)
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dv: Tensor | None, _dr):  # type: ignore[override]
+        x, v = ctx.saved_tensors
+        return _tangent_jvp(x, v, dx, dv, ctx.radius * ctx.radius)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
@@ -372,6 +463,21 @@ class _TrivializeProjective(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(x, X, *output)
+        if forward_ad_active():  # (a microsecond per tensor otherwise)
+            ctx.save_for_forward(x, X, *output)
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dX: Tensor | None, _dr):  # type: ignore[override]
+        x, X, y, scale = ctx.saved_tensors
+        r2 = ctx.radius * ctx.radius
+        dw = _add(dx, _tangent_jvp(x, X, dx, dX, r2))
+        if dw is None:
+            return None, None
+        if jvp_differentiated(X):  # reverse over forward: differentiable in x, X
+            w = x + (X - x * (_rdot(x, X) / r2))
+            scale = ctx.radius / torch.sqrt(_sqnorm(w))
+            y = w * scale
+        return _normalize_backward(y, scale, dw, r2), None
 
     @staticmethod
     def backward(ctx, g: Tensor | None, *unused: Tensor):  # type: ignore[override]
@@ -432,6 +538,22 @@ class _TrivializeExp(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(x, X, *output[1:])
+        if forward_ad_active():  # (a microsecond per tensor otherwise)
+            ctx.save_for_forward(x, X, *output[1:])
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dX: Tensor | None, _dr):  # type: ignore[override]
+        x, X, V, t, cos, sinc = ctx.saved_tensors
+        r2 = ctx.radius * ctx.radius
+        if jvp_differentiated(X):  # reverse over forward: differentiable in x, X
+            V = X - x * (_rdot(x, X) / r2)
+            z = _sqnorm(V) / r2
+            cos, sinc = _cos_sinc(z)
+            d2 = 2 * _dsinc(z, cos, sinc)
+        else:
+            d2 = _two_dsinc(t, cos, sinc)
+        dV = _tangent_jvp(x, X, dx, dX, r2)
+        return _exp_jvp(x, V, dx, dV, cos, sinc, d2, r2), None, None, None, None
 
     @staticmethod
     def backward(ctx, g: Tensor | None, *unused: Tensor):  # type: ignore[override]
@@ -449,7 +571,7 @@ class _TrivializeExp(torch.autograd.Function):
         coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
         if r2 != 1.0:
             coef = coef / r2
-        gV = torch.mul(g, sinc).addcmul_(coef, V)
+        gV = _sinc_g_plus(g, sinc, coef, V)
         b = _rdot_fast(x, gV)
         if r2 != 1.0:
             b = b / r2
@@ -467,8 +589,38 @@ def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: floa
     return out[0] if isinstance(out, tuple) else out
 
 
+def _exp_reference(x: Tensor, V: Tensor, radius: float) -> Tensor:
+    cos, sinc = _cos_sinc(_sqnorm(V) / (radius * radius))
+    return cos * x + sinc * V
+
+
+def _projective_reference(x: Tensor, V: Tensor, radius: float) -> Tensor:
+    w = x + V
+    return w * (radius / torch.sqrt(_sqnorm(w)))
+
+
+def _tangent_reference(x: Tensor, X: Tensor, radius: float) -> Tensor:
+    return X - x * (_rdot(x, X) / (radius * radius))
+
+
+#: each node's map composed of differentiable torch operations (the power series of
+#: :func:`_cos_sinc` keep it smooth at ``V = 0``): under nested forward mode
+#: (``jacfwd(jacfwd(f))``) torch 2.13 does not differentiate a custom ``jvp``
+_REFERENCE = {
+    _SphereExp: _exp_reference,
+    _SphereProjective: _projective_reference,
+    _SphereTangent: _tangent_reference,
+    _TrivializeExp: lambda x, X, r: _exp_reference(x, _tangent_reference(x, X, r), r),
+    _TrivializeProjective: lambda x, X, r: _projective_reference(
+        x, _tangent_reference(x, X, r), r),
+}
+
+
 def _fused(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: float) -> Tensor:
-    """``fn.apply(x, v, radius)``, half precision through float32 (arguments not checked)."""
+    """``fn.apply(x, v, radius)``, half precision through float32 (arguments not checked);
+    under nested forward mode, the same map by differentiable torch operations."""
+    if nested_forward_ad():
+        return _REFERENCE[fn](x, v, radius)
     if x.dtype in (torch.float16, torch.bfloat16) or v.dtype != x.dtype:
         dtype = torch.promote_types(compute_dtype(x.dtype), compute_dtype(v.dtype))
         return _apply(fn, x.to(dtype), v.to(dtype), radius).to(x.dtype)

@@ -368,3 +368,103 @@ def test_vmap_of_maps_with_value_checks(randn, name):
     out = vmap(fn)(x, y)
     torch.testing.assert_close(out, torch.stack([fn(a, b) for a, b in zip(x, y)]),
                                atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------- sphere and spectral clip
+def _sphere_refs():
+    """(map of (x, V), reference composition of torch operations) per sphere node."""
+    from dtriv.retractions import sphere as sph
+
+    def exp_ref(x, V, r):
+        t = torch.sqrt((V * V).sum(-1, keepdim=True)) / r
+        return torch.cos(t) * x + (r * torch.sin(t) / (t * r)) * V
+
+    def proj_ref(x, V, r):
+        w = x + V
+        return r * w / torch.sqrt((w * w).sum(-1, keepdim=True))
+
+    def tan_ref(x, X, r):
+        return X - x * (x * X).sum(-1, keepdim=True) / r**2
+
+    return {
+        "exp": (sph.exp_radius, exp_ref),
+        "projective": (sph.projective_radius, proj_ref),
+        "tangent": (sph.tangent_radius, tan_ref),
+        "trivialize_exp": (sph.trivialize_exp_radius,
+                           lambda x, X, r: exp_ref(x, tan_ref(x, X, r), r)),
+        "trivialize_projective": (sph.trivialize_projective_radius,
+                                  lambda x, X, r: proj_ref(x, tan_ref(x, X, r), r)),
+    }
+
+
+_SPHERE = _sphere_refs()
+
+
+def _sphere_inputs(randn, shape, radius, scale=0.3):
+    x = randn(*shape)
+    x = radius * x / x.norm(dim=-1, keepdim=True)
+    V = scale * randn(*shape)
+    return x, V - x * (x * V).sum(-1, keepdim=True) / radius**2  # tangent (for exp's inputs)
+
+
+@pytest.mark.parametrize("radius", [1.0, 2.0])
+@pytest.mark.parametrize("shape", [(5,), (3, 5)], ids=["vector", "batch"])
+@pytest.mark.parametrize("name", list(_SPHERE))
+def test_sphere_maps_forward_mode(randn, name, shape, radius):
+    # jvp (both arguments, and each alone) and dual numbers against the same derivative of a
+    # composition of torch operations; the nodes had no jvp (NotImplementedError)
+    fn, ref = _SPHERE[name]
+    x, V = _sphere_inputs(randn, shape, radius)
+    dx, dV = randn(*shape), randn(*shape)
+    for args, tangents in [((x, V), (dx, dV)), ((x,), (dx,)), ((V,), (dV,))]:
+        if len(args) == 2:
+            f, g = (lambda a, b: fn(a, b, radius)), (lambda a, b: ref(a, b, radius))
+        elif args[0] is x:
+            f, g = (lambda a: fn(a, V, radius)), (lambda a: ref(a, V, radius))
+        else:
+            f, g = (lambda b: fn(x, b, radius)), (lambda b: ref(x, b, radius))
+        value, tangent = torch.func.jvp(f, args, tangents)
+        torch.testing.assert_close(tangent, torch.func.jvp(g, args, tangents)[1])
+        torch.testing.assert_close(value, g(*args))
+    with fwAD.dual_level():
+        out = fn(fwAD.make_dual(x, dx), fwAD.make_dual(V, dV), radius)
+        tangent = fwAD.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, torch.func.jvp(
+        lambda a, b: ref(a, b, radius), (x, V), (dx, dV))[1])
+
+
+@pytest.mark.parametrize("scale", [0.3, 1e-5], ids=["away", "near0"])
+@pytest.mark.parametrize("composition", list(_COMPOSITIONS))
+@pytest.mark.parametrize("name", list(_SPHERE))
+def test_sphere_maps_second_derivatives_in_forward_mode(randn, name, composition, scale):
+    # near0: the exponential's power-series regime (the reference's sin(t)/t is exact there
+    # to rounding in float64 at t = 1e-5)
+    fn, ref = _SPHERE[name]
+    x, V = _sphere_inputs(randn, (2, 4), 1.0, scale)
+    C = randn(2, 4)
+    got, want = _hessians(lambda X: fn(x, X, 1.0), lambda X: ref(x, X, 1.0), V, C, composition)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+def _clip_ref(W, upper, lower):
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return (U * S.clamp(min=lower, max=upper).unsqueeze(-2).to(U.dtype)) @ Vh
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (2, 4, 4)])
+def test_clip_singular_values_forward_mode(randn, shape, dtype):
+    # distinct singular values on both sides of the bounds; the node had no jvp
+    from dtriv.retractions import clip_singular_values
+
+    W, dW = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
+    bounds = (1.5, 0.5)
+    _, tangent = torch.func.jvp(lambda A: clip_singular_values(A, *bounds), (W,), (dW,))
+    _, want = torch.func.jvp(lambda A: _clip_ref(A, *bounds), (W,), (dW,))
+    torch.testing.assert_close(tangent, want)
+    if dtype == torch.float64:
+        C = randn(*shape)
+        for composition in _COMPOSITIONS:
+            got, ref = _hessians(lambda A: clip_singular_values(A, *bounds),
+                                 lambda A: _clip_ref(A, *bounds), W, C, composition)
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
