@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dtriv.retractions._common import outside_compiled_graphs
 
-from .targets import Target, _dtriv_link, _owners, find_targets
+from .targets import DtrivTarget, Target, _dtriv_link, _owners, find_targets
 
 __all__ = ["DynamicTrivialization", "NonFiniteGradientError"]
 
@@ -120,6 +120,9 @@ class DynamicTrivialization(torch.optim.Optimizer):
     :mod:`dtriv.optim.targets`. A wrapper whose optimizer holds none of them warns. A
     parametrization removed with ``remove_parametrizations`` is no longer refreshed; one
     registered again on that tensor (whose parameter torch keeps) is refreshed in its place.
+    A dtriv parametrization registered on a weight the optimizer already holds after the
+    wrapper was built is refreshed from the next refresh on; torch's and geotorch's are found
+    only by the scan at construction (or ``add_param_group``).
 
     ``state_dict()`` holds the inner optimizer's state and the step and refresh counters,
     so a run resumed with ``load_state_dict`` refreshes at the same steps.
@@ -381,6 +384,7 @@ class DynamicTrivialization(torch.optim.Optimizer):
         targets = self.targets
         if not all(t.attached() for t in targets):  # remove_parametrizations since the scan
             targets = self._retarget(targets)
+        targets = self._adopt(targets)
         if not targets:
             return
         flags = self._finite([t.original for t in targets])
@@ -401,6 +405,28 @@ class DynamicTrivialization(torch.optim.Optimizer):
         if self.state_mode == "reset":
             for target in targets:
                 self.optimizer.state.pop(target.original, None)
+
+    def _adopt(self, targets: list[Target]) -> list[Target]:
+        """The targets, with dtriv's dynamic trivializations registered on the optimizer's
+        parameters since the scan (``constrain`` or the ``orthogonal`` twin applied to a
+        weight the optimizer already held: torch keeps the parameter as ``original``).
+
+        Their parameters carry a link to the trivialization, so finding them costs one
+        attribute read per parameter at each refresh (a rescan only when one is found).
+        Torch's and geotorch's parametrizations registered after the wrapper was built are
+        not found this way: build the wrapper after registering them.
+        """
+        known = {id(t.original) for t in targets}
+        for p in self._params():
+            if id(p) in known:
+                continue
+            triv = _dtriv_link(p)
+            if (triv is not None and getattr(triv, "dynamic", True)
+                    and getattr(triv, "base", None) is not None
+                    and DtrivTarget(p, triv).attached()):
+                self._scan(warn=False)  # in group order
+                return self.targets
+        return targets
 
     def _retarget(self, targets: list[Target]) -> list[Target]:
         """The targets once some were removed (``remove_parametrizations``).

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrizations as P
 from torch.nn.utils import parametrize
 
-from dtriv.manifolds import Stiefel
+from dtriv.manifolds import Orthogonal, Stiefel
 from dtriv.optim import DynamicTrivialization
 from dtriv.parametrize import constrain
 from dtriv.parametrize import orthogonal as dtriv_orthogonal
@@ -115,3 +115,30 @@ def test_module_conversion_that_swaps_parameters_after_riemannian_steps(optimize
         torch.__future__.set_swap_module_params_on_conversion(old)
     for p, e in zip(model, expected):
         assert torch.equal(p.detach(), e)
+
+
+@pytest.mark.parametrize("register", ["constrain", "twin"])
+def test_a_weight_constrained_after_the_wrapper_was_built_is_refreshed(register):
+    # torch keeps the optimizer's parameter as the new parametrization's original, so the
+    # optimizer trains it; the wrapper, which had scanned before, never refreshed it (K = inf)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.Tanh(), nn.Linear(6, 2))
+    with pytest.warns(UserWarning, match="got none"):  # nothing to refresh yet
+        opt = DynamicTrivialization(torch.optim.SGD(model.parameters(), lr=0.1), K=2)
+    if register == "constrain":
+        constrain(model[0], "weight", Orthogonal(6))
+    else:
+        dtriv_orthogonal(model[0])
+    plist = model[0].parametrizations.weight
+    base0 = plist[0].base.clone()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.refreshes == 1
+    assert [t.original for t in opt.targets] == [plist.original]
+    assert torch.count_nonzero(plist.original) == 0  # refreshed: the free tensor reset
+    assert not torch.equal(plist[0].base, base0)  # and the base moved to the point
+    W = model[0].weight.detach()
+    torch.testing.assert_close(W.T @ W, torch.eye(6), rtol=0, atol=1e-5)
