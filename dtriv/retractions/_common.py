@@ -178,6 +178,13 @@ transforms_active = torch._C._are_functorch_transforms_active
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
+def _count_transforms(kind: torch._C._functorch.TransformType) -> int:
+    """How many ``torch.func`` transforms of ``kind`` are active around the call."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return sum(i.key() == kind for i in retrieve_all_functorch_interpreters())
+
+
 def nested_forward_ad() -> bool:
     """Whether two or more ``torch.func`` forward-mode transforms are active around the call
     (``jacfwd(jacfwd(f))``, ``jvp`` of a ``jvp``). In torch 2.13 the forward-mode derivative
@@ -186,10 +193,19 @@ def nested_forward_ad() -> bool:
     compositions of differentiable torch ops there. Outside transforms: one flag read."""
     if not transforms_active():
         return False
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return _count_transforms(torch._C._functorch.TransformType.Jvp) >= 2
 
-    jvp = torch._C._functorch.TransformType.Jvp
-    return sum(i.key() == jvp for i in retrieve_all_functorch_interpreters()) >= 2
+
+def vmap_active() -> bool:
+    """Whether a ``torch.func.vmap`` is active around the call (also inside ``jacfwd`` and
+    ``hessian``, which vmap over their basis), where no value can be read on the host
+    (``bool(t)``, ``.item()``: data-dependent control flow). Under ``grad``, ``vjp``,
+    ``jacrev``'s forward and ``jvp`` alone a value can be read, so the maps' value checks
+    (a point antipodal to the base, an eigenvalue at -1) still raise there. Outside
+    transforms: one flag read."""
+    if not transforms_active():
+        return False
+    return _count_transforms(torch._C._functorch.TransformType.Vmap) > 0
 
 
 def forward_ad_active() -> bool:

@@ -40,6 +40,7 @@ from ._common import (
     solve,
     transforms_active,
     upcast_half,
+    vmap_active,
 )
 from ._expm import (
     NonFiniteError,
@@ -545,9 +546,10 @@ def cayley_inverse(Q: Tensor, *, tol: float | None = None) -> Tensor:
             :math:`Q` the distance of its spectrum from :math:`-1`) is below ``tol``
             (default :math:`\sqrt{\varepsilon}` of the dtype; ``tol=0`` keeps only the
             check that :math:`Q + I` is numerically invertible). Meta tensors, which have
-            no values, are not checked, nor are calls under ``torch.func`` transforms
-            (``vmap`` cannot read a value on the host): a singular :math:`Q + I` gives
-            non-finite entries there.
+            no values, are not checked, nor are calls under ``torch.func.vmap`` (also
+            inside ``jacfwd`` and ``hessian``; a batched value cannot be read on the host):
+            a singular :math:`Q + I` gives non-finite entries there. Under ``grad``,
+            ``jacrev`` and ``jvp`` the check raises as in eager code.
 
     Args:
         Q: ``(..., n, n)`` real or complex.
@@ -563,8 +565,8 @@ def cayley_inverse(Q: Tensor, *, tol: float | None = None) -> Tensor:
     check_floating(Q, "Q")
     tol = _default_tol(Q.dtype, tol)
     X, info = _cayley_inverse(Q)
-    # a meta tensor has no values to check; under torch.func transforms none can be read
-    if Q.numel() and not is_meta(Q) and not transforms_active():
+    # a meta tensor has no values to check; under vmap none can be read
+    if Q.numel() and not is_meta(Q) and not vmap_active():
         with torch.no_grad():
             finite = torch.isfinite(X).all(dim=(-2, -1)) & (info == 0)
             bad = ~finite
@@ -641,9 +643,9 @@ class _Logm(torch.autograd.Function):
     def forward(Q: Tensor, tol: float, unitary_tol: float):  # type: ignore[override]
         n = Q.shape[-1]
         Id = _eye(Q)
-        # a meta tensor has no values to check; under torch.func transforms (vmap) none can
-        # be read on the host, nor under jit tracing or export
-        checked = Q.numel() > 0 and not (no_host_reads(Q) or transforms_active())
+        # a meta tensor has no values to check; under vmap none can be read on the host,
+        # nor under jit tracing or export (under grad this forward runs unwrapped)
+        checked = Q.numel() > 0 and not (no_host_reads(Q) or vmap_active())
         if checked:
             err = (Q.mH @ Q - Id).abs().amax(dim=(-2, -1))
             if bool((~torch.isfinite(err)).any()) or bool((err > unitary_tol).any()):
@@ -741,10 +743,11 @@ def logm(Q: Tensor, *, tol: float | None = None) -> Tensor:
     off it the first derivative is exact only to first order in :math:`|Q^HQ - I|`, so
     ``gradgradcheck``'s finite differences of the backward agree only along directions
     tangent to the unitary group. Forward mode (``jvp``, ``jacfwd``) is not implemented.
-    ``torch.func.vmap``, ``grad`` and ``jacrev`` are supported; under ``torch.func``
-    transforms, as for meta tensors and under ``torch.jit.trace``/``torch.export``, the value
-    checks below are skipped (nothing can be read on the host): a matrix with eigenvalue
-    :math:`-1` then gives a wrong or non-finite result.
+    ``torch.func.vmap``, ``grad`` and ``jacrev`` are supported; under ``vmap``, as for meta
+    tensors and under ``torch.jit.trace``/``torch.export``, the value checks below are
+    skipped (nothing can be read on the host): a matrix with eigenvalue :math:`-1` then
+    gives a wrong or non-finite result. Under ``grad`` and ``jacrev`` they raise as in
+    eager code.
 
     Raises:
         ValueError: when some eigenvalue is within ``tol`` of :math:`-1` (default
@@ -756,7 +759,7 @@ def logm(Q: Tensor, *, tol: float | None = None) -> Tensor:
             :math:`\max|U^HQU - D|` exceeds a tenth of the distance to :math:`-1` (the
             first-order correction would not be accurate: :math:`Q` is too far from
             unitary for how close its spectrum comes to :math:`-1`). Meta tensors, which
-            have no values, are not checked, nor are calls under ``torch.func`` transforms.
+            have no values, are not checked, nor are calls under ``torch.func.vmap``.
 
     Args:
         Q: ``(..., n, n)`` real orthogonal or complex unitary.

@@ -37,6 +37,7 @@ from ._common import (
     reports_backward,
     transforms_active,
     upcast_half,
+    vmap_active,
 )
 from .registry import register
 
@@ -174,6 +175,19 @@ def _sinc_g_plus(g: Tensor, sinc: Tensor, coef: Tensor, v: Tensor) -> Tensor:
     return torch.addcmul(out, coef, v) if transforms_active() else out.addcmul_(coef, v)
 
 
+def _exp_coefficients(V: Tensor, t: Tensor, cos: Tensor, sinc: Tensor, r2: float,
+                      recompute: bool) -> tuple[Tensor, Tensor, Tensor | float]:
+    r"""``(cos, sinc, d2)`` of the exponential nodes at :math:`z = \|V\|^2/r^2`, with ``d2``
+    :math:`= 2\operatorname{sinc}'(z)`: recomputed from ``V`` by differentiable operations
+    when ``recompute`` (a derivative of the jvp or backward is taken), else from the saved
+    values (no graph)."""
+    if recompute:
+        z = _sqnorm(V) / r2
+        cos, sinc = _cos_sinc(z)
+        return cos, sinc, 2 * _dsinc(z, cos, sinc)
+    return cos, sinc, _two_dsinc(t, cos, sinc)
+
+
 def _normalize_(w: Tensor, radius: float) -> tuple[Tensor, Tensor]:
     r"""``(r w/|w|, r/|w|)``, the first written into ``w`` (a fresh tensor of the caller)."""
     scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).reciprocal_()
@@ -302,12 +316,8 @@ class _SphereExp(torch.autograd.Function):
     def jvp(ctx, dx: Tensor | None, dv: Tensor | None, _dr):  # type: ignore[override]
         x, v, t, cos, sinc = ctx.saved_tensors
         r2 = ctx.radius * ctx.radius
-        if jvp_differentiated(v):  # reverse over forward: differentiable in x, v
-            z = _sqnorm(v) / r2
-            cos, sinc = _cos_sinc(z)
-            d2 = 2 * _dsinc(z, cos, sinc)
-        else:
-            d2 = _two_dsinc(t, cos, sinc)
+        # reverse over forward: differentiable in x, v
+        cos, sinc, d2 = _exp_coefficients(v, t, cos, sinc, r2, jvp_differentiated(v))
         return _exp_jvp(x, v, dx, dv, cos, sinc, d2, r2), None, None, None
 
     @staticmethod
@@ -545,13 +555,10 @@ class _TrivializeExp(torch.autograd.Function):
     def jvp(ctx, dx: Tensor | None, dX: Tensor | None, _dr):  # type: ignore[override]
         x, X, V, t, cos, sinc = ctx.saved_tensors
         r2 = ctx.radius * ctx.radius
-        if jvp_differentiated(X):  # reverse over forward: differentiable in x, X
+        recompute = jvp_differentiated(X)  # reverse over forward: differentiable in x, X
+        if recompute:
             V = X - x * (_rdot(x, X) / r2)
-            z = _sqnorm(V) / r2
-            cos, sinc = _cos_sinc(z)
-            d2 = 2 * _dsinc(z, cos, sinc)
-        else:
-            d2 = _two_dsinc(t, cos, sinc)
+        cos, sinc, d2 = _exp_coefficients(V, t, cos, sinc, r2, recompute)
         dV = _tangent_jvp(x, X, dx, dX, r2)
         return _exp_jvp(x, V, dx, dV, cos, sinc, d2, r2), None, None, None, None
 
@@ -561,13 +568,10 @@ class _TrivializeExp(torch.autograd.Function):
             return None, None, None
         x, X, V, t, cos, sinc = ctx.saved_tensors
         r2 = ctx.radius * ctx.radius
-        if torch.is_grad_enabled():  # differentiable recomputation for higher orders
+        recompute = torch.is_grad_enabled()  # differentiable recomputation for higher orders
+        if recompute:
             V = X - x * (_rdot(x, X) / r2)
-            z = _sqnorm(V) / r2
-            cos, sinc = _cos_sinc(z)
-            d2 = 2 * _dsinc(z, cos, sinc)
-        else:
-            d2 = _two_dsinc(t, cos, sinc)
+        cos, sinc, d2 = _exp_coefficients(V, t, cos, sinc, r2, recompute)
         coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
         if r2 != 1.0:
             coef = coef / r2
@@ -689,10 +693,11 @@ def sphere_log(x: Tensor, y: Tensor) -> Tensor:
     Raises:
         ValueError: for ``y`` antipodal to ``x`` (within :math:`\sqrt{\varepsilon}`), where
             the direction of the geodesic is undefined. Meta tensors, which have no
-            values, are not checked, nor are calls under ``torch.func`` transforms
-            (``vmap`` cannot read a value on the host): an antipodal ``y`` then gives a
-            result of length :math:`\pi` in an arbitrary (rounding-determined) direction,
-            or zero.
+            values, are not checked, nor are calls under ``torch.func.vmap`` (also inside
+            ``jacfwd`` and ``hessian``; a batched value cannot be read on the host): a
+            nearly antipodal ``y`` then gives a result of length :math:`\pi` in an
+            arbitrary (rounding-determined) direction, the exact antipode NaN. Under
+            ``grad``, ``jacrev`` and ``jvp`` the check raises as in eager code.
 
     Args:
         x: ``(..., n)`` unit vectors.
@@ -708,8 +713,8 @@ def sphere_log(x: Tensor, y: Tensor) -> Tensor:
     c = _rdot(x, y)
     u = y - c * x
     s2 = _sqnorm(u)
-    # a meta tensor has no values to check; under torch.func transforms none can be read
-    if y.numel() and not is_meta(y) and not transforms_active():
+    # a meta tensor has no values to check; under vmap none can be read
+    if y.numel() and not is_meta(y) and not vmap_active():
         with torch.no_grad():
             tol = math.sqrt(eps(x.dtype))
             antipodal = (c < 0) & (s2 <= tol**2)
@@ -760,8 +765,10 @@ def sphere_projective_inverse(x: Tensor, y: Tensor) -> Tensor:
     Raises:
         ValueError: when :math:`\operatorname{Re}\langle x, y\rangle \le \sqrt{\varepsilon}`.
             Meta tensors, which have no values, are not checked, nor are calls under
-            ``torch.func`` transforms (``vmap`` cannot read a value on the host): ``y``
-            outside the open hemisphere then gives a non-finite or meaningless result.
+            ``torch.func.vmap`` (also inside ``jacfwd`` and ``hessian``; a batched value
+            cannot be read on the host): ``y`` outside the open hemisphere then gives a
+            non-finite or meaningless result. Under ``grad``, ``jacrev`` and ``jvp`` the
+            check raises as in eager code.
 
     Args:
         x: ``(..., n)`` unit vectors.
@@ -775,8 +782,8 @@ def sphere_projective_inverse(x: Tensor, y: Tensor) -> Tensor:
     """
     _check_vectors(x, y, "x", "y")
     c = _rdot(x, y)
-    # a meta tensor has no values to check; under torch.func transforms none can be read
-    if y.numel() and not is_meta(y) and not transforms_active():
+    # a meta tensor has no values to check; under vmap none can be read
+    if y.numel() and not is_meta(y) and not vmap_active():
         with torch.no_grad():
             tol = math.sqrt(eps(x.dtype))
             if bool((c <= tol).any()):

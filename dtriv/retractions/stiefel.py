@@ -54,6 +54,7 @@ from ._common import (
     tracing,
     transforms_active,
     upcast_half,
+    vmap_active,
 )
 from .lie import expm
 from .registry import register
@@ -234,8 +235,10 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
         ValueError: if ``Q`` is not in the image of the QR retraction at ``B`` (a leading
             principal minor of :math:`B^H Q` vanishes or the solved diagonal of ``R`` is
             not positive). Meta tensors, which have no values, are not checked, nor are
-            calls under ``torch.func`` transforms (``vmap`` cannot read a value on the
-            host): such a ``Q`` then gives a non-finite or meaningless result.
+            calls under ``torch.func.vmap`` (also inside ``jacfwd`` and ``hessian``; a
+            batched value cannot be read on the host): such a ``Q`` then gives a
+            non-finite or meaningless result. Under ``grad``, ``jacrev`` and ``jvp`` the
+            check raises as in eager code.
 
     Cost: :math:`O(n k^2)` for :math:`B^H Q` and :math:`Q R`, plus ``k`` solves of size at
     most ``k``, :math:`O(k^4)`.
@@ -271,7 +274,7 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
         cols.append(col)
     R = torch.stack(cols, dim=-1)
     diag = R.diagonal(dim1=-2, dim2=-1).real
-    if is_meta(R) or transforms_active():  # no values to check / none can be read
+    if is_meta(R) or vmap_active():  # no values to check / none can be read
         return Q @ R - B
     if not bool(torch.isfinite(R).all()) or bool((diag <= 0).any()):
         raise ValueError(
@@ -565,8 +568,10 @@ def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
     Raises:
         ValueError: if ``Q`` is not in the image of the polar retraction at ``B`` (``S``
             not positive definite). Meta tensors, which have no values, are not checked,
-            nor are calls under ``torch.func`` transforms (``vmap`` cannot read a value on
-            the host): such a ``Q`` then gives a meaningless result.
+            nor are calls under ``torch.func.vmap`` (also inside ``jacfwd`` and
+            ``hessian``; a batched value cannot be read on the host): such a ``Q`` then
+            gives a meaningless result. Under ``grad``, ``jacrev`` and ``jvp`` the check
+            raises as in eager code.
 
     Cost: :math:`O(n k^2)` for :math:`B^H Q` and :math:`Q S`, plus a dense solve of size
     :math:`k^2`, :math:`O(k^6)`: cheap for ``k`` up to a few tens.
@@ -582,7 +587,7 @@ def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
     rhs = (2 * I).reshape(k * k).expand(*M.shape[:-2], k * k)
     S = solve(K, rhs.unsqueeze(-1)).reshape(M.shape)
     S = (S + S.mH) / 2
-    if is_meta(S) or transforms_active():  # no values to check / none can be read
+    if is_meta(S) or vmap_active():  # no values to check / none can be read
         return Q @ S - B
     with torch.no_grad():
         lam = torch.linalg.eigvalsh(S)

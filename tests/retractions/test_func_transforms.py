@@ -468,3 +468,61 @@ def test_clip_singular_values_forward_mode(randn, shape, dtype):
             got, ref = _hessians(lambda A: clip_singular_values(A, *bounds),
                                  lambda A: _clip_ref(A, *bounds), W, C, composition)
             torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------- value checks under transforms that read values
+def _invalid_inputs(randn, name):
+    """(base, invalid point) for each map that checks a value: an antipode, an eigenvalue
+    -1, a point outside the image of the retraction at the base."""
+    if name.startswith("sphere"):
+        x = randn(4)
+        x = x / x.norm()
+        return x, -x
+    if name in ("cayley_inverse", "logm"):
+        Q = torch.linalg.qr(randn(N, N))[0]
+        D = torch.diag(torch.tensor([-1.0, -1.0] + [1.0] * (N - 2), dtype=Q.dtype))
+        return None, Q @ D @ Q.mT  # eigenvalue -1 (twice: det = +1)
+    B = torch.linalg.qr(randn(5, 3))[0]
+    return B, -B  # B^H Q = -I: diag(R) < 0, S negative definite
+
+
+_CHECKED = ["sphere_log", "sphere_projective_inverse", "cayley_inverse", "logm",
+            "stiefel_qr_inverse", "stiefel_polar_inverse"]
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jvp"])
+@pytest.mark.parametrize("name", _CHECKED)
+def test_value_checks_raise_under_transforms_that_read_values(randn, name, transform):
+    """Under grad, jacrev (whose forward is not vmapped) and jvp a value can be read on the
+    host: the checks raise as in eager code. Only vmap (also jacfwd, hessian) skips them.
+    Before: every torch.func transform skipped them, so torch.func.grad of sphere_log at an
+    antipode returned NaN silently."""
+    if name == "logm" and transform == "jvp":
+        pytest.skip("logm has no forward mode")
+    base, bad = _invalid_inputs(randn, name)
+    fn = getattr(retractions, name)
+
+    def f(y):
+        return fn(y) if base is None else fn(base, y)
+
+    with pytest.raises(ValueError):
+        f(bad)  # eager
+    with pytest.raises(ValueError):
+        if transform == "grad":
+            torch.func.grad(lambda y: f(y).sum())(bad)
+        elif transform == "jacrev":
+            jacrev(f)(bad)
+        else:
+            torch.func.jvp(f, (bad,), (torch.ones_like(bad),))
+
+
+@pytest.mark.parametrize("name", _CHECKED)
+def test_value_checks_skipped_under_vmap(randn, name):
+    """Under vmap no value can be read: the checks are skipped (documented) and the result
+    is not finite or meaningless, with no error."""
+    base, bad = _invalid_inputs(randn, name)
+    fn = getattr(retractions, name)
+    if base is None:
+        vmap(fn)(bad[None])
+    else:
+        vmap(fn)(base[None], bad[None])
