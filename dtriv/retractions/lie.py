@@ -685,9 +685,13 @@ class _Logm(torch.autograd.Function):
         # The correction is accurate while |R| << dist (the second derivative of log is
         # O(1 / dist)); a larger residual means Q is too far from unitary for how close its
         # spectrum is to -1 (e.g. a real eigenvalue near -1 of a slightly non-orthogonal Q).
+        # Rounding alone leaves |R| ~ eps / dist (C's error, eps / dist^2, over the eigenvalue
+        # gap, 1 / dist), more than 0.1 dist for an orthogonal Q within a few sqrt(eps) of -1;
+        # admitted up to 16 eps / dist, where the result is accurate to the conditioning of
+        # log (eps / dist).
         if checked:
             residual = R.abs().amax(dim=(-2, -1))
-            bad = ~(residual <= 0.1 * dist)
+            bad = ~(residual <= 0.1 * dist + 16 * eps(Q.dtype) / dist)
             if bool(bad.any()):
                 _raise_near_minus_one(
                     Q, "Q", bad, tol,
@@ -756,10 +760,12 @@ def logm(Q: Tensor, *, tol: float | None = None) -> Tensor:
             gives the measured distance), when a real :math:`Q` has
             :math:`\det Q < 0`, when :math:`\max|Q^HQ - I| > \varepsilon^{1/4}` (not
             orthogonal/unitary), or when the Newton residual
-            :math:`\max|U^HQU - D|` exceeds a tenth of the distance to :math:`-1` (the
-            first-order correction would not be accurate: :math:`Q` is too far from
-            unitary for how close its spectrum comes to :math:`-1`). Meta tensors, which
-            have no values, are not checked, nor are calls under ``torch.func.vmap``.
+            :math:`\max|U^HQU - D|` exceeds a tenth of the distance :math:`d` to
+            :math:`-1` plus the rounding level :math:`16\varepsilon/d` of the computed
+            eigenvectors (the first-order correction would not be accurate: :math:`Q` is
+            too far from unitary for how close its spectrum comes to :math:`-1`). Meta
+            tensors, which have no values, are not checked, nor are calls under
+            ``torch.func.vmap``.
 
     Args:
         Q: ``(..., n, n)`` real orthogonal or complex unitary.

@@ -173,6 +173,24 @@ def test_logm_close_to_but_not_at_minus_one(gen):
     assert np.abs(logm(Q).numpy() - ref).max() < 1e-9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [4, 5, 8, 16])
+@pytest.mark.parametrize("factor", [1.05, 2.0, 5.0])
+def test_logm_admits_rounded_orthogonal_matrices_just_outside_tol(gen, dtype, n, factor):
+    """An orthogonal matrix rounded to ``dtype`` whose spectrum lies a few times the default
+    tolerance sqrt(eps) away from -1 is admitted (the documented limit is ``tol``; the rounding
+    error of the eigenvectors, about eps / distance, is not a departure from orthogonality)
+    and its logarithm is accurate to the conditioning of log there, about eps / distance."""
+    eps = torch.finfo(dtype).eps
+    dist = factor * math.sqrt(eps)
+    Q, _ = with_eigenangle(math.pi - 2 * math.asin(dist / 2), n=n - n % 2, generator=gen)
+    Q = torch.block_diag(Q, torch.eye(n % 2, dtype=Q.dtype)).to(dtype)  # odd n: a fixed axis
+    ref = scipy.linalg.logm(Q.double().numpy()).real
+    L = logm(Q)
+    assert L.dtype == dtype
+    assert np.abs(L.double().numpy() - ref).max() < 20 * eps / dist
+
+
 @pytest.mark.parametrize("delta", [0.0, 1e-10])
 def test_logm_raises_near_eigenvalue_minus_one(gen, delta):
     Q, _ = with_eigenangle(math.pi - delta, generator=gen)
