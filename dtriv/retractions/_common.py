@@ -208,6 +208,14 @@ def vmap_active() -> bool:
     return _count_transforms(torch._C._functorch.TransformType.Vmap) > 0
 
 
+def values_checkable(t: Tensor) -> bool:
+    """Whether a map's checks of its values (a singular factor, a point antipodal to the
+    base, an eigenvalue at -1) can read ``t`` on the host: ``t`` has values (not a meta
+    tensor, :func:`is_meta`) and no ``vmap`` is around the call (:func:`vmap_active`). Where
+    they cannot, the checks are skipped, as each map's docstring says."""
+    return not t.is_meta and not vmap_active()
+
+
 def forward_ad_active() -> bool:
     """Whether a forward-mode derivative can be asked of the call: a ``torch.func`` transform
     is active (``jvp``, ``jacfwd``, ...) or a ``torch.autograd.forward_ad.dual_level`` is

@@ -32,15 +32,15 @@ from ._common import (
     check_floating,
     check_matrix,
     eps,
-    is_meta,
     jvp_differentiated,
     nested_forward_ad,
     no_host_reads,
     reports_backward,
     solve,
+    tracing,
     transforms_active,
     upcast_half,
-    vmap_active,
+    values_checkable,
 )
 from ._expm import (
     NonFiniteError,
@@ -565,8 +565,7 @@ def cayley_inverse(Q: Tensor, *, tol: float | None = None) -> Tensor:
     check_floating(Q, "Q")
     tol = _default_tol(Q.dtype, tol)
     X, info = _cayley_inverse(Q)
-    # a meta tensor has no values to check; under vmap none can be read
-    if Q.numel() and not is_meta(Q) and not vmap_active():
+    if Q.numel() and values_checkable(Q):
         with torch.no_grad():
             finite = torch.isfinite(X).all(dim=(-2, -1)) & (info == 0)
             bad = ~finite
@@ -643,9 +642,8 @@ class _Logm(torch.autograd.Function):
     def forward(Q: Tensor, tol: float, unitary_tol: float):  # type: ignore[override]
         n = Q.shape[-1]
         Id = _eye(Q)
-        # a meta tensor has no values to check; under vmap none can be read on the host,
-        # nor under jit tracing or export (under grad this forward runs unwrapped)
-        checked = Q.numel() > 0 and not (no_host_reads(Q) or vmap_active())
+        # (not under jit tracing or export either; under grad this forward runs unwrapped)
+        checked = Q.numel() > 0 and values_checkable(Q) and not tracing()
         if checked:
             err = (Q.mH @ Q - Id).abs().amax(dim=(-2, -1))
             if bool((~torch.isfinite(err)).any()) or bool((err > unitary_tol).any()):

@@ -30,14 +30,13 @@ from ._common import (
     compute_dtype,
     eps,
     forward_ad_active,
-    is_meta,
     jvp_differentiated,
     nested_forward_ad,
     no_host_reads,
     reports_backward,
     transforms_active,
     upcast_half,
-    vmap_active,
+    values_checkable,
 )
 from .registry import register
 
@@ -713,8 +712,7 @@ def sphere_log(x: Tensor, y: Tensor) -> Tensor:
     c = _rdot(x, y)
     u = y - c * x
     s2 = _sqnorm(u)
-    # a meta tensor has no values to check; under vmap none can be read
-    if y.numel() and not is_meta(y) and not vmap_active():
+    if y.numel() and values_checkable(y):
         with torch.no_grad():
             tol = math.sqrt(eps(x.dtype))
             antipodal = (c < 0) & (s2 <= tol**2)
@@ -782,8 +780,7 @@ def sphere_projective_inverse(x: Tensor, y: Tensor) -> Tensor:
     """
     _check_vectors(x, y, "x", "y")
     c = _rdot(x, y)
-    # a meta tensor has no values to check; under vmap none can be read
-    if y.numel() and not is_meta(y) and not vmap_active():
+    if y.numel() and values_checkable(y):
         with torch.no_grad():
             tol = math.sqrt(eps(x.dtype))
             if bool((c <= tol).any()):

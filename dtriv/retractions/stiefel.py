@@ -54,7 +54,7 @@ from ._common import (
     tracing,
     transforms_active,
     upcast_half,
-    vmap_active,
+    values_checkable,
 )
 from .lie import expm
 from .registry import register
@@ -274,7 +274,7 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
         cols.append(col)
     R = torch.stack(cols, dim=-1)
     diag = R.diagonal(dim1=-2, dim2=-1).real
-    if is_meta(R) or vmap_active():  # no values to check / none can be read
+    if not values_checkable(R):
         return Q @ R - B
     if not bool(torch.isfinite(R).all()) or bool((diag <= 0).any()):
         raise ValueError(
@@ -587,7 +587,7 @@ def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
     rhs = (2 * I).reshape(k * k).expand(*M.shape[:-2], k * k)
     S = solve(K, rhs.unsqueeze(-1)).reshape(M.shape)
     S = (S + S.mH) / 2
-    if is_meta(S) or vmap_active():  # no values to check / none can be read
+    if not values_checkable(S):
         return Q @ S - B
     with torch.no_grad():
         lam = torch.linalg.eigvalsh(S)
