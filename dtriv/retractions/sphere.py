@@ -167,6 +167,27 @@ def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor | float:
     return 2 * _dsinc(z, cos, sinc)
 
 
+def _tangent_reference(x: Tensor, X: Tensor, radius: float) -> Tensor:
+    """``X - x Re<x, X>/r^2`` by differentiable torch operations (the nodes' recomputation
+    for higher derivatives, and the reference composition)."""
+    return X - x * (_rdot(x, X) / (radius * radius))
+
+
+def _normalized(w: Tensor, radius: float) -> tuple[Tensor, Tensor]:
+    """``(r w/|w|, r/|w|)`` by differentiable torch operations (out of place)."""
+    scale = radius / torch.sqrt(_sqnorm(w))
+    return w * scale, scale
+
+
+def _exp_reference(x: Tensor, V: Tensor, radius: float) -> Tensor:
+    cos, sinc = _cos_sinc(_sqnorm(V) / (radius * radius))
+    return cos * x + sinc * V
+
+
+def _projective_reference(x: Tensor, V: Tensor, radius: float) -> Tensor:
+    return _normalized(x + V, radius)[0]
+
+
 def _sinc_g_plus(g: Tensor, sinc: Tensor, coef: Tensor, v: Tensor) -> Tensor:
     """``sinc g + coef v``, the second term added in place in eager code (under torch.func
     ``g`` may be a ZeroTensor, whose product cannot be written in place)."""
@@ -325,18 +346,19 @@ class _SphereExp(torch.autograd.Function):
             return None, None, None
         x, v, t, cos, sinc = ctx.saved_tensors
         r2 = ctx.radius * ctx.radius
-        if torch.is_grad_enabled():  # differentiable recomputation for higher orders
-            z = _sqnorm(v) / r2
-            cos, sinc = _cos_sinc(z)
-        gx = cos * g if ctx.needs_input_grad[0] else None
-        gv = None
+        # differentiable recomputation for higher orders
+        recompute = torch.is_grad_enabled()
+        gx = gv = None
         if ctx.needs_input_grad[1]:
-            d2 = 2 * _dsinc(z, cos, sinc) if torch.is_grad_enabled() else _two_dsinc(
-                t, cos, sinc)
+            cos, sinc, d2 = _exp_coefficients(v, t, cos, sinc, r2, recompute)
             coef = torch.addcmul(d2 * _rdot_fast(v, g), sinc, _rdot_fast(x, g), value=-1)
             if r2 != 1.0:
                 coef = coef / r2
             gv = _sinc_g_plus(g, sinc, coef, v)
+        if ctx.needs_input_grad[0]:
+            if recompute and gv is None:
+                cos = _cos_sinc(_sqnorm(v) / r2)[0]
+            gx = cos * g
         return gx, gv, None
 
 
@@ -374,9 +396,7 @@ class _SphereProjective(torch.autograd.Function):
         if dw is None:
             return None, None
         if jvp_differentiated(v):  # reverse over forward: differentiable in x, v
-            w = x + v
-            scale = ctx.radius / torch.sqrt(_sqnorm(w))
-            y = w * scale
+            y, scale = _normalized(x + v, ctx.radius)
         return _normalize_backward(y, scale, dw, ctx.radius * ctx.radius), None
 
     @staticmethod
@@ -385,9 +405,7 @@ class _SphereProjective(torch.autograd.Function):
             return None, None, None
         x, v, y, scale = ctx.saved_tensors
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
-            w = x + v
-            scale = ctx.radius / torch.sqrt(_sqnorm(w))
-            y = w * scale
+            y, scale = _normalized(x + v, ctx.radius)
         gw = _normalize_backward(y, scale, g, ctx.radius * ctx.radius)
         need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (gw if need_x else None,
@@ -483,9 +501,7 @@ class _TrivializeProjective(torch.autograd.Function):
         if dw is None:
             return None, None
         if jvp_differentiated(X):  # reverse over forward: differentiable in x, X
-            w = x + (X - x * (_rdot(x, X) / r2))
-            scale = ctx.radius / torch.sqrt(_sqnorm(w))
-            y = w * scale
+            y, scale = _normalized(x + _tangent_reference(x, X, ctx.radius), ctx.radius)
         return _normalize_backward(y, scale, dw, r2), None
 
     @staticmethod
@@ -495,9 +511,7 @@ class _TrivializeProjective(torch.autograd.Function):
         x, X, y, scale = ctx.saved_tensors
         r2 = ctx.radius * ctx.radius
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
-            w = x + (X - x * (_rdot(x, X) / r2))
-            scale = ctx.radius / torch.sqrt(_sqnorm(w))
-            y = w * scale
+            y, scale = _normalized(x + _tangent_reference(x, X, ctx.radius), ctx.radius)
         gw = _normalize_backward(y, scale, g, r2)
         b = _rdot_fast(x, gw)
         if r2 != 1.0:
@@ -556,7 +570,7 @@ class _TrivializeExp(torch.autograd.Function):
         r2 = ctx.radius * ctx.radius
         recompute = jvp_differentiated(X)  # reverse over forward: differentiable in x, X
         if recompute:
-            V = X - x * (_rdot(x, X) / r2)
+            V = _tangent_reference(x, X, ctx.radius)
         cos, sinc, d2 = _exp_coefficients(V, t, cos, sinc, r2, recompute)
         dV = _tangent_jvp(x, X, dx, dX, r2)
         return _exp_jvp(x, V, dx, dV, cos, sinc, d2, r2), None, None, None, None
@@ -569,7 +583,7 @@ class _TrivializeExp(torch.autograd.Function):
         r2 = ctx.radius * ctx.radius
         recompute = torch.is_grad_enabled()  # differentiable recomputation for higher orders
         if recompute:
-            V = X - x * (_rdot(x, X) / r2)
+            V = _tangent_reference(x, X, ctx.radius)
         cos, sinc, d2 = _exp_coefficients(V, t, cos, sinc, r2, recompute)
         coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
         if r2 != 1.0:
@@ -590,20 +604,6 @@ def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: floa
     less than ``Function.apply``'s argument binding)."""
     out = apply_function(fn, x, v, radius)
     return out[0] if isinstance(out, tuple) else out
-
-
-def _exp_reference(x: Tensor, V: Tensor, radius: float) -> Tensor:
-    cos, sinc = _cos_sinc(_sqnorm(V) / (radius * radius))
-    return cos * x + sinc * V
-
-
-def _projective_reference(x: Tensor, V: Tensor, radius: float) -> Tensor:
-    w = x + V
-    return w * (radius / torch.sqrt(_sqnorm(w)))
-
-
-def _tangent_reference(x: Tensor, X: Tensor, radius: float) -> Tensor:
-    return X - x * (_rdot(x, X) / (radius * radius))
 
 
 #: each node's map composed of differentiable torch operations (the power series of
