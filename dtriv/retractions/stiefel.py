@@ -51,6 +51,7 @@ from ._common import (
     no_host_reads,
     reports_backward,
     solve,
+    sym,
     tracing,
     transforms_active,
     upcast_half,
@@ -390,32 +391,30 @@ class _PolarFactor(torch.autograd.Function):
     def backward(ctx, gQ: Tensor | None, *unused: Tensor | None):  # type: ignore[override]
         if gQ is None:
             return None
-        X, Q, S, Wh = ctx.saved_tensors
-        W = Wh.mH
-        QhG = Q.mH @ gQ
-        C = (QhG - QhG.mH) / 2
-        if torch.is_grad_enabled():  # double backward: differentiable in X (through Q, H)
-            H = Q.mH @ X
-            H = (H + H.mH) / 2
-            Omega = _Lyapunov.apply(H, C, S, W)
-            return 2 * Q @ Omega + solve(H, gQ - Q @ QhG, left=False)
-        Omega = _lyapunov_in_eigenbasis(C, S, W)
-        Hinv = (W / S.unsqueeze(-2).to(W.dtype)) @ Wh
-        return 2 * Q @ Omega + (gQ - Q @ QhG) @ Hinv
+        return _polar_derivative(*ctx.saved_tensors, gQ)
 
     @staticmethod
     def jvp(ctx, dX: Tensor):  # type: ignore[override]
-        X, Q, S, Wh = ctx.saved_tensors
-        W = Wh.mH
-        QhdX = Q.mH @ dX
-        if torch.is_grad_enabled():  # reverse over forward: differentiable in X
-            H = Q.mH @ X
-            H = (H + H.mH) / 2
-            K = _Lyapunov.apply(H, QhdX - QhdX.mH, S, W)
-            return Q @ K + solve(H, dX - Q @ QhdX, left=False), None, None
-        K = _lyapunov_in_eigenbasis(QhdX - QhdX.mH, S, W)
-        Hinv = (W / S.unsqueeze(-2).to(W.dtype)) @ Wh
-        return Q @ K + (dX - Q @ QhdX) @ Hinv, None, None
+        # the differential is self-adjoint: the backward's formula applied to dX
+        return _polar_derivative(*ctx.saved_tensors, dX), None, None
+
+
+def _polar_derivative(X: Tensor, Q: Tensor, S: Tensor, Wh: Tensor, E: Tensor) -> Tensor:
+    r""":math:`2 Q L^{-1}(\operatorname{skew}(Q^H E)) + (E - Q Q^H E) H^{-1}` at the polar
+    factor ``Q`` of ``X`` (:math:`H = W S W^H`): the differential of :class:`_PolarFactor`
+    along ``E``, which is self-adjoint, so also its gradient for the output's gradient ``E``.
+    With grad enabled (a derivative of it is taken) it is computed differentiably in ``X``
+    (through ``Q`` and :math:`H = \operatorname{sym}(Q^H X)`, :class:`_Lyapunov`); else from
+    the saved SVD factors."""
+    W = Wh.mH
+    QhE = Q.mH @ E
+    C = (QhE - QhE.mH) / 2
+    if torch.is_grad_enabled():
+        H = sym(Q.mH @ X)
+        return 2 * Q @ _Lyapunov.apply(H, C, S, W) + solve(H, E - Q @ QhE, left=False)
+    Omega = _lyapunov_in_eigenbasis(C, S, W)
+    Hinv = (W / S.unsqueeze(-2).to(W.dtype)) @ Wh
+    return 2 * Q @ Omega + (E - Q @ QhE) @ Hinv
 
 
 def _polar(X: Tensor) -> Tensor:
