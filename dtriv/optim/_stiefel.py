@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from dtriv.manifolds.stiefel import Stiefel
-from dtriv.retractions._common import cached_eye
+from dtriv.retractions._common import cached_eye, compute_dtype, eps
 from dtriv.retractions._layout import transposable_empty
 from dtriv.retractions._scratch import Arena
 from dtriv.retractions.stiefel import qf
@@ -60,8 +60,6 @@ __all__ = [
 _FUSED = ("proj_tangent", "inner", "retract", "_retract", "transport")
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
 #: the retractions whose result has orthonormal columns whatever the point they start from
 #: (projections of ``X + V``). The others (``exp``, ``exp_canonical``, ``cayley``, the square
 #: group's ``expm`` and ``cayley``) carry the point's error over, and the exponential maps
@@ -77,7 +75,7 @@ def fast_stiefel(manifold: object, X: Tensor) -> bool:
     (a subclass that redefines ``proj_tangent``, ``retract``, ... gets the generic path,
     which calls its methods).
     """
-    if not isinstance(manifold, Stiefel) or X.is_complex() or X.dtype in _HALF:
+    if not isinstance(manifold, Stiefel) or X.is_complex() or compute_dtype(X.dtype) != X.dtype:
         return False  # half precision: the generic path computes the maps in float32
     cls = type(manifold)
     return all(getattr(cls, name) is getattr(Stiefel, name) for name in _FUSED)
@@ -167,7 +165,7 @@ def drift_tolerance(Q: Tensor) -> float:
     r"""The estimate of :math:`\|Q^T Q - I\|_F` above which :func:`settle` polishes: ``4 k
     eps``, four to eight times that of a freshly orthonormalized point (measured, float32
     and float64, ``k`` from 4 to 512)."""
-    return 4 * Q.shape[-1] * torch.finfo(Q.dtype).eps
+    return 4 * Q.shape[-1] * eps(Q.dtype)
 
 
 def settle(manifold: Stiefel, Q: Tensor) -> Tensor:

@@ -255,6 +255,11 @@ def _classify(original: Tensor, plist: ParametrizationList,
     return None
 
 
+def _has_base(triv: nn.Module) -> bool:
+    """Whether a dtriv trivialization is dynamic with a base (a target, while registered)."""
+    return getattr(triv, "dynamic", True) and getattr(triv, "base", None) is not None
+
+
 def _dtriv_link(p: Tensor) -> nn.Module | None:
     ref = getattr(p, "_dtriv_trivialization", None)
     if ref is None:
@@ -307,7 +312,7 @@ def find_targets(
         triv = _dtriv_link(p)
         if triv is None:
             remaining.append(p)
-        elif getattr(triv, "dynamic", True) and getattr(triv, "base", None) is not None:
+        elif _has_base(triv):
             target = DtrivTarget(p, triv)
             if target.attached():
                 found[id(p)] = target

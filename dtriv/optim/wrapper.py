@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dtriv.retractions._common import outside_compiled_graphs
 
-from .targets import DtrivTarget, Target, _dtriv_link, _owners, find_targets
+from .targets import DtrivTarget, Target, _dtriv_link, _has_base, _owners, find_targets
 
 __all__ = ["DynamicTrivialization", "NonFiniteGradientError"]
 
@@ -382,8 +382,9 @@ class DynamicTrivialization(torch.optim.Optimizer):
         with ``state="reset"``; re-projects the bases every ``reproject_every`` refreshes.
         """
         targets = self.targets
-        if not all(t.attached() for t in targets):  # remove_parametrizations since the scan
-            targets = self._retarget(targets)
+        removed = [t.original for t in targets if not t.attached()]
+        if removed:  # remove_parametrizations since the scan
+            targets = self._retarget(targets, removed)
         targets = self._adopt(targets)
         if not targets:
             return
@@ -421,15 +422,14 @@ class DynamicTrivialization(torch.optim.Optimizer):
             if id(p) in known:
                 continue
             triv = _dtriv_link(p)
-            if (triv is not None and getattr(triv, "dynamic", True)
-                    and getattr(triv, "base", None) is not None
-                    and DtrivTarget(p, triv).attached()):
+            if triv is not None and _has_base(triv) and DtrivTarget(p, triv).attached():
                 self._scan(warn=False)  # in group order
                 return self.targets
         return targets
 
-    def _retarget(self, targets: list[Target]) -> list[Target]:
-        """The targets once some were removed (``remove_parametrizations``).
+    def _retarget(self, targets: list[Target], removed: list[Tensor]) -> list[Target]:
+        """The targets once those of the parameters ``removed`` were removed
+        (``remove_parametrizations``).
 
         A removed parametrization is not refreshed (its parameter is a plain weight, which a
         refresh would overwrite). Torch keeps the parameter object through the removal and
@@ -438,12 +438,11 @@ class DynamicTrivialization(torch.optim.Optimizer):
         the removed one. Looks up the removed targets' parameters only (a scan of the live
         objects, without ``modules``, for those that are not dtriv's).
         """
-        removed = [t.original for t in targets if not t.attached()]
-        found = {id(t.original): t for t in find_targets(removed, self._modules_hint)[0]}
+        # each removed target: its replacement, or None (dropped)
+        replaced: dict[int, Target | None] = dict.fromkeys(map(id, removed))
+        replaced.update((id(t.original), t) for t in find_targets(removed, self._modules_hint)[0])
         self._targets = [
-            t if t.attached() else found[id(t.original)]
-            for t in targets
-            if t.attached() or id(t.original) in found
+            kept for kept in (replaced.get(id(t.original), t) for t in targets) if kept is not None
         ]
         return self._targets
 

@@ -186,8 +186,8 @@ class Trivialization(nn.Module):
         self.retraction = retraction
         check_flag(dynamic, "dynamic")
         check_flag(strict, "strict")
-        self.dynamic = bool(dynamic)
-        self.strict = bool(strict)
+        self.dynamic = dynamic
+        self.strict = strict
         self.flatten = flatten
         self.dim = dim
         #: name used in error messages (``constrain`` sets it to the tensor's name)
