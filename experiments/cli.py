@@ -181,10 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:  # a diverged run (train.DivergedError)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:
+    # FloatingPointError: a diverged run (train.DivergedError)
+    except (FileNotFoundError, ImportError, ValueError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -72,8 +72,8 @@ class RunResult:
 
     def execution(self) -> dict[str, Any]:
         """The execution-only keys of the config (they do not change what a run computes)."""
-        return {key: self.config.get(key.partition(".")[0], {}).get(key.partition(".")[2])
-                for key in NOT_IN_NAMES}
+        flat = flat_config(self.config)
+        return {key: flat.get(key) for key in NOT_IN_NAMES}
 
     def values(self, key: str) -> list[tuple[int, float]]:
         return [(r["step"], float(r[key])) for r in self.records
@@ -116,8 +116,9 @@ class Group:
         labels = sorted({r.group for r in self.runs})
         if len(labels) > 1:
             notes.append(f"run labels {', '.join(labels)}")
+        executions = [r.execution() for r in self.runs]
         for key in NOT_IN_NAMES:
-            values = sorted({json.dumps(r.execution()[key]) for r in self.runs})
+            values = sorted({json.dumps(e[key]) for e in executions})
             if len(values) > 1:
                 notes.append(f"{key} {', '.join(values)}")
         return notes
@@ -216,7 +217,8 @@ def summary_table(groups: list[Group]) -> str:
             ok = g.finished  # a diverged run's last finite values would mislead
             ratio = f"{final_ms[0] / base:.3f}x" if final_ms and base > 0 else "–"
             steps = sorted({r.records[-1]["step"] for r in g.runs if r.records})
-            flag = " (*)" if g.warnings() else ""
+            warnings = g.warnings()
+            flag = " (*)" if warnings else ""
             lines.append(
                 f"| {g.label}{flag} | {len(g.runs)} | {'/'.join(map(str, steps)) or 0} "
                 f"| {final_cell} | {_fmt(mean_std([r.best('loss') for r in g.runs]))} "
@@ -227,8 +229,8 @@ def summary_table(groups: list[Group]) -> str:
                 f"| {_fmt(mean_std([r.time_per_step() for r in g.runs]), scale=1e3, digits=3)} "
                 f"| {ratio} |"
             )
-            if g.warnings():
-                notes.append(f"(*) {g.label}: members differ in {'; '.join(g.warnings())}")
+            if warnings:
+                notes.append(f"(*) {g.label}: members differ in {'; '.join(warnings)}")
         lines += ["", *notes, ""] if notes else [""]
     lines += ["Mean ± standard deviation over seeds; final = last logged record (the mean "
               "training loss over its logging interval); ratio = final loss / baseline.", ""]
