@@ -5,18 +5,26 @@
 the process group and tells the trainer its rank. Each rank draws its own share of the
 batch from its own data stream (seed offset by the rank), the gradients are averaged by
 ``DistributedDataParallel``, and rank 0 alone writes logs and checkpoints.
+
+When every rank is on this host (``MASTER_ADDR`` is a loopback address, torchrun's
+single-node default), gloo uses the loopback interface unless ``GLOO_SOCKET_IFNAME`` says
+otherwise. By default it takes the address the hostname resolves to, which on sandboxed or
+firewalled machines may be one its peers cannot reach; the ranks then wait for each other
+until the 30-minute timeout.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "teardown", "from_env"]
+__all__ = ["DistInfo", "setup", "teardown", "from_env", "gloo_interface"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,33 @@ def from_env(env: dict[str, str] | None = None) -> tuple[int, int, int]:
     return rank, world, local
 
 
+def loopback_interface() -> str:
+    """The name of this host's loopback interface (``lo`` on Linux, ``lo0`` on macOS)."""
+    try:
+        names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    except OSError:  # no interface list (some sandboxes)
+        names = []
+    return names[0] if names else "lo"
+
+
+def _is_loopback(address: str) -> bool:
+    if address.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:  # a hostname: may be any interface's
+        return False
+
+
+def gloo_interface(env: dict[str, str] | None = None) -> str | None:
+    """The interface gloo should use: the loopback one when ``MASTER_ADDR`` is a loopback
+    address and ``GLOO_SOCKET_IFNAME`` is unset, else ``None`` (gloo's own choice)."""
+    env = os.environ if env is None else env
+    if env.get("GLOO_SOCKET_IFNAME") or not _is_loopback(env.get("MASTER_ADDR", "")):
+        return None
+    return loopback_interface()
+
+
 def setup(device: torch.device) -> DistInfo:
     """Initialise the process group when launched by torchrun with more than one process."""
     rank, world, local = from_env()
@@ -76,6 +111,8 @@ def setup(device: torch.device) -> DistInfo:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local)
+    elif (interface := gloo_interface()) is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return DistInfo(rank, world, local, owns_group=True)
 

@@ -16,7 +16,7 @@ from experiments import train as train_mod
 from experiments.checkpoint import MetricsLog, load_checkpoint, read_jsonl, save_checkpoint
 from experiments.cli import main
 from experiments.config import load_config
-from experiments.distributed import DistInfo, from_env
+from experiments.distributed import DistInfo, from_env, gloo_interface, loopback_interface
 from experiments.progress import ProgressBar, format_duration
 from experiments.train import (
     DivergedError,
@@ -178,6 +178,16 @@ def test_torchrun_environment():
     assert from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
     with pytest.raises(ValueError, match="RANK"):
         from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_gloo_stays_on_loopback_when_all_ranks_are_on_this_host():
+    lo = loopback_interface()
+    assert lo.startswith("lo")
+    for addr in ("127.0.0.1", "127.3.2.1", "localhost", "::1", "[::1]"):
+        assert gloo_interface({"MASTER_ADDR": addr}) == lo, addr
+    for env in ({"MASTER_ADDR": "10.0.0.5"}, {"MASTER_ADDR": "node-3"}, {},
+                {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "eth1"}):
+        assert gloo_interface(env) is None, env  # another host, unknown, or the user's choice
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from torch.nn.utils import parametrizations as P
 from dtriv.manifolds import Orthogonal, Stiefel
 from dtriv.optim import DynamicTrivialization
 from dtriv.parametrize import constrain
+from experiments.distributed import loopback_interface
 
 DT = torch.float64
 STEPS, K, BATCH, WORLD = 20, 5, 8, 2
@@ -72,17 +73,11 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor)}
 
 
-def _loopback_interface() -> str:
-    """The name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS)."""
-    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
-    return names[0] if names else "lo"
-
-
 def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.stacks"), "w") as stacks:
         faulthandler.dump_traceback_later(WATCHDOG_S, exit=True, file=stacks)
         torch.set_num_threads(1)
-        os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=WATCHDOG_S / 2))
         try:
