@@ -124,6 +124,12 @@ def householder(X: Tensor) -> Tensor:
     (torch truncates the diagonal with ``.int()``, which maps entries in :math:`(-1, 1)` to
     a zero column; here they give a sign).
 
+    Range: :math:`\tau_j` is computed from :math:`\|a_j\|^2`; for a tail with
+    :math:`\|a_j\|^2` beyond the largest finite number of the dtype (:math:`\|a_j\| \gtrsim
+    1.8 \cdot 10^{19}` in single precision, :math:`10^{154}` in double) it is 0 and that
+    reflector is dropped: ``Q`` is still orthonormal but not the map's value (the unit-leading
+    reflectors of ``householder_product`` cannot represent it).
+
     Args:
         X: real ``(..., n, k)``, :math:`n \ge k`.
 

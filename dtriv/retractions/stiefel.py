@@ -263,7 +263,13 @@ def stiefel_qr_inverse(B: Tensor, Q: Tensor) -> Tensor:
             b_top = -(m21.unsqueeze(-2) @ R_prev[..., :j, :]).squeeze(-2).conj()
             M11 = M[..., :j, :j]
             m12 = M[..., :j, j]
-            uw = solve(M11, torch.stack([b_top, m12], dim=-1))
+            try:
+                uw = solve(M11, torch.stack([b_top, m12], dim=-1))
+            except torch.linalg.LinAlgError as err:  # the documented error, not LAPACK's
+                raise ValueError(
+                    "Q: expected a point in the image of the QR retraction at B, got one "
+                    f"where the leading {j} x {j} principal minor of B^H Q vanishes"
+                ) from err
             u, w = uw[..., 0], uw[..., 1]
             num = 1.0 - (m21 * u).sum(-1).real
             den = (m22 - (m21 * w).sum(-1)).real
@@ -475,11 +481,12 @@ def stiefel_polar(B: Tensor, V: Tensor) -> Tensor:
     return _polar(B + V)
 
 
-def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> Tensor:
-    r"""``G^{-1/2}`` of a Hermitian positive definite ``G`` by coupled Newton--Schulz."""
+def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> tuple[Tensor, bool]:
+    r"""``G^{-1/2}`` of a Hermitian positive definite ``G`` by coupled Newton--Schulz, and
+    whether the iteration reached its tolerance (always ``True`` for a given ``iters``)."""
     k = G.shape[-1]
     if G.numel() == 0:  # an empty batch: nothing to iterate (and no maximum to read)
-        return G.clone()
+        return G.clone(), True
     I = _eye(k, G)
     with torch.no_grad():
         fro = torch.linalg.matrix_norm(G)
@@ -490,14 +497,20 @@ def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> Tensor:
     Z = I.expand_as(G)
     tol = math.sqrt(eps(G.dtype))
     n_iter = 100 if iters is None else iters
+    converged = iters is not None
     for _ in range(n_iter):
         R = I - Z @ Y
         T = I + R / 2
         Y = Y @ T
         Z = T @ Z
-        if iters is None and float(R.detach().abs().amax()) <= tol:
-            break
-    return Z / c.sqrt().to(G.dtype)
+        if iters is None:
+            r = float(R.detach().abs().amax())
+            if r <= tol:
+                converged = True
+                break
+            if not math.isfinite(r):  # diverged (NaN or inf): no later step recovers
+                break
+    return Z / c.sqrt().to(G.dtype), converged
 
 
 @upcast_half
@@ -514,8 +527,12 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
               Y_{j+1} = Y_j T,\ Z_{j+1} = T Z_j,\qquad G^{-1/2} = \lim Z_j / \sqrt{c}.
 
     Convergence is quadratic once :math:`\|I - Z_j Y_j\| < 1`. Equal to
-    :func:`stiefel_polar` up to the iteration tolerance; differentiable through the
-    matmuls, including at ``V = 0``.
+    :func:`stiefel_polar` up to the iteration tolerance and the rounding errors of the Gram
+    matrix, which squares the condition number: the error grows like
+    :math:`\kappa(B + V)^2 \epsilon` (about 0.25 for :math:`\kappa = 10^4` in single
+    precision, where the SVD's is :math:`\epsilon`), so steps with a large ``V`` in a
+    direction where ``B + V`` is nearly rank deficient need :func:`stiefel_polar`.
+    Differentiable through the matmuls, including at ``V = 0``.
 
     Args:
         B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
@@ -523,7 +540,10 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
         iters: number of iterations. ``None`` iterates until
             :math:`\max|I - Z Y| \le \sqrt{\epsilon}` (one more step then reaches
             :math:`\epsilon`), at most 100 steps; this reads one scalar per step back from the
-            device. An integer (>= 1) runs exactly that many steps, with no host synchronisation.
+            device. When it does not get there (it diverges or stalls: a Gram matrix too
+            ill-conditioned for the precision, or one that overflows), the SVD polar factor
+            (:func:`stiefel_polar`) is returned instead. An integer (>= 1) runs exactly that
+            many steps, with no host synchronisation.
             Under ``torch.jit.trace``/``torch.export``, and for meta tensors with ``None``,
             the SVD polar factor (:func:`stiefel_polar`, the limit) is computed instead.
 
@@ -544,7 +564,13 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
         return _polar(X)
     G = X.mH @ X
     G = (G + G.mH) / 2
-    return X @ _inv_sqrt_newton_schulz(G, iters)
+    Z, converged = _inv_sqrt_newton_schulz(G, iters)
+    if not converged and bool(torch.isfinite(X).all()):
+        # the Gram matrix is too ill-conditioned for the precision, or overflows: the
+        # iteration diverged or stalled, and its result is garbage; the SVD polar factor is
+        # its limit (a non-finite X keeps its non-finite result)
+        return _polar(X)
+    return X @ Z
 
 
 @upcast_half
@@ -584,7 +610,13 @@ def stiefel_polar_inverse(B: Tensor, Q: Tensor) -> Tensor:
     K = torch.einsum("...il,jm->...ijlm", M, I) + torch.einsum("il,...jm->...ijlm", I, M.conj())
     K = K.reshape(*M.shape[:-2], k * k, k * k)
     rhs = (2 * I).reshape(k * k).expand(*M.shape[:-2], k * k)
-    S = solve(K, rhs.unsqueeze(-1)).reshape(M.shape)
+    try:
+        S = solve(K, rhs.unsqueeze(-1)).reshape(M.shape)
+    except torch.linalg.LinAlgError as err:  # the documented error, not LAPACK's
+        raise ValueError(
+            "Q: expected a point in the image of the polar retraction at B, got one where "
+            "M S + S M^H = 2I (M = B^H Q) has no unique solution (singular system)"
+        ) from err
     S = (S + S.mH) / 2
     if not values_checkable(S):
         return Q @ S - B
