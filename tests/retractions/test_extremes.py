@@ -153,13 +153,17 @@ def test_newton_schulz_fallback_is_differentiable():
 # ------------------------------------------------------------ factor maps at extreme scales
 
 
+def _scaled(shape: tuple[int, ...], dtype: torch.dtype, seed: int):
+    """``(scale, X0 * scale)`` for every scale of ``SCALES``, one Gaussian ``X0`` in ``dtype``."""
+    X0 = torch.randn(*shape, generator=_gen(seed), dtype=torch.float64)
+    return [(scale, (X0 * scale).to(dtype)) for scale in SCALES]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(7, 3), (5, 5), (6, 1)])
 def test_q_factors_and_polar_factor_scale_invariant(dtype, shape):
-    X0 = torch.randn(*shape, generator=_gen(4), dtype=torch.float64)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    for scale in SCALES:
-        X = (X0 * scale).to(dtype)
+    for scale, X in _scaled(shape, dtype, seed=4):
         ref_q = _scipy_qf(X)
         assert _maxdiff(qf(X), ref_q) < tol, scale
         assert _maxdiff(householder_qf(X), ref_q) < tol, scale
@@ -170,10 +174,8 @@ def test_q_factors_and_polar_factor_scale_invariant(dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(7, 3), (3, 7), (4, 4)])
 def test_clip_singular_values_scaled(dtype, shape):
-    W0 = torch.randn(*shape, generator=_gen(5), dtype=torch.float64)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    for scale in SCALES:
-        W = (W0 * scale).to(dtype)
+    for scale, W in _scaled(shape, dtype, seed=5):
         U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
         for upper, lower in ((scale, scale / 2), (float("inf"), 0.0), (1.0, 0.5)):
             ref = (U * S.clamp(lower, upper)) @ Vh
