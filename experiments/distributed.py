@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "teardown", "from_env", "gloo_interface"]
+__all__ = ["DistInfo", "setup", "teardown", "from_env", "gloo_interface",
+           "loopback_interface"]
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,11 @@ def loopback_interface() -> str:
 
 
 def _is_loopback(address: str) -> bool:
-    if address.strip("[]").lower() == "localhost":
+    host = address.strip("[]")  # an IPv6 address may come bracketed
+    if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(address.strip("[]")).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a hostname: may be any interface's
         return False
 
