@@ -1101,7 +1101,8 @@ def _scheme_reverse(A: Tensor, stack: Tensor, saved: tuple[Tensor, ...], m: int,
     same order: the squarings :math:`\bar R_{j-1} = \bar R_j R_{j-1}^H + R_{j-1}^H \bar R_j`,
     the scheme, its ``lin`` step (one product with the transposed coefficients), then the
     powers :math:`A^6 = (A^3)^2` (one product with ``skew_only``), :math:`A^3 = A^2 A` and
-    :math:`A^2 = A A` (one product with ``skew_only``). Temporaries from ``arena``."""
+    :math:`A^2 = A A` (three products; two together with ``skew_only``,
+    :func:`_cube_reverse_skew`). Temporaries from ``arena``."""
 
     def new(shape: tuple[int, ...] | None = None) -> Tensor:
         buf = arena.empty(shape) if arena is not None else None
@@ -1148,9 +1149,34 @@ def _scheme_reverse(A: Tensor, stack: Tensor, saved: tuple[Tensor, ...], m: int,
             _mm_into(gA3, _sym2(gA6, new, arena), A3, alpha=-1.0)
         else:
             _mm_into(_mm_into(gA3, gA6, A3.mH), A3.mH, gA6)
+    if skew_only:
+        return _cube_reverse_skew(A, gA, gA2, gA3, new, arena)
     _mm_into(gA2, gA3, A.mH)  # A3 = A2 A
     _mm_into(gA, stack[1].mH, gA3)
     return _square_reverse(A, gA, gA2, skew_only, new, arena)
+
+
+def _cube_reverse_skew(A: Tensor, gA: Tensor, gA2: Tensor, gA3: Tensor, new,
+                       arena: Arena | None) -> Tensor:
+    r"""``gA`` plus the gradients through :math:`A^2 = AA` and :math:`A^3 = A^2 A` of ``gA2``
+    and ``gA3``, correct in its skew-Hermitian part: two products, where the two steps one
+    after the other take three. ``gA2`` is overwritten.
+
+    Along skew directions :math:`\delta A`, :math:`\delta(A^3) = \delta A\,A^2 + A\,\delta A\,A
+    + A^2\,\delta A` is skew and :math:`\delta(A^2)` Hermitian, so only :math:`K =
+    \operatorname{skew}(\bar P_3)` and :math:`S = \operatorname{herm}(\bar P_2)` matter, and
+    the adjoint is :math:`T = K A^2 + A^2 K + A K A - S A - A S` (skew). With :math:`U = KA`,
+    so that :math:`AK = U^H`, and :math:`\operatorname{skew}(A W) = \operatorname{skew}(W^H
+    A)` for any :math:`W` (:math:`A^H = -A`), every term becomes a product with ``A`` on the
+    right: :math:`\operatorname{skew}(T) = \operatorname{skew}(M A)`, :math:`M = 2U + U^H -
+    2S`.
+    """
+    gp = transposable(gA3, arena)
+    U2 = torch.matmul(torch.sub(gp, gp.mH, out=new()), A, out=new())  # 2U = (2K) A
+    # M = U2 + U2^H / 2 - (P + P^H) for P = gA2; with D = P - U2 / 2, M = U2 / 2 - (D + D^H)
+    D = gA2.sub_(U2, alpha=0.5)
+    minus_M = _sym2(D, new, arena).sub_(U2, alpha=0.5)
+    return _mm_into(gA, minus_M, A, alpha=-1.0)
 
 
 def _square_reverse(A: Tensor, gA: Tensor, gA2: Tensor, skew_only: bool, new,
@@ -1258,7 +1284,11 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     plain tensors in eager code); with ``lower``, of ``A = L - L^H``
     for ``L = X.tril()`` (no separate ``tril`` node: the forward forms ``A`` in one pass and
     the backward returns the lower triangle). Backward cost: two products per forward product
-    except one for each of the squares :math:`A^2` and :math:`A^6`.
+    except one for the square :math:`A^6` and two for the powers :math:`A^2, A^3` together
+    (:func:`_cube_reverse_skew`; one for :math:`A^2` where the plan has no :math:`A^3`); in
+    the plan of degree 18 without squarings, 7 products against the forward's 5. Under
+    ``torch.func`` transforms, tracing and compiling (the tape) the powers cost one more,
+    as in the general recurrence.
 
     Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
     Xd = X.detach()

@@ -429,3 +429,38 @@ def test_written_out_schemes_gradcheck_and_forward_mode(monkeypatch, gen, plan, 
 def test_written_out_schemes_second_derivatives(monkeypatch, gen, plan):
     f, X = _written_out_expm_of_skew(monkeypatch, gen, plan, torch.complex128, (2, 5, 5))
     assert gradgradcheck(f, (X,))
+
+
+class _CountProducts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the n x n by n x n matrix products (mm, addmm, bmm, baddbmm, in place or not)."""
+
+    PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_"}
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.count = n, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.PRODUCTS:
+            x, y = (args[1], args[2]) if name.startswith(("add", "badd")) else args[:2]
+            if x.shape[-2:] == y.shape[-2:] == (self.n, self.n):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("plan,backward", [
+    ((18, 0), 7), ((18, 2), 11), ((12, 0), 6), ((12, 1), 8), ((8, 0), 5), ((4, 1), 5)],
+    ids=str)
+def test_written_out_backward_product_count(monkeypatch, gen, plan, backward):
+    """The eager backward of expm(X - X^H) takes two products per product of the scheme and
+    of the squarings, one for the square A^6, and two for A^2 and A^3 together (one for A^2
+    alone): the cost that its docstring states, and what the benchmarks' units rest on."""
+    _forced(monkeypatch, plan)
+    n = 7
+    X = (0.3 * torch.randn(n, n, dtype=torch.float64, generator=gen)).requires_grad_()
+    Q = _expm.expm_of_skew_taylor(X, lower=True)
+    assert type(Q.grad_fn).__name__ == "ExpmOfSkewWrittenOutBackward"
+    with _CountProducts(n) as bwd:
+        Q.backward(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    assert bwd.count == backward
