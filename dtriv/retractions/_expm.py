@@ -707,7 +707,8 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
     cost one product each: along skew directions :math:`\delta(B^2) = \delta B\,B +
     B\,\delta B` is Hermitian, so only :math:`S = (\bar P + \bar P^H)/2` of the adjoint
     :math:`\bar P` of :math:`P = B^2` matters, and :math:`S B^H + B^H S = -(SB + (SB)^H)`
-    has the skew-Hermitian part of :math:`-2SB`, which is accumulated instead.
+    has the skew-Hermitian part of :math:`-2SB`, which is accumulated instead; and
+    :math:`A^2` and :math:`A^3 = A^2 A` together cost two (:func:`_cube_reverse_skew`).
 
     ``arena``: where the temporaries come from (:class:`~dtriv.retractions._scratch.Arena`,
     shaped like ``A``; the caller gives them back and keeps the result); default: fresh
@@ -735,13 +736,26 @@ def _taylor_tape_adjoint(v: dict[str, Tensor], tape: list[tuple], out: str, G: T
         else:
             acc(name, torch.matmul(X, Y, out=new()))
 
+    cube: Tensor | None = None  # with skew_only: the adjoint of A^3, taken with that of A^2
     for op in reversed(tape):
         entry = grads.pop(op[1], None)
+        if cube is not None and op == ("mm", "A2", "A", "A", None):
+            gA2 = torch.zeros_like(cube) if entry is None else (
+                entry[0] if entry[1] else entry[0].clone())
+            cur = grads.get("A")
+            gA = torch.zeros_like(cube) if cur is None else (
+                cur[0] if cur[1] else cur[0].clone())
+            grads["A"] = [_cube_reverse_skew(v["A"], gA, gA2, cube, new, arena), True]
+            cube = None
+            continue
         if entry is None:
             continue
         g = entry[0]
         if op[0] == "mm":
             _, _, x, y, add = op
+            if skew_only and op[1:] == ("A3", "A2", "A", None):
+                cube = g  # nothing else is recorded between A^2 and A^3
+                continue
             if skew_only and x == y and x in ("A", "A3") and add is None:
                 S = _sym2(g, new, arena)  # 2 sym(g)
                 cur = grads.get(x)
@@ -949,8 +963,8 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
     ``ExpmOfSkewTaylor.apply(X, A, lower, m, s, *powers)`` returns ``(Q, *saved)``; ``A`` is
     :func:`skew_of` ``(X, lower)`` (detached) and ``powers`` its :math:`A^2, A^3, A^6`. The
     backward needs only the skew-Hermitian part of the gradient with respect to ``A``
-    (:math:`\bar X = \bar A - \bar A^H`, lower triangle with ``lower``), so the squares of
-    :math:`A` and :math:`A^3` cost one product each there (``skew_only`` of
+    (:math:`\bar X = \bar A - \bar A^H`, lower triangle with ``lower``), so the square
+    :math:`A^6` costs one product there and :math:`A^2, A^3` two together (``skew_only`` of
     :func:`_taylor_tape_adjoint`).
     """
 
@@ -1286,9 +1300,7 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     the backward returns the lower triangle). Backward cost: two products per forward product
     except one for the square :math:`A^6` and two for the powers :math:`A^2, A^3` together
     (:func:`_cube_reverse_skew`; one for :math:`A^2` where the plan has no :math:`A^3`); in
-    the plan of degree 18 without squarings, 7 products against the forward's 5. Under
-    ``torch.func`` transforms, tracing and compiling (the tape) the powers cost one more,
-    as in the general recurrence.
+    the plan of degree 18 without squarings, 7 products against the forward's 5.
 
     Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
     Xd = X.detach()

@@ -204,9 +204,9 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
     :math:`\bar A` the gradient with respect to :math:`A = X - X^H`. Since only the
     skew-Hermitian part of :math:`\bar A` is needed, the backward through the squares
     :math:`A^2` and :math:`A^6 = (A^3)^2` (Hermitian along skew directions) costs one product
-    each instead of two (:class:`~dtriv.retractions._expm.ExpmOfSkewTaylor`), and in eager
-    code (written out, :class:`~dtriv.retractions._expm.ExpmOfSkewWrittenOut`) that through
-    :math:`A^2` and :math:`A^3 = A^2 A` together two instead of three. The same
+    each instead of two, and that through :math:`A^2` and :math:`A^3 = A^2 A` together two
+    instead of three (:class:`~dtriv.retractions._expm.ExpmOfSkewTaylor`; in eager code
+    written out, :class:`~dtriv.retractions._expm.ExpmOfSkewWrittenOut`). The same
     fallbacks as :func:`expm` apply (``n <= TORCH_MAX_N``, empty or non-finite input,
     ``torch.func.vmap``, tracing, meta tensors). Second derivatives and forward mode are
     supported.
@@ -223,8 +223,8 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
         ``(..., n, n)``, same dtype as ``X``.
 
     Cost: forward as :func:`expm` on a skew input (:math:`\pi_m + s` products); backward
-    :math:`2(\pi_m + s)` products less one for :math:`A^6` and one for :math:`A^2` (or, in
-    eager code, two for :math:`A^2, A^3` together where the plan has both): for random
+    :math:`2(\pi_m + s)` products less one for :math:`A^6` and one for :math:`A^2` (two for
+    :math:`A^2, A^3` together where the plan has both): for random
     generators with :math:`\|A\|_2 \approx 2` (degree 18, no squaring), 5 products forward
     and 7 backward.
     """

@@ -449,18 +449,23 @@ class _CountProducts(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("path", ["written out", "tape"])
 @pytest.mark.parametrize("plan,backward", [
     ((18, 0), 7), ((18, 2), 11), ((12, 0), 6), ((12, 1), 8), ((8, 0), 5), ((4, 1), 5)],
     ids=str)
-def test_written_out_backward_product_count(monkeypatch, gen, plan, backward):
-    """The eager backward of expm(X - X^H) takes two products per product of the scheme and
-    of the squarings, one for the square A^6, and two for A^2 and A^3 together (one for A^2
-    alone): the cost that its docstring states, and what the benchmarks' units rest on."""
+def test_backward_product_count(monkeypatch, gen, plan, backward, path):
+    """The backward of expm(X - X^H) takes two products per product of the scheme and of
+    the squarings, one for the square A^6, and two for A^2 and A^3 together (one for A^2
+    alone), in eager code and on the tape: the cost that the docstrings state, and what the
+    benchmarks' units rest on."""
     _forced(monkeypatch, plan)
+    if path == "tape":
+        _tape_path(monkeypatch)
     n = 7
     X = (0.3 * torch.randn(n, n, dtype=torch.float64, generator=gen)).requires_grad_()
     Q = _expm.expm_of_skew_taylor(X, lower=True)
-    assert type(Q.grad_fn).__name__ == "ExpmOfSkewWrittenOutBackward"
+    node = "ExpmOfSkewTaylorBackward" if path == "tape" else "ExpmOfSkewWrittenOutBackward"
+    assert type(Q.grad_fn).__name__ == node
     with _CountProducts(n) as bwd:
         Q.backward(torch.randn(n, n, dtype=torch.float64, generator=gen))
     assert bwd.count == backward
