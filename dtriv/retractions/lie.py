@@ -399,9 +399,10 @@ class _CayleyOfSkew(torch.autograd.Function):
     :math:`\bar X = \bar A - \bar A^H` (its lower triangle with ``lower``),
     :math:`\bar A = M^{-H} G M^{-H}`.
 
-    With a ``left`` factor :math:`B` the output is :math:`BQ = 2BM^{-1} - B` (one fused
-    product), the gradient in :math:`Q` is :math:`B^H G` and that in :math:`B` is
-    :math:`G Q^H = 2 G M^{-H} - G`."""
+    With a ``left`` factor :math:`B` the output is :math:`BQ = 2BM^{-1} - B` (one product,
+    :math:`BM^{-1}`, which is saved), the gradient in :math:`Q` is :math:`B^H G`, so that
+    :math:`\bar A = (BM^{-1})^H G M^{-H}` takes two products as without it, and that in
+    :math:`B` is :math:`G Q^H = 2 G M^{-H} - G`."""
 
     generate_vmap_rule = True
 
@@ -423,8 +424,9 @@ class _CayleyOfSkew(torch.autograd.Function):
                 info.item() if info.dim() == 0 else info.any()):
             _cayley_check(info)
         Minv = torch.linalg.lu_solve(LU, pivots, Id.expand_as(X), adjoint=True)
-        if left is not None:
-            return _left_times_cayley(left, Minv), Minv
+        if left is not None:  # B Q = 2 B M^{-1} - B; B M^{-1} is kept for the backward
+            BMinv = torch.matmul(left, Minv)
+            return torch.lerp(left, BMinv, 2.0), Minv, BMinv
         # LAPACK returns M^{-1} column by column: the row-major Q reads it transposed, from
         # padded rows where that read would alias (_layout)
         return torch.add(neg_Id, transposable(Minv.mT).mT, alpha=2.0), Minv
@@ -433,16 +435,18 @@ class _CayleyOfSkew(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         X, lower, left = inputs
         ctx.lower = lower
-        ctx.mark_non_differentiable(output[1])
-        # the same tensors for both (see _Cayley.setup_context)
-        ctx.save_for_backward(X, output[1], left)
-        ctx.save_for_forward(X, output[1], left)
+        ctx.mark_non_differentiable(*output[1:])
+        # the same tensors for both (see _Cayley.setup_context); B M^{-1} last, with a left
+        ctx.save_for_backward(X, *output[1:2], left, *output[2:])
+        ctx.save_for_forward(X, *output[1:2], left, *output[2:])
 
     @staticmethod
-    def backward(ctx, G: Tensor, _unused: Tensor | None = None):  # type: ignore[override]
-        X, Minv, left = ctx.saved_tensors
+    def backward(ctx, G: Tensor, *_unused: Tensor | None):  # type: ignore[override]
+        X, Minv, left, *kept = ctx.saved_tensors
+        BMinv = kept[0] if kept else None
         if torch.is_grad_enabled():  # double backward: a differentiable M^{-1}
             Minv = torch.linalg.inv(torch.add(_eye(X), skew_of(X, ctx.lower), alpha=-0.5))
+            BMinv = None
         MinvH = Minv.mH
         G = G.to(Minv.dtype)
         grad_left = None
@@ -451,15 +455,19 @@ class _CayleyOfSkew(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, grad_left
         with Arena(Minv) as arena:  # the products are temporaries (none in grad mode)
-            if left is not None:
-                G = torch.matmul(left.mH, G, out=arena.empty())  # the gradient in Q
-            GM = torch.matmul(G, MinvH, out=arena.empty())
-            Abar = torch.matmul(MinvH, GM, out=arena.empty())
+            if BMinv is not None:  # M^{-H} (B^H G) M^{-H} = (B M^{-1})^H G M^{-H}
+                left_factor = BMinv.mH
+            else:
+                if left is not None:
+                    G = torch.matmul(left.mH, G, out=arena.empty())  # the gradient in Q
+                left_factor = MinvH
+            Abar = torch.matmul(torch.matmul(left_factor, G, out=arena.empty()), MinvH,
+                                out=arena.empty())
             return skew_of_adjoint(Abar, ctx.lower, arena), None, grad_left
 
     @staticmethod
     def jvp(ctx, dX: Tensor | None, _lower: None, dleft: Tensor | None):  # type: ignore[override]
-        X, Minv, left = ctx.saved_tensors
+        X, Minv, left, *_ = ctx.saved_tensors
         if dX is not None and jvp_differentiated(X):  # a differentiable M^{-1}
             Minv = torch.linalg.inv(torch.add(_eye(X), skew_of(X, ctx.lower), alpha=-0.5))
         dQ = None if dX is None else Minv @ skew_of(dX, ctx.lower) @ Minv
@@ -469,7 +477,7 @@ class _CayleyOfSkew(torch.autograd.Function):
         if dleft is not None:
             dBQ = _left_times_cayley(dleft, Minv)
             out = dBQ if out is None else out + dBQ
-        return out, None
+        return out, None, None
 
 
 @upcast_half
@@ -493,15 +501,17 @@ def cayley_of_skew(X: Tensor, *, lower: bool = False, left: Tensor | None = None
         left: ``(..., m, n)`` with the batch shape and dtype of ``X``, or ``None``: return
             :math:`B Q` for :math:`B` = ``left`` (a dynamic trivialization's base), equal to
             ``left @ cayley_of_skew(X, lower=lower)`` with its gradients in ``X`` and
-            ``left``, in one node: :math:`BQ = 2BM^{-1} - B` is one product, and backward
-            takes :math:`B^H G` before the two products of the map.
+            ``left``, in one node: :math:`BQ = 2BM^{-1} - B` is one product, and the
+            backward's :math:`\bar A = M^{-H} B^H G M^{-H} = (BM^{-1})^H G M^{-H}` reuses
+            :math:`BM^{-1}` (saved: one matrix more), two products as without ``left``.
 
     Returns:
         ``(..., n, n)``, same dtype as ``X`` (``(..., m, n)`` with ``left``).
 
     Cost: one LU factorisation and a solve with :math:`n` right-hand sides (about
     :math:`8n^3/3` flops) forward; two products and one transposed subtraction backward
-    (one product more each way with ``left``).
+    (with ``left``: one product more forward, and one more backward only for the gradient
+    in ``left``).
     """
     check_matrix(X, "X", square=True)
     check_floating(X, "X")

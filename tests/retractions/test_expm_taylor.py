@@ -431,29 +431,11 @@ def test_written_out_schemes_second_derivatives(monkeypatch, gen, plan):
     assert gradgradcheck(f, (X,))
 
 
-class _CountProducts(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the n x n by n x n matrix products (mm, addmm, bmm, baddbmm, in place or not)."""
-
-    PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_"}
-
-    def __init__(self, n):
-        super().__init__()
-        self.n, self.count = n, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.PRODUCTS:
-            x, y = (args[1], args[2]) if name.startswith(("add", "badd")) else args[:2]
-            if x.shape[-2:] == y.shape[-2:] == (self.n, self.n):
-                self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("path", ["written out", "tape"])
 @pytest.mark.parametrize("plan,backward", [
     ((18, 0), 7), ((18, 2), 11), ((12, 0), 6), ((12, 1), 8), ((8, 0), 5), ((4, 1), 5)],
     ids=str)
-def test_backward_product_count(monkeypatch, gen, plan, backward, path):
+def test_backward_product_count(monkeypatch, gen, count_products, plan, backward, path):
     """The backward of expm(X - X^H) takes two products per product of the scheme and of
     the squarings, one for the square A^6, and two for A^2 and A^3 together (one for A^2
     alone), in eager code and on the tape: the cost that the docstrings state, and what the
@@ -466,6 +448,6 @@ def test_backward_product_count(monkeypatch, gen, plan, backward, path):
     Q = _expm.expm_of_skew_taylor(X, lower=True)
     node = "ExpmOfSkewTaylorBackward" if path == "tape" else "ExpmOfSkewWrittenOutBackward"
     assert type(Q.grad_fn).__name__ == node
-    with _CountProducts(n) as bwd:
+    with count_products(n) as bwd:
         Q.backward(torch.randn(n, n, dtype=torch.float64, generator=gen))
     assert bwd.count == backward

@@ -541,6 +541,24 @@ def test_cayley_of_skew_with_a_left_factor_derivatives(randn, dtype):
     assert (gx - gx_ref).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("left_grad,backward", [(False, 2), (True, 3)])
+def test_cayley_of_skew_with_a_left_factor_backward_product_count(randn, count_products,
+                                                                   left_grad, backward):
+    """With a left factor B that needs no gradient (a trivialization's base) the backward
+    takes two n x n products, as without one: (B M^{-1})^H G M^{-H} reuses the forward's
+    B M^{-1}; one more for the gradient in B."""
+    from dtriv.retractions.lie import cayley_of_skew
+
+    n = 6
+    X = (randn(n, n, dtype=torch.float64) / n ** 0.5).requires_grad_()
+    B = randn(n, n, dtype=torch.float64).requires_grad_(left_grad)
+    with count_products(n) as fwd:
+        out = cayley_of_skew(X, lower=True, left=B)
+    with count_products(n) as bwd:
+        out.backward(randn(n, n, dtype=torch.float64))
+    assert (fwd.count, bwd.count) == (1, backward)
+
+
 def test_cayley_of_skew_rejects_a_bad_left_factor():
     from dtriv.retractions.lie import cayley_of_skew
 
