@@ -158,6 +158,7 @@ def pieces(count: int, n: int, k: int, device, rounds: int = 15) -> dict[str, fl
     def norms(G, Sg):
         return bool((S.sq_norms(G) - S.sq_norms(Sg) >= 0).all())
 
+    Ys = torch.empty_like(X)  # the step's scratch for Y (from its arena)
     for r in range(rounds + 2):
         Xw, m = X.clone(), M0.clone()
         tick("matmul", mm)
@@ -171,9 +172,9 @@ def pieces(count: int, n: int, k: int, device, rounds: int = 15) -> dict[str, fl
         tick("norm(G)^2 - norm(sym(X^T G))^2 (reductions)", norms, G, Sg)
         tick("block-QR bound (reduction)", S.safe_for_block_qr, m, c)
         tick("orthonormality probe (one pass over X)", S.near_orthonormal, Xw)
-        tick("Y = X + c m", Xw.addcmul_, m, c)
-        Y = Xw.clone()
-        tick("QR: block Cholesky QR", S.block_cholesky_qf_, Xw)
+        Ys = tick("Y = X + c m (into scratch)", torch.addcmul, Xw, m, c, out=Ys)
+        Y = Ys.clone()
+        tick("QR: block Cholesky QR of Y, into X", S.block_cholesky_qf_, Ys, out=Xw)
         tick("[reference] QR: checked Cholesky QR", qf, Y)
         tick("[reference] QR: Householder", householder_qf, Y)
         if r < 2:  # warm-up rounds

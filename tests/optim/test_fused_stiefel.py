@@ -192,6 +192,26 @@ def test_block_cholesky_qf_is_the_positive_q_factor(b, n, k, base, wide):
     assert (W.mT @ W - eye).abs().max() < 1e-13
 
 
+@pytest.mark.parametrize("b,n,k,base", [(3, 40, 27, 4), (1, 200, 150, 64), (8, 90, 80, None)])
+@pytest.mark.parametrize("wide", [False, True])
+def test_block_cholesky_qf_into_out_equals_in_place(b, n, k, base, wide):
+    """With ``out`` the q-factor goes there (a strided view too: a wide bucket's tall view)
+    and equals the in-place result; an ``out`` of another shape is refused."""
+    from dtriv.optim._stiefel import block_cholesky_qf_
+
+    g = _gen(8)
+    X = torch.linalg.qr(torch.randn(b, n, k, generator=g, dtype=torch.float64))[0]
+    Y = X + 0.2 * torch.randn(b, n, k, generator=g, dtype=torch.float64) / n**0.5
+    in_place = Y.clone()
+    assert block_cholesky_qf_(in_place, base=base)
+    out = torch.full((b, k, n), float("nan"), dtype=torch.float64).mT if wide else (
+        torch.full((b, n, k), float("nan"), dtype=torch.float64))
+    assert block_cholesky_qf_(Y.clone(), base=base, out=out)
+    torch.testing.assert_close(out, in_place, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="out: expected the shape of Y"):
+        block_cholesky_qf_(Y.clone(), out=torch.empty(b, n, k + 1, dtype=torch.float64))
+
+
 def test_block_cholesky_qf_reports_rank_deficiency():
     from dtriv.optim._stiefel import block_cholesky_qf_
 
@@ -295,9 +315,9 @@ def test_the_optimizers_own_points_take_the_block_qr(monkeypatch):
     calls = []
     original = _stiefel.block_cholesky_qf_
 
-    def counting(Y, base=None):
+    def counting(Y, base=None, out=None):
         calls.append(Y.shape)
-        return original(Y, base)
+        return original(Y, base, out)
 
     monkeypatch.setattr(_stiefel, "block_cholesky_qf_", counting)
     dt = torch.float32
