@@ -235,8 +235,8 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         else:
             # in place: raw <- M = G + mu/(1 - tau) raw, then (1 - tau) (M - X sym(X^T M))
             torch.add(Gb, raw, alpha=momentum / (1 - dampening), out=raw)
-            S = _stiefel._sym_(_stiefel.cross(Xb, raw))
-            raw.baddbmm_(Xb, S, beta=1 - dampening, alpha=-(1 - dampening))
+            S2 = _stiefel._sym2_(_stiefel.cross(Xb, raw))  # 2 sym(X^T M)
+            raw.baddbmm_(Xb, S2, beta=1 - dampening, alpha=-0.5 * (1 - dampening))
         _stiefel.retract_(manifold, bucket.method, Xb, raw, -lr, self._on_manifold(params))
         if not raw_view:
             _stiefel.write_back(manifold, stacked, raw)

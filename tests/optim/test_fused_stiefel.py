@@ -425,10 +425,14 @@ def test_large_steps_take_the_checked_qr():
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (1, 96, 96), (2, 40, 40), (2, 32, 32)])
-def test_sym_equals_the_plain_formula_exactly(shape):
-    from dtriv.optim._stiefel import _sym_
+def test_sym2_equals_the_plain_formula_exactly(shape):
+    from dtriv.optim._stiefel import _sym2_
 
     A = torch.randn(*shape, generator=_gen(0))
-    S = _sym_(A)
-    assert torch.equal(S, (A + A.mT) * 0.5)
-    assert torch.equal(S, S.mT)
+    S2 = _sym2_(A)
+    assert torch.equal(S2, A + A.mT)
+    assert torch.equal(S2, S2.mT)
+    # the factor 1/2 taken by a product or a norm instead: the same to the bit
+    X = torch.randn(*shape, generator=_gen(1))
+    assert torch.equal(torch.baddbmm(X, X, S2, alpha=-0.5), torch.baddbmm(X, X, S2 * 0.5, alpha=-1))
+    assert torch.equal(0.25 * (S2 ** 2).sum(), ((S2 * 0.5) ** 2).sum())
