@@ -104,12 +104,14 @@ def _loss_case(X: torch.Tensor, C: torch.Tensor) -> Callable[[], None]:
 
 def _settings(args, n: int) -> dict:
     """Fewer rounds for the big sizes: torch's backward at 1024 takes seconds per call; more
-    for the small ones, whose rounds are cheap and noisy (n = 256 holds a 5x target)."""
+    for the small ones, whose rounds are cheap and noisy (n = 256 holds a 5x target); n = 512
+    holds the matmul-unit targets: 16 rounds (about a third of a second each), so that a few
+    rounds disturbed by the shared machine do not move the median."""
     big = n >= 1024
     return {
-        "repeats": args.repeats or (3 if big else 10 if n >= 512 else 25),
+        "repeats": args.repeats or (3 if big else 16 if n >= 512 else 25),
         "warmup": args.warmup if args.warmup is not None else (1 if big else 2),
-        "budget_s": args.budget or (1.0 if big else 3.0 if n >= 512 else 2.5),
+        "budget_s": args.budget or (1.0 if big else 6.0 if n >= 512 else 2.5),
         "min_repeats": 2 if big else 3,
     }
 
