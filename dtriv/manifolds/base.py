@@ -42,11 +42,17 @@ class Manifold(abc.ABC):
     ``n = 2897``; ``1.5e-6`` in float64, beyond any practical ``n``), without which the bound
     would pass 1 in float32 from ``n = 83,887`` and admit the zero vector as a unit vector.
     Rounding errors grow far more slowly than ``n * eps`` in practice (a (65536, 8) Stiefel
-    sample in float32: about ``1e-5``).
+    sample in float32: about ``1e-5``). In half precision that cap itself passes 1 (``8.8`` in
+    bfloat16, ``3.1`` in float16: every Linear initialization would pass for orthogonal), so
+    the tolerance is also at most :attr:`max_tolerance` ``= 0.1``, which binds there only
+    (``13 eps`` in bfloat16; a half-precision orthonormal matrix, rounded from an exact one,
+    has an error of at most ``eps / 2``, measured for ``n`` from 16 to 1024).
     """
 
     #: Factor of the default tolerance ``tolerance_factor * max(shape) * eps(dtype)``.
     tolerance_factor: float = 100.0
+    #: Upper bound of the default tolerance, whatever the dtype (it binds in half precision).
+    max_tolerance: float = 0.1
 
     # ------------------------------------------------------------------ description
     @property
@@ -103,9 +109,10 @@ class Manifold(abc.ABC):
     # ------------------------------------------------------------------ membership
     def tolerance(self, dtype: torch.dtype) -> float:
         """Default absolute tolerance: ``tolerance_factor * min(max(shape) * eps(dtype),
-        sqrt(eps(dtype)))`` (see the class's note)."""
+        sqrt(eps(dtype)))``, at most :attr:`max_tolerance` (see the class's note)."""
         e = eps(dtype)
-        return self.tolerance_factor * min(max(self.shape) * e, math.sqrt(e))
+        return min(self.tolerance_factor * min(max(self.shape) * e, math.sqrt(e)),
+                   self.max_tolerance)
 
     @abc.abstractmethod
     def _constraints(self, X: Tensor) -> list[tuple[str, Tensor]]:

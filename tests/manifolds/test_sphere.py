@@ -107,6 +107,12 @@ def test_tolerance():
     assert not Sphere(100_000).check(torch.zeros(100_000))
     assert not Sphere(100_000).check(2 * Sphere(100_000).sample())
     assert Sphere(100_000).check(Sphere(100_000).sample())
+    # in half precision even the capped bound passed 1 (bfloat16, n = 8: 6.25): at most 0.1
+    for dtype in (torch.bfloat16, torch.float16):
+        assert Sphere(8).tolerance(dtype) == 0.1
+        assert not Sphere(8).check(torch.zeros(8, dtype=dtype))
+        assert not Sphere(8).check(torch.full((8,), 0.5, dtype=dtype))  # norm 1.41
+        assert Sphere(8).check(Sphere(8).sample(dtype=F64).to(dtype))
 
 
 def test_project_keeps_nan():

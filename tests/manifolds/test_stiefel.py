@@ -204,6 +204,19 @@ def test_tolerance_scales_with_dtype_and_size():
     assert Stiefel(3, 10).tolerance(F64) == M.tolerance(F64)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tolerance_admits_rounded_points_only(dtype, gen):
+    # 100 min(n eps, sqrt(eps)) passes 1 in half precision (8.8 in bfloat16): a Linear
+    # initialization (max|W^T W - I| about 0.8) passed for orthogonal; capped at 0.1
+    M = Stiefel(64, 64)
+    assert M.tolerance(dtype) == 0.1 and Stiefel(10, 3).tolerance(dtype) <= 0.1
+    W = torch.nn.Linear(64, 64).weight.detach().to(dtype)
+    assert not M.check(W)
+    rounded = M.sample(generator=gen, dtype=F64).to(dtype)  # exact point, rounded
+    assert M.check(rounded)
+    assert float(M.distance(rounded)) <= torch.finfo(dtype).eps
+
+
 # ---------------------------------------------------------------------------- 4. laws
 def test_so2_angle_is_uniform(gen):
     X = SpecialOrthogonal(2).sample(3000, generator=gen, dtype=F64)

@@ -132,6 +132,23 @@ def test_refresh_then_training_step_moves_on_the_manifold():
     assert Stiefel(2, 5).check(model[2].weight.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 64), (256, 64), (64, 256)])
+def test_half_precision_weight_is_projected_at_registration(shape, dtype):
+    # the default tolerance in half precision was above 1 (bfloat16: 8.8), so the
+    # initialization passed as a point of the manifold and was kept as the base
+    torch.manual_seed(0)
+    m = nn.Linear(shape[1], shape[0]).to(dtype)
+    P.constrain(m, "weight", Stiefel(*shape))
+    W = m.weight.detach().double()
+    gram = W.mT @ W if shape[0] >= shape[1] else W @ W.mT
+    assert m.weight.dtype == dtype
+    assert (gram - torch.eye(min(shape), dtype=torch.float64)).abs().max() < 50 * (
+        torch.finfo(dtype).eps)
+    P.sphere(m, "bias")
+    assert abs(m.bias.detach().double().norm() - 1) < 10 * torch.finfo(dtype).eps
+
+
 def test_public_names():
     for name in ("Trivialization", "constrain", "sphere", "spectrally_bounded",
                  "trivializations", "refresh", "cache_per_forward", "cached",

@@ -433,6 +433,22 @@ def test_half_precision_read_assign_and_refresh(dtype, shape, orthogonal_map):
     assert (gram - torch.eye(min(shape))).abs().max().item() < 50 * torch.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("use_trivialization", [True, False])
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley", "householder"])
+def test_half_precision_registration_orthogonalizes_the_weight(orthogonal_map,
+                                                                use_trivialization, dtype):
+    # torch's criterion 10 n eps is 5.0 in bfloat16 at n = 64: the initialization (0.77 from
+    # orthogonal) was kept as the base; the criterion is capped at 0.1 (without a base the
+    # weight is the map of the initialization, orthogonal either way)
+    torch.manual_seed(0)
+    m = nn.Linear(64, 64).to(dtype)
+    twins.orthogonal(m, orthogonal_map=orthogonal_map, use_trivialization=use_trivialization)
+    W = m.weight.detach().double()
+    assert m.weight.dtype == dtype
+    assert (W.mT @ W - torch.eye(64, dtype=torch.float64)).abs().max() < 50 * torch.finfo(dtype).eps
+
+
 @pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley"])
 def test_jacrev_of_jacrev_matches_torch(orthogonal_map):
     # the Taylor nodes' double backward differentiates its recorded computation with

@@ -36,6 +36,11 @@ errors as torch's; the weights and their gradients agree to rounding. What it ad
   backpropagates with the shapes, dtypes and ``state_dict`` keys it has on a real device; a
   meta weight has no values, so it is neither checked for orthogonality nor orthogonalized.
 
+In half precision (``float16``, ``bfloat16``) a weight counts as orthogonal, and is kept as
+it is, only within ``0.1`` of ``Q^H Q = I`` (torch's ``10 n eps`` passes 1 from ``n = 13`` in
+bfloat16: torch keeps any initialization as the base, so its "orthogonal" weight is not);
+in float32 and float64 the criterion is torch's.
+
 Two conventions differ from torch without changing any weight or gradient: after an
 assignment with a base, the ``"matrix_exp"``/``"cayley"`` parameter is 0 (torch: ``-I``,
 whose skew part ``X.tril() - X.tril()^H`` is 0 as well); ``"householder"`` takes the column
@@ -67,14 +72,22 @@ from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp_canonical
 __all__ = ["orthogonal"]
 
 
+#: the largest tolerance of :func:`_is_orthogonal`: torch's ``10 n eps`` passes 1 in half
+#: precision from ``n = 13`` (bfloat16) or ``n = 103`` (float16), where every weight, however
+#: far from orthogonal, would be kept as the base (a ``Linear(64, 64)`` initialization in
+#: bfloat16 has ``max|Q^T Q - I| = 0.77``); in float32 the cap binds from ``n = 83,887``.
+_MAX_ATOL = 0.1
+
+
 def _is_orthogonal(Q: Tensor) -> bool:
-    """``Q^H Q == I`` to ``10 n eps`` (torch's criterion); ``True`` for a meta tensor, which has
-    no values to check (it is then kept as it is, as an orthogonal value would be)."""
+    """``Q^H Q == I`` to ``10 n eps`` (torch's criterion), at most :data:`_MAX_ATOL`; ``True``
+    for a meta tensor, which has no values to check (it is then kept as it is, as an
+    orthogonal value would be)."""
     if is_meta(Q):
         return True
     n, k = Q.size(-2), Q.size(-1)
     Id = torch.eye(k, dtype=Q.dtype, device=Q.device)
-    eps = 10.0 * n * torch.finfo(Q.dtype).eps
+    eps = min(10.0 * n * torch.finfo(Q.dtype).eps, _MAX_ATOL)
     return torch.allclose(Q.mH @ Q, Id, atol=eps)
 
 
