@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dtriv-installed
 
-.PHONY: install demo test test-slow lint bench bench-quick clean
+.PHONY: install demo test test-slow lint bench bench-quick bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: $(STAMP)
 # a one-minute subset: benchmarks/RESULTS-quick.md
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
+
+# the GPU table (float32 and bfloat16) on a machine with a CUDA device: benchmarks/RESULTS-gpu.md
+bench-gpu: $(STAMP)
+	rm -f benchmarks/RESULTS-gpu.md
+	$(PY) benchmarks/bench_gpu.py --device cuda --markdown benchmarks/RESULTS-gpu.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

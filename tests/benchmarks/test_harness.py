@@ -103,3 +103,29 @@ def test_loglog_slope():
     ns = [1, 2, 4, 8]
     assert bench_tall.slope(ns, [3.0 * n for n in ns]) == pytest.approx(1.0)
     assert bench_tall.slope(ns, [n**2 for n in ns]) == pytest.approx(2.0)
+
+
+def test_gpu_table_dry_run_writes_every_section(tmp_path):
+    # the GPU table runs where there is no GPU as a dry run at small sizes: every section is
+    # written, dtriv's maps run in both dtypes, and a peer that fails is a cell, not a crash
+    bench_gpu = _load("bench_gpu")
+    out = tmp_path / "gpu.md"
+    bench_gpu.main(["--device", "cpu", "--quick", "--dtypes", "float32", "bfloat16",
+                    "--repeats", "1", "--warmup", "0", "--markdown", str(out)])
+    text = out.read_text(encoding="utf-8")
+    for dtype in ("float32", "bfloat16"):
+        for title in ("orthogonal maps", "polar retraction, Newton-Schulz against SVD",
+                      "sphere parametrization"):
+            assert f"{title}, {dtype}" in text
+    assert "RiemannianAdam step on Stiefel, float32" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    dtriv_cells = [r[2] for r in rows if r[1] in bench_gpu.MAPS]
+    assert len(dtriv_cells) == 2 * 2 * len(bench_gpu.MAPS)  # two shapes, two dtypes
+    assert not any(c.startswith("n/a") for c in dtriv_cells)
+
+    def broken():
+        raise NotImplementedError('"lu_cpu" not implemented for this dtype')
+
+    ok, failed = bench_gpu._usable({"fine": lambda: None, "broken": broken})
+    assert list(ok) == ["fine"]
+    assert failed["broken"].startswith("n/a (NotImplementedError:")
