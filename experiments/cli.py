@@ -55,7 +55,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--resume", action="store_true",
                       help="continue an interrupted run from its checkpoint; with --set "
                            "train.steps=N, extend it to N steps in the same folder")
-    mode.add_argument("--overwrite", action="store_true", help="delete earlier results first")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="delete the run's earlier files first (others in its folder stay)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,8 +154,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    code = _sweep(demo_config_path(), args.overrides, args.output, args.jobs, resume=False,
-                  overwrite=True, do_report=True)
+    # --resume: a finished earlier demo run is kept as it is (the runs are deterministic, so
+    # training it again would give the same logs), an interrupted one continues, and a folder
+    # holding a run of another configuration stops the demo with the differences listed,
+    # nothing changed
+    code = _sweep(demo_config_path(), args.overrides, args.output, args.jobs, resume=True,
+                  overwrite=False, do_report=True)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return code
 

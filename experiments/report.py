@@ -193,6 +193,14 @@ def _final_loss(g: Group) -> tuple[str, tuple[float, float] | None]:
     return f"{_fmt(final_ms)}; {len(steps)}/{len(g.runs)} diverged (step {at})", final_ms
 
 
+def _task_line(g: Group) -> str:
+    """``Task: copying, length 10. Baseline loss: **0.6931** (...)`` for a group's task."""
+    task = g.runs[0].config["task"]
+    base, base_name = g.baseline()
+    size = f", length {task['length']}" if task.get("length") else ""
+    return f"Task: {task['name']}{size}. Baseline loss: **{base:.4f}** ({base_name})"
+
+
 def summary_table(groups: list[Group]) -> str:
     """The markdown of ``summary.md``."""
     lines = ["# Summary", ""]
@@ -200,19 +208,19 @@ def summary_table(groups: list[Group]) -> str:
     for g in groups:
         by_exp[g.experiment].append(g)
     for exp, gs in by_exp.items():
-        cfg = gs[0].runs[0].config
-        base, base_name = gs[0].baseline()
-        task = cfg["task"]
-        size = f", length {task['length']}" if task.get("length") else ""
-        lines += [f"## {exp}", "",
-                  f"Task: {task['name']}{size}. Baseline loss: **{base:.4f}** ({base_name}).",
-                  "",
+        tasks = [_task_line(g) for g in gs]
+        shared = len(set(tasks)) == 1  # one task and length, so one baseline
+        header = (f"{tasks[0]}." if shared else
+                  "The task or its length differs between configurations: each ratio is to "
+                  "the configuration's own baseline (column baseline).")
+        lines += [f"## {exp}", "", header, "",
                   "| configuration | seeds | steps | final loss | best loss | final accuracy "
                   "| test accuracy | best test accuracy | constraint error | ms / step "
-                  "| vs baseline |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  + ("" if shared else "| baseline ") + "| vs baseline |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("" if shared else "---|")]
         notes = []
         for g in gs:
+            base, _ = g.baseline()
             final_cell, final_ms = _final_loss(g)
             ok = g.finished  # a diverged run's last finite values would mislead
             ratio = f"{final_ms[0] / base:.3f}x" if final_ms and base > 0 else "–"
@@ -227,7 +235,8 @@ def summary_table(groups: list[Group]) -> str:
                 f"| {_fmt(mean_std([r.best('test_accuracy', largest=True) for r in g.runs]))} "
                 f"| {_fmt(mean_std([r.final('constraint_error') for r in ok]), digits=2)} "
                 f"| {_fmt(mean_std([r.time_per_step() for r in g.runs]), scale=1e3, digits=3)} "
-                f"| {ratio} |"
+                + ("" if shared else f"| {base:.4f} ")
+                + f"| {ratio} |"
             )
             if warnings:
                 notes.append(f"(*) {g.label}: members differ in {'; '.join(warnings)}")
@@ -280,8 +289,11 @@ def _plots(groups: list[Group], directory: Path) -> list[Path]:
         if len(g.runs) > 1:
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
     for exp, ax in axes.items():
-        base, base_name = next(g for g in groups if g.experiment == exp).baseline()
-        ax.axhline(base, color="k", linestyle="--", linewidth=1, label=f"baseline ({base:.3g})")
+        # each configuration's own baseline (they differ when the task or its length does)
+        bases = dict.fromkeys(g.baseline()[0] for g in groups if g.experiment == exp)
+        for base in bases:
+            ax.axhline(base, color="k", linestyle="--", linewidth=1,
+                       label=f"baseline ({base:.3g})")
         ax.set(title=exp, xlabel="step", ylabel="loss")
         ax.legend(fontsize="small")
     save(fig, "loss.png")

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import re
-import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -246,16 +245,20 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _run_file(name: str) -> bool:
+    """Whether ``name`` is a file a run writes: one of :data:`RUN_FILES`, or a temporary
+    one of theirs that a kill left behind (``.<name>.*.tmp``)."""
+    return name in RUN_FILES or any(
+        name.startswith(f".{f}.") and name.endswith(".tmp") for f in RUN_FILES)
+
+
 def _prepare_folder(directory: Path, resume: bool, overwrite: bool) -> bool:
-    """Whether a checkpoint to resume from exists; clears the folder when overwriting."""
+    """Whether a checkpoint to resume from exists; when overwriting, deletes the run's own
+    files (:func:`_run_file`), and only those: anything else kept in the folder stays."""
     existing = [directory / f for f in RUN_FILES if (directory / f).exists()]
     if overwrite:
         for entry in directory.iterdir() if directory.is_dir() else []:
-            if entry.name == LOCK_FILE:  # ours, held
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
+            if _run_file(entry.name) and not entry.is_dir():
                 entry.unlink(missing_ok=True)
         return False
     if resume:

@@ -67,6 +67,24 @@ def test_report_summary_and_plots(write_config):
         assert image.imread(folder / name).shape[0] > 100
 
 
+def test_each_configuration_is_compared_with_its_own_baseline(write_config):
+    # a sweep over the copying length: the baseline 10 log 8 / (L + 20) differs per row
+    path = write_config(sweep={"task.length": [5, 100]})
+    runs = expand_sweep(path)
+    for run in runs:
+        run.directory.mkdir(parents=True)
+        write_json(run.directory / "config.json", run.config)
+        MetricsLog(run.directory / "metrics.jsonl").append(
+            {"step": 30, "loss": 0.1, "accuracy": 0.5, "seconds": 0.1})
+    summary, _ = report(runs[0].directory.parent)
+    text = summary.read_text()
+    assert "Baseline loss" not in text and "own baseline" in text
+    for L in (5, 100):
+        baseline = 10 * math.log(8) / (L + 20)
+        cells = _row(text, f"length={L} |")
+        assert cells[10] == f"{baseline:.4f}" and cells[11] == f"{0.1 / baseline:.3f}x"
+
+
 def test_report_cli_and_errors(write_config, tmp_path, capsys):
     runs, _ = fake_runs(write_config)
     folder = runs[0].directory.parent.parent  # the results root also works

@@ -435,6 +435,36 @@ def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path, umask):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
 
 
+def test_overwrite_deletes_the_run_files_only(write_config):
+    # what else the folder holds is the user's: notes, plots, a subfolder
+    run = load_config(write_config(train={"steps": 10}))
+    train(run, progress=False)
+    (run.directory / "notes.txt").write_text("mine")
+    (run.directory / "plots").mkdir()
+    (run.directory / "plots" / "a.png").write_bytes(b"png")
+    (run.directory / ".checkpoint.pt.x1y2.tmp").write_bytes(b"partial")  # left by a kill
+    assert train(run, progress=False, overwrite=True)["step"] == 10
+    assert sorted(p.name for p in run.directory.iterdir()) == [
+        "checkpoint.pt", "config.json", "final.json", "metrics.jsonl", "notes.txt", "plots"]
+    assert (run.directory / "notes.txt").read_text() == "mine"
+    assert (run.directory / "plots" / "a.png").read_bytes() == b"png"
+
+
+def test_demo_keeps_earlier_results(tmp_path, capsys):
+    # a second demo continues the first one's runs (finished: kept as they are) instead of
+    # deleting them
+    args = ["demo", "--output", str(tmp_path), "--jobs", "1", "--set", "train.steps=10",
+            "--set", "train.log_every=5", "--set", "model.hidden=8"]
+    assert main(args) == 0
+    run_dir = sorted((tmp_path / "demo").glob("retraction=*"))[0]
+    (run_dir / "notes.txt").write_text("mine")
+    log = (run_dir / "metrics.jsonl").read_bytes()
+    assert main(args) == 0
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert (run_dir / "metrics.jsonl").read_bytes() == log
+    assert "| retraction=" in capsys.readouterr().out
+
+
 def test_a_run_folder_has_one_writer(write_config):
     run = load_config(write_config(train={"steps": 10}))
     with train_mod._run_lock(run.directory):  # another live writer (here: this process)
