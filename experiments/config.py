@@ -180,8 +180,9 @@ def _allowed_keys(section: str) -> str:
     return ", ".join(SCHEMA[section])
 
 
-def _resolve_key(key: str, source: str) -> tuple[str, str]:
-    """``"model.retraction"`` or a key that occurs in one table only (``"retraction"``)."""
+def _resolve_key(key: str, source: str, what: str = "sweep key") -> tuple[str, str]:
+    """``"model.retraction"`` or a key that occurs in one table only (``"retraction"``);
+    ``what`` names the key in errors (``"sweep key"``, ``"--set key"``)."""
     if "." in key:
         section, _, name = key.partition(".")
         if section not in SCHEMA:
@@ -192,8 +193,8 @@ def _resolve_key(key: str, source: str) -> tuple[str, str]:
     owners = [s for s in SCHEMA if key in SCHEMA[s]]
     if len(owners) != 1:
         every = ", ".join(f"{s}.{k}" for s in SCHEMA for k in SCHEMA[s])
-        what = "ambiguous, write table.key" if owners else "unknown"
-        raise ConfigError(f"{source}: sweep key {key!r} is {what}; allowed: {every}")
+        problem = "ambiguous, write table.key" if owners else "unknown"
+        raise ConfigError(f"{source}: {what} {key!r} is {problem}; allowed: {every}")
     return owners[0], key
 
 
@@ -211,7 +212,7 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     for key, field in TOP_LEVEL.items():
         value = raw.get(key, field.default)
         if value is MISSING:
-            value = Path(source).stem if key == "name" else None
+            value = _default_name(source) if key == "name" else None
         try:
             cfg[key] = field.check(value)
         except ValueError as e:
@@ -294,14 +295,14 @@ def _check_combination(cfg: dict[str, Any], raw: dict[str, Any], source: str) ->
     if model["name"] != "orthogonal" and riemannian:
         raise _err(source, "optim.name", "rmsprop, adam or sgd for an unconstrained "
                    f"{model['name']!r} model", optim["name"])
-    if model["name"] == "orthogonal":
-        from .backend import retractions_of
+    # checked for every model (an unconstrained one ignores it, but a typo is still a typo)
+    from .backend import retractions_of
 
-        allowed = retractions_of(model["manifold"], model["hidden"])
-        if model["retraction"] not in allowed:
-            raise _err(source, "model.retraction",
-                       f"a retraction of {model['manifold']} ({', '.join(allowed)})",
-                       model["retraction"])
+    allowed = retractions_of(model["manifold"], model["hidden"])
+    if model["retraction"] not in allowed:
+        raise _err(source, "model.retraction",
+                   f"a retraction of {model['manifold']} ({', '.join(allowed)})",
+                   model["retraction"])
 
 
 def _set(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +342,14 @@ NOT_IN_NAMES = ("train.device", "train.threads", "train.log_every", "train.check
 # file's ``[sweep]`` lists it, so ``--resume --set train.steps=N`` extends a run in its folder.
 RESUMABLE_KEYS = ("train.steps", "train.threads", "train.device", "train.checkpoint_every",
                   "train.eval_batch", "task.path")  # task.path: where the data lives
+
+
+def _default_name(source: str) -> str:
+    """The name of an experiment whose file sets none: the file's name without its suffix,
+    each run of characters outside letters, digits and ``_ . + -`` made ``_`` (as in run
+    folder names: ``my exp (v2).toml`` -> ``my_exp_v2_``)."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", Path(source).stem)
+    return name if name.strip(".") else "experiment"
 
 
 def _label_value(value: Any) -> str:
@@ -392,13 +401,15 @@ def _resolve(raw: dict[str, Any], overrides: dict[str, Any], source: str,
     file's ``[sweep]`` table (see :func:`run_label`)."""
     base = copy.deepcopy(raw)
     base.pop("sweep", None)
-    base.setdefault("name", Path(source).stem)  # before ``source`` grows a --set suffix
+    base.setdefault("name", _default_name(source))  # before ``source`` grows a --set suffix
     where = source
     if cli:
         where = f"{source} with --set " + " ".join(f"{k}={_fmt(v)}" for k, v in cli.items())
     cfg = validate(_set(base, overrides), where)
     cfg.pop("sweep")
-    run, group = run_label(overrides, cfg["train"]["seed"], swept)
+    # named by the checked values: `--set optim.K=Inf` and `optim.K=inf` are one run, one folder
+    checked = {k: cfg[k.partition(".")[0]][k.partition(".")[2]] for k in overrides}
+    run, group = run_label(checked, cfg["train"]["seed"], swept)
     cfg["run"] = {"name": run, "group": group, "source": source,
                   "overrides": {k: _fmt(v) if isinstance(v, float) else v
                                 for k, v in overrides.items()}}
@@ -414,7 +425,7 @@ def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value
-    section, name = _resolve_key(key.strip(), source)
+    section, name = _resolve_key(key.strip(), source, "--set key")
     try:  # the value on its own (its combination with the file is checked later)
         SCHEMA[section][name].check(parsed)
     except ValueError as e:

@@ -29,6 +29,10 @@ def test_name_defaults_to_file_name(write_config, tmp_path):
             if k in ("task", "model", "optim", "train")}
     path = write_config("my-experiment.toml", base=base)
     assert load_config(path).config["name"] == "my-experiment"
+    # a file name that is no folder name is reduced to one, as run labels are
+    path = write_config("my exp (v2).toml", base=base)
+    assert load_config(path).config["name"] == "my_exp_v2_"
+    assert expand_sweep(path)[0].directory.parent == tmp_path / "results" / "my_exp_v2_"
 
 
 @pytest.mark.parametrize("changes, pattern", [
@@ -61,6 +65,9 @@ def test_retraction_error_lists_the_manifolds_retractions(write_config):
     msg = str(info.value)
     assert f"{path}: model.retraction" in msg and "'housholder'" in msg
     assert f"({', '.join(allowed)})" in msg
+    # an unconstrained model ignores the retraction, but a value outside the set still stops
+    with pytest.raises(ConfigError, match=r"model\.retraction: expected a retraction"):
+        load_config(write_config(model={"name": "rnn", "retraction": "bogus"}))
 
 
 def test_mnist_needs_a_path(write_config):
@@ -182,6 +189,22 @@ def test_set_errors_name_set_not_the_file(write_config):
         load_config(path, ["model.retraction=nope"])
     with pytest.raises(ConfigError, match=r"with --set optim\.K=0|--set: optim\.K"):
         expand_sweep(write_config(sweep={"model.retraction": ["expm"]}), ["optim.K=0"])
+
+
+def test_set_key_errors_say_set(write_config):
+    path = write_config()
+    with pytest.raises(ConfigError, match=r"^--set: --set key 'name' is ambiguous"):
+        load_config(path, ["name=x"])
+    with pytest.raises(ConfigError, match=r"^--set: --set key 'retractoin' is unknown"):
+        load_config(path, ["retractoin=expm"])
+
+
+def test_equal_values_name_one_folder(write_config):
+    # "Inf" (read as a string) and inf (a TOML float) are one value of optim.K: one run
+    path = write_config()
+    assert load_config(path, ["optim.K=Inf"]).directory == (
+        load_config(path, ["optim.K=inf"]).directory)
+    assert load_config(path, ["optim.K=inf"]).name == "K=inf_seed=3"
 
 
 def test_run_labels_are_one_folder(write_config, tmp_path):
