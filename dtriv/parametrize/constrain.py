@@ -157,6 +157,11 @@ def spectrally_bounded(
     if flatten:
         if tensor.ndim == 0:
             raise ValueError(f"{name}: expected a tensor with at least one dimension, got a scalar")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not (
+                -tensor.ndim <= dim < tensor.ndim):
+            raise ValueError(
+                f"dim: expected an integer in [{-tensor.ndim}, {tensor.ndim - 1}] for {name} of "
+                f"shape {tuple(tensor.shape)}, got {dim!r}")
         n = tensor.shape[dim]
         k = tensor.numel() // n if n else 0
     else:
@@ -165,6 +170,9 @@ def spectrally_bounded(
                 f"{name}: expected a matrix (..., n, k), got shape {tuple(tensor.shape)}"
             )
         n, k = tensor.shape[-2], tensor.shape[-1]
+    if n == 0 or k == 0:
+        raise ValueError(f"{name}: expected a tensor without zero-size dimensions, got shape "
+                         f"{tuple(tensor.shape)}")
     manifold = SpectrallyBounded(n, k, upper=upper, lower=lower)
     return constrain(
         module, name, manifold, retraction, dynamic, strict, flatten=flatten, dim=dim

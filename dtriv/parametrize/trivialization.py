@@ -178,7 +178,7 @@ class Trivialization(nn.Module):
                 f"retraction: expected one of {', '.join(manifold.retractions)} for "
                 f"{manifold!r}, got {retraction!r}"
             )
-        if flatten not in (None, True, False):
+        if flatten is not None and not isinstance(flatten, bool):  # (1 == True: not `in`)
             raise ValueError(f"flatten: expected None, True or False, got {flatten!r}")
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise ValueError(f"dim: expected an integer, got {dim!r}")
@@ -415,6 +415,12 @@ class Trivialization(nn.Module):
             original = self._original()
         if self.base is None:
             raise RuntimeError("refresh: the trivialization has no base point yet")
+        if not isinstance(original, Tensor):
+            raise TypeError(f"refresh: expected original a torch.Tensor, got "
+                            f"{type(original).__name__}")
+        if self._tensor_shape is not None and tuple(original.shape) != self._tensor_shape:
+            raise ValueError(f"refresh: expected original of shape {self._tensor_shape}, "
+                             f"got {tuple(original.shape)}")
         self._forget()
         P = self.manifold.retract(
             self.base, self.manifold.tangent(self.base, self._to_point(original)), self.retraction

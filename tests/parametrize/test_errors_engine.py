@@ -101,6 +101,10 @@ def test_bad_arguments_of_the_trivialization():
         Trivialization("orthogonal")
     with pytest.raises(ValueError, match="flatten: expected None, True or False"):
         Trivialization(Orthogonal(4), flatten="yes")
+    for value in (1, 0, 1.0):  # equal to True or False, but not flags
+        with pytest.raises(ValueError, match=rf"flatten: expected None, True or False, "
+                                             rf"got {value}"):
+            Trivialization(Orthogonal(4), flatten=value)
 
 
 def test_already_parametrized_tensor_is_refused():
@@ -127,6 +131,28 @@ def test_sphere_and_spectral_shortcut_errors():
         spectrally_bounded(module, "vector", flatten=False)
     with pytest.raises(ValueError, match="upper"):
         spectrally_bounded(nn.Linear(3, 3), "weight", upper=-1.0)
+    for dim in (4, -5):  # a conv kernel is read flattened at dim
+        with pytest.raises(ValueError, match=rf"^dim: expected an integer in \[-4, 3\] for "
+                                             rf"weight of shape \(5, 3, 3, 3\), got {dim}$"):
+            spectrally_bounded(nn.Conv2d(3, 5, 3), dim=dim)
+    with pytest.raises(ValueError, match=r"^dim: expected an integer in \[-2, 1\]"):
+        spectrally_bounded(nn.Linear(3, 5), flatten=True, dim=2)
+    empty = nn.Module()
+    empty.weight = nn.Parameter(torch.ones(5, 0))
+    with pytest.raises(ValueError, match=r"^weight: expected a tensor without zero-size "
+                                         r"dimensions, got shape \(5, 0\)"):
+        spectrally_bounded(empty)
+
+
+def test_refresh_checks_the_shape_of_original():
+    triv = sphere(nn.Linear(3, 5)).parametrizations.weight[0]
+    base = triv.base.clone()
+    with pytest.raises(ValueError, match=r"^refresh: expected original of shape \(5, 3\), "
+                                         r"got \(2, 5, 3\)"):
+        triv.refresh(torch.zeros(2, 5, 3))
+    with pytest.raises(TypeError, match="refresh: expected original a torch.Tensor, got list"):
+        triv.refresh([0.0])
+    assert torch.equal(triv.base, base)  # nothing changed
 
 
 @pytest.mark.parametrize("flag", ["dynamic", "strict"])
