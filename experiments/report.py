@@ -227,8 +227,11 @@ def summary_table(groups: list[Group]) -> str:
             steps = sorted({r.records[-1]["step"] for r in g.runs if r.records})
             warnings = g.warnings()
             flag = " (*)" if warnings else ""
+            silent = sum(1 for r in g.runs if not r.records)  # failed or killed before a log
+            seeds = f"{len(g.runs) - silent}" + (f" (+{silent} with no logged step)"
+                                                  if silent else "")
             lines.append(
-                f"| {g.label}{flag} | {len(g.runs)} | {'/'.join(map(str, steps)) or 0} "
+                f"| {g.label}{flag} | {seeds} | {'/'.join(map(str, steps)) or 0} "
                 f"| {final_cell} | {_fmt(mean_std([r.best('loss') for r in g.runs]))} "
                 f"| {_fmt(mean_std([r.final('accuracy') for r in ok]))} "
                 f"| {_fmt(mean_std([r.final('test_accuracy') for r in ok]))} "

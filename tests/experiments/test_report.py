@@ -85,6 +85,16 @@ def test_each_configuration_is_compared_with_its_own_baseline(write_config):
         assert cells[10] == f"{baseline:.4f}" and cells[11] == f"{0.1 / baseline:.3f}x"
 
 
+def test_runs_without_a_logged_step_are_not_counted_as_seeds(write_config):
+    runs, expected = fake_runs(write_config)
+    (runs[0].directory / "metrics.jsonl").write_text("")  # failed before its first log
+    summary, _ = report(runs[0].directory.parent)
+    cells = _row(summary.read_text(), f"{runs[0].config['run']['group']} |")
+    assert cells[1] == "2 (+1 with no logged step)"
+    finals = expected[runs[0].config["run"]["group"]][1:]
+    assert cells[3] == f"{np.mean(finals):.4g} ± {np.std(finals, ddof=1):.2g}"
+
+
 def test_report_cli_and_errors(write_config, tmp_path, capsys):
     runs, _ = fake_runs(write_config)
     folder = runs[0].directory.parent.parent  # the results root also works
