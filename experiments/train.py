@@ -507,10 +507,10 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
             if callback is not None:
                 callback(step)
         save(finished=True)
-    final = _final(log, best, elapsed, step)
-    if info.is_main:
-        final["baseline"] = task.baseline
-        write_json(directory / "final.json", final)
+    if not info.is_main:  # rank 0 alone logs, and reports the final record
+        return {}
+    final = {**_final(log, best, elapsed, step), "baseline": task.baseline}
+    write_json(directory / "final.json", final)
     return final
 
 

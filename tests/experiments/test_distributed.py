@@ -33,6 +33,8 @@ def test_torchrun_ddp_two_processes(write_config, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = load_config(path)
+    finals = [line for line in done.stdout.splitlines() if line.startswith(f"{run.directory}:")]
+    assert len(finals) == 1 and "(baseline " in finals[0]  # rank 0 alone reports
     records = read_jsonl(run.directory / "metrics.jsonl")
     assert [r["step"] for r in records] == [3, 6, 9, 12]  # rank 0 alone writes
     assert all(r["constraint_error"] < 1e-5 for r in records)
