@@ -375,6 +375,12 @@ class Trivialization(nn.Module):
                 "dynamic=True (the assigned value becomes the base) or a retraction with an "
                 "inverse"
             ) from e
+        except ValueError as e:  # the inverse names its own argument: say whose value it is
+            raise ValueError(
+                f"{self.tensor_name}: the assigned value is not reached by the static "
+                f"{self.retraction!r} map at the reference point (the inverse of the map "
+                f"reads it relative to that point): {e}"
+            ) from e
         if self._square_group():
             return self.base.mH @ V
         return V

@@ -144,6 +144,18 @@ def test_sphere_and_spectral_shortcut_errors():
         spectrally_bounded(empty)
 
 
+def test_static_assignment_out_of_reach_names_the_tensor():
+    layer = constrain(nn.Linear(4, 4, dtype=torch.float64), "weight", Orthogonal(4),
+                      retraction="expm", dynamic=False)
+    base = layer.parametrizations.weight[0].base
+    flip = torch.diag(torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=torch.float64))
+    reflection = base @ flip  # relative to the reference point: det -1, no logarithm
+    with pytest.raises(ValueError, match=r"^weight: the assigned value is not reached by the "
+                                         r"static 'expm' map.*: Q: expected a matrix without "
+                                         r"eigenvalue -1"):
+        layer.weight = reflection
+
+
 def test_refresh_checks_the_shape_of_original():
     triv = sphere(nn.Linear(3, 5)).parametrizations.weight[0]
     base = triv.base.clone()

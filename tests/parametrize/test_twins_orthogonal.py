@@ -187,7 +187,9 @@ def test_assignment_of_non_orthogonal_orthogonalizes_by_qr():
 def test_assignment_of_a_reflection_raises():
     # a real orthogonal matrix with det -1 has no real logarithm
     m = twins.orthogonal(Holder((4, 4), torch.float64), use_trivialization=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^the assigned weight \(Q below, orthogonalized\) is "
+                                         r"not reached by the matrix_exp map.*: Q: expected a "
+                                         r"matrix without eigenvalue -1"):
         m.weight = torch.diag(torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=torch.float64))
 
 

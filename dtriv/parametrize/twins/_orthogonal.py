@@ -314,11 +314,18 @@ class _Orthogonal(nn.Module):
                 )
             if not _is_orthogonal(Q):
                 Q = _make_orthogonal(Q)
-            if n != k:
-                X = _stiefel_cayley_preimage(Q)
-            else:
-                X = _tril_preimage(logm(Q) if self.orthogonal_map == _OrthMaps.matrix_exp
-                                   else cayley_inverse(Q))
+            try:
+                if n != k:
+                    X = _stiefel_cayley_preimage(Q)
+                else:
+                    X = _tril_preimage(logm(Q) if self.orthogonal_map == _OrthMaps.matrix_exp
+                                       else cayley_inverse(Q))
+            except ValueError as e:  # the inverse names its own argument, Q
+                name = "matrix_exp" if self.orthogonal_map == _OrthMaps.matrix_exp else "cayley"
+                raise ValueError(
+                    f"the assigned weight (Q below, orthogonalized) is not reached by the "
+                    f"{name} map, through whose inverse use_trivialization=False assigns: {e}"
+                ) from e
             return X.mT if transpose else X
 
         if n == k:
