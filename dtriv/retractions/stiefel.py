@@ -46,6 +46,7 @@ from ._common import (
     check_matrix,
     check_same_shape,
     eps,
+    forward_ad_active,
     is_meta,
     nested_forward_ad,
     no_host_reads,
@@ -481,9 +482,21 @@ def stiefel_polar(B: Tensor, V: Tensor) -> Tensor:
     return _polar(B + V)
 
 
+#: with ``iters=None`` and a Gram matrix that is differentiated: the fewest iterations, and
+#: how many more run once the tolerance is reached. From ``Y_0 = I`` (``V = 0``, or ``k = 1``,
+#: where ``Y_0 = G/c = 1``) the residual is 0 after one step, and one step is affine in
+#: ``G``: its second derivative is 0, that of ``G^{-1/2}`` is not. The coupled iteration
+#: converges quadratically (at ``G = c(I + E)`` the error of ``j`` steps is
+#: :math:`O(\|E\|^{2^j})`), so two steps have the derivatives of ``G^{-1/2}`` up to the third
+#: there, and a step beyond the tolerance brings those of the limit to rounding elsewhere.
+_NS_MIN_DIFFERENTIABLE, _NS_EXTRA_DIFFERENTIABLE = 2, 1
+
+
 def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> tuple[Tensor, bool]:
     r"""``G^{-1/2}`` of a Hermitian positive definite ``G`` by coupled Newton--Schulz, and
-    whether the iteration reached its tolerance (always ``True`` for a given ``iters``)."""
+    whether the iteration reached its tolerance (always ``True`` for a given ``iters``).
+    With ``iters=None`` a differentiated ``G`` runs at least :data:`_NS_MIN_DIFFERENTIABLE`
+    steps and :data:`_NS_EXTRA_DIFFERENTIABLE` past the tolerance."""
     k = G.shape[-1]
     if G.numel() == 0:  # an empty batch: nothing to iterate (and no maximum to read)
         return G.clone(), True
@@ -498,17 +511,27 @@ def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> tuple[Tensor, bool]
     tol = math.sqrt(eps(G.dtype))
     n_iter = 100 if iters is None else iters
     converged = iters is not None
-    for _ in range(n_iter):
+    differentiated = ((G.requires_grad and torch.is_grad_enabled()) or forward_ad_active()
+                      or transforms_active())
+    fewest, extra = ((_NS_MIN_DIFFERENTIABLE, _NS_EXTRA_DIFFERENTIABLE) if differentiated
+                     else (1, 0))
+    for j in range(n_iter):
         R = I - Z @ Y
         T = I + R / 2
         Y = Y @ T
         Z = T @ Z
         if iters is None:
+            if converged:  # the steps past the tolerance, for the derivatives
+                extra -= 1
+                if extra <= 0 and j + 1 >= fewest:
+                    break
+                continue
             r = float(R.detach().abs().amax())
             if r <= tol:
                 converged = True
-                break
-            if not math.isfinite(r):  # diverged (NaN or inf): no later step recovers
+                if extra <= 0 and j + 1 >= fewest:
+                    break
+            elif not math.isfinite(r):  # diverged (NaN or inf): no later step recovers
                 break
     return Z / c.sqrt().to(G.dtype), converged
 

@@ -384,6 +384,23 @@ def test_polar_hessian_vector_product_equals_newton_schulz(dtype, scale):
     assert maxdiff(hv, hv_ref) < 1e-10
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 3), (4, 1)])
+@pytest.mark.parametrize("scale", [0.0, 0.5], ids=["zero_tangent", "tangent"])
+def test_newton_schulz_default_second_derivatives_equal_the_polar_factor_s(dtype, shape, scale):
+    """With ``iters=None`` the iteration stopped after one step from ``Y_0 = I`` (``V = 0``,
+    or any ``V`` for ``k = 1``): affine in ``G``, so its Hessian was wrong by O(1) (1.9 against
+    2.0 at (4, 2)); a differentiated Gram matrix now runs the steps its derivatives need."""
+    B = point(*shape, dtype=dtype, seed=51)
+    V = tangent(B, scale=scale, seed=52)
+    C = torch.randn(*shape, dtype=dtype, generator=_gen(53))
+    E = torch.randn(*shape, dtype=dtype, generator=_gen(54))
+    hv = _hessian_vector_product(stiefel_polar_newton_schulz, B, V, C, E)
+    hv_ref = _hessian_vector_product(stiefel_polar, B, V, C, E)
+    assert float(hv_ref.abs().max()) > 0.1
+    assert maxdiff(hv, hv_ref) < 1e-10
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_polar_under_torch_func_transforms():
     """vmap(grad) equals a loop of backward passes; jvp equals the Newton--Schulz oracle's;
