@@ -262,7 +262,23 @@ class Manifold(abc.ABC):
         method = self._method(method)
         self.validate(B, "B")
         self.validate(V, "V")
+        self._check_pair(B, V, "V")
         return self._retract(B, V, method)
+
+    @staticmethod
+    def _check_pair(B: Tensor, V: Tensor, name: str) -> None:
+        """Raise ``ValueError`` unless ``V`` (named ``name``) has the dtype of ``B`` and a
+        shape that broadcasts with that of ``B`` (one point with a batch, or the reverse)."""
+        if V.dtype != B.dtype:
+            raise ValueError(f"{name}: expected the dtype of B, {B.dtype}, got {V.dtype}")
+        if V.shape != B.shape:
+            try:
+                torch.broadcast_shapes(B.shape, V.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"{name}: expected a shape that broadcasts with that of B, "
+                    f"{tuple(B.shape)}, got {tuple(V.shape)}"
+                ) from None
 
     @abc.abstractmethod
     def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:
@@ -276,6 +292,7 @@ class Manifold(abc.ABC):
         method = self._method(method)
         self.validate(B, "B")
         self.validate(X, "X")
+        self._check_pair(B, X, "X")
         inverse = self._inverse(method)
         if inverse is None:
             raise NotImplementedError(

@@ -150,3 +150,18 @@ def test_samples_are_contiguous(M, gen):
     # layout (torch's "gradient layout contract" warning in optimizers)
     assert M.sample(generator=gen).is_contiguous()
     assert M.sample(2, 3, generator=gen).is_contiguous()
+
+
+def test_retract_checks_the_pair_of_arguments():
+    # the square group's maps met mismatched batches and dtypes as raw torch errors
+    from dtriv.manifolds import Orthogonal
+
+    O = Orthogonal(3)
+    B = O.sample(dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^V: expected a shape that broadcasts with that of B"):
+        O.retract(B.expand(2, 3, 3), torch.zeros(3, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^V: expected the dtype of B, torch.float64, got "):
+        O.retract(B, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"^X: expected the dtype of B"):
+        O.retract_inverse(B, B.float())
+    assert O.retract(B, torch.zeros(2, 3, 3, dtype=torch.float64)).shape == (2, 3, 3)
