@@ -266,10 +266,11 @@ class Manifold(abc.ABC):
         return self._retract(B, V, method)
 
     @staticmethod
-    def _check_pair(B: Tensor, V: Tensor, name: str) -> None:
-        """Raise ``ValueError`` unless ``V`` (named ``name``) has the dtype of ``B`` and a
-        shape that broadcasts with that of ``B`` (one point with a batch, or the reverse)."""
-        if V.dtype != B.dtype:
+    def _check_pair(B: Tensor, V: Tensor, name: str, same_dtype: bool = True) -> None:
+        """Raise ``ValueError`` unless ``V`` (named ``name``) has the dtype of ``B`` (when
+        ``same_dtype``) and a shape that broadcasts with that of ``B`` (one point with a
+        batch, or the reverse)."""
+        if same_dtype and V.dtype != B.dtype:
             raise ValueError(f"{name}: expected the dtype of B, {B.dtype}, got {V.dtype}")
         if V.shape != B.shape:
             try:

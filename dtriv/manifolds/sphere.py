@@ -105,14 +105,7 @@ class Sphere(Manifold):
         point with a batch of vectors, or the reverse)."""
         self.validate(B, "B")
         self.validate(V, name)
-        if B.shape != V.shape:
-            try:
-                torch.broadcast_shapes(B.shape, V.shape)
-            except RuntimeError:
-                raise ValueError(
-                    f"{name}: expected a shape that broadcasts with that of B, "
-                    f"{tuple(B.shape)}, got {tuple(V.shape)}"
-                ) from None
+        self._check_pair(B, V, name, same_dtype=False)  # the fused maps promote dtypes
 
     def proj_tangent(self, B: Tensor, V: Tensor) -> Tensor:
         r""":math:`V - B \operatorname{Re}\langle B, V\rangle / r^2`; O(n).
