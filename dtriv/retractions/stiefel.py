@@ -515,23 +515,21 @@ def _inv_sqrt_newton_schulz(G: Tensor, iters: int | None) -> tuple[Tensor, bool]
                       or transforms_active())
     fewest, extra = ((_NS_MIN_DIFFERENTIABLE, _NS_EXTRA_DIFFERENTIABLE) if differentiated
                      else (1, 0))
+    stop = None  # once the tolerance is reached: the number of steps to end at
     for j in range(n_iter):
         R = I - Z @ Y
         T = I + R / 2
         Y = Y @ T
         Z = T @ Z
         if iters is None:
-            if converged:  # the steps past the tolerance, for the derivatives
-                extra -= 1
-                if extra <= 0 and j + 1 >= fewest:
+            if stop is None:
+                r = float(R.detach().abs().amax())
+                if r <= tol:
+                    converged = True
+                    stop = max(fewest, j + 1 + extra)
+                elif not math.isfinite(r):  # diverged (NaN or inf): no later step recovers
                     break
-                continue
-            r = float(R.detach().abs().amax())
-            if r <= tol:
-                converged = True
-                if extra <= 0 and j + 1 >= fewest:
-                    break
-            elif not math.isfinite(r):  # diverged (NaN or inf): no later step recovers
+            if stop is not None and j + 1 >= stop:
                 break
     return Z / c.sqrt().to(G.dtype), converged
 
