@@ -363,6 +363,12 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
         torch.set_num_threads(tcfg["threads"])
     seed, steps = tcfg["seed"], tcfg["steps"]
     task = build_task(cfg["task"], seed + 7919 * info.rank, device)  # data errors first
+    # then model errors (an initial kernel outside a static map's image): before the folder
+    # is touched, so that a run that cannot start writes or deletes nothing
+    torch.manual_seed(seed)
+    model = build_model(cfg["model"], cfg["optim"], task,
+                        torch.Generator().manual_seed(seed)).to(device)
+    optimizer = backend.build_optimizer(cfg["optim"], model, cfg["model"]["retraction"])
     has_checkpoint, saved_json, missing = False, None, None
     if info.is_main:
         has_checkpoint = _prepare_folder(directory, resume, overwrite)
@@ -389,10 +395,6 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
         write_json(directory / "config.json", cfg)
     info.barrier()
 
-    torch.manual_seed(seed)
-    model = build_model(cfg["model"], cfg["optim"], task,
-                        torch.Generator().manual_seed(seed)).to(device)
-    optimizer = backend.build_optimizer(cfg["optim"], model, cfg["model"]["retraction"])
     net: nn.Module = model
     if info.active:
         net = nn.parallel.DistributedDataParallel(

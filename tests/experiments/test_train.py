@@ -496,3 +496,19 @@ def test_the_data_path_may_change_on_resume():
     assert train_mod.config_changes(saved, moved) == []
     reseeded = {"task": {"name": "mnist", "path": "/b/mnist"}, "train": {"seed": 1}}
     assert train_mod.config_changes(saved, reseeded) == [("train.seed", 0, 1)]
+
+
+def test_a_model_that_cannot_be_built_leaves_the_run_folder_alone(write_config):
+    # henaff's kernel (rotation angles up to pi) is outside the image of the static QR map at
+    # the identity (angles below pi/2): the build fails, before anything is written or deleted
+    path = write_config(optim={"K": "inf"}, model={"retraction": "qr"})
+    run = load_config(path)
+    with pytest.raises(ValueError, match="not in the map's image"):
+        train(run, progress=False)
+    assert not run.directory.exists()
+    run.directory.mkdir(parents=True)
+    (run.directory / "notes.txt").write_text("mine")
+    (run.directory / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="not in the map's image"):
+        train(run, overwrite=True, progress=False)
+    assert sorted(p.name for p in run.directory.iterdir()) == ["metrics.jsonl", "notes.txt"]
