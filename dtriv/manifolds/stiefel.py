@@ -14,6 +14,7 @@ from dtriv.retractions._common import no_host_reads, skew, sym, upcast_half
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm, expm_of_skew, logm
 from dtriv.retractions.stiefel import (
     polar_factor,
+    special_polar_factor,
     stiefel_cayley,
     stiefel_exp,
     stiefel_exp_canonical,
@@ -219,22 +220,16 @@ class Stiefel(Manifold):
 
         Differentiable, with the stable backward of
         :func:`dtriv.retractions.stiefel.polar_factor` (finite at repeated singular values,
-        e.g. on the manifold). For SO(n), points whose polar factor is a reflection get the
-        last singular vector flipped (selected per point, without reading whether any needs it,
-        for meta tensors and under ``torch.jit.trace``/``torch.export``). Half precision is
-        computed in float32.
+        e.g. on the manifold). For SO(n) it is
+        :func:`dtriv.retractions.stiefel.special_polar_factor`: points whose polar factor is a
+        reflection get the last singular vector flipped (selected per point, without a host
+        read), with a backward that is finite unless that least singular value is repeated.
+        Half precision is computed in float32.
         """
         self.validate(X)
-        T = self._t(X)
-        Q = polar_factor(T)
         if self.special:
-            flip = torch.linalg.det(Q) < 0
-            if no_host_reads(X) or bool(flip.any()):
-                U, _, Wh = torch.linalg.svd(T, full_matrices=False)
-                last = torch.where(flip[..., None, None], -U[..., -1:], U[..., -1:])
-                R = torch.cat([U[..., :-1], last], dim=-1) @ Wh
-                Q = torch.where(flip[..., None, None], R, Q)
-        return self._t(Q)
+            return special_polar_factor(X)
+        return self._t(polar_factor(self._t(X)))
 
     def polish(self, X: Tensor) -> Tensor:
         r"""One Newton–Schulz step towards the polar factor: :math:`X (3I - X^H X) / 2`.

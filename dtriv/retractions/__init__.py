@@ -35,6 +35,7 @@ from .spectral import (
 from .sphere import sphere_exp, sphere_log, sphere_projective, sphere_projective_inverse
 from .stiefel import (
     polar_factor,
+    special_polar_factor,
     stiefel_cayley,
     stiefel_exp,
     stiefel_exp_canonical,
@@ -65,6 +66,7 @@ __all__ = [
     "householder_inverse",
     # Stiefel
     "polar_factor",
+    "special_polar_factor",
     "stiefel_qr",
     "stiefel_qr_inverse",
     "stiefel_polar",

@@ -66,6 +66,7 @@ __all__ = [
     "householder_qf",
     "qf",
     "polar_factor",
+    "special_polar_factor",
     "stiefel_qr",
     "stiefel_qr_inverse",
     "stiefel_polar",
@@ -424,15 +425,54 @@ def _polar_derivative(X: Tensor, Q: Tensor, S: Tensor, Wh: Tensor, E: Tensor) ->
     return 2 * Q @ Omega + (E - Q @ QhE) @ Hinv
 
 
-def _polar(X: Tensor) -> Tensor:
-    """:class:`_PolarFactor`'s ``Q``; under nested forward mode (``jacfwd(jacfwd(f))``,
-    where torch 2.13 drops the second-order terms of a custom Function's ``jvp``) the same
-    ``U @ Wh`` of ``torch.linalg.svd`` with torch's derivatives (which divide by
-    :math:`s_i^2 - s_j^2`: not finite at repeated singular values, e.g. ``V = 0``)."""
+def _reflection_signs(Q: Tensor) -> Tensor:
+    """``-1`` where the square ``Q`` has a negative determinant, else ``1``, shape ``(...,)``
+    (selected per point: no host read)."""
+    det = torch.linalg.det(Q)
+    return torch.where(det < 0, -torch.ones_like(det), torch.ones_like(det))
+
+
+def _flip_last(Q: Tensor, U: Tensor, Wh: Tensor, d: Tensor) -> Tensor:
+    r""":math:`U D W^H` from :math:`Q = U W^H`, :math:`D = \operatorname{diag}(1, \dots, 1, d)`:
+    the rank-one update :math:`Q + (d - 1)\, u_n w_n^H` (:math:`O(n^2)`, no second product)."""
+    return torch.addcmul(Q, U[..., -1:] * (d - 1)[..., None, None], Wh[..., -1:, :])
+
+
+@reports_backward
+class _SpecialPolarFactor(_PolarFactor):
+    r"""The rotation nearest to a real square ``X = U S W^T``: :math:`Q = U D W^T`,
+    :math:`D = \operatorname{diag}(1, \dots, 1, d)`, :math:`d = \operatorname{sign}
+    \det(U W^T)` (Kabsch 1976), with the stable backward of :class:`_PolarFactor`.
+
+    :math:`Q^T X = W D S W^T =: H` is symmetric, with eigenvalues :math:`h = (s_1, \dots,
+    s_{n-1}, d\,s_n)`, so :math:`Q` is differentiated as the polar factor is, with ``h`` in
+    place of ``s``: :math:`dQ = Q L^{-1}(Q^T dX - dX^T Q)`, :math:`L(\Omega) = \Omega H +
+    H \Omega`, which in the basis ``W`` divides entry ``(i, j)`` by :math:`h_i + h_j`. For
+    :math:`d = -1` the pairs with the last index divide by :math:`s_i - s_n`: the map is
+    differentiable where the least singular value is simple, whatever the others do (the SVD's
+    own backward divides by every :math:`s_i^2 - s_j^2`). ``apply`` returns ``(Q, h, W^T)``.
+    """
+
+    @staticmethod
+    def forward(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        U, S, Wh = torch.linalg.svd(X, full_matrices=False)
+        Q = U @ Wh
+        d = _reflection_signs(Q)
+        h = torch.cat([S[..., :-1], S[..., -1:] * d[..., None]], dim=-1)
+        return _flip_last(Q, U, Wh, d), h, Wh
+
+
+def _polar(X: Tensor, special: bool = False) -> Tensor:
+    """:class:`_PolarFactor`'s ``Q`` (with ``special``: :class:`_SpecialPolarFactor`'s); under
+    nested forward mode (``jacfwd(jacfwd(f))``, where torch 2.13 drops the second-order terms
+    of a custom Function's ``jvp``) the same ``U @ Wh`` of ``torch.linalg.svd`` with torch's
+    derivatives (which divide by :math:`s_i^2 - s_j^2`: not finite at repeated singular
+    values, e.g. ``V = 0``)."""
     if nested_forward_ad():
         U, _, Wh = torch.linalg.svd(X, full_matrices=False)
-        return U @ Wh
-    return apply_function(_PolarFactor, X)[0]
+        Q = U @ Wh
+        return _flip_last(Q, U, Wh, _reflection_signs(Q)) if special else Q
+    return apply_function(_SpecialPolarFactor if special else _PolarFactor, X)[0]
 
 
 @upcast_half
@@ -456,6 +496,33 @@ def polar_factor(X: Tensor) -> Tensor:
     check_matrix(X, "X", tall=True)
     check_floating(X, "X")
     return _polar(X)
+
+
+@upcast_half
+def special_polar_factor(X: Tensor) -> Tensor:
+    r"""The rotation nearest to a real square ``X = U S W^T`` in Frobenius norm (Kabsch 1976):
+
+    .. math:: Q = U \operatorname{diag}(1, \dots, 1, d)\, W^T, \qquad
+              d = \operatorname{sign} \det(U W^T),
+
+    the polar factor when :math:`\det X > 0`, else the polar factor with its last singular
+    vector (least singular value) reflected. :math:`\det Q = 1`. The gradient is the stable
+    formula of :class:`_SpecialPolarFactor`: finite at repeated singular values, except a
+    repeated least one of a point with :math:`\det X < 0` (there the nearest rotation is not
+    unique). The choice of ``d`` is made per point, without a host read. Second derivatives,
+    ``torch.func.jvp`` and ``vmap`` as for :func:`polar_factor`.
+
+    Cost: one SVD and one determinant of the ``n x n`` polar factor, :math:`O(n^3)`.
+
+    Reference: Kabsch, "A solution for the best rotation to relate two sets of vectors" (1976).
+    """
+    check_matrix(X, "X", tall=True)
+    check_floating(X, "X")
+    if X.is_complex():
+        raise ValueError(f"X: expected a real matrix (SO(n) is real), got dtype {X.dtype}")
+    if X.shape[-2] != X.shape[-1]:
+        raise ValueError(f"X: expected a square matrix, got shape {tuple(X.shape)}")
+    return _polar(X, special=True)
 
 
 @upcast_half

@@ -123,6 +123,24 @@ def test_so_project_fixes_the_determinant(gen):
     assert frob(X - P) <= frob(X - near).min() + 1e-13
 
 
+def test_so_project_gradient_is_finite_at_repeated_singular_values(gen):
+    """Reflections with a repeated larger singular value, and a batch that mixes them with a
+    point of SO(n) (all singular values 1): the map is smooth there (its least singular value
+    is simple); the SVD's own backward was NaN. Oracle: central differences."""
+    M = SpecialOrthogonal(3)
+    R = M.sample(2, generator=gen, dtype=F64)
+    X = torch.stack([R[0] @ torch.diag(torch.tensor([2.0, 2.0, -1.0], dtype=F64)) @ R[1],
+                     R[0]])
+    C = torch.randn(2, 3, 3, generator=gen, dtype=F64)
+    Xg = X.clone().requires_grad_()
+    (M.project(Xg) * C).sum().backward()
+    assert bool(torch.isfinite(Xg.grad).all())
+    E = torch.randn(2, 3, 3, generator=gen, dtype=F64)
+    h = 1e-6
+    fd = ((M.project(X + h * E) - M.project(X - h * E)) * C).sum() / (2 * h)
+    torch.testing.assert_close((Xg.grad * E).sum(), fd, rtol=1e-7, atol=1e-9)
+
+
 def test_so3_project_matches_wahba_solution(gen):
     """Nearest rotation to X maximises tr(R^T X): scipy's Wahba solver (Kabsch)."""
     M = SpecialOrthogonal(3)

@@ -111,6 +111,8 @@ CASES = {
                             {}, (), (F64, F32, BF16)),
     "polar_factor": (R.polar_factor, lambda g, d: (_randn(g, 2, 7, 3, dtype=d),), {}, (0,),
                      _ALL),
+    "special_polar_factor": (R.special_polar_factor, lambda g, d: (_randn(g, 2, 5, 5, dtype=d),),
+                             {}, (0,), (F64, F32, BF16)),
     "stiefel_qr_inverse": (R.stiefel_qr_inverse, _qr_pair, {}, (1,), (F64, F32, C64)),
     "stiefel_polar_inverse": (R.stiefel_polar_inverse, _polar_pair, {}, (1,), (F64, F32, C64)),
     "stiefel_polar_newton_schulz-iters": (

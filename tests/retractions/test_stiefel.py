@@ -10,6 +10,7 @@ import torch
 from dtriv.retractions import registry
 from dtriv.retractions.stiefel import (
     polar_factor,
+    special_polar_factor,
     stiefel_cayley,
     stiefel_exp,
     stiefel_exp_canonical,
@@ -429,6 +430,100 @@ def test_polar_under_torch_func_transforms():
     assert float(H.abs().max()) > 0.1
     assert maxdiff(torch.func.hessian(loss)(zero), H) < 1e-12
     assert maxdiff(torch.func.jacrev(torch.func.jacfwd(loss))(zero), H) < 1e-12
+
+
+# ------------------------------------------------------- 6b. the nearest rotation (SO(n))
+
+
+def rotation(n: int, seed: int) -> torch.Tensor:
+    Q = point(n, n, seed=seed)
+    return torch.cat([Q[..., :1] * torch.linalg.det(Q), Q[..., 1:]], dim=-1)
+
+
+def reflected(*singular_values: float, seed: int = 0) -> torch.Tensor:
+    """``R1 diag(s) R2`` with rotations ``R1, R2``: ``det < 0`` when one ``s`` is negative."""
+    n = len(singular_values)
+    S = torch.diag(torch.tensor(singular_values, dtype=torch.float64))
+    return rotation(n, seed) @ S @ rotation(n, seed + 1)
+
+
+def assert_nearest_rotation(X: torch.Tensor, Q: torch.Tensor) -> None:
+    """The maximiser of tr(Q^T X) over SO(n) is characterised by: det Q = 1, H = Q^T X
+    symmetric, and at most one negative eigenvalue of H, the least in absolute value."""
+    assert maxdiff(torch.linalg.det(Q), torch.ones(Q.shape[:-2], dtype=Q.dtype)) < 1e-12
+    assert orth_error(Q) < 1e-12
+    H = Q.mT @ X
+    assert maxdiff(H, H.mT) < 1e-12
+    h = torch.linalg.eigvalsh((H + H.mT) / 2)
+    assert bool((h[..., 1:] > 0).all())
+    assert bool((h[..., :1].abs() <= h[..., 1:2]).all())
+
+
+def test_special_polar_factor_is_the_nearest_rotation():
+    X = torch.randn(6, 5, 5, dtype=torch.float64, generator=_gen(60))
+    X[:3] = X[:3].flip(-1)  # reflect half of the batch: both signs of det X occur
+    det = torch.linalg.det(X)
+    assert bool((det < 0).any()) and bool((det > 0).any())
+    Q = special_polar_factor(X)
+    assert_nearest_rotation(X, Q)
+    positive = det > 0  # there it is the polar factor
+    assert maxdiff(Q[positive], polar_factor(X[positive])) < 1e-12
+    assert maxdiff(Q, torch.stack([special_polar_factor(x) for x in X])) < 1e-12
+
+
+@pytest.mark.parametrize("X", [
+    reflected(3.0, 2.0, 2.0, -1.0, seed=61),  # repeated larger singular values, det < 0
+    reflected(2.0, 2.0, 2.0, 2.0, seed=63),  # on 2 SO(4): all equal, det > 0
+    reflected(3.0, 1.0, 0.5, -0.25, seed=65),
+], ids=["reflection-repeated", "rotation-repeated", "reflection-distinct"])
+def test_special_polar_factor_gradients(X):
+    """First and second derivatives against finite differences; torch's SVD backward is
+    NaN at the repeated singular values of the first two."""
+    X = X.requires_grad_()
+    assert_nearest_rotation(X.detach(), special_polar_factor(X).detach())
+    assert torch.autograd.gradcheck(special_polar_factor, (X,))
+    assert torch.autograd.gradgradcheck(special_polar_factor, (X,))
+
+
+def test_special_polar_factor_batch_of_both_kinds_has_finite_gradients():
+    """A batch holding a point of SO(n) (all singular values 1) and a reflection: each
+    point's gradient is the one it has alone."""
+    X = torch.stack([rotation(4, 66), reflected(3.0, 2.0, 1.5, -1.0, seed=67)])
+    C = torch.randn(2, 4, 4, dtype=torch.float64, generator=_gen(68))
+    Xb = X.clone().requires_grad_()
+    (special_polar_factor(Xb) * C).sum().backward()
+    assert bool(torch.isfinite(Xb.grad).all())
+    for i in range(2):
+        xi = X[i].clone().requires_grad_()
+        (special_polar_factor(xi) * C[i]).sum().backward()
+        assert maxdiff(Xb.grad[i], xi.grad) < 1e-12
+
+
+def test_special_polar_factor_forward_mode_and_vmap():
+    X = reflected(3.0, 2.0, 2.0, -1.0, seed=69)
+    dX = torch.randn(4, 4, dtype=torch.float64, generator=_gen(70))
+    _, jvp = torch.func.jvp(special_polar_factor, (X,), (dX,))
+    h = 1e-6
+    fd = (special_polar_factor(X + h * dX) - special_polar_factor(X - h * dX)) / (2 * h)
+    assert maxdiff(jvp, fd) < 1e-8
+    Xs = torch.stack([X, rotation(4, 71), reflected(1.0, 0.9, 0.8, -0.1, seed=72)])
+    assert maxdiff(torch.func.vmap(special_polar_factor)(Xs), special_polar_factor(Xs)) < 1e-12
+    # nested forward mode takes the plain SVD path: the same values and second derivatives
+    x = reflected(3.0, 1.0, 0.5, -0.25, seed=73)
+    f = lambda t: special_polar_factor(x + t * dX).sum()  # noqa: E731
+    t0 = torch.zeros((), dtype=torch.float64)
+    second = torch.func.jacfwd(torch.func.jacfwd(f))(t0)
+    g = lambda t: torch.autograd.grad(  # noqa: E731
+        special_polar_factor(x + t * dX).sum(), t, create_graph=True)[0]
+    t1 = t0.clone().requires_grad_()
+    assert maxdiff(second, torch.autograd.grad(g(t1), t1)[0]) < 1e-8
+
+
+def test_special_polar_factor_bad_input():
+    with pytest.raises(ValueError, match=r"X: expected a real matrix .*complex128"):
+        special_polar_factor(torch.eye(3, dtype=torch.complex128))
+    with pytest.raises(ValueError, match=r"X: expected a square matrix, got shape \(5, 3\)"):
+        special_polar_factor(torch.ones(5, 3, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ 7. batching, precision
