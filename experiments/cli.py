@@ -5,7 +5,7 @@
     python -m experiments run CONFIG [--set KEY=VALUE ...] [--resume | --overwrite]
     python -m experiments sweep CONFIG [--jobs N] [--print-commands] [--resume | --overwrite]
     python -m experiments report DIR
-    python -m experiments demo [--jobs N] [--output DIR]
+    python -m experiments demo [--jobs N] [--output DIR] [--set KEY=VALUE ...]
 
 ``run`` trains the configuration of CONFIG (its ``[sweep]`` table is ignored; ``--set``
 changes single keys, e.g. ``--set optim.K=10``, and names them in the run's folder, except
@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="short copying-task sweep (2 retractions x 2 K) + report")
     p.add_argument("--output", default="results", help="results folder (default: results)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="runs in parallel (default: 2)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+                   help="runs in parallel (default: 2, or 1 on a machine with one CPU)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one key of the demo's configuration (e.g. train.steps=100)")
     return parser
 
 
