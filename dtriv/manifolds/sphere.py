@@ -82,8 +82,16 @@ class Sphere(Manifold):
         return [(f"the relative radius error | |X| / {self.radius:g} - 1 |", err)]
 
     def project(self, X: Tensor) -> Tensor:
-        """``r X / |X|``; O(n)."""
+        r"""``r X / |X|`` (the zero vector goes to :math:`r e_1`); O(n).
+
+        Computed as :math:`r Y/\|Y\|` with :math:`Y = X/\max_i |X_i|` (the scale a constant
+        for autograd: the map is homogeneous of degree 0, so the gradient is unchanged), so
+        that the squares of the norm neither underflow nor overflow: a float32 vector of
+        entries 1e-30 or 1e30 lands on the sphere. NaN entries stay NaN."""
         self.validate(X)
+        scale = X.detach().abs().amax(dim=-1, keepdim=True)
+        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+        X = X / scale
         norm = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
         e1 = torch.zeros_like(X)
         e1[..., 0] = 1

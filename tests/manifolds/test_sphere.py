@@ -76,6 +76,25 @@ def test_project_zero_vector():
     torch.testing.assert_close(P, torch.tensor([[2.0, 0, 0], [2.0, 0, 0]], dtype=F64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_project_at_extreme_scales(dtype, gen):
+    """float32 vectors of entries 1e-30 .. 1e30: the squares in the norm underflow to 0 or
+    overflow to inf (the direction was lost: e1, or the zero vector); the oracle is the
+    float64 direction of the same vector."""
+    M = Sphere(6, radius=2.0)
+    x = torch.randn(6, generator=gen, dtype=F64 if dtype == torch.float32 else torch.complex128)
+    for scale in (1e-30, 1e-23, 1e-21, 1e19, 1e30):
+        X = (scale * x).to(dtype)
+        P = M.project(X)
+        direction = X.to(x.dtype) / torch.linalg.vector_norm(X.to(x.dtype))
+        assert M.check(P), scale
+        torch.testing.assert_close(P.to(x.dtype), 2.0 * direction, atol=1e-6, rtol=0)
+    X = (1e-25 * x).to(dtype).requires_grad_()
+    (M.project(X).real.sum()).backward()  # the gradient scales like 1/|X|: finite, 1e25
+    assert bool(torch.isfinite(X.grad).all())
+    assert 1e23 < float(X.grad.abs().max()) < 1e27
+
+
 # ---------------------------------------------------------------------------- 3. check
 @pytest.mark.parametrize("M", [Sphere(1), Sphere(6), Sphere(5, radius=7.0), Sphere(1024)],
                          ids=repr)
