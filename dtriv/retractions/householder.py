@@ -57,13 +57,38 @@ def _reflector_product_wy(A: Tensor) -> Tensor:
     one triangular solve, all BLAS3, :math:`O(nk^2)` time and memory, and so is their
     autograd backward.
     """
+    E, Y, _, Z = _wy_factors(A)
+    return E - Y @ Z
+
+
+def _ut_of_gram(G: Tensor) -> Tensor:
+    r""":math:`\operatorname{striu}(G) + \tfrac12\operatorname{diag}(G)` (linear in ``G``)."""
+    return G.triu(1) + torch.diag_embed(G.diagonal(dim1=-2, dim2=-1) / 2)
+
+
+def _wy_factors(A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""``(E, Y, T^{-1}, Z)`` of :func:`_reflector_product_wy`, :math:`Z = T Y_{:k,:}^T`."""
     n, k = A.shape[-2], A.shape[-1]
     E = torch.eye(n, k, dtype=A.dtype, device=A.device)
     Y = A + E
-    G = Y.mT @ Y
-    T_inv = G.triu(1) + torch.diag_embed(G.diagonal(dim1=-2, dim2=-1) / 2)
+    T_inv = _ut_of_gram(Y.mT @ Y)
     Z = torch.linalg.solve_triangular(T_inv, Y[..., :k, :].mT, upper=True)
-    return E - Y @ Z
+    return E, Y, T_inv, Z
+
+
+def _reflector_product_wy_jvp(A: Tensor, dA: Tensor) -> Tensor:
+    r"""The derivative of :func:`_reflector_product_wy` at ``A`` along ``dA``, in closed form:
+    with :math:`dY = dA`, :math:`d(T^{-1}) = \operatorname{striu}(dG) + \tfrac12
+    \operatorname{diag}(dG)` for :math:`dG = dY^T Y + Y^T dY`,
+    :math:`dZ = T\,(dY_{:k,:}^T - d(T^{-1})\, Z)` and :math:`dQ = -(dY\, Z + Y\, dZ)`.
+    Plain torch operations (no ``torch.func`` inside, so it runs under a dual tensor's
+    forward mode too), differentiable for reverse over forward; :math:`O(nk^2)`."""
+    k = A.shape[-1]
+    _, Y, T_inv, Z = _wy_factors(A)
+    YtdY = Y.mT @ dA
+    dT_inv = _ut_of_gram(YtdY + YtdY.mT)
+    dZ = torch.linalg.solve_triangular(T_inv, dA[..., :k, :].mT - dT_inv @ Z, upper=True)
+    return -(dA @ Z + Y @ dZ)
 
 
 @reports_backward
@@ -107,7 +132,7 @@ class _ReflectorProduct(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dA: Tensor) -> Tensor:  # type: ignore[override]
         (A,) = ctx.saved_tensors
-        return torch.func.jvp(_reflector_product_wy, (A,), (dA.tril(-1),))[1]
+        return _reflector_product_wy_jvp(A, dA.tril(-1))
 
 
 @upcast_half
