@@ -57,6 +57,7 @@ from ._common import (
     transforms_active,
     upcast_half,
     values_checkable,
+    vmap_active,
 )
 from .lie import expm
 from .registry import register
@@ -632,8 +633,10 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
             ill-conditioned for the precision, or one that overflows), the SVD polar factor
             (:func:`stiefel_polar`) is returned instead. An integer (>= 1) runs exactly that
             many steps, with no host synchronisation.
-            Under ``torch.jit.trace``/``torch.export``, and for meta tensors with ``None``,
-            the SVD polar factor (:func:`stiefel_polar`, the limit) is computed instead.
+            Under ``torch.jit.trace``/``torch.export``, and with ``None`` for meta tensors
+            and under ``torch.func.vmap`` (also inside ``jacfwd`` and ``hessian``), where no
+            value can be read on the host, the SVD polar factor (:func:`stiefel_polar`, the
+            limit) is computed instead.
 
     Cost: :math:`O(n k^2)` for the Gram matrix and the final product, plus
     :math:`O(k^3)` per iteration.
@@ -646,9 +649,10 @@ def stiefel_polar_newton_schulz(B: Tensor, V: Tensor, iters: int | None = None) 
                               or iters < 1):
         raise ValueError(f"iters: expected None or a positive int, got {iters!r}")
     X = B + V
-    if tracing() or (iters is None and is_meta(X)):
+    if tracing() or (iters is None and (is_meta(X) or vmap_active())):
         # the iteration stops on a host-read criterion: the SVD polar factor, its limit, for a
-        # trace and for meta tensors (which run a given number of iterations as they are)
+        # trace, for meta tensors and under vmap (which run a given number of iterations as
+        # they are)
         return _polar(X)
     G = X.mH @ X
     G = (G + G.mH) / 2

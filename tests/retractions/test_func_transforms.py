@@ -342,6 +342,23 @@ def test_householder_and_polar_under_nested_forward_mode(randn, name):
         fn(arg), atol=1e-14, rtol=0)
 
 
+def test_householder_under_a_dual_tensor(randn):
+    """The forward mode of torch.autograd.forward_ad (not torch.func): the tangent equals the
+    reference's Jacobian-vector product, and differentiated by backward, its Hessian-vector
+    product. Before: "Nested forward mode AD is not supported" (the jvp ran torch.func.jvp
+    inside a dual level)."""
+    X, T, C = randn(5, 3), randn(5, 3), randn(5, 3)
+    Xg = X.clone().requires_grad_()
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(householder(fwAD.make_dual(Xg, T))).tangent
+        (hv,) = torch.autograd.grad((tangent * C).sum(), Xg)
+    jv_ref = torch.autograd.functional.jvp(_householder_ref, X, T)[1]
+    torch.testing.assert_close(tangent.detach(), jv_ref, atol=1e-10, rtol=0)
+    hv_ref = torch.autograd.functional.hvp(lambda X: (_householder_ref(X) * C).sum(), X, T)[1]
+    torch.testing.assert_close(hv, hv_ref, atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(householder, (Xg,), check_forward_ad=True)
+
+
 # --------------------------------------------------------------------------- vmap of host checks
 
 
@@ -353,17 +370,20 @@ def _sphere_points(randn, b=3, n=6):
 
 
 @pytest.mark.parametrize("name", ["stiefel_qr", "stiefel_qr_inverse", "stiefel_polar_inverse",
-                                  "sphere_log", "sphere_projective_inverse"])
+                                  "sphere_log", "sphere_projective_inverse",
+                                  "stiefel_polar_newton_schulz"])
 def test_vmap_of_maps_with_value_checks(randn, name):
     """vmap equals the loop over the batch (the value checks are skipped under transforms,
-    and stiefel_qr takes Householder QR). Before: vmap raised on the data-dependent reads."""
+    stiefel_qr takes Householder QR, and the Newton--Schulz polar map, whose stop reads a
+    residual, its limit, the SVD polar factor). Before: vmap raised on the data-dependent
+    reads."""
     if name.startswith("sphere"):
         x, y = _sphere_points(randn)
     else:
         pts = [_stiefel_point(randn) for _ in range(3)]
         x = torch.stack([B for B, _ in pts])
         V = torch.stack([V for _, V in pts])
-        y = V if name == "stiefel_qr" else getattr(retractions, name[:-8])(x, V)
+        y = V if not name.endswith("inverse") else getattr(retractions, name[:-8])(x, V)
     fn = getattr(retractions, name)
     out = vmap(fn)(x, y)
     torch.testing.assert_close(out, torch.stack([fn(a, b) for a, b in zip(x, y)]),
