@@ -257,7 +257,9 @@ class Manifold(abc.ABC):
         """Move from ``B`` along the tangent ``V`` with the retraction named ``method``.
 
         ``method`` is one of :attr:`retractions` (default :attr:`default_retraction`);
-        an unknown name raises ``ValueError`` listing the available ones.
+        an unknown name raises ``ValueError`` listing the available ones. ``V`` has the dtype
+        of ``B`` and a shape that broadcasts with it (one point with a batch of tangents, or
+        the reverse): the result has the broadcast shape.
         """
         method = self._method(method)
         self.validate(B, "B")
@@ -286,7 +288,8 @@ class Manifold(abc.ABC):
         """The retraction ``method`` (already validated) at ``B`` applied to ``V``."""
 
     def retract_inverse(self, B: Tensor, X: Tensor, method: str | None = None) -> Tensor:
-        """The tangent ``V`` at ``B`` with ``retract(B, V, method) == X``, where available.
+        """The tangent ``V`` at ``B`` with ``retract(B, V, method) == X``, where available
+        (shapes broadcast as in :meth:`retract`).
 
         Raises ``NotImplementedError`` saying why when the retraction has no inverse.
         """

@@ -165,3 +165,32 @@ def test_retract_checks_the_pair_of_arguments():
     with pytest.raises(ValueError, match=r"^X: expected the dtype of B"):
         O.retract_inverse(B, B.float())
     assert O.retract(B, torch.zeros(2, 3, 3, dtype=torch.float64)).shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("M", CATALOGUE, ids=repr)
+def test_one_base_with_a_batch_of_tangents(M, gen):
+    """retract(B, V) and retract_inverse(B, X) for one point B and a batch: every retraction
+    equals the loop over the batch, and B's gradient is the sum of the loop's. Before, the tall
+    Stiefel maps (and qr/polar/polar_ns of the group) refused the shapes that the pair check
+    had just admitted."""
+    B = M.sample(generator=gen, dtype=F64)
+    V = M.random_tangent(B.expand(3, *M.shape).clone(), generator=gen) * 0.3
+    C = torch.randn(3, *M.shape, generator=gen, dtype=F64)
+    for method in M.retractions:
+        Bg = B.clone().requires_grad_()
+        Y = M.retract(Bg, V, method)
+        (Y * C).sum().backward()
+        loop_grad = torch.zeros_like(B)
+        for i in range(3):
+            Bi = B.clone().requires_grad_()
+            Yi = M.retract(Bi, V[i], method)
+            torch.testing.assert_close(Y[i].detach(), Yi.detach(), atol=1e-12, rtol=0)
+            (Yi * C[i]).sum().backward()
+            loop_grad += Bi.grad
+        torch.testing.assert_close(Bg.grad, loop_grad, atol=1e-10, rtol=0)
+        try:
+            W = M.retract_inverse(B, Y.detach(), method)
+        except NotImplementedError:
+            continue
+        assert W.shape == V.shape  # a right inverse (the clip's is not a left one)
+        torch.testing.assert_close(M.retract(B, W, method), Y.detach(), atol=1e-9, rtol=0)
