@@ -196,6 +196,24 @@ def nested_forward_ad() -> bool:
     return _count_transforms(torch._C._functorch.TransformType.Jvp) >= 2
 
 
+def derivative_transform_around() -> bool:
+    """Whether a ``torch.func`` transform around the call may differentiate a forward-mode
+    derivative taken inside it: a reverse-mode one (``grad``, ``vjp``, ``jacrev``) or a
+    second forward-mode one (:func:`nested_forward_ad`). Outside transforms: one flag read."""
+    if not transforms_active():
+        return False
+    return (_count_transforms(torch._C._functorch.TransformType.Grad) > 0
+            or nested_forward_ad())
+
+
+def jvp_transform_active() -> bool:
+    """Whether a ``torch.func`` forward-mode transform (``jvp``, ``jacfwd``, ``hessian``'s
+    outer one) is active around the call. Outside transforms: one flag read."""
+    if not transforms_active():
+        return False
+    return _count_transforms(torch._C._functorch.TransformType.Jvp) > 0
+
+
 def vmap_active() -> bool:
     """Whether a ``torch.func.vmap`` is active around the call (also inside ``jacfwd`` and
     ``hessian``, which vmap over their basis), where no value can be read on the host
@@ -241,8 +259,10 @@ def solve(A: Tensor, B: Tensor, *, left: bool = True) -> Tensor:
     ``vmap`` of ``jacfwd`` (first derivatives off by orders of magnitude) and treats the LU
     factors as constants, so ``jacrev(jacfwd(...))`` and ``jacfwd(jacfwd(...))`` miss terms;
     ``inv``'s derivatives (:math:`-A^{-1}\,dA\,A^{-1}`) are right in every composition.
-    Eager code (one flag read more) keeps the solve."""
-    if not transforms_active():
+    So does a dual tensor's forward mode (``torch.autograd.forward_ad``) when its tangent is
+    differentiated by ``backward``: there too it is a product with the inverse. Eager code
+    (two flag reads more) keeps the solve."""
+    if not forward_ad_active():
         return torch.linalg.solve(A, B, left=left)
     return torch.linalg.inv(A) @ B if left else B @ torch.linalg.inv(A)
 

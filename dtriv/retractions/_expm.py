@@ -76,6 +76,7 @@ from ._common import (
     apply_function,
     cached_outside_transforms,
     eager_context,
+    forward_ad_active,
     jvp_differentiated,
     reports_backward,
     transforms_active,
@@ -474,8 +475,8 @@ def power_stack(A: Tensor) -> Tensor | None:
     ``None`` outside plain eager code: under ``torch.func`` transforms (``out=`` has no
     batching rule), ``torch.jit`` tracing, ``torch.compile`` and for tensor subclasses (the
     powers are then separate tensors, and the schemes take the tape: :func:`_taylor_tape`)."""
-    if not _plain_eager(A):
-        return None
+    if not _plain_eager(A) or forward_ad_active():
+        return None  # (a dual tensor: the tape classes, whose jvp can be differentiated)
     return A.new_empty((4, *A.shape))
 
 
@@ -834,13 +835,26 @@ def _recorded(lower: bool | None) -> Callable[[Tensor], Tensor]:
 
 
 def _recorded_jvp(X: Tensor, dX: Tensor, lower: bool | None = None) -> Tensor:
-    """The forward-mode derivative of the Taylor nodes when a ``torch.func`` transform
-    differentiates it (``jacrev(jacfwd(f))``): that of the same computation recorded by
-    autograd (:func:`_recorded`), differentiable in ``X``. Not available to a plain dual
-    tensor (``torch.autograd.forward_ad``), which admits no nested forward mode: there the
-    jvp reads the saved intermediates, and a reverse pass over its tangent misses the
-    second-order terms."""
-    return torch.func.jvp(_recorded(lower), (X,), (dX,))[1]
+    r"""The forward-mode derivative of the Taylor nodes when it is differentiated: that of the
+    same computation recorded by autograd (:func:`_recorded`), differentiable in ``X``.
+
+    Under a ``torch.func`` transform (``jacrev(jacfwd(f))``) by ``torch.func.jvp``. For a
+    plain dual tensor (``torch.autograd.forward_ad``) whose tangent is differentiated by
+    ``backward``, which admits no nested forward mode, through the adjoint: with
+    :math:`A = X` (``lower=None``) or the skew matrix of ``X``, :math:`E` that of ``dX``, and
+    real coefficients, :math:`L(A)[E] = (L^*(A)[E^H])^H`, where :math:`L^*` is a reverse pass
+    over the recorded computation kept with its graph (differentiable in ``X``)."""
+    if transforms_active():
+        return torch.func.jvp(_recorded(lower), (X,), (dX,))[1]
+    with torch.enable_grad():
+        if lower is None:
+            A, E = X, dX
+        else:
+            L, dL = (X.tril(), dX.tril()) if lower else (X, dX)
+            A, E = L - L.mH, dL - dL.mH
+        (adjoint,) = torch.autograd.grad(expm_skew_taylor_autograd(A), A, E.mH,
+                                         create_graph=True)
+    return adjoint.mH
 
 
 def _recorded_grad(X: Tensor, G: Tensor, lower: bool | None = None) -> Tensor:
@@ -901,7 +915,7 @@ class ExpmTaylor(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dA: Tensor, *unused):  # type: ignore[override]
         A, v, tape = ExpmTaylor._restore(ctx)
-        if transforms_active() and jvp_differentiated(A):  # jacrev(jacfwd): differentiable
+        if jvp_differentiated(A):  # jacrev(jacfwd), or a dual tangent that is differentiated
             return (_recorded_jvp(A, dA.to(A.dtype)), *([None] * ctx.n_extra))
         dQ = _own(_taylor_tape_adjoint(v, tape, _final(tape), dA.to(A.dtype).mH)).mH
         return (dQ, *([None] * ctx.n_extra))
@@ -1004,7 +1018,7 @@ class ExpmOfSkewTaylor(torch.autograd.Function):
     def jvp(ctx, dX: Tensor, *unused):  # type: ignore[override]
         X, A, v, tape = ExpmOfSkewTaylor._restore(ctx)
         dA = skew_of(dX, ctx.lower).to(A.dtype)
-        if transforms_active() and jvp_differentiated(X):  # jacrev(jacfwd): differentiable
+        if jvp_differentiated(X):  # jacrev(jacfwd), or a dual tangent that is differentiated
             return (_recorded_jvp(X, dX.to(A.dtype), ctx.lower), *([None] * ctx.n_extra))
         dQ = _own(_taylor_tape_adjoint(v, tape, _final(tape), dA.mH)).mH
         return (dQ, *([None] * ctx.n_extra))

@@ -31,8 +31,11 @@ from ._common import (
     check_flag,
     check_floating,
     check_matrix,
+    derivative_transform_around,
     eps,
+    forward_ad_active,
     jvp_differentiated,
+    jvp_transform_active,
     nested_forward_ad,
     no_host_reads,
     reports_backward,
@@ -601,12 +604,20 @@ def _logm_frechet(U: Tensor, F: Tensor, E: Tensor, real: bool) -> Tensor:
 def _expm_hvp(L: Tensor, B: Tensor, Y: Tensor) -> Tensor:
     r"""Hessian of :math:`X \mapsto \langle B, e^X\rangle` at :math:`L` applied to :math:`Y`
     (forward over reverse through ``torch.linalg.matrix_exp``, whose derivatives are right in
-    every composition)."""
+    every composition; reverse over reverse while a dual level is open)."""
 
     def grad_psi(X: Tensor) -> Tensor:
         return torch.func.vjp(torch.linalg.matrix_exp, X)[1](B)[0]
 
-    return torch.func.jvp(grad_psi, (L,), (Y,))[1]
+    if transforms_active() or not forward_ad_active():
+        return torch.func.jvp(grad_psi, (L,), (Y,))[1]
+    # a dual level is open (a dual tangent's backward), where no nested forward mode exists:
+    # reverse over reverse, the Hessian being self-adjoint
+    with torch.enable_grad():
+        X = L.detach().requires_grad_()
+        (g,) = torch.autograd.grad(torch.linalg.matrix_exp(X), X, B, create_graph=True)
+        (hv,) = torch.autograd.grad(g, X, Y)
+    return hv
 
 
 class _LogmGrad(torch.autograd.Function):
@@ -723,11 +734,36 @@ class _Logm(torch.autograd.Function):
         ctx.real = not Q.is_complex()
         ctx.mark_non_differentiable(U, F)
         ctx.save_for_backward(L, U, F)
+        if forward_ad_active():  # (a microsecond per tensor otherwise)
+            ctx.save_for_forward(Q, L, U, F)
+
+    @staticmethod
+    def jvp(ctx, dQ: Tensor, *unused):  # type: ignore[override]
+        # L_log(Q)[E] = U (F o (U^H E U)) U^H; F is symmetric, so it also equals
+        # (L_log(Q)^*[E^H])^H, which _LogmGrad computes as a node that can be differentiated
+        # once (reverse over forward: a dual tangent's backward; under torch.func its
+        # generated vmap rule fails in that composition, which raises instead)
+        Q, L, U, F = ctx.saved_tensors
+        dQ = dQ.to(Q.dtype)
+        if transforms_active():
+            if derivative_transform_around():
+                raise NotImplementedError(
+                    "logm: a forward-mode derivative differentiated again under torch.func "
+                    "(jacrev(jacfwd(f)), jacfwd(jacfwd(f)), grad of a jvp) is not "
+                    "implemented; use reverse over reverse (jacrev(jacrev(f))), or a dual "
+                    "tensor's tangent and backward outside torch.func")
+        elif jvp_differentiated(Q):
+            return _LogmGrad.apply(dQ.mH, L, U, F, ctx.real).mH, None, None
+        return _logm_frechet(U, F, dQ, ctx.real), None, None
 
     @staticmethod
     def backward(ctx, G: Tensor, _gu: Tensor | None = None, _gf: Tensor | None = None):  # type: ignore[override]
         L, U, F = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: a node that is differentiable once
+            if jvp_transform_active():
+                raise NotImplementedError(
+                    "logm: forward over reverse (torch.func.hessian, jacfwd(jacrev(f))) is "
+                    "not implemented; use reverse over reverse (jacrev(jacrev(f)))")
             return _LogmGrad.apply(G, L, U, F, ctx.real), None, None
         return _logm_frechet(U, F.conj(), G, ctx.real), None, None
 
@@ -758,7 +794,11 @@ def logm(Q: Tensor, *, tol: float | None = None) -> Tensor:
     (:class:`_LogmGrad`; third derivatives raise). They are exact at unitary :math:`Q`;
     off it the first derivative is exact only to first order in :math:`|Q^HQ - I|`, so
     ``gradgradcheck``'s finite differences of the backward agree only along directions
-    tangent to the unitary group. Forward mode (``jvp``, ``jacfwd``) is not implemented.
+    tangent to the unitary group. Forward mode (``torch.func.jvp``, ``jacfwd``, dual tensors)
+    is the Daleckii--Krein formula :math:`U(F \circ (U^H E U))U^H`; a dual tangent's
+    ``backward`` (reverse over forward) is exact as above, while under ``torch.func`` a
+    forward-mode derivative differentiated again (``jacrev(jacfwd)``, ``hessian``,
+    ``jacfwd(jacfwd)``) raises ``NotImplementedError``.
     ``torch.func.vmap``, ``grad`` and ``jacrev`` are supported; under ``vmap``, as for meta
     tensors and under ``torch.jit.trace``/``torch.export``, the value checks below are
     skipped (nothing can be read on the host): a matrix with eigenvalue :math:`-1` then
