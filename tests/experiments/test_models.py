@@ -180,6 +180,31 @@ def test_baselines(kind):
     assert len(backend.build_optimizer(OPTIM, last).param_groups) == 1
 
 
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_baselines_equal_a_plain_torch_rnn_and_readout(kind):
+    """The baseline is a tanh ``nn.RNN`` / ``nn.LSTM`` and a linear readout of every state
+    (``"sequence"``) or of the final one (``"last"``, torch's ``h_n``): the same weights in
+    plain torch modules give the same outputs (shapes alone missed a wrong step or tanh)."""
+    torch.manual_seed(2)
+    model = BaselineRNN(kind, 3, 5, 4, output="sequence").double()
+    cell = (torch.nn.RNN(3, 5, batch_first=True, nonlinearity="tanh") if kind == "rnn"
+            else torch.nn.LSTM(3, 5, batch_first=True)).double()
+    readout = torch.nn.Linear(5, 4).double()
+    cell.load_state_dict(model.rnn.state_dict())
+    readout.load_state_dict(model.readout.state_dict())
+    x = torch.randn(4, 7, 3, dtype=torch.float64)
+    with torch.no_grad():
+        states, final = cell(x)
+        h_n = final if kind == "rnn" else final[0]
+        expected = {"sequence": readout(states), "last": readout(h_n[-1])}
+        assert expected["sequence"].shape == (4, 7, 4) and expected["last"].shape == (4, 4)
+        # states differ across steps, so a readout of another step is detected
+        assert (expected["last"] - readout(states[:, 0])).abs().max() > 1e-3
+        for output in ("sequence", "last"):
+            model.output = output
+            torch.testing.assert_close(model(x), expected[output], rtol=0, atol=1e-13)
+
+
 def test_a_static_map_that_cannot_reach_the_initial_kernel_names_the_config_keys():
     # qr at the identity reaches only some orthogonal matrices; a henaff kernel is usually not
     # one of them (the library's own error alone did not say which settings to change)

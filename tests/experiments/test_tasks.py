@@ -66,6 +66,48 @@ def test_copying_one_hot_inputs_and_accuracy():
     assert acc == 1.0 and loss.item() < 1e-10
 
 
+@pytest.mark.parametrize("L", [0, 4, 30])
+def test_copying_accuracy_scores_only_the_recall_window(L):
+    """The accuracy is the fraction of the last 10 steps (the recall of s_1..s_10) whose
+    argmax is the target; the L + 10 blank steps before are not scored (a mean over every
+    step would reward predicting blanks)."""
+    task = CopyingTask(L, seed=1)
+    _, y = task.batch(6)
+    right = F.one_hot(y, task.output_size).float() * 50
+    wrong = F.one_hot((y + 1) % task.output_size, task.output_size).float() * 50
+    window = torch.zeros(L + 20, dtype=torch.bool)
+    window[-10:] = True
+
+    def accuracy(correct):  # correct: (batch, L + 20) bool, where the prediction is right
+        return task.loss(torch.where(correct.unsqueeze(-1), right, wrong), y)[1]
+
+    only_window = window.expand(6, -1)
+    assert accuracy(only_window) == 1.0
+    assert accuracy(~only_window) == 0.0
+    half = only_window.clone()
+    half[:3, -10:] = False  # half of the sequences wrong at every recall step
+    assert accuracy(half) == 0.5
+    half = only_window.clone()
+    half[:, -10::2] = False  # every sequence wrong at every other recall step
+    assert accuracy(half) == 0.5
+    half[:, :-10] = False  # the blank steps do not count
+    assert accuracy(half) == 0.5
+
+
+def test_pixel_loss_and_accuracy():
+    """The pixel tasks' loss is torch's cross-entropy of the final logits and their accuracy
+    the fraction of argmax hits (3 of 4 here)."""
+    task = PixelTask(_pixel_data(), seed=0)
+    target = torch.tensor([3, 0, 9, 5])
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    logits[torch.arange(4), target] = 10.0
+    logits[2, 1] = 20.0  # the third is wrong
+    loss, acc = task.loss(logits, target)
+    assert acc == 0.75
+    nll = logits.logsumexp(-1) - logits[torch.arange(4), target]  # -log softmax at the target
+    assert loss.item() == pytest.approx(nll.mean().item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("T", [2, 3, 10, 101])
 def test_adding_marks(T):
     x, y = adding_batch(256, T, torch.Generator().manual_seed(2))

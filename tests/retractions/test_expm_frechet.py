@@ -102,11 +102,23 @@ def test_forward_single_precision_matches_double_reference(randn, dtype):
         assert rel(Q.to(ref.dtype), ref) < 1e-5, norm
 
 
-def test_forward_half_precision_is_computed_in_single(random_skew):
-    A = random_skew(2, N, radius=2.0)
-    Q = expm(A.to(torch.float16))
-    assert Q.dtype == torch.float16
-    assert (Q.double() - expm(A)).abs().max().item() < 4e-3
+def half_ulp(X, dtype):
+    """The spacing of ``dtype`` (a half precision) at each entry of ``X`` (subnormals too)."""
+    info = torch.finfo(dtype)
+    return torch.exp2(torch.floor(torch.log2(X.abs().clamp_min(info.smallest_normal)))) * info.eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_half_precision_is_computed_in_single(random_skew, dtype):
+    """A half input is computed in float32 and rounded once: the result is exactly the float32
+    result cast down, hence within half an ulp of the double oracle (a computation in half
+    precision is off by tens of ulps, which an absolute 4e-3 did not see)."""
+    A = random_skew(2, N, radius=2.0).to(dtype)
+    Q = expm(A)
+    assert Q.dtype == dtype
+    assert torch.equal(Q, expm(A.float()).to(dtype))
+    ref = torch.linalg.matrix_exp(A.double())  # of the same (rounded) input
+    assert ((Q.double() - ref).abs() <= 0.5 * half_ulp(ref, dtype) + 1e-5).all()
 
 
 # --------------------------------------------------------------------------- backward

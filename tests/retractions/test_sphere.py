@@ -63,6 +63,25 @@ def test_exp_log_round_trip(point, tangent, dtype, scale):
     assert (sphere_exp(x, sphere_log(x, y)) - y).abs().max().item() < 1e-13
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_exp_and_log_around_their_series_thresholds(point, tangent, dtype):
+    """Angles on both sides of the switches to power series (exp: t^2 = 1e-2; log: tan^2 =
+    1e-2, t = 0.0997) and past them: the closed forms cos(t) x + sin(t) v/t and
+    arccos(<x, y>) as length, and the round trip, to 1e-15. A switch placed at 1e-1 left the
+    round trip 1.2e-10 off at t = 0.3."""
+    x = point(6, 5, dtype=dtype)
+    u = tangent(x)
+    u = u / norms(u).unsqueeze(-1)
+    for t in (0.05, 0.0996, 0.0998, 0.0999, 0.1001, 0.15, 0.2, 0.25, 0.3, 0.32):
+        v = t * u
+        y = sphere_exp(x, v)
+        torch.testing.assert_close(y, math.cos(t) * x + math.sin(t) * u, atol=1e-15, rtol=0)
+        w = sphere_log(x, y)
+        torch.testing.assert_close(w, v, atol=1e-15, rtol=0)
+        torch.testing.assert_close(norms(w), torch.full((6,), t, dtype=torch.float64),
+                                   atol=1e-15, rtol=0)
+
+
 def test_log_matches_geoopt(point):
     x, y = point(8, 4), point(8, 4)
     assert (sphere_log(x, y) - geoopt.Sphere().logmap(x, y)).abs().max().item() < 1e-13

@@ -550,6 +550,24 @@ def test_half_precision_returns_input_dtype(name, dtype):
     assert orth_error(out.float()) < 0.05
 
 
+@pytest.mark.parametrize("name", RETRACTIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_the_single_result_rounded(name, dtype):
+    """Half inputs are computed in float32 and cast back once (``upcast_half``): the result
+    is exactly the float32 result of the upcast inputs cast down, hence within half an ulp of
+    the double result (products in half precision, or a second rounding, are not)."""
+    B = point(6, 3, dtype=torch.float32, seed=37).to(dtype)
+    V = tangent(B.float(), seed=38).to(dtype)
+    f = RETRACTIONS[name]
+    out = f(B, V)
+    assert out.dtype == dtype
+    assert torch.equal(out, f(B.float(), V.float()).to(dtype))
+    ref = f(B.double(), V.double())
+    info = torch.finfo(dtype)
+    ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(info.smallest_normal)))) * info.eps
+    assert ((out.double() - ref).abs() <= 0.5 * ulp + 1e-5).all()
+
+
 # ------------------------------------------------------------------ 8. bad input, registry
 
 
