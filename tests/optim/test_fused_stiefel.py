@@ -235,6 +235,34 @@ def test_safe_for_block_qr_bounds_the_gram_deviation():
     assert float(torch.linalg.cond(Y).max()) ** 2 <= 1 + BLOCK_QR_MAX_STEP
 
 
+def test_safe_for_block_qr_contract_in_numbers():
+    """The documented contract with fixed numbers (not read from the constant): a tangent step
+    with c^2 |V|_F^2 = 1.9 is safe and gives kappa(X + c V)^2 <= 3; one with 2.5 along a rank-one
+    tangent V (kappa^2 = 3.5 > 3, the bound is attained) is refused."""
+    from dtriv.optim._stiefel import safe_for_block_qr
+
+    M = Stiefel(20, 6)
+    X = M.sample(generator=_gen(30), dtype=torch.float64)
+    V = M.proj_tangent(X, torch.randn(20, 6, generator=_gen(31), dtype=torch.float64))
+    c = math.sqrt(1.9 / float((V * V).sum()))
+    assert safe_for_block_qr(V.unsqueeze(0), c)
+    assert safe_for_block_qr(V.unsqueeze(0), torch.tensor([c], dtype=torch.float64))
+    assert float(torch.linalg.cond(X + c * V)) ** 2 <= 3
+    # rank one, normal to the columns of X (so tangent): Y^T Y = I + c^2 V^T V, eigenvalues 1
+    # and 1 + c^2 |V|_F^2
+    u = torch.randn(20, generator=_gen(32), dtype=torch.float64)
+    u = u - X @ (X.T @ u)
+    W = torch.outer(u, torch.randn(6, generator=_gen(33), dtype=torch.float64))
+    torch.testing.assert_close(M.proj_tangent(X, W), W, rtol=0, atol=1e-12)
+    c = math.sqrt(2.5 / float((W * W).sum()))
+    assert not safe_for_block_qr(W.unsqueeze(0), c)
+    assert not safe_for_block_qr(torch.stack([V, W]), torch.tensor([0.0, c]))
+    assert float(torch.linalg.cond(X + c * W)) ** 2 > 3
+    c = math.sqrt(1.9 / float((W * W).sum()))
+    assert safe_for_block_qr(W.unsqueeze(0), c)
+    assert float(torch.linalg.cond(X + c * W)) ** 2 <= 3
+
+
 def test_checked_retraction_after_the_parameter_is_changed_outside():
     """A point written by the user (off the manifold) takes the checked QR, not the fast one."""
     M = Stiefel(80, 70)

@@ -651,3 +651,206 @@ def test_compiled_step_with_a_lone_stiefel_parameter_matches_eager(opt_cls):
         points.append(p.detach().clone())
     assert counters["stats"]["unique_graphs"] == 0
     torch.testing.assert_close(points[0], points[1], rtol=0, atol=0)
+
+
+# ------------------------------------------------- maximize, weight decay, per-group lr
+_SGD_MOMENTUM = (RiemannianSGD, dict(momentum=0.9))
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(RiemannianSGD, {}), _SGD_MOMENTUM,
+                                        (RiemannianAdam, {})], ids=["sgd", "sgd-momentum", "adam"])
+def test_maximize_is_minimizing_the_negated_loss(opt_cls, kw):
+    """``maximize=True`` on f follows the run without it on -f (the gradient is negated before
+    anything else), and f increases: a dropped negation would minimize f instead."""
+    M = Sphere(7)
+    x0 = M.sample(generator=_gen(40), dtype=DT)
+    t = torch.randn(7, generator=_gen(41), dtype=DT)
+    up, down = ManifoldParameter(x0.clone(), M), ManifoldParameter(x0.clone(), M)
+    o_up = opt_cls([up], lr=0.05, maximize=True, **kw)
+    o_down = opt_cls([down], lr=0.05, **kw)
+    _run(up, o_up, lambda p: (p * t).sum(), 10)
+    _run(down, o_down, lambda p: -(p * t).sum(), 10)
+    torch.testing.assert_close(up.detach(), down.detach(), rtol=0, atol=1e-12)
+    assert float((up.detach() * t).sum()) > float((x0 * t).sum()) + 0.1
+
+
+def _clip(Y, lower, upper):
+    """Nearest point with singular values in [lower, upper], by hand (SVD)."""
+    U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+    return U @ torch.diag(S.clamp(lower, upper)) @ Vh
+
+
+@pytest.mark.parametrize("momentum,dampening", [(0.0, 0.0), (0.9, 0.3)])
+def test_sgd_weight_decay_on_a_manifold_that_keeps_it_matches_explicit_formula(momentum,
+                                                                              dampening):
+    """On SpectrallyBounded (tangent projection the identity, so ``lambda X`` survives it) three
+    steps equal the documented formula written out: g = G + lambda X, b = mu b + (1 - tau) g
+    (b = g first), X' = clip(X - eta b). On Stiefel/Sphere a wrong sign of the decay would be
+    projected away; here it moves the point."""
+    from dtriv.manifolds import SpectrallyBounded
+
+    M = SpectrallyBounded(6, 4, upper=2.0, lower=0.5)
+    X = M.sample(generator=_gen(42), dtype=DT)
+    C = torch.randn(6, 4, generator=_gen(43), dtype=DT)
+    lr, wd = 0.1, 0.3
+    p = ManifoldParameter(X.clone(), M)
+    opt = RiemannianSGD([p], lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd)
+    buf = None
+    for _ in range(3):
+        g = C + wd * X  # the gradient of <C, X>, plus the decay
+        if momentum == 0:
+            d = g
+        else:
+            buf = g.clone() if buf is None else momentum * buf + (1 - dampening) * g
+            d = buf  # transport: the identity here
+        X = _clip(X - lr * d, 0.5, 2.0)
+        _run(p, opt, lambda q: (C * q).sum(), 1)
+    torch.testing.assert_close(p.detach(), X, rtol=0, atol=1e-12)
+    # without the decay the run differs (the decay is visible at this tolerance)
+    q = ManifoldParameter(M.sample(generator=_gen(42), dtype=DT), M)
+    _run(q, RiemannianSGD([q], lr=lr, momentum=momentum, dampening=dampening),
+         lambda r: (C * r).sum(), 3)
+    assert (q.detach() - X).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_weight_decay_on_a_manifold_that_keeps_it_matches_explicit_formula(amsgrad):
+    """On SpectrallyBounded three Adam steps equal the documented formula written out:
+    g = G + lambda X, m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) <g, g> (one number per
+    point), X' = clip(X - eta (m / bc1) / (sqrt(v_hat / bc2) + eps)). The decay term must add
+    lambda X (not lambda G, which a tangent projection on Stiefel would hide just as well)."""
+    from dtriv.manifolds import SpectrallyBounded
+
+    M = SpectrallyBounded(6, 4, upper=2.0, lower=0.5)
+    X = M.sample(generator=_gen(44), dtype=DT)
+    C = torch.randn(6, 4, generator=_gen(45), dtype=DT)
+    lr, wd, (b1, b2), eps = 0.1, 0.3, (0.8, 0.95), 1e-8
+    p = ManifoldParameter(X.clone(), M)
+    opt = RiemannianAdam([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd,
+                         amsgrad=amsgrad)
+    m, v, v_max = torch.zeros_like(X), torch.zeros((), dtype=DT), torch.zeros((), dtype=DT)
+    for t in range(1, 4):
+        g = C + wd * X
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * (g * g).sum()
+        v_max = torch.maximum(v_max, v)
+        v_hat = v_max if amsgrad else v
+        d = (m / (1 - b1**t)) / ((v_hat / (1 - b2**t)).sqrt() + eps)
+        X = _clip(X - lr * d, 0.5, 2.0)
+        _run(p, opt, lambda q: (C * q).sum(), 1)
+    torch.testing.assert_close(p.detach(), X, rtol=0, atol=1e-12)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], m, rtol=0, atol=1e-12)
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"].reshape(()), v, rtol=0, atol=1e-12)
+
+
+# (optimizer, keywords, manifold): the generic path (Sphere), the fused Stiefel paths without
+# momentum (in-place plain step), with lazy momentum, with nesterov (eager), and Adam's
+LR_CASES = [
+    (RiemannianSGD, {}, Sphere(7)),
+    (RiemannianSGD, {}, Stiefel(8, 3)),
+    (RiemannianSGD, dict(momentum=0.9), Stiefel(8, 3)),
+    (RiemannianSGD, dict(momentum=0.9, nesterov=True), Stiefel(8, 3)),
+    (RiemannianAdam, {}, Sphere(7)),
+    (RiemannianAdam, {}, Stiefel(8, 3)),
+]
+_LR_IDS = ["sgd-sphere", "sgd-stiefel", "sgd-momentum-stiefel", "sgd-nesterov-stiefel",
+           "adam-sphere", "adam-stiefel"]
+
+
+def _lr_problem(M, seed):
+    X0 = M.sample(generator=_gen(seed), dtype=DT)
+    loss = _problem(tuple(M.shape), seed=seed + 1)
+    return X0, loss
+
+
+@pytest.mark.parametrize("opt_cls,kw,M", LR_CASES, ids=_LR_IDS)
+def test_a_group_s_own_lr_is_used(opt_cls, kw, M):
+    """A manifold parameter in a second group with lr=0.1 (the default is 0.01) follows the run
+    of that parameter alone with lr=0.1: each group's ``lr`` is read, not the default."""
+    X0, loss = _lr_problem(M, 46)
+    Y0, other_loss = _lr_problem(M, 48)
+    p, other = ManifoldParameter(X0.clone(), M), ManifoldParameter(Y0.clone(), M)
+    opt = opt_cls([{"params": [other]}, {"params": [p], "lr": 0.1}], lr=0.01, **kw)
+    for _ in range(5):
+        opt.zero_grad()
+        (loss(p) + other_loss(other)).backward()
+        opt.step()
+    alone = ManifoldParameter(X0.clone(), M)
+    _run(alone, opt_cls([alone], lr=0.1, **kw), loss, 5)
+    torch.testing.assert_close(p.detach(), alone.detach(), rtol=0, atol=1e-12)
+    assert (p.detach() - X0).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("opt_cls,kw,M", LR_CASES, ids=_LR_IDS)
+def test_lr_changed_mid_run_takes_effect(opt_cls, kw, M):
+    """Setting ``param_groups[0]["lr"]`` between steps (what a scheduler does) gives the steps of
+    an optimizer built with that lr, holding the same state, from that point."""
+    X0, loss = _lr_problem(M, 50)
+    p = ManifoldParameter(X0.clone(), M)
+    opt = opt_cls([p], lr=0.01, **kw)
+    _run(p, opt, loss, 3)
+    q = ManifoldParameter(p.detach().clone(), M)
+    fresh = opt_cls([q], lr=0.1, **kw)
+    fresh.state[q] = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0]["lr"] = 0.1
+    _run(p, opt, loss, 4)
+    _run(q, fresh, loss, 4)
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12)
+    slow = ManifoldParameter(X0.clone(), M)
+    _run(slow, opt_cls([slow], lr=0.01, **kw), loss, 7)
+    assert (p.detach() - slow.detach()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(RiemannianSGD, {"lr": 1e-2, "momentum": 0.9}),
+                                        (RiemannianAdam, {"lr": 1e-2})],
+                         ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize("count", [2, 3])
+def test_resume_of_a_multi_parameter_bucket_is_bit_for_bit(opt_cls, kw, count):
+    """Several Stiefel parameters in one bucket (persistent stacked buffers): the resumed run
+    re-stacks them at its first step, which must keep their "written by this optimizer" marks
+    (from the state dict), so that it takes the block Cholesky QR steps of the run never
+    interrupted, bit for bit for every parameter (the checked QR differs by rounding)."""
+    M = Stiefel(32, 16)
+    losses = [_least_squares(M, seed=60 + i) for i in range(count)]
+
+    def steps(ps, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            sum(f(q) for f, q in zip(losses, ps)).backward()
+            opt.step()
+
+    ps = [ManifoldParameter(M.sample(generator=_gen(70 + i)), M) for i in range(count)]
+    opt = opt_cls(ps, retraction="qr", **kw)
+    steps(ps, opt, 4)
+    saved = torch.load(_roundtrip(opt.state_dict()), weights_only=True)
+    assert saved["on_manifold"] == list(range(count))
+    qs = [ManifoldParameter(p.detach().clone(), M) for p in ps]
+    resumed = opt_cls(qs, retraction="qr", **kw)
+    resumed.load_state_dict(saved)
+    steps(ps, opt, 3)
+    steps(qs, resumed, 3)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("opt_cls,kw,key", [(RiemannianSGD, dict(momentum=0.9), "momentum_buffer"),
+                                            (RiemannianAdam, {}, "exp_avg")],
+                         ids=["sgd-momentum", "adam"])
+def test_stabilize_projects_the_momentum_of_every_parameter_of_a_bucket(opt_cls, kw, key):
+    """``opt.stabilize()`` on a bucket of three Sphere(7) parameters: every momentum (not only
+    the first row's) becomes its projection onto the tangent space at its point."""
+    M = Sphere(7)
+    ps = [ManifoldParameter(M.sample(generator=_gen(80 + i), dtype=DT), M) for i in range(3)]
+    opt = opt_cls(ps, lr=0.01, **kw)
+    f = _problem((7,), seed=83)
+    opt.zero_grad()
+    sum(f(p) for p in ps).backward()
+    opt.step()
+    raw = [torch.randn(7, generator=_gen(90 + i), dtype=DT) for i in range(3)]
+    for p, r in zip(ps, raw):
+        opt.state[p][key] = r.clone()
+    opt.stabilize()
+    for p, r in zip(ps, raw):
+        x, buf = p.detach(), opt.state[p][key]
+        assert abs(float((x * buf).sum())) < 1e-6
+        torch.testing.assert_close(buf, r - (x @ r) * x, rtol=0, atol=1e-12)

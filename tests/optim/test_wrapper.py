@@ -632,3 +632,24 @@ def test_skip_warning_names_the_callers_line(compiled):
     skipped = [w for w in caught if "skipped a step" in str(w.message)]
     assert len(skipped) == 1 and opt.skipped_steps == 1
     assert skipped[0].filename == __file__, (skipped[0].filename, skipped[0].lineno)
+
+
+def test_skipped_steps_survive_a_state_dict_round_trip():
+    """The count of skipped non-finite steps is saved and restored by ``load_state_dict`` into a
+    fresh wrapper (as ``steps`` and ``refreshes`` are), not reset."""
+    m = nn.Linear(4, 4, bias=False).to(DT)
+    dtriv_orthogonal(m)
+    opt = DynamicTrivialization(torch.optim.SGD(m.parameters(), lr=0.1), K=3, nonfinite="skip")
+    original = m.parametrizations.weight.original
+    original.grad = torch.ones_like(original)
+    opt.step()
+    original.grad = torch.full_like(original, float("nan"))
+    with pytest.warns(RuntimeWarning, match="skipped a step with a non-finite gradient"):
+        opt.step()
+    assert opt.skipped_steps == 1 and opt.steps == 1
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = DynamicTrivialization(torch.optim.SGD(m.parameters(), lr=0.1), K=3,
+                                  nonfinite="skip")
+    assert fresh.skipped_steps == 0
+    fresh.load_state_dict(saved)
+    assert fresh.skipped_steps == 1 and fresh.steps == 1
