@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments import sweep as sweep_mod
+from experiments import train as train_mod
 from experiments.config import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,3 +54,32 @@ def test_ctrl_c_stops_a_parallel_sweep_and_cancels_the_queued_runs(write_config)
     assert not any((r.directory / "final.json").exists() for r in runs)
     assert len(started) <= 3  # two running (one more may have been dispatched), none queued
     assert not any((r.directory / ".lock").exists() for r in started)
+
+
+def test_a_parallel_sweep_returns_its_results_in_the_order_of_its_runs(write_config,
+                                                                        monkeypatch):
+    """``run_all`` with several jobs collects results as runs finish, and returns them in the
+    order of the runs (what the sweep's summary and its failure list follow), not that one."""
+    path = write_config(sweep={"train.seed": [0, 1]}, train={"steps": 5})
+    runs = expand_sweep(path)
+    real_train = train_mod.train
+
+    def first_run_finishes_last(run, **kwargs):
+        if run.name == runs[0].name:  # wait for the second run's final.json
+            deadline = time.monotonic() + 30
+            while not (runs[1].directory / "final.json").exists() and \
+                    time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real_train(run, **kwargs)
+
+    # forked workers (not spawned: no torch import per worker) inherit the patched train
+    monkeypatch.setattr(train_mod, "train", first_run_finishes_last)
+    fork = multiprocessing.get_context("fork")
+    monkeypatch.setattr(sweep_mod.multiprocessing, "get_context", lambda method=None: fork)
+    stream = io.StringIO()
+    results = sweep_mod.run_all(runs, jobs=2, progress=False, stream=stream)
+    printed = [line.split(":")[0].strip() for line in stream.getvalue().splitlines()]
+    assert printed == [runs[1].name, runs[0].name]  # precondition: finished in that order
+    assert [r["run"] for r in results] == [runs[0].name, runs[1].name]
+    assert [r["final"]["step"] for r in results] == [5, 5]
+    assert results[0]["final"]["loss"] != results[1]["final"]["loss"]  # two seeds

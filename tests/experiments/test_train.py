@@ -6,6 +6,8 @@ import datetime
 import io
 import json
 import os
+import shlex
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from experiments import backend, distributed
 from experiments import checkpoint as ckpt_mod
 from experiments import train as train_mod
 from experiments.checkpoint import MetricsLog, load_checkpoint, read_jsonl, save_checkpoint
-from experiments.cli import main
+from experiments.cli import _resume_command, build_parser, main
 from experiments.config import load_config
 from experiments.distributed import DistInfo, from_env, gloo_interface, loopback_interface
 from experiments.progress import ProgressBar, format_duration
@@ -512,3 +514,112 @@ def test_a_model_that_cannot_be_built_leaves_the_run_folder_alone(write_config):
     with pytest.raises(ValueError, match="not in the map's image"):
         train(run, overwrite=True, progress=False)
     assert sorted(p.name for p in run.directory.iterdir()) == ["metrics.jsonl", "notes.txt"]
+
+
+# --- the best loss across a resume, an infinite loss, the --resume command -----------------
+
+def _patch_task_loss(monkeypatch, change):
+    """Make every task that ``train`` builds return ``change(loss, call)`` as its loss
+    (``call``: 1 for the first training step of this ``train`` call)."""
+    real = train_mod.build_task
+
+    def build(*args, **kwargs):
+        task = real(*args, **kwargs)
+        loss_of, calls = task.loss, {"n": 0}
+
+        def loss(output, target):
+            value, accuracy = loss_of(output, target)
+            calls["n"] += 1
+            return change(value, calls["n"]), accuracy
+        task.loss = loss
+        return task
+    monkeypatch.setattr(train_mod, "build_task", build)
+
+
+def test_resume_keeps_a_best_loss_logged_before_the_checkpoint(write_config, tmp_path,
+                                                                monkeypatch):
+    """The checkpoint carries the best loss so far: a resumed run whose loss never again gets
+    as low as before its checkpoint reports that earlier best, as the uninterrupted run does
+    (not the best of the steps after the resume)."""
+    # gradient ascent (value of the loss, gradient of minus the loss): the loss rises
+    _patch_task_loss(monkeypatch, lambda loss, call: 2 * loss.detach() - loss)
+    path = write_config()
+    reference = load_config(path, output=str(tmp_path / "ref"))
+    final_ref = train(reference, progress=False)
+
+    run = load_config(path)
+    with pytest.raises(Crash):
+        train(run, progress=False, callback=crash_at(14))  # checkpoint at step 10
+    assert load_checkpoint(run.directory / "checkpoint.pt")["step"] == 10
+    final = train(run, resume=True, progress=False)
+    losses = {r["step"]: r["loss"] for r in read_jsonl(run.directory / "metrics.jsonl")}
+    assert sorted(losses) == [5, 10, 15, 20, 25, 30]
+    # precondition: the lowest loss was logged before the checkpoint the run resumed from
+    assert min(losses[5], losses[10]) < min(losses[s] for s in (15, 20, 25, 30))
+    assert final["best_loss"] == min(losses.values()) == final_ref["best_loss"]
+    assert json.loads((run.directory / "final.json").read_text())["best_loss"] == \
+        final["best_loss"]
+
+
+def test_an_infinite_loss_stops_the_run_before_its_step(write_config, monkeypatch):
+    """An inf loss (finite gradients: loss + inf) is non-finite like NaN: the run stops at that
+    step, before the optimizer steps on it, and logs the divergence with the loss."""
+    _patch_task_loss(monkeypatch,
+                     lambda loss, call: loss + float("inf") if call == 3 else loss)
+    run = load_config(write_config())
+    with pytest.raises(DivergedError, match="diverged at step 3: loss is inf") as info:
+        train(run, progress=False)
+    assert info.value.step == 3 and info.value.what == "loss is inf"
+    records = read_jsonl(run.directory / "metrics.jsonl")
+    assert records == [{"step": 3, "diverged": "loss is inf", "loss": "inf"}]  # JSON: "inf"
+    assert not (run.directory / "checkpoint.pt").exists()
+
+
+def test_the_resume_command_keeps_the_output_folder_and_the_other_arguments():
+    """The command printed after Ctrl-C continues the same runs: same config, ``--set`` keys,
+    results folder (``--output``: without it, --resume looks in the config's folder) and
+    jobs."""
+    parser = build_parser()
+
+    def command(argv):
+        return shlex.split(_resume_command(parser.parse_args(argv)))
+
+    head = [sys.executable, "-m", "experiments"]
+    assert command(["run", "c.toml", "--output", "o"]) == [
+        *head, "run", "c.toml", "--output", "o", "--resume"]
+    assert command(["sweep", "c.toml", "--jobs", "3", "--set", "optim.K=10", "--output",
+                    "my results"]) == [*head, "sweep", "c.toml", "--set", "optim.K=10",
+                                       "--output", "my results", "--jobs", "3", "--resume"]
+    assert command(["run", "c.toml", "--resume"]) == [*head, "run", "c.toml", "--resume"]
+    assert _resume_command(parser.parse_args(["report", "results"])) == ""
+
+
+def test_ctrl_c_prints_a_command_that_resumes_the_run_in_its_output_folder(
+        write_config, tmp_path, capsys, monkeypatch):
+    """After Ctrl-C in ``run --output DIR``, the printed command continues the run in DIR
+    (its log then matches an uninterrupted run's) and writes nothing to the config's
+    folder."""
+    path = write_config()
+    out = tmp_path / "elsewhere"
+    real_train = train_mod.train
+
+    def interrupted(run, **kwargs):
+        def ctrl_c(step):
+            if step == 12:  # after the checkpoint at step 10
+                raise KeyboardInterrupt
+        return real_train(run, callback=ctrl_c, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    assert main(["run", str(path), "--no-progress", "--output", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted; continue with: ")
+    argv = shlex.split(err.split("continue with: ", 1)[1])
+    assert argv[:3] == [sys.executable, "-m", "experiments"]
+    monkeypatch.undo()
+    assert main(argv[3:]) == 0
+    run = load_config(path, output=str(out))
+    assert (run.directory / "final.json").exists()
+    assert not (tmp_path / "results").exists()  # the config's own output folder
+    reference = load_config(path, output=str(tmp_path / "ref"))
+    train(reference, progress=False)
+    assert metrics(run.directory) == metrics(reference.directory)
