@@ -269,3 +269,15 @@ def test_chart_and_tangent(gen):
     V = M.tangent(B, X)
     torch.testing.assert_close(V, M.proj_tangent(B, X), atol=0, rtol=0)
     assert rdot(B, V).abs() < 1e-12
+
+
+def test_retract_default_is_the_exponential_map():
+    """``retract`` without a method is the documented default, the exponential map
+    ``cos|v| x + sin|v| v/|v|`` (the projective retraction differs at ``|v| = 1.2``)."""
+    M = Sphere(5)
+    g = torch.Generator().manual_seed(0)
+    x = M.sample(generator=g, dtype=F64)
+    v = M.proj_tangent(x, torch.randn(5, generator=g, dtype=F64))
+    v = 1.2 * v / torch.linalg.vector_norm(v)
+    expected = math.cos(1.2) * x + math.sin(1.2) * v / 1.2
+    torch.testing.assert_close(M.retract(x, v), expected, atol=1e-14, rtol=0)

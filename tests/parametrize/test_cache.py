@@ -782,3 +782,46 @@ def test_inference_reads_of_a_transposed_value_are_memoized(shape):
         assert m.weight is first
         first.mul_(2)
         assert m.weight is not first
+
+
+def test_an_in_place_edit_of_a_read_value_is_not_handed_out():
+    """A memoized value edited in place by the caller is not returned to later reads (its
+    version changed): the next read recomputes the point of the manifold."""
+    torch.manual_seed(0)
+    m = constrain(nn.Linear(4, 4).double(), "weight", Orthogonal(4))
+    with torch.no_grad():
+        w = m.weight
+        before = w.clone()
+        w.mul_(2)
+        after = m.weight
+    assert Orthogonal(4).check(after)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_a_write_to_the_base_from_outside_is_seen():
+    """A write to the base (``p.base.copy_``, as a re-projection does) invalidates the memo:
+    with the parameter at zero the next read is the new base, not the stale cached weight."""
+    torch.manual_seed(0)
+    m = constrain(nn.Linear(4, 4).double(), "weight", Orthogonal(4))
+    stale = m.weight
+    assert m.weight is stale  # memoized
+    Q = Orthogonal(4).sample(generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        m.parametrizations.weight[0].base.copy_(Q)
+    torch.testing.assert_close(m.weight.detach(), Q, atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("numel", [17, 20, 100, 1000, 4097])
+def test_sample_index_spans_the_first_and_the_last_entry(numel):
+    """The sampled runs reach both ends of the tensor (a write to the last entries is
+    sampled): runs of 16 consecutive whole entries, the first at entry 0, the last ending at
+    entry ``numel - 1``."""
+    from dtriv.parametrize.cache import SAMPLE_RUN, _sample_index
+
+    itemsize = 8
+    index = _sample_index(numel, itemsize)
+    assert index.min() == 0 and index.max() == numel * itemsize - 1
+    entries = sorted(set((index // itemsize).tolist()))
+    assert len(index) % (SAMPLE_RUN * itemsize) == 0
+    assert entries[:SAMPLE_RUN] == list(range(SAMPLE_RUN))
+    assert entries[-SAMPLE_RUN:] == list(range(numel - SAMPLE_RUN, numel))

@@ -273,3 +273,14 @@ def test_autocast_of_another_device_type_leaves_cpu_maps_alone():
         assert expm(A - A.mT).dtype == torch.float32
     finally:
         torch.set_autocast_enabled("cuda", previous)
+
+
+def test_spectrally_bounded_reads_a_matrix_unflattened():
+    """``spectrally_bounded`` reads a 2-D weight as the matrix itself (flattening only tensors of
+    more than two dimensions), as ``constrain`` with ``SpectrallyBounded(4, 3)`` does: their
+    checkpoints load into each other with equal weights."""
+    torch.manual_seed(0)
+    source = constrain(nn.Linear(3, 4).double(), "weight", SpectrallyBounded(4, 3))
+    target = spectrally_bounded(nn.Linear(3, 4).double())
+    target.load_state_dict(source.state_dict())
+    torch.testing.assert_close(target.weight, source.weight, atol=0, rtol=0)

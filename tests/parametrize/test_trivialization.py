@@ -369,3 +369,56 @@ def test_refresh_polishes_rounding_drift_without_a_full_projection(monkeypatch):
     monkeypatch.setattr(triv.manifold, "project", no_projection)
     triv.refresh()
     assert float(triv.manifold.distance(triv.base)) < triv.polish_atol(torch.float32)
+
+
+@pytest.mark.parametrize("retraction", ["expm", "cayley"])
+def test_static_assignment_on_a_complex_base_reads_back(retraction):
+    """A static trivialization of U(4) assigned ``W = B expm(Omega)`` reads back ``W``: the
+    inverse maps back to coordinates with ``B^H`` (``B^T`` is wrong for a complex base; a real
+    initial weight, hence a real base, would hide it)."""
+    C128 = torch.complex128
+    g = torch.Generator().manual_seed(1)
+    lin = linear(4, 4, dtype=C128)
+    with torch.no_grad():
+        lin.weight.copy_(Orthogonal(4).sample(generator=g, dtype=C128))
+    constrain(lin, "weight", Orthogonal(4), retraction, dynamic=False)
+    B = lin.weight.detach().clone()
+    assert B.imag.abs().max() > 0.1  # a genuinely complex base
+    S = torch.randn(4, 4, generator=g, dtype=C128)
+    W = B @ torch.linalg.matrix_exp(0.3 * (S - S.mH))
+    lin.weight = W
+    torch.testing.assert_close(lin.weight.detach(), W, atol=1e-12, rtol=0)
+
+
+class Holder(nn.Module):
+    """A module holding one parameter ``weight`` of the given shape."""
+
+    def __init__(self, shape, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(shape, dtype=F64))
+
+
+def test_flatten_with_a_negative_dim_counts_from_the_back():
+    """``dim=-1`` on a ``(3, 4, 5)`` tensor is its last dimension (size 5): the tensor is read
+    as the ``5 x 12`` matrix with that dimension first, exactly as ``dim=2`` reads it."""
+    M = Stiefel(5, 12)
+    neg = constrain(Holder((3, 4, 5)), "weight", M, flatten=True, dim=-1)
+    pos = constrain(Holder((3, 4, 5)), "weight", M, flatten=True, dim=2)
+    W = neg.weight.detach()
+    assert W.shape == (3, 4, 5)
+    assert M.check(W.movedim(-1, 0).reshape(5, 12))
+    torch.testing.assert_close(W, pos.weight.detach(), atol=0, rtol=0)
+
+
+def test_registration_keeps_no_alias_of_the_old_weight():
+    """The base is a copy of the weight at registration: an in-place write through an alias of
+    the old parameter (a view a caller kept) does not move the constrained weight."""
+    lin = linear(4, 4)
+    Q = Orthogonal(4).sample(generator=torch.Generator().manual_seed(3), dtype=F64)
+    with torch.no_grad():
+        lin.weight.copy_(Q)
+    alias = lin.weight.detach()
+    constrain(lin, "weight", Orthogonal(4))
+    alias.zero_()
+    torch.testing.assert_close(lin.weight.detach(), Q, atol=1e-14, rtol=0)

@@ -471,3 +471,36 @@ def test_jacrev_of_jacrev_matches_torch(orthogonal_map):
 
         hessians.append(jacrev(jacrev(loss))(params[key] + 0.1))
     torch.testing.assert_close(hessians[0], hessians[1], rtol=1e-9, atol=1e-9)
+
+
+def test_a_complex_orthogonal_non_unitary_weight_is_made_unitary():
+    """The rotation by the complex angle ``0.5j`` satisfies ``Q^T Q = I`` but not
+    ``Q^H Q = I``: it is not unitary, so it is orthogonalized, not kept as the base, and the
+    weight is unitary."""
+    z = torch.tensor(0.5j, dtype=torch.complex128)
+    R = torch.stack([torch.stack([z.cos(), -z.sin()]), torch.stack([z.sin(), z.cos()])])
+    eye = torch.eye(2, dtype=torch.complex128)
+    assert torch.allclose(R.mT @ R, eye) and not torch.allclose(R.mH @ R, eye)
+    lin = nn.Linear(2, 2, dtype=torch.complex128)
+    with torch.no_grad():
+        lin.weight.copy_(R)
+    twins.orthogonal(lin)
+    W = lin.weight.detach()
+    torch.testing.assert_close(W.mH @ W, eye, atol=1e-12, rtol=0)
+
+
+def test_an_orthogonal_initial_weight_is_kept_bit_for_bit():
+    """An initial weight that is already orthogonal (an exact float64 QR factor) becomes the
+    base as it is, bit for bit, and the weight equals torch's (re-orthogonalizing it by QR
+    would round it)."""
+    g = torch.Generator().manual_seed(7)
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64)).Q
+    weights = []
+    for register in (twins.orthogonal, tp.orthogonal):
+        lin = nn.Linear(6, 6, dtype=torch.float64)
+        with torch.no_grad():
+            lin.weight.copy_(Q)
+        register(lin)
+        assert torch.equal(lin.parametrizations.weight[0].base, Q)
+        weights.append(lin.weight.detach())
+    assert torch.equal(weights[0], weights[1])
