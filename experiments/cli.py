@@ -15,8 +15,9 @@ extends a run in its folder). Under ``torchrun`` a run is data-parallel.
 ``--print-commands`` prints one ``run`` command per combination for a scheduler.
 
 Exit status: 0 done; 1 a run failed or diverged (one line naming the step and what went
-non-finite), or a file/folder problem; 2 a configuration error; 130 interrupted (the message
-gives the command that continues with ``--resume``).
+non-finite), or a file/folder problem; 2 a configuration error; 130 interrupted (Ctrl-C) and
+143 terminated (SIGTERM, handled the same way); the message gives the command that continues
+with ``--resume``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
 from .config import NOT_IN_NAMES, RESUMABLE_KEYS, ConfigError, expand_sweep, load_config
+from .sweep import Terminated, terminate_as_interrupt
 
 __all__ = ["main", "build_parser", "demo_config_path"]
 
@@ -182,6 +185,7 @@ def _resume_command(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report, "demo": _cmd_demo}
+    previous = terminate_as_interrupt()  # SIGTERM (a scheduler, kill) stops as Ctrl-C does
     try:
         return handlers[args.command](args)
     except ConfigError as e:
@@ -191,8 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ImportError, ValueError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         command = _resume_command(args)
-        print("interrupted; " + (f"continue with: {command}" if command else "stopped"),
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}; " + (f"continue with: {command}" if command else "stopped"),
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

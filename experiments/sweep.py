@@ -7,7 +7,10 @@ limited to ``cpu_count // jobs`` torch threads so that they do not oversubscribe
 
 Ctrl-C (SIGINT) stops a parallel sweep promptly: the queued runs are cancelled, the running
 ones are interrupted like a single run (their checkpoints and logs stay consistent) and
-:func:`run_all` raises ``KeyboardInterrupt``; ``--resume`` continues every run.
+:func:`run_all` raises ``KeyboardInterrupt``; ``--resume`` continues every run. The command
+line treats SIGTERM the same way (:class:`Terminated`). A worker whose main process dies
+without stopping it (SIGKILL) notices within a second that it was orphaned: a running run
+stops as on Ctrl-C, and the worker exits instead of taking the queued runs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,7 +29,30 @@ from typing import Any
 
 from .config import Run
 
-__all__ = ["commands", "run_all"]
+__all__ = ["Terminated", "commands", "run_all", "terminate_as_interrupt"]
+
+#: how often a pool worker checks that its main process is alive (seconds), and how long a
+#: run interrupted because it was orphaned has to clean up before the worker exits anyway
+ORPHAN_POLL_S, ORPHAN_GRACE_S = 1.0, 30.0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interruption (see :func:`terminate_as_interrupt`): a run stops as
+    on Ctrl-C, with its checkpoint and log consistent."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is not cut short by a second one
+    raise Terminated
+
+
+def terminate_as_interrupt() -> Any:
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous
+    handler (``None`` off the main thread, where no handler can be set)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _value(v: Any) -> str:
@@ -70,6 +97,7 @@ def _worker(run: Run, resume: bool, overwrite: bool, threads: int,
     t0 = time.perf_counter()
     if in_pool:  # idle workers ignore SIGINT (see _ignore_sigint); a running one stops
         signal.signal(signal.SIGINT, _interrupt_once)
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         final = train(run, resume=resume, overwrite=overwrite, progress=progress)
     except (ConfigError, FloatingPointError, RunExistsError, RunLockedError) as e:
@@ -83,6 +111,7 @@ def _worker(run: Run, resume: bool, overwrite: bool, threads: int,
     finally:
         if in_pool:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return {"run": run.name, "final": final, "wall": time.perf_counter() - t0}
 
 
@@ -92,9 +121,24 @@ def _interrupt_once(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _ignore_sigint() -> None:
-    """Pool-worker initializer: an idle worker ignores Ctrl-C (the main process stops it)."""
+def _init_pool_worker() -> None:
+    """Pool-worker initializer: an idle worker ignores Ctrl-C (the main process stops it), and
+    a thread watches for the main process to die (:func:`_watch_parent`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True,
+                     name="orphan-watch").start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Once this process is orphaned (its parent id changes: the main process died without
+    stopping the pool, e.g. by SIGKILL), interrupt a running run as Ctrl-C does (an idle
+    worker ignores that), then exit: the pool's queued runs are not taken. Without this the
+    workers ran every queued run and then waited forever."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(ORPHAN_GRACE_S)  # a running run's cleanup: it exits with 130 before this ends
+    os._exit(1)
 
 
 def _line(result: dict[str, Any]) -> str:
@@ -132,7 +176,7 @@ def run_all(runs: list[Run], jobs: int = 1, resume: bool = False, overwrite: boo
         return results
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_pool_worker)
     try:
         futures = {pool.submit(_worker, run, resume, overwrite,
                                run.config["train"]["threads"] or threads, False, True): run

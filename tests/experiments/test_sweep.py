@@ -83,3 +83,72 @@ def test_a_parallel_sweep_returns_its_results_in_the_order_of_its_runs(write_con
     assert [r["run"] for r in results] == [runs[0].name, runs[1].name]
     assert [r["final"]["step"] for r in results] == [5, 5]
     assert results[0]["final"]["loss"] != results[1]["final"]["loss"]  # two seeds
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/stat").exists(),
+                    reason="POSIX signals and /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_sweep_whose_main_process_is_stopped_leaves_no_worker(write_config, sig):
+    """A signal to the main process alone: SIGTERM is handled as Ctrl-C (exit 143 and the
+    --resume command); after SIGKILL the workers notice they are orphaned. Either way the
+    workers stop their runs (no lock left) and exit without taking a queued run. Before, they
+    trained every queued run and then waited forever."""
+    path = write_config(sweep={"train.seed": [0, 1, 2, 3, 4, 5]},
+                        train={"steps": 3000, "log_every": 5, "checkpoint_every": 50})
+    runs = expand_sweep(path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments", "sweep", str(path), "--jobs", "2", "--no-report"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any((r.directory / "checkpoint.pt").exists() for r in runs):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = [p for p in _children(proc.pid)
+                   if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(workers) == 2
+        os.kill(proc.pid, getattr(signal, sig))  # the main process only, not its group
+        _, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers)
+    finally:
+        for p in workers:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if sig == "SIGTERM":
+        assert proc.returncode == 143, err[-3000:]
+        assert err.startswith("terminated; continue with: ") and "--resume" in err
+    started = [r for r in runs if r.directory.exists()]
+    assert len(started) <= 3  # two running (one more may have been dispatched), none queued
+    assert not any((r.directory / "final.json").exists() for r in runs)
+    assert not any((r.directory / ".lock").exists() for r in started)

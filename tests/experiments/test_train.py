@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shlex
+import signal
 import sys
 
 import pytest
@@ -620,6 +621,42 @@ def test_ctrl_c_prints_a_command_that_resumes_the_run_in_its_output_folder(
     run = load_config(path, output=str(out))
     assert (run.directory / "final.json").exists()
     assert not (tmp_path / "results").exists()  # the config's own output folder
+    reference = load_config(path, output=str(tmp_path / "ref"))
+    train(reference, progress=False)
+    assert metrics(run.directory) == metrics(reference.directory)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
+def test_sigterm_stops_a_run_as_ctrl_c_does(write_config, tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's, or ``kill``) ends ``run`` like Ctrl-C, with status 143: the
+    printed command continues it, and its log then matches an uninterrupted run's. Before,
+    the process died at once, its lock held until exit."""
+    path = write_config()
+    real_train = train_mod.train
+
+    def terminated(run, **kwargs):
+        def sigterm(step):
+            if step == 12:  # after the checkpoint at step 10
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_train(run, callback=sigterm, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train", terminated)
+
+    def unhandled(signum, frame):  # reached only if main does not handle SIGTERM itself
+        raise AssertionError("SIGTERM reached the handler main() replaced")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert main(["run", str(path), "--no-progress"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # main restores the handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert err.startswith("terminated; continue with: ") and "--resume" in err
+    run = load_config(path)
+    assert not (run.directory / ".lock").exists() and not (run.directory / "final.json").exists()
+    monkeypatch.undo()
+    assert main(shlex.split(err.split("continue with: ", 1)[1])[3:]) == 0
     reference = load_config(path, output=str(tmp_path / "ref"))
     train(reference, progress=False)
     assert metrics(run.directory) == metrics(reference.directory)
