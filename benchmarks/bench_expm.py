@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
          md_table(["regime", "n", "1-norm of A", "dtriv fwd", "torch fwd", "torch/dtriv",
                    "dtriv f+b", "torch f+b", "torch/dtriv", "dtriv f+b in matmuls",
                    "torch f+b in matmuls"], rows),
-         "Medians ± IQR/median of interleaved rounds; f+b: gradient of "
+         "Medians ± half the interquartile range (in % of the median) of interleaved rounds; "
+         "f+b: gradient of "
          "`(expm(L - L^T)**2 * C).sum()` in L; ratios torch/dtriv (above 1: dtriv faster); "
          "matmuls: one n x n product timed in the same rounds.")
 

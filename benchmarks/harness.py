@@ -1,7 +1,7 @@
 """Shared timing and reporting for the benchmark scripts.
 
 Every script times dtriv beside its peers in one process, **interleaved**: each round runs
-every implementation once, in an order that rotates from round to round, so load changes on
+every implementation once, in an order shuffled from round to round, so load changes on
 a shared machine hit all of them alike. A measurement is the median over rounds with its
 interquartile spread; the figures that count are the ratios ``peer / dtriv`` (above 1: dtriv
 is faster) taken from one such run, each the median of the per-round ratios
@@ -20,6 +20,7 @@ import importlib
 import itertools
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -84,7 +85,8 @@ class Timing:
 def fmt_seconds(t: float) -> str:
     """``t`` seconds with 3 significant digits in a readable unit."""
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if t >= scale or unit == "µs":
+        # the value as printed decides the unit (999.6 µs is "1 ms", not "1e+03 µs")
+        if float(f"{t:.3g}") >= scale or unit == "µs":
             v = t / scale
             return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
     raise AssertionError  # unreachable
@@ -110,12 +112,12 @@ def measure(
     """Time each zero-argument callable, interleaved; ``{name: Timing}``.
 
     ``warmup`` untimed rounds, then up to ``repeats`` timed rounds; each round calls every
-    case once, in an order rotated by one from round to round (and reversed every other
-    cycle), so that every case runs after every other one about equally often: a case that
-    leaves the machine in a bad state (caches, freed memory the allocator gives back) slows
-    its successors, which must not always be the same. Stops early once ``budget_s`` seconds
-    have passed and ``min_repeats`` rounds are timed. CUDA work is synchronised around
-    each call.
+    case once, in an order shuffled from round to round (a fixed seed, so runs repeat), so
+    that every case follows every other one about equally often: a case that leaves the
+    machine in a bad state (caches, freed memory the allocator gives back) slows its
+    successors, which must not always be the same. (A rotation of one order would not do
+    this: it keeps each case's neighbours.) Stops early once ``budget_s`` seconds have
+    passed and ``min_repeats`` rounds are timed. CUDA work is synchronised around each call.
     """
     if not cases:
         raise ValueError("cases: expected at least one callable, got none")
@@ -123,12 +125,12 @@ def measure(
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
     dev = torch.device(device) if isinstance(device, str) else device
     order = list(cases.items())
+    shuffle = random.Random(len(order)).shuffle
     times: dict[str, list[float]] = {name: [] for name in cases}
     start = time.perf_counter()
     for i in range(warmup + repeats):
-        shift = i % len(order)
-        rotated = order[shift:] + order[:shift]
-        for name, fn in rotated if (i // len(order)) % 2 == 0 else rotated[::-1]:
+        shuffle(order)
+        for name, fn in order:
             _sync(dev)
             t0 = time.perf_counter()
             fn()

@@ -61,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for every script")
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    out = args.out or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
+    partial = set(args.only) != set(SCRIPTS)
+    if args.readme and (args.quick or partial):
+        parser.error("--readme: the README shows a full run; got "
+                     + ("--quick" if args.quick else f"--only {' '.join(args.only)}"))
+    default = "RESULTS-quick.md" if args.quick else (
+        "RESULTS-partial.md" if partial else "RESULTS.md")
+    out = args.out or HERE / default
     status = 0
     sections: list[str] = []
     summary: list[str] = []
@@ -94,13 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/run_all.py{' --quick' if args.quick else ''}`, "
         f"{total / 60:.1f} min. Ratios are peer time / dtriv time (above 1: dtriv is "
         "faster), each the median of the per-round ratios of one run in which every round "
-        "calls each implementation once, in an order that rotates from round to round; "
-        "times are medians with ± half the interquartile range.\n\n"
+        "calls each implementation once, in an order shuffled from round to round; "
+        "times are medians with ± half the interquartile range. The thread count below is "
+        "this process's; each table states the one it ran with.\n\n"
         + harness.environment_md() + "\n\n"
     )
     out.write_text(header + "\n".join(sections), encoding="utf-8")
     print(f"\nwrote {out} ({total:.0f} s)")
-    if args.readme:
+    if args.readme and status:
+        print("README.md left as it was: a script failed (see above)")
+    elif args.readme:
         readme = ROOT / "README.md"
         body = ("\n\n".join("### " + s.lstrip("# ").strip() for s in summary)
                 or "(no summary sections)")

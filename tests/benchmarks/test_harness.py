@@ -45,16 +45,26 @@ def test_timing_rejects_no_samples():
 
 
 def test_measure_interleaves_and_counts_rounds():
+    """Each round calls every case once; over the rounds every case directly follows every
+    other one within a round (a rotation of one order kept each case's neighbours: with five
+    cases, dtriv never ran after geotorch); the order repeats from run to run."""
+    names = "abcde"
+
+    def record(calls: list[str]) -> dict:
+        return {c: (lambda c=c: calls.append(c)) for c in names}
+
     calls: list[str] = []
-    cases = {c: (lambda c=c: calls.append(c)) for c in "abc"}
-    out = harness.measure(cases, repeats=5, warmup=1, budget_s=100.0)
-    rounds = ["".join(calls[i:i + 3]) for i in range(0, len(calls), 3)]
-    # rotated by one per round, the cycle reversed every other time
-    assert rounds == ["abc", "bca", "cab", "cba", "acb", "bac"]
-    # every case follows every other one (2 or 3 times in these 6 rounds)
-    pairs = [calls[i - 1] + calls[i] for i in range(1, len(calls))]
-    assert all(2 <= pairs.count(p) <= 3 for p in ("ab", "ba", "ac", "ca", "bc", "cb"))
-    assert out["a"].n == out["b"].n == 5
+    out = harness.measure(record(calls), repeats=39, warmup=1, budget_s=100.0)
+    rounds = ["".join(calls[i:i + 5]) for i in range(0, len(calls), 5)]
+    assert len(rounds) == 40 and all(sorted(r) == list(names) for r in rounds)
+    follows = [r[i - 1] + r[i] for r in rounds for i in range(1, 5)]
+    pairs = [x + y for x in names for y in names if x != y]
+    counts = [follows.count(p) for p in pairs]
+    assert min(counts) >= 2 and max(counts) <= 16  # 8 on average
+    assert out["a"].n == out["e"].n == 39
+    again: list[str] = []
+    harness.measure(record(again), repeats=39, warmup=1, budget_s=100.0)
+    assert again == calls
 
 
 def test_ratio_and_table():
@@ -129,3 +139,19 @@ def test_gpu_table_dry_run_writes_every_section(tmp_path):
     ok, failed = bench_gpu._usable({"fine": lambda: None, "broken": broken})
     assert list(ok) == ["fine"]
     assert failed["broken"].startswith("n/a (NotImplementedError:")
+
+
+def test_times_are_printed_in_the_unit_of_their_rounded_value():
+    # 999.6 us rounds to 1000 us: it is "1 ms" (it printed "1e+03 µs")
+    assert harness.fmt_seconds(999.6e-6) == "1 ms"
+    assert harness.fmt_seconds(999.4e-6) == "999 µs"
+    assert harness.fmt_seconds(0.9996) == "1 s"
+    assert harness.fmt_seconds(12.34e-6) == "12.3 µs"
+
+
+@pytest.mark.parametrize("argv", [["--quick", "--readme"], ["--only", "optim", "--readme"]])
+def test_the_readme_table_comes_from_a_full_run_only(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_all.main(argv)
+    assert exit_.value.code == 2
+    assert "--readme: the README shows a full run" in capsys.readouterr().err
