@@ -265,7 +265,7 @@ class Manifold(abc.ABC):
         self.validate(B, "B")
         self.validate(V, "V")
         self._check_pair(B, V, "V")
-        return self._retract(B, V, method)
+        return self._retract(*self._broadcast_pair(B, V), method)
 
     @staticmethod
     def _check_pair(B: Tensor, V: Tensor, name: str, same_dtype: bool = True) -> None:
@@ -282,6 +282,15 @@ class Manifold(abc.ABC):
                     f"{name}: expected a shape that broadcasts with that of B, "
                     f"{tuple(B.shape)}, got {tuple(V.shape)}"
                 ) from None
+
+    @staticmethod
+    def _broadcast_pair(B: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+        """``B`` and ``V`` expanded to their common shape (views), as they are when equal: the
+        maps behind :meth:`_retract` and :meth:`_inverse` take equal shapes."""
+        if B.shape == V.shape:
+            return B, V
+        B, V = torch.broadcast_tensors(B, V)
+        return B, V
 
     @abc.abstractmethod
     def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:
@@ -302,7 +311,7 @@ class Manifold(abc.ABC):
             raise NotImplementedError(
                 f"{self!r}: the retraction {method!r} has no implemented inverse"
             )
-        return inverse(B, X)
+        return inverse(*self._broadcast_pair(B, X))
 
     def _inverse(self, method: str) -> Callable[[Tensor, Tensor], Tensor] | None:
         """The inverse of the retraction ``method`` as a function ``(B, X) -> V``, or None."""

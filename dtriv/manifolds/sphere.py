@@ -149,13 +149,7 @@ class Sphere(Manifold):
     def _inverse(self, method: str) -> Callable[[Tensor, Tensor], Tensor] | None:
         r = self.radius
         fn = sphere_log if method == "exp" else sphere_projective_inverse
-
-        def inverse(B: Tensor, X: Tensor) -> Tensor:
-            if B.shape != X.shape:  # one point with a batch, or the reverse
-                B, X = torch.broadcast_tensors(B, X)
-            return r * fn(B / r, X / r)
-
-        return inverse
+        return lambda B, X: r * fn(B / r, X / r)
 
     def _sample(self, batch, generator, dtype, device, init) -> Tensor:
         if init != "haar":

@@ -101,15 +101,6 @@ def generator_init(
     return _generator_init(n, init, (), generator, dtype, device)
 
 
-def _broadcast(B: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """``B`` and ``V`` expanded to their common batch shape (views; the maps of
-    :mod:`dtriv.retractions.stiefel` take equal shapes), as they are when equal."""
-    if B.shape == V.shape:
-        return B, V
-    B, V = torch.broadcast_tensors(B, V)
-    return B, V
-
-
 class Stiefel(Manifold):
     r"""The Stiefel manifold :math:`\{X \in \mathbb{K}^{n \times k} : X^H X = I_k\}`.
 
@@ -301,7 +292,6 @@ class Stiefel(Manifold):
     def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:
         if self.square and method in _SQUARE_OF_SKEW:
             return B @ _SQUARE_OF_SKEW[method]((B.mH @ V) * 0.5)
-        B, V = _broadcast(B, V)
         return self._t(_TALL_MAPS[method](self._t(B), self._t(V)))
 
     def _inverse(self, method: str) -> Callable[[Tensor, Tensor], Tensor] | None:
@@ -311,12 +301,7 @@ class Stiefel(Manifold):
         inv = registry.get("stiefel", method).inverse
         if inv is None:
             return None
-
-        def inverse(B: Tensor, X: Tensor) -> Tensor:
-            B, X = _broadcast(B, X)
-            return self._t(inv(self._t(B), self._t(X)))
-
-        return inverse
+        return lambda B, X: self._t(inv(self._t(B), self._t(X)))
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, batch, generator, dtype, device, init) -> Tensor:
