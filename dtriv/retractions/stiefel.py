@@ -517,12 +517,10 @@ def special_polar_factor(X: Tensor) -> Tensor:
 
     Reference: Kabsch, "A solution for the best rotation to relate two sets of vectors" (1976).
     """
-    check_matrix(X, "X", tall=True)
+    check_matrix(X, "X", square=True)
     check_floating(X, "X")
     if X.is_complex():
         raise ValueError(f"X: expected a real matrix (SO(n) is real), got dtype {X.dtype}")
-    if X.shape[-2] != X.shape[-1]:
-        raise ValueError(f"X: expected a square matrix, got shape {tuple(X.shape)}")
     return _polar(X, special=True)
 
 
