@@ -826,12 +826,19 @@ def _recorded(lower: bool | None) -> Callable[[Tensor], Tensor]:
     ``L - L^H``, ``L = tril(X)``)."""
 
     def exp_of(X: Tensor) -> Tensor:
-        if lower is None:
-            return expm_skew_taylor_autograd(X)
-        L = X.tril() if lower else X
-        return expm_skew_taylor_autograd(L - L.mH)
+        return expm_skew_taylor_autograd(_recorded_argument(X, lower))
 
     return exp_of
+
+
+def _recorded_argument(X: Tensor, lower: bool | None) -> Tensor:
+    """The argument of the exponential in :func:`_recorded`, by differentiable operations:
+    ``X`` (``lower=None``), ``X - X^H``, or ``L - L^H`` for ``L = tril(X)`` (``lower``); it is
+    linear in ``X``, so it also maps a tangent ``dX`` to the argument's tangent."""
+    if lower is None:
+        return X
+    L = X.tril() if lower else X
+    return L - L.mH
 
 
 def _recorded_jvp(X: Tensor, dX: Tensor, lower: bool | None = None) -> Tensor:
@@ -847,11 +854,7 @@ def _recorded_jvp(X: Tensor, dX: Tensor, lower: bool | None = None) -> Tensor:
     if transforms_active():
         return torch.func.jvp(_recorded(lower), (X,), (dX,))[1]
     with torch.enable_grad():
-        if lower is None:
-            A, E = X, dX
-        else:
-            L, dL = (X.tril(), dX.tril()) if lower else (X, dX)
-            A, E = L - L.mH, dL - dL.mH
+        A, E = _recorded_argument(X, lower), _recorded_argument(dX, lower)
         (adjoint,) = torch.autograd.grad(expm_skew_taylor_autograd(A), A, E.mH,
                                          create_graph=True)
     return adjoint.mH
