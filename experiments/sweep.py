@@ -41,16 +41,11 @@ class Terminated(KeyboardInterrupt):
     on Ctrl-C, with its checkpoint and log consistent."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is not cut short by a second one
-    raise Terminated
-
-
 def terminate_as_interrupt() -> Any:
     """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous
     handler (``None`` off the main thread, where no handler can be set)."""
     try:
-        return signal.signal(signal.SIGTERM, _raise_terminated)
+        return signal.signal(signal.SIGTERM, _interrupt_once)
     except ValueError:  # not the main thread
         return None
 
@@ -95,9 +90,9 @@ def _worker(run: Run, resume: bool, overwrite: bool, threads: int,
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    if in_pool:  # idle workers ignore SIGINT (see _ignore_sigint); a running one stops
+    if in_pool:  # idle workers ignore SIGINT (see _init_pool_worker); a running one stops
         signal.signal(signal.SIGINT, _interrupt_once)
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, _interrupt_once)
     try:
         final = train(run, resume=resume, overwrite=overwrite, progress=progress)
     except (ConfigError, FloatingPointError, RunExistsError, RunLockedError) as e:
@@ -116,9 +111,10 @@ def _worker(run: Run, resume: bool, overwrite: bool, threads: int,
 
 
 def _interrupt_once(signum: int, frame: Any) -> None:
-    """SIGINT handler: ``KeyboardInterrupt`` once, then ignore SIGINT so cleanup can finish."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    """SIGINT or SIGTERM handler: ``KeyboardInterrupt`` (:class:`Terminated` for SIGTERM)
+    once, then that signal is ignored so that cleanup can finish."""
+    signal.signal(signum, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def _init_pool_worker() -> None:
