@@ -26,20 +26,32 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="POSIX signals")
-def test_ctrl_c_stops_a_parallel_sweep_and_cancels_the_queued_runs(write_config):
+def _start_sweep(write_config, **popen) -> tuple[list, subprocess.Popen]:
+    """A six-run ``sweep --jobs 2`` of long runs in a subprocess (its own session), started
+    and waited for until a run has written its first checkpoint: ``(runs, process)``."""
     path = write_config(sweep={"train.seed": [0, 1, 2, 3, 4, 5]},
                         train={"steps": 3000, "log_every": 5, "checkpoint_every": 50})
     runs = expand_sweep(path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments", "sweep", str(path), "--jobs", "2", "--no-report"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, preexec_fn=_default_sigint)
+        start_new_session=True, **popen)
     try:
         deadline = time.monotonic() + 120
         while not any((r.directory / "checkpoint.pt").exists() for r in runs):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return runs, proc
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_stops_a_parallel_sweep_and_cancels_the_queued_runs(write_config):
+    runs, proc = _start_sweep(write_config, preexec_fn=_default_sigint)
+    try:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=60)
@@ -116,19 +128,9 @@ def test_a_sweep_whose_main_process_is_stopped_leaves_no_worker(write_config, si
     --resume command); after SIGKILL the workers notice they are orphaned. Either way the
     workers stop their runs (no lock left) and exit without taking a queued run. Before, they
     trained every queued run and then waited forever."""
-    path = write_config(sweep={"train.seed": [0, 1, 2, 3, 4, 5]},
-                        train={"steps": 3000, "log_every": 5, "checkpoint_every": 50})
-    runs = expand_sweep(path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments", "sweep", str(path), "--jobs", "2", "--no-report"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+    runs, proc = _start_sweep(write_config)
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while not any((r.directory / "checkpoint.pt").exists() for r in runs):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         workers = [p for p in _children(proc.pid)
                    if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
         assert len(workers) == 2

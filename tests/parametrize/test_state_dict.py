@@ -152,19 +152,10 @@ def test_flattening_dim_negative_and_positive_are_one_reading():
         torch.testing.assert_close(target.weight, source.weight)
 
 
-class Holder(nn.Module):
-    """A module holding one parameter ``weight`` of the given shape."""
-
-    def __init__(self, shape, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.weight = nn.Parameter(torch.randn(shape, dtype=F64))
-
-
-def test_a_checkpoint_flattened_along_another_dim_is_refused():
+def test_a_checkpoint_flattened_along_another_dim_is_refused(weight_holder):
     """A ``(4, 4, 2)`` tensor read as ``Stiefel(4, 8)`` along ``dim=1`` and along ``dim=0`` are
     different matrices of one manifold: loading one into the other raises, naming ``dim``."""
-    a = constrain(Holder((4, 4, 2)), "weight", Stiefel(4, 8), flatten=True, dim=1)
-    b = constrain(Holder((4, 4, 2), seed=1), "weight", Stiefel(4, 8), flatten=True, dim=0)
+    a = constrain(weight_holder((4, 4, 2)), "weight", Stiefel(4, 8), flatten=True, dim=1)
+    b = constrain(weight_holder((4, 4, 2), seed=1), "weight", Stiefel(4, 8), flatten=True, dim=0)
     with pytest.raises(RuntimeError, match="dim"):
         b.load_state_dict(a.state_dict())

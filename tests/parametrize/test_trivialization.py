@@ -390,21 +390,12 @@ def test_static_assignment_on_a_complex_base_reads_back(retraction):
     torch.testing.assert_close(lin.weight.detach(), W, atol=1e-12, rtol=0)
 
 
-class Holder(nn.Module):
-    """A module holding one parameter ``weight`` of the given shape."""
-
-    def __init__(self, shape, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.weight = nn.Parameter(torch.randn(shape, dtype=F64))
-
-
-def test_flatten_with_a_negative_dim_counts_from_the_back():
+def test_flatten_with_a_negative_dim_counts_from_the_back(weight_holder):
     """``dim=-1`` on a ``(3, 4, 5)`` tensor is its last dimension (size 5): the tensor is read
     as the ``5 x 12`` matrix with that dimension first, exactly as ``dim=2`` reads it."""
     M = Stiefel(5, 12)
-    neg = constrain(Holder((3, 4, 5)), "weight", M, flatten=True, dim=-1)
-    pos = constrain(Holder((3, 4, 5)), "weight", M, flatten=True, dim=2)
+    neg = constrain(weight_holder((3, 4, 5)), "weight", M, flatten=True, dim=-1)
+    pos = constrain(weight_holder((3, 4, 5)), "weight", M, flatten=True, dim=2)
     W = neg.weight.detach()
     assert W.shape == (3, 4, 5)
     assert M.check(W.movedim(-1, 0).reshape(5, 12))
