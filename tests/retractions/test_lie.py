@@ -424,12 +424,33 @@ def test_cayley_of_a_singular_shift_under_vmap_is_not_finite(monkeypatch):
     assert not torch.isfinite(Q[1]).all()
 
 
+@pytest.fixture(params=["lu", "block"])
+def inverse_path(request, monkeypatch):
+    """Both inverses of M = I - A/2 in cayley_of_skew: LU, and block elimination (here with
+    leaves of 2 rows, so that every size above 2 takes it). Checks at the end that the block
+    path ran when asked for (and not otherwise): the tests cannot pass on the other one."""
+    from dtriv.retractions import lie
+
+    calls = []
+    real = lie.block_inverse
+
+    def spy(M, leaf):
+        calls.append(M.shape)
+        return real(M, leaf)
+
+    monkeypatch.setattr(lie, "block_inverse", spy)
+    if request.param == "block":
+        monkeypatch.setattr(lie, "BLOCK_LEAF", 2)
+    yield request.param
+    assert bool(calls) == (request.param == "block")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
                                    torch.complex128])
 @pytest.mark.parametrize("n", [5, 64, 130])
 @pytest.mark.parametrize("lower", [False, True])
 def test_cayley_of_skew_equals_cayley_of_the_skew_part_with_its_gradient(randn, dtype, n,
-                                                                          lower):
+                                                                          lower, inverse_path):
     """cayley_of_skew(X) = cayley(X - X^H) with the exact gradient wrt X (torch's solve);
     with ``lower``, cayley(L - L^H) for L = tril(X) (torch's orthogonal), gradient included."""
     from dtriv.retractions.lie import cayley_of_skew
@@ -461,7 +482,8 @@ def test_cayley_of_skew_equals_cayley_of_the_skew_part_with_its_gradient(randn, 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("dtype", REAL_COMPLEX)
 @pytest.mark.parametrize("lower", [False, True])
-def test_cayley_of_skew_gradcheck_second_derivatives_forward_mode_vmap(randn, dtype, lower):
+def test_cayley_of_skew_gradcheck_second_derivatives_forward_mode_vmap(randn, dtype, lower,
+                                                                       inverse_path):
     from dtriv.retractions.lie import cayley_of_skew
 
     def f(x):
@@ -485,7 +507,8 @@ def test_cayley_of_skew_gradcheck_second_derivatives_forward_mode_vmap(randn, dt
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
 @pytest.mark.parametrize("shape,m", [((), 5), ((), 8), ((2,), 5), ((2, 3), 7)])
 @pytest.mark.parametrize("lower", [False, True])
-def test_cayley_of_skew_with_a_left_factor_is_the_product(randn, dtype, shape, m, lower):
+def test_cayley_of_skew_with_a_left_factor_is_the_product(randn, dtype, shape, m, lower,
+                                                          inverse_path):
     """cayley_of_skew(X, left=B) = B @ cayley_of_skew(X), with the gradients in X and B."""
     from dtriv.retractions.lie import cayley_of_skew
 
@@ -510,7 +533,7 @@ def test_cayley_of_skew_with_a_left_factor_is_the_product(randn, dtype, shape, m
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("dtype", REAL_COMPLEX)
-def test_cayley_of_skew_with_a_left_factor_derivatives(randn, dtype):
+def test_cayley_of_skew_with_a_left_factor_derivatives(randn, dtype, inverse_path):
     """Second derivatives, forward mode (tangents in X, in B and in both) and vmap of the fused
     left product, against the two-node composition."""
     from dtriv.retractions.lie import cayley_of_skew
@@ -539,6 +562,62 @@ def test_cayley_of_skew_with_a_left_factor_derivatives(randn, dtype):
     (gx,) = torch.autograd.grad(f(X, b).abs().sum(), X)
     (gx_ref,) = torch.autograd.grad(reference(X, b).abs().sum(), X)
     assert (gx - gx_ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("lower", [False, True])
+@pytest.mark.parametrize("left", [False, True])
+def test_cayley_of_skew_block_inverse_at_its_sizes_in_single_precision(randn, lower, left):
+    """Above BLOCK_LEAF rows (two levels of uneven splits here), float32: value and gradients
+    within 1e-5 of the float64 solve formula, for a random generator with ||A||_2 about 2."""
+    from dtriv.retractions import lie
+
+    n = 2 * lie.BLOCK_LEAF + 17
+    X = randn(n, n) / n ** 0.5
+    B = torch.linalg.qr(randn(n, n))[0]
+    G = randn(n, n)
+
+    def value_and_grads(fn, dt):
+        x, b = X.to(dt).requires_grad_(), B.to(dt).requires_grad_()
+        out = fn(x, b)
+        gx, gb = torch.autograd.grad(out, (x, b), G.to(dt))
+        return out.double(), gx.double(), gb.double()
+
+    def reference(x, b):
+        L = x.tril() if lower else x
+        return b @ _cayley_by_solve(L - L.mT)
+
+    def f(x, b):
+        if left:
+            return lie.cayley_of_skew(x, lower=lower, left=b)
+        return b @ lie.cayley_of_skew(x, lower=lower)
+
+    got = value_and_grads(f, torch.float32)
+    want = value_and_grads(reference, torch.float64)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max())
+
+
+def test_cayley_of_skew_takes_lu_for_large_or_non_finite_generators(randn, monkeypatch):
+    """||A||_1 above BLOCK_MAX_NORM, or a non-finite entry, takes the LU path (pivoting keeps
+    the error linear in ||A||): same results as the small-size path, NaN propagated."""
+    from dtriv.retractions import lie
+
+    calls = []
+    real = lie.block_inverse
+    monkeypatch.setattr(lie, "block_inverse", lambda M, leaf: calls.append(1) or real(M, leaf))
+    monkeypatch.setattr(lie, "BLOCK_LEAF", 2)
+    n = 6
+    X = randn(n, n)
+    A = X - X.mT
+    X = X * (1.01 * lie.BLOCK_MAX_NORM / A.abs().sum(-1).amax())
+    Q = lie.cayley_of_skew(X)
+    assert not calls
+    assert (Q - _cayley_by_solve(X - X.mT)).abs().max() < 1e-12
+    lie.cayley_of_skew(X * 0.98)
+    assert calls
+    calls.clear()
+    X[1, 2] = float("nan")
+    assert lie.cayley_of_skew(X).isnan().all() and not calls
 
 
 @pytest.mark.parametrize("left_grad,backward", [(False, 2), (True, 3)])
