@@ -77,6 +77,20 @@ def test_plan_is_the_cheapest_with_the_bound_below_theta():
             assert products[m] + s == best
 
 
+def test_a_tie_in_forward_products_takes_degree_18_without_squarings(gen):
+    """Where T_12 with one squaring and T_18 without cost the same 5 forward products, the
+    plan is T_18: its reverse pass along skew directions takes 7 products, T_12's 8. The
+    result stays within float32 rounding of scipy's exponential."""
+    A = _skew(gen, 8, radius=2.0).float()
+    m, s, powers = _expm._taylor_powers(A)
+    bound = min(float(A2.abs().sum(-1).amax()) ** (1 / k)
+                for A2, k in ((powers[0], 2), (powers[1], 3)))
+    assert taylor_plan(bound, torch.float32, (12, 18)) == (12, 1)  # the tie
+    assert (m, s, len(powers)) == (18, 0, 3)
+    Q = _expm.expm_skew_taylor(A)
+    assert (Q.double() - _scipy(A.double())).abs().max() < 1e-5
+
+
 def _forced(monkeypatch, plan):
     """Run expm_skew_taylor with the plan (m, s) whatever the norm."""
     monkeypatch.setattr(_expm, "taylor_plan", lambda bound, dtype, degrees=None: plan)
