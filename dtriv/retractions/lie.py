@@ -279,6 +279,9 @@ class _Cayley(torch.autograd.Function):
         # Factor M^H (for a row-major M the column-major matrix LAPACK reads without a
         # copy) and solve M X = I as the adjoint system: measured 20% faster than inv(M).
         Id = _eye(A)
+        if _block_inverse_applies(A, None, check_skew=True):  # as in _CayleyOfSkew
+            Minv = block_inverse(torch.add(Id, A, alpha=-0.5), BLOCK_LEAF)
+            return torch.add(-Id, Minv, alpha=2.0), Minv
         LU, pivots, info = torch.linalg.lu_factor_ex(torch.add(Id, A, alpha=-0.5).mH)
         # Under torch.func transforms, jit tracing and export, and on meta tensors, info is
         # not read (data-dependent control flow; a singular I - A/2 then gives non-finite
@@ -352,8 +355,9 @@ def cayley(A: Tensor) -> Tensor:
             factorization's status and returns non-finite entries instead.
 
     Cost: one inverse (LU of :math:`M^H` and the adjoint solve with :math:`n` right-hand
-    sides, about :math:`8n^3/3` flops, 4 products' time on CPU) forward; two products
-    backward.
+    sides, about :math:`8n^3/3` flops, 4 products' time on CPU; for an exactly
+    skew-Hermitian ``A`` the block elimination of :func:`cayley_of_skew` where it applies)
+    forward; two products backward.
     """
     check_matrix(A, "A", square=True)
     check_floating(A, "A")
@@ -401,14 +405,17 @@ def _eyes(X: Tensor) -> tuple[Tensor, Tensor]:
 BLOCK_MAX_NORM = 32.0
 
 
-def _block_inverse_applies(A: Tensor, arena: Arena) -> bool:
-    r"""Whether :class:`_CayleyOfSkew` inverts ``M = I - A/2`` by :func:`block_inverse`: above
-    ``BLOCK_LEAF`` rows, in plain eager code (the check reads a value on the host) and for
-    :math:`\|A\|_1 \le` ``BLOCK_MAX_NORM`` (max row sum: A is skew; false for non-finite
-    entries, which take the LU path)."""
+def _block_inverse_applies(A: Tensor, arena: Arena | None, check_skew: bool = False) -> bool:
+    r"""Whether the Cayley transform inverts ``M = I - A/2`` by :func:`block_inverse`: above
+    ``BLOCK_LEAF`` rows, in plain eager code (the checks read values on the host), for a
+    skew-Hermitian ``A`` (tested exactly with ``check_skew``; :class:`_CayleyOfSkew` builds
+    one) and for :math:`\|A\|_1 \le` ``BLOCK_MAX_NORM`` (max row sum, A being skew; false
+    for non-finite entries, which take the LU path). ``arena``: where ``|A|`` is written."""
     if A.shape[-1] <= BLOCK_LEAF or transforms_active() or no_host_reads(A):
         return False
-    absA = torch.abs(A, out=arena.empty()) if not A.is_complex() else A.abs()
+    if check_skew and not _is_skew(A):
+        return False
+    absA = A.abs() if arena is None or A.is_complex() else torch.abs(A, out=arena.empty())
     return bool(absA.sum(dim=-1).amax() <= BLOCK_MAX_NORM)
 
 

@@ -350,11 +350,18 @@ def _cayley_by_solve(A):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
                                    torch.complex128])
 @pytest.mark.parametrize("skew", [True, False], ids=["skew", "general"])
-@pytest.mark.parametrize("n", [40, 100], ids=["solve_path", "inverse_path"])
-def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew, n):
-    """2 (I - A/2)^{-1} - I and the backward M^{-H} G M^{-H} against torch's solve."""
+@pytest.mark.parametrize("n", [40, 100, 401], ids=["solve_path", "inverse_path", "blocks"])
+def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew, n, monkeypatch):
+    """2 (I - A/2)^{-1} - I and the backward M^{-H} G M^{-H} against torch's solve; above
+    BLOCK_LEAF rows an exactly skew A takes the block inverse, any other A the LU route."""
+    from dtriv.retractions import lie
+
+    calls = []
+    real = lie.block_inverse
+    monkeypatch.setattr(lie, "block_inverse", lambda M, leaf: calls.append(1) or real(M, leaf))
     X = randn(2, n, n, dtype=torch.complex128 if dtype.is_complex else torch.float64)
-    A = (X - X.mH if skew else X) / n ** 0.5
+    # (blocks: ||A||_1 within BLOCK_MAX_NORM for complex entries too)
+    A = (X - X.mH if skew else X) / n ** 0.5 / (2.0 if n > lie.BLOCK_LEAF else 1.0)
     G = randn(*A.shape, dtype=A.dtype)
     tol = 1e-5 if dtype in (torch.float32, torch.complex64) else 1e-10
 
@@ -365,6 +372,7 @@ def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew, n
         return Q.to(A.dtype), g.to(A.dtype)
 
     Q, g = value_and_grad(cayley, dtype)
+    assert bool(calls) == (skew and n > lie.BLOCK_LEAF)
     Q_ref, g_ref = value_and_grad(_cayley_by_solve, A.dtype)
     assert (Q - Q_ref).abs().max() < tol * max(1.0, Q_ref.abs().max())
     assert (g - g_ref).abs().max() < tol * max(1.0, g_ref.abs().max())
