@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import ParametrizationList
 
+from dtriv.retractions._lu import solve
 from dtriv.retractions.stiefel import polar_factor
 
 __all__ = ["Target", "find_targets"]
@@ -159,7 +160,7 @@ class TorchOrthogonalTarget(Target):
             if p.orthogonal_map == _OrthMaps.matrix_exp:
                 return torch.linalg.matrix_exp(A)
             Id = torch.eye(n, dtype=A.dtype, device=A.device)
-            return torch.linalg.solve(torch.add(Id, A, alpha=-0.5), torch.add(Id, A, alpha=0.5))
+            return solve(torch.add(Id, A, alpha=-0.5), torch.add(Id, A, alpha=0.5))
         A = X.tril(diagonal=-1)
         tau = 2.0 / (1.0 + (A * A).sum(dim=-2))
         A_full = torch.cat([A, pad], dim=-1)

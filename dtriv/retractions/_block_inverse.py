@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._lu import lu_factor_ex
+
 __all__ = ["LEAF", "block_inverse"]
 
 # Blocks of at most this many rows are inverted by LU; larger ones are split in halves
@@ -44,7 +46,7 @@ def _lu_inverse(M: Tensor) -> Tensor:
     """``M^{-1}`` by LU: the factors of ``M^H`` (the column-major matrix LAPACK reads without a
     copy when ``M`` is row-major) and the adjoint solve with the identity."""
     n = M.shape[-1]
-    LU, pivots, _ = torch.linalg.lu_factor_ex(M.mH)
+    LU, pivots, _ = lu_factor_ex(M.mH)
     eye = torch.eye(n, dtype=M.dtype, device=M.device)
     return torch.linalg.lu_solve(LU, pivots, eye.expand_as(M).contiguous(), adjoint=True)
 

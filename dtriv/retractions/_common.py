@@ -16,6 +16,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from . import _lu
+
 _HALF = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 if hasattr(torch, "complex32"):
     _HALF[torch.complex32] = torch.complex64
@@ -263,8 +265,8 @@ def solve(A: Tensor, B: Tensor, *, left: bool = True) -> Tensor:
     differentiated by ``backward``: there too it is a product with the inverse. Eager code
     (two flag reads more) keeps the solve."""
     if not forward_ad_active():
-        return torch.linalg.solve(A, B, left=left)
-    return torch.linalg.inv(A) @ B if left else B @ torch.linalg.inv(A)
+        return _lu.solve(A, B, left=left)
+    return _lu.inv(A) @ B if left else B @ _lu.inv(A)
 
 
 #: the largest ``n`` of the ``n x n`` constants that :func:`cached_outside_transforms` keeps

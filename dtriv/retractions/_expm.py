@@ -72,6 +72,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import _lu
 from ._common import (
     apply_function,
     cached_outside_transforms,
@@ -192,7 +193,7 @@ def expm_pade(A: Tensor, m: int, s: int) -> tuple[Tensor, dict[str, object]]:
     # the factorisation of the transpose of a row-major matrix and the adjoint solve faster.
     # (V - U is well conditioned for ||B||_1 <= theta_m, Higham 2005 sec. 2; a singular one
     # only arises from non-finite input, which the caller sends elsewhere.)
-    LU, pivots, _ = torch.linalg.lu_factor_ex((V - U).mH)
+    LU, pivots, _ = _lu.lu_factor_ex((V - U).mH)
     V += U
     R = torch.linalg.lu_solve(LU, pivots, V, adjoint=True)
     squares = [R]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import _lu
 from ._block_inverse import LEAF as BLOCK_LEAF
 from ._block_inverse import block_inverse
 from ._common import (
@@ -282,7 +283,7 @@ class _Cayley(torch.autograd.Function):
         if _block_inverse_applies(A, None, check_skew=True):  # as in _CayleyOfSkew
             Minv = block_inverse(torch.add(Id, A, alpha=-0.5), BLOCK_LEAF)
             return torch.add(-Id, Minv, alpha=2.0), Minv
-        LU, pivots, info = torch.linalg.lu_factor_ex(torch.add(Id, A, alpha=-0.5).mH)
+        LU, pivots, info = _lu.lu_factor_ex(torch.add(Id, A, alpha=-0.5).mH)
         # Under torch.func transforms, jit tracing and export, and on meta tensors, info is
         # not read (data-dependent control flow; a singular I - A/2 then gives non-finite
         # entries), and vmap has no batching rule for out=.
@@ -310,7 +311,7 @@ class _Cayley(torch.autograd.Function):
     def backward(ctx, G: Tensor, _unused: Tensor | None = None):  # type: ignore[override]
         A, Minv = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: a differentiable M^{-1}
-            Minv = torch.linalg.inv(torch.add(_eye(A), A, alpha=-0.5))
+            Minv = _lu.inv(torch.add(_eye(A), A, alpha=-0.5))
         MinvH = Minv.mH
         return MinvH @ G.to(Minv.dtype) @ MinvH
 
@@ -318,7 +319,7 @@ class _Cayley(torch.autograd.Function):
     def jvp(ctx, dA: Tensor):  # type: ignore[override]
         A, Minv = ctx.saved_tensors
         if jvp_differentiated(A):  # reverse over forward: a differentiable M^{-1}
-            Minv = torch.linalg.inv(torch.add(_eye(A), A, alpha=-0.5))
+            Minv = _lu.inv(torch.add(_eye(A), A, alpha=-0.5))
         return Minv @ dA @ Minv, None
 
 
@@ -379,7 +380,7 @@ def _cayley_reference(A: Tensor) -> Tensor:
     (:func:`~dtriv.retractions._common.nested_forward_ad`), where those of :class:`_Cayley`
     and :class:`_CayleyOfSkew` are not."""
     Id = _eye(A)
-    return torch.add(-Id, torch.linalg.inv_ex(torch.add(Id, A, alpha=-0.5))[0], alpha=2.0)
+    return torch.add(-Id, _lu.inv_ex(torch.add(Id, A, alpha=-0.5))[0], alpha=2.0)
 
 
 @cached_outside_transforms(maxsize=16)
@@ -452,7 +453,7 @@ class _CayleyOfSkew(torch.autograd.Function):
                 # Factor M^H = I + A/2 (for a row-major M the column-major matrix LAPACK reads
                 # without a copy) and solve M Y = I as the adjoint system: measured 20% faster
                 # than inv(M).
-                LU, pivots, info = torch.linalg.lu_factor_ex(
+                LU, pivots, info = _lu.lu_factor_ex(
                     torch.add(Id, A, alpha=0.5, out=arena.empty()))
         column_major = Minv is None
         if column_major:
@@ -486,7 +487,7 @@ class _CayleyOfSkew(torch.autograd.Function):
         X, Minv, left, *kept = ctx.saved_tensors
         BMinv = kept[0] if kept else None
         if torch.is_grad_enabled():  # double backward: a differentiable M^{-1}
-            Minv = torch.linalg.inv(torch.add(_eye(X), skew_of(X, ctx.lower), alpha=-0.5))
+            Minv = _lu.inv(torch.add(_eye(X), skew_of(X, ctx.lower), alpha=-0.5))
             BMinv = None
         MinvH = Minv.mH
         G = G.to(Minv.dtype)
@@ -510,7 +511,7 @@ class _CayleyOfSkew(torch.autograd.Function):
     def jvp(ctx, dX: Tensor | None, _lower: None, dleft: Tensor | None):  # type: ignore[override]
         X, Minv, left, *_ = ctx.saved_tensors
         if dX is not None and jvp_differentiated(X):  # a differentiable M^{-1}
-            Minv = torch.linalg.inv(torch.add(_eye(X), skew_of(X, ctx.lower), alpha=-0.5))
+            Minv = _lu.inv(torch.add(_eye(X), skew_of(X, ctx.lower), alpha=-0.5))
         dQ = None if dX is None else Minv @ skew_of(dX, ctx.lower) @ Minv
         if left is None:
             return dQ, None
@@ -587,9 +588,9 @@ def _cayley_inverse(Q: Tensor) -> tuple[Tensor, Tensor]:
     :func:`~dtriv.retractions._common.solve`)."""
     Id = _eye(Q)
     if transforms_active():
-        inv, info = torch.linalg.inv_ex(Q + Id)
+        inv, info = _lu.inv_ex(Q + Id)
         return 2 * (Q - Id) @ inv, info
-    X, info = torch.linalg.solve_ex(Q + Id, 2 * (Q - Id), left=False)
+    X, info = _lu.solve_ex(Q + Id, 2 * (Q - Id), left=False)
     return X, info
 
 
@@ -721,7 +722,7 @@ class _Logm(torch.autograd.Function):
                     f"{unitary_tol:.2e}), got max |Q^H Q - I| = {float(err.max()):.3e}"
                 )
         if checked and not Q.is_complex():
-            negative = torch.linalg.det(Q) < 0
+            negative = _lu.det(Q) < 0
             if bool(negative.any()):
                 _raise_near_minus_one(Q, "Q", negative, tol)
         C, info = _cayley_inverse(Q)

@@ -40,6 +40,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _lu
 from ._common import (
     apply_function,
     check_floating,
@@ -429,7 +430,7 @@ def _polar_derivative(X: Tensor, Q: Tensor, S: Tensor, Wh: Tensor, E: Tensor) ->
 def _reflection_signs(Q: Tensor) -> Tensor:
     """``-1`` where the square ``Q`` has a negative determinant, else ``1``, shape ``(...,)``
     (selected per point: no host read)."""
-    det = torch.linalg.det(Q)
+    det = _lu.det(Q)
     return torch.where(det < 0, -torch.ones_like(det), torch.ones_like(det))
 
 

@@ -65,6 +65,7 @@ from dtriv.retractions._common import (
     upcast_half,
     without_autocast,
 )
+from dtriv.retractions._lu import lu_factor_ex
 from dtriv.retractions.householder import householder, householder_inverse
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm_of_skew, logm
 from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp_canonical
@@ -140,7 +141,7 @@ def _stiefel_cayley_preimage(Q: Tensor) -> Tensor:
     k = Q.size(-1)
     Q1, Q2 = Q[..., :k, :], Q[..., k:, :]
     M = Q1 + torch.eye(k, dtype=Q.dtype, device=Q.device)
-    LU, pivots, info = torch.linalg.lu_factor_ex(M)
+    LU, pivots, info = lu_factor_ex(M)
     T = torch.linalg.lu_solve(LU, pivots, torch.cat([Q1 - Q1.mH, Q2], dim=-2), left=False)
     S = 2 * torch.linalg.lu_solve(LU, pivots, T[..., :k, :], adjoint=True)
     X = torch.cat([_tril_preimage(S), 2 * T[..., k:, :]], dim=-2)

@@ -1,0 +1,112 @@
+r"""LU-based linear algebra on batches that stays right after ``torch.set_num_threads``.
+
+In torch 2.13 on CPU (MKL), once ``torch.set_num_threads(k)`` has been called with
+``k >= 2`` (the default count, never set, does not trigger it), the LU factorization of a
+batch of two or more matrices with more than 128 rows is wrong: ``torch.linalg.lu_factor``
+returns other factors and pivots (some out of range) with ``info`` 0, ``torch.linalg.det``
+wrong values (signs included), and ``solve``, ``inv`` and ``lu`` raise "Pivots given to
+lu_solve must all be greater or equal to 1". One matrix at a time is right, and so is
+``lu_solve`` given right factors. The training scripts of ``experiments`` and many user
+scripts set the thread count.
+
+The functions here are torch's, except that on CPU such batches (more than
+:data:`BATCHED_LU_MAX_N` rows, more than one matrix) are factored one matrix at a time: a
+Python loop, a few microseconds per matrix against its :math:`O(n^3)` factorization. Under
+``torch.func`` transforms the batch is hidden from them (vmap's batching rules call the
+batched kernels), so there they are torch's functions unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+# (torch's own flag, as in ._common, which imports this module)
+_transforms_active = torch._C._are_functorch_transforms_active
+
+__all__ = ["BATCHED_LU_MAX_N", "lu_factor_ex", "det", "inv", "inv_ex", "solve", "solve_ex"]
+
+#: the largest matrices that a batched CPU LU factorization takes as one batch (measured:
+#: 128 rows right, 160 and more wrong, after ``torch.set_num_threads(2)``)
+BATCHED_LU_MAX_N = 128
+
+
+def _one_by_one(A: Tensor, batch: tuple[int, ...] | None = None) -> bool:
+    """Whether ``A`` (``(..., n, n)``, broadcast to the batch shape ``batch`` when given) is a
+    CPU batch that is factored one matrix at a time."""
+    batch = tuple(A.shape[:-2]) if batch is None else batch
+    return (A.shape[-1] > BATCHED_LU_MAX_N and math.prod(batch) > 1
+            and A.device.type == "cpu" and not _transforms_active())
+
+
+def _map(fn: Callable[..., object], batch: tuple[int, ...], *args: Tensor) -> list:
+    """``fn`` on each matrix of ``args`` (each ``(*batch, ., .)``), flattened over ``batch``."""
+    flat = [a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:]) for a in args]
+    return [fn(*parts) for parts in zip(*(f.unbind(0) for f in flat))]
+
+
+def _stack(parts: list[Tensor], batch: tuple[int, ...]) -> Tensor:
+    out = torch.stack(parts)
+    return out.reshape(*batch, *out.shape[1:])
+
+
+def lu_factor_ex(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.lu_factor_ex(A)``."""
+    if not _one_by_one(A):
+        return torch.linalg.lu_factor_ex(A)
+    batch = tuple(A.shape[:-2])
+    parts = _map(torch.linalg.lu_factor_ex, batch, A)
+    return tuple(_stack([p[i] for p in parts], batch) for i in range(3))  # type: ignore[return-value]
+
+
+def det(A: Tensor) -> Tensor:
+    """``torch.linalg.det(A)``."""
+    if not _one_by_one(A):
+        return torch.linalg.det(A)
+    batch = tuple(A.shape[:-2])
+    return _stack(_map(torch.linalg.det, batch, A), batch)
+
+
+def inv(A: Tensor) -> Tensor:
+    """``torch.linalg.inv(A)``."""
+    if not _one_by_one(A):
+        return torch.linalg.inv(A)
+    batch = tuple(A.shape[:-2])
+    return _stack(_map(torch.linalg.inv, batch, A), batch)
+
+
+def inv_ex(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.inv_ex(A)``."""
+    if not _one_by_one(A):
+        return torch.linalg.inv_ex(A)
+    batch = tuple(A.shape[:-2])
+    parts = _map(torch.linalg.inv_ex, batch, A)
+    return _stack([p[0] for p in parts], batch), _stack([p[1] for p in parts], batch)
+
+
+def _solve_batch(A: Tensor, B: Tensor) -> tuple[int, ...]:
+    """The broadcast batch shape of ``A`` and the matrix ``B`` (torch factors ``A`` expanded
+    to it)."""
+    if B.dim() < 2:
+        raise ValueError(f"B: expected a matrix (..., n, k), got shape {tuple(B.shape)}")
+    return tuple(torch.broadcast_shapes(A.shape[:-2], B.shape[:-2]))
+
+
+def solve(A: Tensor, B: Tensor, *, left: bool = True) -> Tensor:
+    """``torch.linalg.solve(A, B, left=left)`` for a matrix ``B`` (``(..., n, k)``)."""
+    batch = _solve_batch(A, B) if A.shape[-1] > BATCHED_LU_MAX_N else ()
+    if not _one_by_one(A, batch):
+        return torch.linalg.solve(A, B, left=left)
+    return _stack(_map(lambda a, b: torch.linalg.solve(a, b, left=left), batch, A, B), batch)
+
+
+def solve_ex(A: Tensor, B: Tensor, *, left: bool = True) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.solve_ex(A, B, left=left)`` for a matrix ``B`` (``(..., n, k)``)."""
+    batch = _solve_batch(A, B) if A.shape[-1] > BATCHED_LU_MAX_N else ()
+    if not _one_by_one(A, batch):
+        return torch.linalg.solve_ex(A, B, left=left)
+    parts = _map(lambda a, b: torch.linalg.solve_ex(a, b, left=left), batch, A, B)
+    return _stack([p[0] for p in parts], batch), _stack([p[1] for p in parts], batch)
