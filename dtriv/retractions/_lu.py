@@ -7,7 +7,11 @@ returns other factors and pivots (some out of range) with ``info`` 0, ``torch.li
 wrong values (signs included), and ``solve``, ``inv`` and ``lu`` raise "Pivots given to
 lu_solve must all be greater or equal to 1". One matrix at a time is right, and so is
 ``lu_solve`` given right factors. The training scripts of ``experiments`` and many user
-scripts set the thread count.
+scripts set the thread count. The cause (pytorch/pytorch issue 142815, open; pull request
+181570): torch's batched CPU factorization splits the batch over threads with a grain size
+that rounds to 0 for large matrices, so several threads call MKL's ``getrf`` at once, whose
+row swaps (``LASWP``) are not safe to run so ("Parameter 6 was incorrect on entry to
+DLASWP" is printed).
 
 The functions here are torch's, except that on CPU such batches (more than
 :data:`BATCHED_LU_MAX_N` rows, more than one matrix) are factored one matrix at a time: a
