@@ -21,8 +21,9 @@ No pivot block is singular: :math:`\operatorname{He}(M_{11})` is a principal blo
 :math:`\succeq \lambda I` and an inverse of 2-norm at most :math:`1/\lambda`; for
 :math:`M = I - A/2` with a skew-Hermitian :math:`A` (the Cayley transform) :math:`\lambda = 1`.
 
-Cost: six products of half size per level, about :math:`1.5 n^3` flops, and the leaves'
-LU factorizations. On CPU at :math:`n = 512` this measured half the time of one LU
+Cost: six products of half size per level (:math:`1.5 n^3` flops at the top level, about
+:math:`2 n^3` in all: measured :math:`1.9 n^3` at :math:`n = 512`), and the leaves' LU
+factorizations. On CPU at :math:`n = 512` this measured half the time of one LU
 factorization and solve with :math:`n` right-hand sides (the LAPACK routines run far below
 the matrix product's rate there), and a third of it at :math:`n = 1024`.
 """

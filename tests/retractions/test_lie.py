@@ -578,13 +578,18 @@ def test_cayley_of_skew_with_a_left_factor_derivatives(randn, dtype, inverse_pat
 
 @pytest.mark.parametrize("lower", [False, True])
 @pytest.mark.parametrize("left", [False, True])
-def test_cayley_of_skew_block_inverse_at_its_sizes_in_single_precision(randn, lower, left):
+def test_cayley_of_skew_block_inverse_at_its_sizes_in_single_precision(randn, lower, left,
+                                                                      monkeypatch):
     """Above BLOCK_LEAF rows (two levels of uneven splits here), float32: value and gradients
-    within 1e-5 of the float64 solve formula, for a random generator with ||A||_2 about 2."""
+    within 1e-5 of the float64 solve formula, for a random generator with ||A||_2 about 1;
+    the block route ran."""
     from dtriv.retractions import lie
 
+    calls = []
+    real = lie.block_inverse
+    monkeypatch.setattr(lie, "block_inverse", lambda M, leaf: calls.append(1) or real(M, leaf))
     n = 2 * lie.BLOCK_LEAF + 17
-    X = randn(n, n) / n ** 0.5
+    X = randn(n, n) / n ** 0.5 / 2
     B = torch.linalg.qr(randn(n, n))[0]
     G = randn(n, n)
 
@@ -604,9 +609,34 @@ def test_cayley_of_skew_block_inverse_at_its_sizes_in_single_precision(randn, lo
         return b @ lie.cayley_of_skew(x, lower=lower)
 
     got = value_and_grads(f, torch.float32)
+    assert calls
     want = value_and_grads(reference, torch.float64)
     for a, b in zip(got, want):
         assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max())
+
+
+def test_cayley_of_skew_block_inverse_on_its_worst_generators_in_single_precision():
+    """The generators that make elimination without pivoting least accurate couple the two
+    halves of the indices by sums of signed permutations. Just inside BLOCK_MAX_NORM, in
+    float32 at n = 400, over 12 of them: the block route runs and Q stays within half the
+    float32 tolerance of 1e-5 (at ||A||_1 = 32 it reached 1.1e-5)."""
+    from dtriv.retractions import lie
+
+    n, h = 400, 200
+    eye = torch.eye(n, dtype=torch.float64)
+    worst = 0.0
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        C = sum(s * torch.eye(h, dtype=torch.float64)[torch.randperm(h, generator=g)]
+                for s in (1, -1, 1))
+        X = torch.zeros(n, n, dtype=torch.float64)
+        X[:h, h:] = C
+        X *= 0.999 * lie.BLOCK_MAX_NORM / (X - X.mT).abs().sum(-1).amax()
+        assert lie._block_inverse_applies((X - X.mT).float(), None)
+        exact = 2 * torch.linalg.inv(eye - (X - X.mT) / 2) - eye
+        Q = lie.cayley_of_skew(X.float()).double()
+        worst = max(worst, (Q - exact).abs().max().item())
+    assert worst < 5e-6
 
 
 def test_cayley_of_skew_takes_lu_for_large_or_non_finite_generators(randn, monkeypatch):
