@@ -13,11 +13,14 @@ that rounds to 0 for large matrices, so several threads call MKL's ``getrf`` at 
 row swaps (``LASWP``) are not safe to run so ("Parameter 6 was incorrect on entry to
 DLASWP" is printed).
 
+The batched call can also hang (a batch of two at n = 150, twice, in a review).
+
 The functions here are torch's, except that on CPU such batches (more than
 :data:`BATCHED_LU_MAX_N` rows, more than one matrix) are factored one matrix at a time: a
-Python loop, a few microseconds per matrix against its :math:`O(n^3)` factorization. Under
-``torch.func`` transforms the batch is hidden from them (vmap's batching rules call the
-batched kernels), so there they are torch's functions unchanged.
+Python loop, a few microseconds per matrix against its :math:`O(n^3)` factorization. That
+holds under ``torch.func.grad``, ``jvp``, ``jacrev`` and ``jacfwd`` too, whose batches are
+visible; a batch made by ``torch.vmap`` is hidden from them (vmap's batching rules call the
+batched kernels), so it stays exposed.
 """
 
 from __future__ import annotations
@@ -27,9 +30,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-
-# (torch's own flag, as in ._common, which imports this module)
-_transforms_active = torch._C._are_functorch_transforms_active
 
 __all__ = ["BATCHED_LU_MAX_N", "lu_factor_ex", "det", "inv", "inv_ex", "solve", "solve_ex"]
 
@@ -42,13 +42,13 @@ def _one_by_one(A: Tensor, batch: tuple[int, ...] | None = None) -> bool:
     """Whether ``A`` (``(..., n, n)``, broadcast to the batch shape ``batch`` when given) is a
     CPU batch that is factored one matrix at a time."""
     batch = tuple(A.shape[:-2]) if batch is None else batch
-    return (A.shape[-1] > BATCHED_LU_MAX_N and math.prod(batch) > 1
-            and A.device.type == "cpu" and not _transforms_active())
+    return A.shape[-1] > BATCHED_LU_MAX_N and math.prod(batch) > 1 and A.device.type == "cpu"
 
 
 def _map(fn: Callable[..., object], batch: tuple[int, ...], *args: Tensor) -> list:
     """``fn`` on each matrix of ``args`` (each ``(*batch, ., .)``), flattened over ``batch``."""
-    flat = [a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:]) for a in args]
+    size = math.prod(batch)
+    flat = [a.expand(*batch, *a.shape[-2:]).reshape(size, *a.shape[-2:]) for a in args]
     return [fn(*parts) for parts in zip(*(f.unbind(0) for f in flat))]
 
 
@@ -91,26 +91,37 @@ def inv_ex(A: Tensor) -> tuple[Tensor, Tensor]:
     return _stack([p[0] for p in parts], batch), _stack([p[1] for p in parts], batch)
 
 
-def _solve_batch(A: Tensor, B: Tensor) -> tuple[int, ...]:
-    """The broadcast batch shape of ``A`` and the matrix ``B`` (torch factors ``A`` expanded
-    to it)."""
-    if B.dim() < 2:
-        raise ValueError(f"B: expected a matrix (..., n, k), got shape {tuple(B.shape)}")
-    return tuple(torch.broadcast_shapes(A.shape[:-2], B.shape[:-2]))
+def _vector_rhs(A: Tensor, B: Tensor) -> bool:
+    """Whether torch reads ``B`` as (a batch of) vectors: 1-D, or ``A``'s shape less a dim."""
+    return B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
+
+
+def _by_matrix(A: Tensor, B: Tensor, left: bool) -> tuple[int, ...] | None:
+    """The broadcast batch shape when ``solve(A, B)`` must loop, else ``None``: a single
+    ``A`` against a batch of right-hand sides (``left``) is factored once by torch."""
+    if A.shape[-1] <= BATCHED_LU_MAX_N or (A.dim() == 2 and left):
+        return None
+    batch = tuple(torch.broadcast_shapes(A.shape[:-2], B.shape[:-2]))
+    return batch if _one_by_one(A, batch) else None
 
 
 def solve(A: Tensor, B: Tensor, *, left: bool = True) -> Tensor:
-    """``torch.linalg.solve(A, B, left=left)`` for a matrix ``B`` (``(..., n, k)``)."""
-    batch = _solve_batch(A, B) if A.shape[-1] > BATCHED_LU_MAX_N else ()
-    if not _one_by_one(A, batch):
+    """``torch.linalg.solve(A, B, left=left)``."""
+    if _vector_rhs(A, B):
+        return solve(A, B.unsqueeze(-1), left=left).squeeze(-1)
+    batch = _by_matrix(A, B, left)
+    if batch is None:
         return torch.linalg.solve(A, B, left=left)
     return _stack(_map(lambda a, b: torch.linalg.solve(a, b, left=left), batch, A, B), batch)
 
 
 def solve_ex(A: Tensor, B: Tensor, *, left: bool = True) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.solve_ex(A, B, left=left)`` for a matrix ``B`` (``(..., n, k)``)."""
-    batch = _solve_batch(A, B) if A.shape[-1] > BATCHED_LU_MAX_N else ()
-    if not _one_by_one(A, batch):
+    """``torch.linalg.solve_ex(A, B, left=left)``."""
+    if _vector_rhs(A, B):
+        X, info = solve_ex(A, B.unsqueeze(-1), left=left)
+        return X.squeeze(-1), info
+    batch = _by_matrix(A, B, left)
+    if batch is None:
         return torch.linalg.solve_ex(A, B, left=left)
     parts = _map(lambda a, b: torch.linalg.solve_ex(a, b, left=left), batch, A, B)
     return _stack([p[0] for p in parts], batch), _stack([p[1] for p in parts], batch)

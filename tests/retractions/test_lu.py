@@ -15,7 +15,10 @@ N = _lu.BATCHED_LU_MAX_N + 32
 
 @pytest.fixture(autouse=True)
 def threads_set():
-    """The state that breaks torch's batched LU: a thread count set explicitly (>= 2)."""
+    """The state that breaks torch's batched LU: a thread count set explicitly (>= 2). The
+    teardown's own set_num_threads keeps that state for the rest of the session, as the
+    fixtures of tests/optim and tests/experiments do: a reference computed in a test must not
+    rely on a batched LU above 128 rows."""
     before = torch.get_num_threads()
     torch.set_num_threads(max(2, before))
     yield
@@ -47,8 +50,13 @@ def test_det_inv_and_solve_equal_one_matrix_at_a_time(randn):
     assert (A @ _lu.solve(A, B) - B).abs().max() < 1e-10
     X, info = _lu.solve_ex(A, B.mT, left=False)
     assert (X @ A - B.mT).abs().max() < 1e-10 and (info == 0).all()
-    # one matrix against a batch of right-hand sides: torch factors it expanded to the batch
+    # one matrix against a batch of right-hand sides (torch factors it once), vectors, none
     assert (A[0] @ _lu.solve(A[0], B) - B).abs().max() < 1e-10
+    b = B[..., 0]
+    assert _lu.solve(A, b).shape == b.shape
+    assert ((A @ _lu.solve(A, b).unsqueeze(-1)).squeeze(-1) - b).abs().max() < 1e-10
+    assert (A[0] @ _lu.solve(A[0], b[0]) - b[0]).abs().max() < 1e-10
+    assert _lu.solve(A, B[..., :0]).shape == (3, N, 0)
 
 
 def test_gradients_through_the_loop(randn):
@@ -57,6 +65,21 @@ def test_gradients_through_the_loop(randn):
     (g,) = torch.autograd.grad(_lu.inv(A), A, G)
     (g_ref,) = torch.autograd.grad(torch.stack([torch.linalg.inv(a) for a in A]), A, G)
     assert (g - g_ref).abs().max() < 1e-10
+
+
+def test_the_loop_under_torch_func_transforms(randn):
+    """grad, jvp and jacrev see the batch: the loop runs there too (a batched jvp of
+    cayley_inverse raised, det's gradient was wrong)."""
+    A = _batch(randn, 3)
+    (g,) = (torch.func.grad(lambda a: _lu.det(a).sum())(A),)
+    g_ref = torch.stack([torch.func.grad(torch.linalg.det)(a) for a in A])
+    assert (g - g_ref).abs().max() < 1e-8 * g_ref.abs().max()
+    X = randn(3, N, N)
+    Q = torch.linalg.matrix_exp((X - X.mT) / N ** 0.5 / 2)
+    E = randn(3, N, N)
+    _, dA = torch.func.jvp(cayley_inverse, (Q,), (E,))
+    _, dA_ref = torch.func.jvp(cayley_inverse, (Q[1],), (E[1],))
+    assert (dA[1] - dA_ref).abs().max() < 1e-8
 
 
 def test_the_maps_on_batches(randn):
