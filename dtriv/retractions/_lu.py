@@ -26,7 +26,8 @@ batched kernels), so it stays exposed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,50 +46,45 @@ def _one_by_one(A: Tensor, batch: tuple[int, ...] | None = None) -> bool:
     return A.shape[-1] > BATCHED_LU_MAX_N and math.prod(batch) > 1 and A.device.type == "cpu"
 
 
-def _map(fn: Callable[..., object], batch: tuple[int, ...], *args: Tensor) -> list:
-    """``fn`` on each matrix of ``args`` (each ``(*batch, ., .)``), flattened over ``batch``."""
+def _looped(fn: Callable[..., Any], batch: tuple[int, ...], *args: Tensor) -> Any:
+    """``fn`` on each matrix of ``args`` (each broadcast to ``(*batch, ., .)``), its results
+    stacked back to ``batch`` (field by field when ``fn`` returns a tuple)."""
     size = math.prod(batch)
     flat = [a.expand(*batch, *a.shape[-2:]).reshape(size, *a.shape[-2:]) for a in args]
-    return [fn(*parts) for parts in zip(*(f.unbind(0) for f in flat))]
+    parts = [fn(*matrices) for matrices in zip(*(f.unbind(0) for f in flat))]
+
+    def stack(ts: Sequence[Tensor]) -> Tensor:
+        out = torch.stack(list(ts))
+        return out.reshape(*batch, *out.shape[1:])
+
+    if isinstance(parts[0], Tensor):
+        return stack(parts)
+    return tuple(stack(field) for field in zip(*parts))
 
 
-def _stack(parts: list[Tensor], batch: tuple[int, ...]) -> Tensor:
-    out = torch.stack(parts)
-    return out.reshape(*batch, *out.shape[1:])
+def _of_matrices(fn: Callable[[Tensor], Any], A: Tensor) -> Any:
+    """``fn(A)``, or ``fn`` one matrix at a time where :func:`_one_by_one`."""
+    return _looped(fn, tuple(A.shape[:-2]), A) if _one_by_one(A) else fn(A)
 
 
 def lu_factor_ex(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.linalg.lu_factor_ex(A)``."""
-    if not _one_by_one(A):
-        return torch.linalg.lu_factor_ex(A)
-    batch = tuple(A.shape[:-2])
-    parts = _map(torch.linalg.lu_factor_ex, batch, A)
-    return tuple(_stack([p[i] for p in parts], batch) for i in range(3))  # type: ignore[return-value]
+    return _of_matrices(torch.linalg.lu_factor_ex, A)
 
 
 def det(A: Tensor) -> Tensor:
     """``torch.linalg.det(A)``."""
-    if not _one_by_one(A):
-        return torch.linalg.det(A)
-    batch = tuple(A.shape[:-2])
-    return _stack(_map(torch.linalg.det, batch, A), batch)
+    return _of_matrices(torch.linalg.det, A)
 
 
 def inv(A: Tensor) -> Tensor:
     """``torch.linalg.inv(A)``."""
-    if not _one_by_one(A):
-        return torch.linalg.inv(A)
-    batch = tuple(A.shape[:-2])
-    return _stack(_map(torch.linalg.inv, batch, A), batch)
+    return _of_matrices(torch.linalg.inv, A)
 
 
 def inv_ex(A: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.inv_ex(A)``."""
-    if not _one_by_one(A):
-        return torch.linalg.inv_ex(A)
-    batch = tuple(A.shape[:-2])
-    parts = _map(torch.linalg.inv_ex, batch, A)
-    return _stack([p[0] for p in parts], batch), _stack([p[1] for p in parts], batch)
+    return _of_matrices(torch.linalg.inv_ex, A)
 
 
 def _vector_rhs(A: Tensor, B: Tensor) -> bool:
@@ -105,23 +101,23 @@ def _by_matrix(A: Tensor, B: Tensor, left: bool) -> tuple[int, ...] | None:
     return batch if _one_by_one(A, batch) else None
 
 
-def solve(A: Tensor, B: Tensor, *, left: bool = True) -> Tensor:
-    """``torch.linalg.solve(A, B, left=left)``."""
+def _solve(fn: Callable[..., Any], A: Tensor, B: Tensor, left: bool) -> Any:
+    """``fn(A, B, left=left)`` for ``fn`` torch's ``solve`` or ``solve_ex`` (whose solution
+    is the first field), one matrix at a time where :func:`_by_matrix` says so."""
     if _vector_rhs(A, B):
-        return solve(A, B.unsqueeze(-1), left=left).squeeze(-1)
+        out = _solve(fn, A, B.unsqueeze(-1), left)
+        return out.squeeze(-1) if isinstance(out, Tensor) else (out[0].squeeze(-1), *out[1:])
     batch = _by_matrix(A, B, left)
     if batch is None:
-        return torch.linalg.solve(A, B, left=left)
-    return _stack(_map(lambda a, b: torch.linalg.solve(a, b, left=left), batch, A, B), batch)
+        return fn(A, B, left=left)
+    return _looped(lambda a, b: fn(a, b, left=left), batch, A, B)
+
+
+def solve(A: Tensor, B: Tensor, *, left: bool = True) -> Tensor:
+    """``torch.linalg.solve(A, B, left=left)``."""
+    return _solve(torch.linalg.solve, A, B, left)
 
 
 def solve_ex(A: Tensor, B: Tensor, *, left: bool = True) -> tuple[Tensor, Tensor]:
     """``torch.linalg.solve_ex(A, B, left=left)``."""
-    if _vector_rhs(A, B):
-        X, info = solve_ex(A, B.unsqueeze(-1), left=left)
-        return X.squeeze(-1), info
-    batch = _by_matrix(A, B, left)
-    if batch is None:
-        return torch.linalg.solve_ex(A, B, left=left)
-    parts = _map(lambda a, b: torch.linalg.solve_ex(a, b, left=left), batch, A, B)
-    return _stack([p[0] for p in parts], batch), _stack([p[1] for p in parts], batch)
+    return _solve(torch.linalg.solve_ex, A, B, left)
