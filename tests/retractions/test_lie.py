@@ -351,18 +351,32 @@ def _cayley_by_solve(A):
     return torch.linalg.solve(Id - A / 2, Id + A / 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
-                                   torch.complex128])
-@pytest.mark.parametrize("skew", [True, False], ids=["skew", "general"])
-@pytest.mark.parametrize("n", [40, 100, 401], ids=["solve_path", "inverse_path", "blocks"])
-def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew, n, monkeypatch):
-    """2 (I - A/2)^{-1} - I and the backward M^{-H} G M^{-H} against torch's solve; above
-    BLOCK_LEAF rows an exactly skew A takes the block inverse, any other A the LU route."""
+@pytest.fixture
+def block_calls(monkeypatch):
+    """The shapes that lie.block_inverse was called with during the test (a spy)."""
     from dtriv.retractions import lie
 
     calls = []
     real = lie.block_inverse
-    monkeypatch.setattr(lie, "block_inverse", lambda M, leaf: calls.append(1) or real(M, leaf))
+
+    def spy(M, leaf):
+        calls.append(M.shape)
+        return real(M, leaf)
+
+    monkeypatch.setattr(lie, "block_inverse", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
+                                   torch.complex128])
+@pytest.mark.parametrize("skew", [True, False], ids=["skew", "general"])
+@pytest.mark.parametrize("n", [40, 100, 401], ids=["solve_path", "inverse_path", "blocks"])
+def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew, n,
+                                                           block_calls):
+    """2 (I - A/2)^{-1} - I and the backward M^{-H} G M^{-H} against torch's solve; above
+    BLOCK_LEAF rows an exactly skew A takes the block inverse, any other A the LU route."""
+    from dtriv.retractions import lie
+
     X = randn(2, n, n, dtype=torch.complex128 if dtype.is_complex else torch.float64)
     # (blocks: ||A||_1 within BLOCK_MAX_NORM for complex entries too)
     A = (X - X.mH if skew else X) / n ** 0.5 / (2.0 if n > lie.BLOCK_LEAF else 1.0)
@@ -376,7 +390,7 @@ def test_cayley_equals_the_solve_formula_with_its_gradient(randn, dtype, skew, n
         return Q.to(A.dtype), g.to(A.dtype)
 
     Q, g = value_and_grad(cayley, dtype)
-    assert bool(calls) == (skew and n > lie.BLOCK_LEAF)
+    assert bool(block_calls) == (skew and n > lie.BLOCK_LEAF)
     Q_ref, g_ref = value_and_grad(_cayley_by_solve, A.dtype)
     assert (Q - Q_ref).abs().max() < tol * max(1.0, Q_ref.abs().max())
     assert (g - g_ref).abs().max() < tol * max(1.0, g_ref.abs().max())
@@ -437,24 +451,16 @@ def test_cayley_of_a_singular_shift_under_vmap_is_not_finite(monkeypatch):
 
 
 @pytest.fixture(params=["lu", "block"])
-def inverse_path(request, monkeypatch):
+def inverse_path(request, monkeypatch, block_calls):
     """Both inverses of M = I - A/2 in cayley_of_skew: LU, and block elimination (here with
     leaves of 2 rows, so that every size above 2 takes it). Checks at the end that the block
     path ran when asked for (and not otherwise): the tests cannot pass on the other one."""
     from dtriv.retractions import lie
 
-    calls = []
-    real = lie.block_inverse
-
-    def spy(M, leaf):
-        calls.append(M.shape)
-        return real(M, leaf)
-
-    monkeypatch.setattr(lie, "block_inverse", spy)
     if request.param == "block":
         monkeypatch.setattr(lie, "BLOCK_LEAF", 2)
     yield request.param
-    assert bool(calls) == (request.param == "block")
+    assert bool(block_calls) == (request.param == "block")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64,
@@ -579,15 +585,12 @@ def test_cayley_of_skew_with_a_left_factor_derivatives(randn, dtype, inverse_pat
 @pytest.mark.parametrize("lower", [False, True])
 @pytest.mark.parametrize("left", [False, True])
 def test_cayley_of_skew_block_inverse_at_its_sizes_in_single_precision(randn, lower, left,
-                                                                      monkeypatch):
+                                                                      block_calls):
     """Above BLOCK_LEAF rows (two levels of uneven splits here), float32: value and gradients
     within 1e-5 of the float64 solve formula, for a random generator with ||A||_2 about 1;
     the block route ran."""
     from dtriv.retractions import lie
 
-    calls = []
-    real = lie.block_inverse
-    monkeypatch.setattr(lie, "block_inverse", lambda M, leaf: calls.append(1) or real(M, leaf))
     n = 2 * lie.BLOCK_LEAF + 17
     X = randn(n, n) / n ** 0.5 / 2
     B = torch.linalg.qr(randn(n, n))[0]
@@ -609,7 +612,7 @@ def test_cayley_of_skew_block_inverse_at_its_sizes_in_single_precision(randn, lo
         return b @ lie.cayley_of_skew(x, lower=lower)
 
     got = value_and_grads(f, torch.float32)
-    assert calls
+    assert block_calls
     want = value_and_grads(reference, torch.float64)
     for a, b in zip(got, want):
         assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max())
@@ -639,27 +642,25 @@ def test_cayley_of_skew_block_inverse_on_its_worst_generators_in_single_precisio
     assert worst < 5e-6
 
 
-def test_cayley_of_skew_takes_lu_for_large_or_non_finite_generators(randn, monkeypatch):
+def test_cayley_of_skew_takes_lu_for_large_or_non_finite_generators(randn, monkeypatch,
+                                                                    block_calls):
     """||A||_1 above BLOCK_MAX_NORM, or a non-finite entry, takes the LU path (pivoting keeps
     the error linear in ||A||): same results as the small-size path, NaN propagated."""
     from dtriv.retractions import lie
 
-    calls = []
-    real = lie.block_inverse
-    monkeypatch.setattr(lie, "block_inverse", lambda M, leaf: calls.append(1) or real(M, leaf))
     monkeypatch.setattr(lie, "BLOCK_LEAF", 2)
     n = 6
     X = randn(n, n)
     A = X - X.mT
     X = X * (1.01 * lie.BLOCK_MAX_NORM / A.abs().sum(-1).amax())
     Q = lie.cayley_of_skew(X)
-    assert not calls
+    assert not block_calls
     assert (Q - _cayley_by_solve(X - X.mT)).abs().max() < 1e-12
     lie.cayley_of_skew(X * 0.98)
-    assert calls
-    calls.clear()
+    assert block_calls
+    block_calls.clear()
     X[1, 2] = float("nan")
-    assert lie.cayley_of_skew(X).isnan().all() and not calls
+    assert lie.cayley_of_skew(X).isnan().all() and not block_calls
 
 
 @pytest.mark.parametrize("left_grad,backward", [(False, 2), (True, 3)])
