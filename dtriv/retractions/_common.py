@@ -53,6 +53,8 @@ def without_autocast(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not torch._C._is_any_autocast_enabled():  # the common case: one call, no search
+            return fn(*args, **kwargs)
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is not None and autocast_on(first.device.type):
             with autocast_off(first.device.type):

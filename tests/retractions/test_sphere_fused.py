@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -36,6 +38,26 @@ MAPS = [(S.exp_radius, ref_exp), (S.projective_radius, ref_projective),
         (S.trivialize_projective_radius, ref_trivialize_projective)]
 
 
+VECTOR_NODE_NAMES = {"_VectorExpBackward", "_VectorTrivializeExpBackward"}
+#: the maps with a host-coefficient node for one real CPU vector
+VECTOR_MAPS = (S.exp_radius, S.trivialize_exp_radius)
+
+
+@pytest.fixture(params=["vector", "general"])
+def route(request, monkeypatch):
+    """Runs a test with the host-coefficient nodes of one real CPU vector on (``vector``) and
+    off (``general``: the batched nodes take every input); returns a check that ``y`` was made
+    by the node the route and its inputs call for."""
+    on = request.param == "vector"
+    monkeypatch.setattr(S, "VECTOR_NODES", on)
+
+    def check(fn, y, x, v):
+        takes = on and fn in VECTOR_MAPS and x.dim() == 1 and not x.is_complex()
+        assert (type(y.grad_fn).__name__ in VECTOR_NODE_NAMES) == takes, type(y.grad_fn)
+
+    return check
+
+
 def point_and_tangent(dtype, r, scale, shape=(3, 5), seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, dtype=dtype, generator=g)
@@ -50,9 +72,10 @@ def point_and_tangent(dtype, r, scale, shape=(3, 5), seed=0):
 @pytest.mark.parametrize("scale", [0.0, 1e-3, 1.0, 3.0])
 @pytest.mark.parametrize("fn,ref", MAPS)
 @pytest.mark.parametrize("shape", [(3, 5), (5,)])  # one vector: its dot products are 0-d
-def test_values_and_gradients_equal_the_formula(fn, ref, scale, r, dtype, tol, shape):
+def test_values_and_gradients_equal_the_formula(fn, ref, scale, r, dtype, tol, shape, route):
     x, v = point_and_tangent(dtype, r, scale, shape)
     a, b = fn(x, v, r), ref(x, v, r)
+    route(fn, a, x, v)
     assert (a - b).abs().max() <= tol * r
     g = torch.randn_like(a)
     for ga, gb in zip(torch.autograd.grad(a, (x, v), g), torch.autograd.grad(b, (x, v), g)):
@@ -62,9 +85,10 @@ def test_values_and_gradients_equal_the_formula(fn, ref, scale, r, dtype, tol, s
 @pytest.mark.parametrize("scale", [0.0, 1e-3, 1.0])
 @pytest.mark.parametrize("fn,ref", MAPS)
 @pytest.mark.parametrize("shape", [(3, 5), (5,)])
-def test_gradcheck_and_gradgradcheck(fn, ref, scale, shape):
+def test_gradcheck_and_gradgradcheck(fn, ref, scale, shape, route):
     for dtype in (torch.float64, torch.complex128):
         x, v = point_and_tangent(dtype, 1.7, scale, shape)
+        route(fn, fn(x, v, 1.7), x, v)
         assert gradcheck(lambda x, v: fn(x, v, 1.7), (x, v))
         assert gradgradcheck(lambda x, v: fn(x, v, 1.7), (x, v))
 
@@ -107,6 +131,17 @@ def test_one_vector_coefficient_is_exact_in_double(t):
     assert S._two_dsinc_of(t) == pytest.approx(_two_dsinc_exact(t), rel=1e-15 * slack)
 
 
+@pytest.mark.parametrize("t", [math.inf, -math.inf, math.nan])
+def test_one_vector_coefficient_of_a_non_finite_angle_is_nan(t):
+    """As the tensor formulas give (``math.cos(inf)`` raises: the backward of a batched node
+    on one vector with an infinite tangent raised ``ValueError`` before)."""
+    assert math.isnan(S._two_dsinc_of(t))
+    x = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    v = torch.tensor([0.0, t, 0.0], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(S.exp_radius(x, v).sum(), v)
+    assert g.isnan().any()
+
+
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-13), (torch.float32, 1.5e-7)])
 @pytest.mark.parametrize("angles", [ANGLES[:4], ANGLES[4:], ANGLES],
                          ids=["all-series", "all-direct", "mixed"])
@@ -134,3 +169,107 @@ def test_rows_near_and_far_from_the_base_in_one_batch(fn, ref, dtype, tol):
     g = torch.randn_like(a)
     for ga, gb in zip(torch.autograd.grad(a, (x, v), g), torch.autograd.grad(b, (x, v), g)):
         assert (ga - gb).abs().max() <= tol
+
+
+# ------------------------------------------------------------ one vector: host coefficients
+ROUTED = [(fn, ref) for fn, ref in MAPS if fn in VECTOR_MAPS]
+
+
+def _both_routes(monkeypatch, make):
+    """``make()`` with the host-coefficient nodes on, then off."""
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(S, "VECTOR_NODES", on)
+        out.append(make())
+    return out
+
+
+@pytest.mark.parametrize("needs", ["x", "v", "both"])
+@pytest.mark.parametrize("fn,ref", ROUTED)
+def test_one_vector_gradients_of_either_input_alone(fn, ref, needs, route):
+    """Only the gradients asked for, each equal to the formula's; a gradient that reaches the
+    map expanded (stride 0, from ``sum``) is read as the full vector."""
+    x, v = point_and_tangent(torch.float64, 2.5, 0.7, (6,))
+    x.requires_grad_(needs != "v")
+    v.requires_grad_(needs != "x")
+    wanted = [t for t in (x, v) if t.requires_grad]
+    y = fn(x, v, 2.5)
+    route(fn, y, x, v)
+    got = torch.autograd.grad(y.sum(), wanted)
+    want = torch.autograd.grad(ref(x, v, 2.5).sum(), wanted)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("fn,ref", ROUTED)
+def test_one_vector_second_derivatives_with_a_constant_base(fn, ref, route):
+    """gradgradcheck in the tangent alone: the base of a parametrization is a buffer."""
+    x, v = point_and_tangent(torch.float64, 1.3, 0.4, (5,))
+    x = x.detach()
+    route(fn, fn(x, v, 1.3), x, v)
+    assert gradgradcheck(lambda v: fn(x, v, 1.3), (v,))
+
+
+@pytest.mark.parametrize("fn,ref", ROUTED)
+def test_one_vector_of_4096_in_float32_is_as_accurate_as_the_batched_node(fn, ref, monkeypatch):
+    """The benchmark's size in single precision: value and gradient against float64, within
+    the batched node's own error (times 2) and 1e-6."""
+    x, v = point_and_tangent(torch.float32, 1.0, 0.1, (4096,), seed=3)
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(4))
+    x64, v64 = (t.detach().double().requires_grad_() for t in (x, v))
+    y64 = ref(x64, v64, 1.0)
+    want = (y64, *torch.autograd.grad(y64, (x64, v64), g.double()))
+
+    def errors():
+        y = fn(x, v, 1.0)
+        got = (y, *torch.autograd.grad(y, (x, v), g))
+        return [(a.double() - b).abs().max().item() for a, b in zip(got, want)]
+
+    vector, general = _both_routes(monkeypatch, errors)
+    for e_vector, e_general in zip(vector, general):
+        assert e_vector <= max(2 * e_general, 1e-6), (vector, general)
+
+
+@pytest.mark.parametrize("fn,ref", ROUTED)
+@pytest.mark.parametrize("case", ["inf", "nan", "opposite"])
+def test_one_vector_non_finite_and_degenerate_input_as_the_batched_node(fn, ref, case,
+                                                                        monkeypatch):
+    """A non-finite tangent, or ``v = -x``, gives the same values and gradients on both
+    routes (NaN where the batched node has NaN), and raises nothing."""
+    x, v = point_and_tangent(torch.float64, 1.0, 0.5, (4,))
+    with torch.no_grad():
+        if case == "opposite":
+            v.copy_(-x)
+        else:
+            v[1] = float(case)
+
+    def run():
+        y = fn(x, v, 1.0)
+        return (y, *torch.autograd.grad(y, (x, v), torch.ones_like(y)))
+
+    for a, b in zip(*_both_routes(monkeypatch, run)):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.allclose(a, b, equal_nan=True, atol=1e-12)
+
+
+def test_other_inputs_take_the_batched_nodes(monkeypatch):
+    """Batches, complex and mixed-shape (broadcast) inputs, half precision (through float32:
+    that one takes the vector node), and forward-mode derivatives keep the batched nodes."""
+    x, v = point_and_tangent(torch.float64, 1.0, 0.5, (5,))
+    name = lambda y: type(y.grad_fn).__name__  # noqa: E731
+    assert name(S.exp_radius(x, v)) == "_VectorExpBackward"
+    xb, vb = point_and_tangent(torch.float64, 1.0, 0.5, (2, 5))
+    assert name(S.exp_radius(xb, vb)) == "_SphereExpBackward"
+    assert name(S.exp_radius(x, vb)) == "_SphereExpBackward"  # one point, a batch of tangents
+    xc, vc = point_and_tangent(torch.complex128, 1.0, 0.5, (5,))
+    assert name(S.exp_radius(xc, vc)) == "_SphereExpBackward"
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(v.detach(), torch.ones_like(v))
+        y = S.exp_radius(x.detach(), dual)
+        tangent = fwAD.unpack_dual(y).tangent
+    assert tangent is not None
+    want = torch.func.jvp(lambda v: ref_exp(x.detach(), v), (v.detach(),),
+                          (torch.ones_like(v),))[1]
+    assert torch.allclose(tangent, want, atol=1e-12)
