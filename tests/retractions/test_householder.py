@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -154,6 +156,23 @@ def test_householder_gradient_equals_torch_householder_product_autograd(shape):
     Q = torch.linalg.householder_product(A, tau) * X.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)
     (Q * G).sum().backward()
     torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (9, 9), (3, 6, 2), (2, 5, 5), (40, 40)])
+@pytest.mark.parametrize("grad_mode", [False, True])
+def test_closed_form_vjp_equals_autograd_of_the_wy_form(shape, grad_mode):
+    """The backward's closed-form vector-Jacobian product against torch's differentiation of
+    the WY product, in both of its branches (in place without grad mode; recorded, for a
+    double backward, with it), batched, tall and square."""
+    H = importlib.import_module("dtriv.retractions.householder")  # the module, not the map
+    g = torch.Generator().manual_seed(7)
+    A = (0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).tril(-1)
+    G = torch.randn(shape, generator=g, dtype=torch.float64)
+    _, vjp = torch.func.vjp(H._reflector_product_wy, A)
+    (want,) = vjp(G)
+    with torch.set_grad_enabled(grad_mode):
+        got = H._reflector_product_wy_vjp(A, G)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 def test_householder_backward_is_o_nk2_on_a_very_tall_matrix():
