@@ -94,7 +94,9 @@ def upcast_half(fn: F) -> F:
     @without_autocast
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        first = next((a for a in args if isinstance(a, Tensor)), None)
+        # the first argument is the tensor in every map: no search over the arguments then
+        first = args[0] if args and isinstance(args[0], Tensor) else next(
+            (a for a in args if isinstance(a, Tensor)), None)
         if first is None or first.dtype not in _HALF:
             return fn(*args, **kwargs)
         out_dtype = first.dtype
