@@ -302,6 +302,7 @@ class ExpmPade(torch.autograd.Function):
         A, m, s = inputs
         ctx.m, ctx.s = m, s
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the saved intermediates
         ctx.save_for_backward(A, *output[1:])
         ctx.save_for_forward(A, *output[1:])
 
@@ -323,7 +324,9 @@ class ExpmPade(torch.autograd.Function):
         return A, saved
 
     @staticmethod
-    def backward(ctx, G: Tensor, *unused: Tensor):  # type: ignore[override]
+    def backward(ctx, G: Tensor | None, *unused: Tensor):  # type: ignore[override]
+        if G is None:
+            return None, None, None
         A, saved = ExpmPade._unpack(ctx)
         if torch.is_grad_enabled():
             return _frechet_adjoint_block(A, G), None, None

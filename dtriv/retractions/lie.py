@@ -302,13 +302,16 @@ class _Cayley(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         (A,) = inputs
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero gradient for M^{-1} (an n x n allocation)
         # the same tensors for both: torch.func's generated vmap rule keeps the batch dims of
         # the last call only (different ones failed jacrev(jacfwd) with "flat_bdims")
         ctx.save_for_backward(A, output[1])
         ctx.save_for_forward(A, output[1])
 
     @staticmethod
-    def backward(ctx, G: Tensor, _unused: Tensor | None = None):  # type: ignore[override]
+    def backward(ctx, G: Tensor | None, _unused: Tensor | None = None):  # type: ignore[override]
+        if G is None:
+            return None
         A, Minv = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: a differentiable M^{-1}
             Minv = _lu.inv(torch.add(_eye(A), A, alpha=-0.5))
@@ -481,12 +484,15 @@ class _CayleyOfSkew(torch.autograd.Function):
         X, lower, left = inputs
         ctx.lower = lower
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for M^{-1}, B M^{-1}
         # the same tensors for both (see _Cayley.setup_context); B M^{-1} last, with a left
         ctx.save_for_backward(X, *output[1:2], left, *output[2:])
         ctx.save_for_forward(X, *output[1:2], left, *output[2:])
 
     @staticmethod
-    def backward(ctx, G: Tensor, *_unused: Tensor | None):  # type: ignore[override]
+    def backward(ctx, G: Tensor | None, *_unused: Tensor | None):  # type: ignore[override]
+        if G is None:
+            return None, None, None
         X, Minv, left, *kept = ctx.saved_tensors
         BMinv = kept[0] if kept else None
         if torch.is_grad_enabled():  # double backward: a differentiable M^{-1}
@@ -781,6 +787,7 @@ class _Logm(torch.autograd.Function):
         L, U, F = output
         ctx.real = not Q.is_complex()
         ctx.mark_non_differentiable(U, F)
+        ctx.set_materialize_grads(False)  # no zero gradients for U, F
         ctx.save_for_backward(L, U, F)
         if forward_ad_active():  # (a microsecond per tensor otherwise)
             ctx.save_for_forward(Q, L, U, F)
@@ -805,7 +812,10 @@ class _Logm(torch.autograd.Function):
         return _logm_frechet(U, F, dQ, ctx.real), None, None
 
     @staticmethod
-    def backward(ctx, G: Tensor, _gu: Tensor | None = None, _gf: Tensor | None = None):  # type: ignore[override]
+    def backward(ctx, G: Tensor | None, _gu: Tensor | None = None,  # type: ignore[override]
+                 _gf: Tensor | None = None):
+        if G is None:
+            return None, None, None
         L, U, F = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: a node that is differentiable once
             if jvp_transform_active():

@@ -708,3 +708,45 @@ def test_cayley_of_skew_rejects_bad_input():
     assert cayley_of_skew(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
     with pytest.raises(ValueError, match="lower"):
         cayley_of_skew(torch.zeros(3, 3), lower=1)
+
+
+def _spy_backward(monkeypatch, cls) -> list:
+    """Record, at each backward of ``cls``, the gradients of its auxiliary outputs."""
+    seen: list = []
+    original = cls.backward
+
+    def spy(ctx, G, *aux):
+        seen.append(aux)
+        return original(ctx, G, *aux)
+
+    monkeypatch.setattr(cls, "backward", staticmethod(spy))
+    return seen
+
+
+@pytest.mark.parametrize("case", ["cayley", "cayley_of_skew", "left", "logm", "expm_pade"])
+def test_no_zero_gradients_are_made_for_the_saved_outputs(monkeypatch, case):
+    """The outputs that only carry intermediates to the backward (M^{-1}, B M^{-1}, the
+    eigenvectors of logm, the Pade factors) are non-differentiable: their gradients reach the
+    backward as None, not as zero matrices allocated and filled at every backward (1 MB each
+    at n = 512), and the gradient is unchanged."""
+    from dtriv.retractions import _expm, lie
+
+    cayley_of_skew = lie.cayley_of_skew
+    monkeypatch.setattr(lie, "CAYLEY_SOLVE_MAX_N", 0)  # cayley's node, not the plain solve
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(6, 6, generator=g, dtype=torch.float64) / 3
+    A = X - X.mT
+    fn, cls, arg = {
+        "cayley": (cayley, lie._Cayley, A),
+        "cayley_of_skew": (cayley_of_skew, lie._CayleyOfSkew, X),
+        "left": (lambda Y: cayley_of_skew(Y, left=torch.eye(6, dtype=Y.dtype)[:4] + 0.1),
+                 lie._CayleyOfSkew, X),
+        "logm": (logm, lie._Logm, torch.linalg.matrix_exp(A)),
+        "expm_pade": (lambda Y: _expm.expm_pade_autograd(Y, 7, 1), _expm.ExpmPade, X),
+    }[case]
+    arg = arg.clone().requires_grad_()
+    want = torch.autograd.grad((fn(arg) ** 2).sum(), arg)[0]
+    seen = _spy_backward(monkeypatch, cls)
+    got = torch.autograd.grad((fn(arg) ** 2).sum(), arg)[0]
+    assert seen and all(g is None for aux in seen for g in aux), seen
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
