@@ -273,3 +273,23 @@ def test_other_inputs_take_the_batched_nodes(monkeypatch):
     want = torch.func.jvp(lambda v: ref_exp(x.detach(), v), (v.detach(),),
                           (torch.ones_like(v),))[1]
     assert torch.allclose(tangent, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn,ref", [(S.trivialize_exp_radius, ref_trivialize_exp),
+                                    (S.trivialize_projective_radius,
+                                     ref_trivialize_projective)])
+@pytest.mark.parametrize("shape", [(6,), (3, 6)])
+def test_trivialize_with_a_normal_component_in_both_inputs(fn, ref, shape, route):
+    """A parameter ``X`` off the tangent space (``<x, X> != 0``, as Adam's elementwise steps
+    leave it): the value and both gradients against the formula, where the terms in
+    ``c = <x, X>/r^2`` of the base's gradient count."""
+    x, v = point_and_tangent(torch.float64, 1.5, 0.6, shape, seed=5)
+    X = (v.detach() + 0.7 * x.detach()).requires_grad_()
+    y = fn(x, X, 1.5)
+    route(fn, y, x, X)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, X), g)
+    want = torch.autograd.grad(ref(x, X, 1.5), (x, X), g)
+    torch.testing.assert_close(y, ref(x, X, 1.5), atol=1e-12, rtol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
