@@ -270,7 +270,10 @@ class Trivialization(nn.Module):
     @outside_compiled_graphs
     def forward(self, X: Tensor) -> Tensor:
         r""":math:`R_B(T_B(X))`: the point of the manifold that ``X`` denotes at the base."""
-        if self.base is None:
+        # the buffer read directly: ``self.base`` goes through Module.__getattr__ (about a
+        # microsecond per read on the path of every forward)
+        base = self._buffers.get("base")
+        if base is None:
             raise RuntimeError(
                 "Trivialization has no base point yet: it is set by right_inverse, which "
                 "register_parametrization calls when the trivialization is the first "
@@ -280,7 +283,7 @@ class Trivialization(nn.Module):
             memo = self.__dict__.get("_memo")
             if memo is None:  # unpickled from a version without the memo
                 memo = self._memo = ForwardMemo()
-            return memo(X, self.base, self._evaluate)
+            return memo(X, base, self._evaluate)
         return self._evaluate(X)
 
     @without_autocast
@@ -288,11 +291,10 @@ class Trivialization(nn.Module):
         """The map itself, without the memo; with autocast off (the maps compute in the
         parameter's precision; under ``torch.autocast`` the layer that reads the weight casts
         it, as for any float32 weight)."""
+        base = self._buffers["base"]
         if not self._flat:  # the common case: no reshaping around the map
-            return self.manifold.trivialize(self.base, X, self.retraction)
-        return self._from_point(
-            self.manifold.trivialize(self.base, self._to_point(X), self.retraction)
-        )
+            return self.manifold.trivialize(base, X, self.retraction)
+        return self._from_point(self.manifold.trivialize(base, self._to_point(X), self.retraction))
 
     def _forget(self) -> None:
         """Drop the memoized value (the tensors it depends on are about to change)."""
