@@ -51,6 +51,7 @@ from ._common import (
 from ._expm import (
     NonFiniteError,
     _mm_into,
+    _one_norm,
     choose_degree,
     expm_of_skew_taylor,
     expm_pade_autograd,
@@ -422,8 +423,8 @@ def _block_inverse_applies(A: Tensor, arena: Arena | None, check_skew: bool = Fa
         return False
     if check_skew and not _is_skew(A):
         return False
-    absA = A.abs() if arena is None or A.is_complex() else torch.abs(A, out=arena.empty())
-    return bool(absA.sum(dim=-1).amax() <= BLOCK_MAX_NORM)
+    scratch = None if arena is None or A.is_complex() else arena.empty()
+    return _one_norm(A, scratch) <= BLOCK_MAX_NORM
 
 
 def _left_times_cayley(B: Tensor, Minv: Tensor) -> Tensor:
