@@ -106,20 +106,20 @@ def _reflector_product_wy_vjp(A: Tensor, G: Tensor) -> Tensor:
 
     Four products and two triangular solves (one for :math:`Z`), where differentiating the
     WY form with ``torch.func.vjp`` also forms :math:`YZ` and takes two products for the
-    Gram matrix :math:`Y^T Y`: at :math:`n = k = 256` the backward went from 2.9 to 1.7 ms.
-    Plain differentiable torch operations: with ``create_graph=True`` autograd records them
-    (the second derivatives are those of the WY form)."""
+    Gram matrix :math:`Y^T Y`: at :math:`n = k = 256` the vector-Jacobian product went from
+    2.7 to 1.9 ms. Plain differentiable torch operations: with ``create_graph=True`` autograd
+    records them (the second derivatives are those of the WY form)."""
     k = A.shape[-1]
     _, Y, T_inv, Z = _wy_factors(A)
-    gZ = torch.matmul(Y.mT, G).neg_() if not torch.is_grad_enabled() else -(Y.mT @ G)
+    recorded = torch.is_grad_enabled()  # out of place; else in place (measured 5 to 8% less)
+    gZ = -(Y.mT @ G) if recorded else torch.matmul(Y.mT, G).neg_()
     gB = torch.linalg.solve_triangular(T_inv.mT, gZ, upper=False)  # T^T gZ
     gS = _ut_of_gram(gB @ Z.mT)  # the gradient in Y^T Y, negated
     gY = Y @ (gS + gS.mT)
-    gY = -(gY + G @ Z.mT) if torch.is_grad_enabled() else gY.neg_().sub_(G @ Z.mT)
-    top = gY[..., :k, :]
-    if torch.is_grad_enabled():
-        return torch.cat([top + gB.mT, gY[..., k:, :]], dim=-2)
-    top.add_(gB.mT)
+    gY = -(gY + G @ Z.mT) if recorded else gY.neg_().sub_(G @ Z.mT)
+    if recorded:
+        return torch.cat([gY[..., :k, :] + gB.mT, gY[..., k:, :]], dim=-2)
+    gY[..., :k, :].add_(gB.mT)
     return gY
 
 
