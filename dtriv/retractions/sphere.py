@@ -28,13 +28,13 @@ from ._common import (
     check_floating,
     check_same_shape,
     compute_dtype,
+    eager_context,
     eps,
     forward_ad_active,
     jvp_differentiated,
     nested_forward_ad,
     no_host_reads,
     reports_backward,
-    tracing,
     transforms_active,
     upcast_half,
     values_checkable,
@@ -649,7 +649,7 @@ def _vector_case(x: Tensor, v: Tensor) -> bool:
     return (VECTOR_NODES and x.dim() == 1 and v.dim() == 1 and x.dtype in _HOST_DTYPES
             and v.dtype == x.dtype and x.shape == v.shape and type(x) in _PLAIN
             and type(v) in _PLAIN and x.device.type == "cpu" and v.device.type == "cpu"
-            and not forward_ad_active() and not tracing() and not torch.compiler.is_compiling())
+            and eager_context() and not forward_ad_active())
 
 
 def _cos_sinc_of(t: float) -> tuple[float, float]:
@@ -664,6 +664,24 @@ def _cos_sinc_of(t: float) -> tuple[float, float]:
 
 def _dot(a: Tensor, b: Tensor) -> float:
     return torch.dot(a, b).item()
+
+
+def _exp_of_vector(ctx, x: Tensor, V: Tensor, radius: float) -> Tensor:
+    r""":math:`\cos t\,x + \operatorname{sinc} t\,V` with :math:`t = \|V\|/r`; the angle and
+    its coefficients are kept in ``ctx.coefficients`` as ``(t, cos, sinc)``."""
+    t = torch.linalg.vector_norm(V).item() / radius
+    cos, sinc = _cos_sinc_of(t)
+    ctx.radius, ctx.coefficients = radius, (t, cos, sinc)
+    return torch.mul(x, cos).add_(V, alpha=sinc)
+
+
+def _exp_of_vector_backward(ctx, x: Tensor, V: Tensor, g: Tensor) -> Tensor:
+    r""":math:`\bar V = \operatorname{sinc} t\,g + (2 b \operatorname{sinc}'(t^2) - a
+    \operatorname{sinc} t)\,V/r^2` with :math:`a = \langle x, g\rangle`, :math:`b = \langle V,
+    g\rangle`: the gradient in ``V`` of :func:`_exp_of_vector`."""
+    t, _, sinc = ctx.coefficients
+    coef = (_two_dsinc_of(t) * _dot(V, g) - sinc * _dot(x, g)) / ctx.radius**2
+    return torch.mul(g, sinc).add_(V, alpha=coef)
 
 
 def _differentiated_backward(ctx, g: Tensor, reference) -> tuple:
@@ -688,24 +706,16 @@ class _VectorExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, v: Tensor, radius: float) -> Tensor:  # type: ignore[override]
-        t = torch.linalg.vector_norm(v).item() / radius
-        cos, sinc = _cos_sinc_of(t)
         ctx.save_for_backward(x, v)
-        ctx.radius, ctx.coefficients = radius, (t, cos, sinc)
-        return torch.mul(x, cos).add_(v, alpha=sinc)
+        return _exp_of_vector(ctx, x, v, radius)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         if torch.is_grad_enabled():
             return _differentiated_backward(ctx, g, _exp_reference)
         x, v = ctx.saved_tensors
-        t, cos, sinc = ctx.coefficients
-        gx = gv = None
-        if ctx.needs_input_grad[1]:
-            coef = (_two_dsinc_of(t) * _dot(v, g) - sinc * _dot(x, g)) / ctx.radius**2
-            gv = torch.mul(g, sinc).add_(v, alpha=coef)
-        if ctx.needs_input_grad[0]:
-            gx = torch.mul(g, cos)
+        gv = _exp_of_vector_backward(ctx, x, v, g) if ctx.needs_input_grad[1] else None
+        gx = torch.mul(g, ctx.coefficients[1]) if ctx.needs_input_grad[0] else None
         return gx, gv, None
 
 
@@ -720,27 +730,21 @@ class _VectorTrivializeExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, X: Tensor, radius: float) -> Tensor:  # type: ignore[override]
-        c = _dot(x, X) / radius**2
+        ctx.c = c = _dot(x, X) / radius**2
         V = torch.add(X, x, alpha=-c)
-        t = torch.linalg.vector_norm(V).item() / radius
-        cos, sinc = _cos_sinc_of(t)
         ctx.save_for_backward(x, X, V)
-        ctx.radius, ctx.coefficients = radius, (t, cos, sinc, c)
-        return torch.mul(x, cos).add_(V, alpha=sinc)
+        return _exp_of_vector(ctx, x, V, radius)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         if torch.is_grad_enabled():
             return _differentiated_backward(ctx, g, _REFERENCE[_TrivializeExp])
         x, X, V = ctx.saved_tensors
-        t, cos, sinc, c = ctx.coefficients
-        r2 = ctx.radius**2
-        coef = (_two_dsinc_of(t) * _dot(V, g) - sinc * _dot(x, g)) / r2
-        gV = torch.mul(g, sinc).add_(V, alpha=coef)
-        e = _dot(x, gV) / r2
+        gV = _exp_of_vector_backward(ctx, x, V, g)
+        e = _dot(x, gV) / ctx.radius**2
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = torch.mul(g, cos).sub_(gV, alpha=c).sub_(X, alpha=e)
+            gx = torch.mul(g, ctx.coefficients[1]).sub_(gV, alpha=ctx.c).sub_(X, alpha=e)
         return gx, gV.sub_(x, alpha=e) if ctx.needs_input_grad[1] else None, None
 
 
