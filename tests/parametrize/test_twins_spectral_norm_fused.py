@@ -66,3 +66,40 @@ def test_jvp_vmap_and_forward_over_reverse_with_gradcheck_in_float64():
     _, tangent = torch.func.jvp(f, (W.detach(),), (dW,))
     _, expected = torch.func.jvp(lambda W: _plain(W, u, v), (W.detach(),), (dW,))
     assert torch.allclose(tangent, expected, atol=1e-12, rtol=0)
+
+
+def test_reads_that_record_no_derivative_skip_the_node_and_equal_torch(monkeypatch):
+    # under no_grad, inference_mode, or for a frozen weight, the value is computed by the
+    # node's forward operations alone (no node, no copies of u, v), bit for bit torch's
+    import dtriv.parametrize.twins._spectral_norm as sn_module
+
+    def no_node(*args):
+        raise AssertionError("the W / sigma node ran for a read that records no derivative")
+
+    for make in (lambda: nn.Linear(40, 30), lambda: nn.Conv2d(6, 8, 3)):
+        mods = []
+        for fn in (tp.spectral_norm, twins.spectral_norm):
+            torch.manual_seed(0)
+            mods.append(fn(make()))
+        for train in (True, False):
+            for m in mods:
+                m.train(train)
+            for context in (torch.no_grad, torch.inference_mode):
+                with monkeypatch.context() as patch, context():
+                    patch.setattr(sn_module, "_divide_by_sigma", no_node)
+                    w_d = mods[1].weight
+                    w_t = mods[0].weight
+                assert torch.equal(w_d, w_t) and not w_d.requires_grad
+            for m in mods:
+                m.parametrizations.weight.original.requires_grad_(False)
+            with monkeypatch.context() as patch:
+                patch.setattr(sn_module, "_divide_by_sigma", no_node)
+                w_d = mods[1].weight
+            assert torch.equal(w_d, mods[0].weight) and w_d.grad_fn is None
+            for m in mods:
+                m.parametrizations.weight.original.requires_grad_(True)
+            # a read that records takes the node again (both read: a read in training mode
+            # steps the buffers)
+            w_d, w_t = mods[1].weight, mods[0].weight
+            assert type(w_d.grad_fn).__name__ == "_DivideBySigmaBackward"
+            assert torch.equal(w_d, w_t)
