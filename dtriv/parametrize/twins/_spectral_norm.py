@@ -36,6 +36,7 @@ from dtriv.parametrize.cache import install_fast_read
 from dtriv.retractions._common import (
     apply_function,
     compute_dtype,
+    eager_context,
     forward_ad_active,
     transforms_active,
 )
@@ -47,6 +48,9 @@ from dtriv.retractions.spectral import (
 )
 
 __all__ = ["spectral_norm"]
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 class _DivideBySigma(torch.autograd.Function):
@@ -105,6 +109,17 @@ class _DivideBySigma(torch.autograd.Function):
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
             sigma = torch.vdot(u, torch.mv(W.reshape(h, -1), v))
         # <G, Y> = <G, W>/sigma; gW = (G - <G, Y> u v^T)/sigma
+        if (not torch.is_grad_enabled() and sigma.device.type == "cpu" and eager_context()
+                and not _is_functorch_wrapped(G) and not _is_legacy_batched(G)):
+            # the two numbers on the host, then one pass: gW = G/sigma - (<G, Y>/sigma) u v^T
+            # (addr's beta and alpha; 18 -> 12 us at 64 x 576, 60 -> 37 us at 512 x 512).
+            # Not for a batched G (``autograd.grad(..., is_grads_batched=True)`` runs the
+            # backward on a legacy batched tensor with no transform active), whose numbers
+            # are per batch entry.
+            s = sigma.item()
+            c = torch.vdot(G.reshape(-1), W.reshape(-1)).item() / s
+            gW = torch.addr(G.reshape(h, -1), u, v, beta=1 / s, alpha=-c / s)
+            return gW.reshape(W.shape), None, None
         c = torch.vdot(G.reshape(-1), W.reshape(-1)) / sigma
         gW = torch.addr(G.reshape(h, -1), u, v * c, alpha=-1)
         # out of place under torch.func: an unbatched gW cannot take a batched sigma in place
