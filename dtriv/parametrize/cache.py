@@ -481,6 +481,33 @@ def memoize(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
+def clear_memos(plist: nn.Module, *_args: Any) -> None:
+    """Clear the :class:`ForwardMemo` of every parametrization in ``plist`` (a
+    ``ParametrizationList``); its signature is that of a ``load_state_dict`` pre-hook
+    registered ``with_module=True`` (:func:`clear_memos_on_load`)."""
+    for parametrization in plist:
+        memo = parametrization.__dict__.get("_memo")
+        if isinstance(memo, ForwardMemo):
+            memo.clear()
+
+
+def clear_memos_on_load(module: nn.Module, name: str) -> None:
+    """Clear the memos of ``module.<name>``'s parametrizations before ``load_state_dict``
+    writes its original.
+
+    Under ``torch.__future__.set_swap_module_params_on_conversion(True)`` the original is
+    swapped with the loaded tensor by ``torch.utils.swap_tensors``, which refuses a tensor
+    that anything else references, and a memoized value's graph may save the original
+    itself (the nodes of the maps that read ``X`` in their backward). The list loads its own
+    parameters before its children, so the hook goes on the list (a module-level function:
+    copies and pickles of the module keep it working). ``Module.to`` / ``.double()`` are
+    handled by the parametrizations' ``_apply``, which runs before the list's."""
+    plist = module.parametrizations[name]
+    if clear_memos not in [getattr(h, "hook", h) for h in
+                           plist._load_state_dict_pre_hooks.values()]:
+        plist._register_load_state_dict_pre_hook(clear_memos, with_module=True)
+
+
 # ---------------------------------------------------------------------------- fast reads
 def _hooks_anywhere(plist: nn.Module, first: nn.Module) -> bool:
     """Whether a forward hook (global, on the list or on the parametrization) would see a call."""

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized, register_parametrization
 
 from dtriv.manifolds import Manifold, SpectrallyBounded, Sphere
-from dtriv.parametrize.cache import install_fast_read
+from dtriv.parametrize.cache import clear_memos_on_load, install_fast_read
 from dtriv.parametrize.trivialization import Trivialization, _Link
 
 __all__ = ["constrain", "sphere", "spectrally_bounded", "trivializations", "refresh"]
@@ -105,6 +105,7 @@ def constrain(
     register_parametrization(module, name, trivialization)
     _attach(module, name)
     install_fast_read(module, name)  # reads served from the memo (once per forward)
+    clear_memos_on_load(module, name)
     return module
 
 

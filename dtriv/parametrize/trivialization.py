@@ -302,6 +302,13 @@ class Trivialization(nn.Module):
         if memo is not None:
             memo.clear()
 
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to / .double() under torch.__future__.set_swap_module_params_on_conversion(True)
+        # swap the original with torch.utils.swap_tensors, which refuses a tensor that a
+        # memoized value's graph saves; children convert before the list's parameters
+        self._forget()
+        return super()._apply(fn, recurse)
+
     # ------------------------------------------------------------------ assignment
     def _on_manifold(self, W: Tensor, strict: bool) -> Tensor:
         """``W`` (a point-shaped tensor) checked against the manifold, projected if needed.

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from dtriv.parametrize.cache import ForwardMemo, install_fast_read
+from dtriv.parametrize.cache import ForwardMemo, clear_memos_on_load, install_fast_read
 from dtriv.parametrize.trivialization import _Link
 from dtriv.retractions._common import (
     geqrf,
@@ -260,6 +260,13 @@ class _Orthogonal(nn.Module):
         if memo is not None:
             memo.clear()
 
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to / .double() under torch.__future__.set_swap_module_params_on_conversion(True)
+        # swap the original with torch.utils.swap_tensors, which refuses a tensor that a
+        # memoized value's graph saves; children convert before the list's parameters
+        self._forget()
+        return super()._apply(fn, recurse)
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._forget()
         super()._load_from_state_dict(*args, **kwargs)
@@ -452,4 +459,5 @@ def orthogonal(
     if use_trivialization and len(plist) == 1:
         plist.original._dtriv_trivialization = _Link(orth)
     install_fast_read(module, name)  # reads served from the memo (once per forward)
+    clear_memos_on_load(module, name)
     return module
