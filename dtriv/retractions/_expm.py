@@ -484,6 +484,29 @@ def power_stack(A: Tensor) -> Tensor | None:
     return A.new_empty((4, *A.shape))
 
 
+#: from this order on the Hermitian squares of the powers take :func:`_hermitian_square_into`
+#: (measured, float32, against one product: 1.11x the time at 256, 0.89x at 384, 0.84x at 512,
+#: 0.80x at 768, 0.82x at 1024)
+HERMITIAN_SQUARE_MIN_N = 384
+
+
+def _hermitian_square_into(X: Tensor, out: Tensor) -> Tensor:
+    r""":math:`X^2` into ``out`` for a square ``X`` whose square is Hermitian (skew-Hermitian
+    ``X``: the powers :math:`A` and :math:`A^3` of a skew ``A``), in three quarters of the
+    flops of a product: with :math:`h = \lfloor n/2 \rfloor`, the rows ``[:h]`` by one
+    product (:math:`X_{:h,:} X`), the block ``[h:, h:]`` by another (:math:`X_{h:,:}
+    X_{:,h:}`), and the block ``[h:, :h]`` as the conjugate transpose of ``[:h, h:]``. The
+    computed entries are the full product's dot products (summed in the blocking order of
+    their own product) and the mirrored ones equal them for a skew-Hermitian ``X``, so the
+    result is the product to rounding (for the computed :math:`A^3`, skew only up to
+    rounding, too)."""
+    h = X.shape[-1] // 2
+    torch.mm(X[:h], X, out=out[:h])
+    torch.mm(X[h:], X[:, h:], out=out[h:, h:])
+    out[h:, :h].copy_(out[:h, h:].mH)
+    return out
+
+
 def _plain_eager(A: Tensor) -> bool:
     """Whether ``A`` is a plain tensor in eager code (no transform, tracing or compiling)."""
     return type(A) is Tensor and eager_context()
@@ -503,7 +526,11 @@ def _taylor_powers(A: Tensor, arena: Arena | None = None, stack: Tensor | None =
     scratch = arena.empty() if arena is not None and not A.is_complex() else None
 
     def mm(i: int, X: Tensor, Y: Tensor) -> Tensor:  # X @ Y, into slot i of the stack
-        return X @ Y if stack is None else torch.matmul(X, Y, out=stack[i])
+        if stack is None:
+            return X @ Y
+        if i != 2 and X is Y and X.dim() == 2 and X.shape[-1] >= HERMITIAN_SQUARE_MIN_N:
+            return _hermitian_square_into(X, stack[i])  # A^2, A^6 = (A^3)^2
+        return torch.matmul(X, Y, out=stack[i])
 
     if stack is not None and stack[0].data_ptr() != A.data_ptr():
         stack[0].copy_(A)

@@ -465,3 +465,38 @@ def test_backward_product_count(monkeypatch, gen, count_products, plan, backward
     with count_products(n) as bwd:
         Q.backward(torch.randn(n, n, dtype=torch.float64, generator=gen))
     assert bwd.count == backward
+
+
+@pytest.mark.parametrize("n", [384, 401])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
+def test_hermitian_square_equals_the_product(n, dtype):
+    # the computed blocks are the full product's dot products (summed in the blocking order of
+    # their own product), the last block their mirror: equal to the product to rounding, for
+    # an exactly skew A and for the computed A^3 (skew only up to rounding)
+    g = torch.Generator().manual_seed(n)
+    L = torch.randn(n, n, generator=g, dtype=dtype)
+    A = L - L.mH
+    eps = torch.finfo(A.real.dtype).eps
+    for X in (A, A @ A @ A):
+        out = _expm._hermitian_square_into(X, torch.empty_like(X))
+        scale = X.abs().sum(dim=-1).amax() ** 2  # |X|_1 |X|_inf bounds each entry's terms
+        assert (out - X @ X).abs().max() <= 4 * n * eps * scale
+        h = n // 2
+        assert torch.equal(out[h:, :h], out[:h, h:].mH)
+
+
+def test_expm_of_skew_above_the_hermitian_square_order_against_scipy():
+    # the written-out scheme of degree 18 at n >= HERMITIAN_SQUARE_MIN_N squares A and A^3 by
+    # _hermitian_square_into: values and gradients against scipy's expm and Frechet derivative
+    from dtriv.retractions.lie import expm_of_skew
+
+    n = _expm.HERMITIAN_SQUARE_MIN_N + 1
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(n, n, generator=g, dtype=torch.float64) / n ** 0.5).requires_grad_()
+    G = torch.randn(n, n, generator=g, dtype=torch.float64)
+    Q = expm_of_skew(X)
+    A = (X - X.mT).detach().numpy()
+    np.testing.assert_allclose(Q.detach().numpy(), scipy.linalg.expm(A), rtol=0, atol=1e-12)
+    (Q * G).sum().backward()
+    Abar = scipy.linalg.expm_frechet(A.T, G.numpy(), compute_expm=False)
+    np.testing.assert_allclose(X.grad.numpy(), Abar - Abar.T, rtol=0, atol=1e-10)
