@@ -1373,7 +1373,9 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     the backward returns the lower triangle). Backward cost: two products per forward product
     except one for the square :math:`A^6` and two for the powers :math:`A^2, A^3` together
     (:func:`_cube_reverse_skew`; one for :math:`A^2` where the plan has no :math:`A^3`); in
-    the plan of degree 18 without squarings, 7 products against the forward's 5.
+    the plan of degree 18 without squarings, 7 products against the forward's 5 (4.5 from
+    :data:`HERMITIAN_SQUARE_MIN_N` on, where the Hermitian squares :math:`A^2` and
+    :math:`A^6` take three quarters of a product each: :func:`_hermitian_square_into`).
 
     Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
     Xd = X.detach()
