@@ -486,8 +486,9 @@ def power_stack(A: Tensor) -> Tensor | None:
 
 
 #: from this order on the Hermitian squares of the powers take :func:`_hermitian_square_into`
-#: (measured, float32, against one product: 1.11x the time at 256, 0.89x at 384, 0.84x at 512,
-#: 0.80x at 768, 0.82x at 1024)
+#: on CPU (measured, float32, against one product: 1.11x the time at 256, 0.89x at 384, 0.84x
+#: at 512, 0.80x at 768, 0.82x at 1024; not measured on an accelerator, which keeps one
+#: product)
 HERMITIAN_SQUARE_MIN_N = 384
 
 
@@ -529,7 +530,8 @@ def _taylor_powers(A: Tensor, arena: Arena | None = None, stack: Tensor | None =
     def mm(i: int, X: Tensor, Y: Tensor) -> Tensor:  # X @ Y, into slot i of the stack
         if stack is None:
             return X @ Y
-        if i != 2 and X is Y and X.dim() == 2 and X.shape[-1] >= HERMITIAN_SQUARE_MIN_N:
+        if (i != 2 and X is Y and X.dim() == 2 and X.shape[-1] >= HERMITIAN_SQUARE_MIN_N
+                and X.device.type == "cpu"):  # measured on CPU only
             return _hermitian_square_into(X, stack[i])  # A^2, A^6 = (A^3)^2
         return torch.matmul(X, Y, out=stack[i])
 
