@@ -342,8 +342,9 @@ def tril_copy(X: Tensor, diagonal: int = 0) -> Tensor:
     float32: 512 x 512 116 against 22 us, (4096, 64) 154 against 21 us, (20, 256, 256) 381
     against 109 us). For code that autograd does not record (an ``autograd.Function``'s
     forward, a backward without ``create_graph``): recorded, it would be two nodes. Under
-    ``torch.func`` transforms, torch's ``tril`` (``tril_`` has no batching rule)."""
-    if transforms_active():
+    ``torch.func`` transforms (``tril_`` has no batching rule) and off CPU (measured there
+    only), torch's ``tril``."""
+    if transforms_active() or X.device.type != "cpu":
         return torch.tril(X, diagonal)
     return torch.empty_like(X, memory_format=torch.contiguous_format).copy_(X).tril_(diagonal)
 

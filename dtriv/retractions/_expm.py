@@ -986,7 +986,7 @@ def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None,
         return X - X.mH if out is None else torch.sub(X, X.mH, out=out)
     P = arena.empty() if arena is not None else None  # None when recording
     if (P is None and X.numel() * X.element_size() < SCRATCH_MIN_BYTES
-            and not (X.requires_grad and torch.is_grad_enabled())):
+            and X.device.type == "cpu" and not (X.requires_grad and torch.is_grad_enabled())):
         P = torch.empty_like(X, memory_format=torch.contiguous_format)  # from glibc's heap
     if P is not None and eager_context():
         # the lower triangle copied into scratch (tril_ in place), then one subtraction,
