@@ -964,6 +964,10 @@ class ExpmTaylor(torch.autograd.Function):
         return (dQ, *([None] * ctx.n_extra))
 
 
+#: up to this many entries per matrix, :func:`skew_of` takes torch's ``tril`` (out of place)
+SMALL_TRIL_NUMEL = 64 * 64
+
+
 def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None,
             out: Tensor | None = None) -> Tensor:
     r""":math:`A = X - X^H`, or with ``lower`` :math:`A = L - L^H` for :math:`L =
@@ -987,6 +991,11 @@ def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None,
     P = arena.empty() if arena is not None else None  # None when recording
     if (P is None and X.numel() * X.element_size() < SCRATCH_MIN_BYTES
             and X.device.type == "cpu" and not (X.requires_grad and torch.is_grad_enabled())):
+        if X.shape[-1] * X.shape[-2] <= SMALL_TRIL_NUMEL and eager_context():
+            # torch's out-of-place tril is not slow yet: one op fewer (16 x 16: 7.2 against
+            # 10.0 us; equal at 64 x 64)
+            L = torch.tril(X)
+            return torch.sub(L, L.mH) if out is None else torch.sub(L, L.mH, out=out)
         P = torch.empty_like(X, memory_format=torch.contiguous_format)  # from glibc's heap
     if P is not None and eager_context():
         # the lower triangle copied into scratch (tril_ in place), then one subtraction,

@@ -128,6 +128,31 @@ def test_skew_of_and_its_adjoint_equal_the_formulas_with_padded_reads(lower, dty
     assert A.is_contiguous() and G.is_contiguous()
 
 
+@pytest.mark.parametrize("n", [16, 64, 65, 200, 700])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_skew_of_the_lower_triangle_on_every_route(n, dtype):
+    # below SMALL_TRIL_NUMEL torch's tril; up to the arena's size a fresh scratch; above it
+    # the arena's scratch (or, without an arena, the masked select); recorded: the masked
+    # select, differentiable. All equal L - L^H for L = tril(X), the diagonal 2i Im(X_ii).
+    X = torch.randn(3, n, n, generator=_gen(5), dtype=dtype)
+    L = X.tril()
+    want = L - L.mH
+    with torch.no_grad():
+        assert torch.equal(skew_of(X, True), want)
+        with Arena(X) as arena:
+            assert torch.equal(skew_of(X, True, arena), want)
+            out = torch.empty_like(X)
+            skew_of(X, True, arena, out=out)
+            assert torch.equal(out, want)
+    leaf = X.clone().requires_grad_()
+    A = skew_of(leaf, True)
+    assert torch.equal(A.detach(), want)
+    G = torch.randn(A.shape, generator=_gen(6), dtype=dtype)
+    (grad,) = torch.autograd.grad(A, leaf, G)
+    expected = G - G.mH
+    assert torch.equal(grad, expected.tril())
+
+
 @pytest.mark.parametrize("fn", [expm_of_skew, cayley_of_skew])
 @pytest.mark.parametrize("lower", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
