@@ -37,6 +37,7 @@ SCRIPTS = {
     "rnn": "bench_rnn.py",
     "optim": "bench_optim.py",
     "sphere_spectral": "bench_sphere_spectral.py",
+    "kernels": "bench_kernels.py",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
