@@ -131,9 +131,10 @@ def test_skew_of_and_its_adjoint_equal_the_formulas_with_padded_reads(lower, dty
 @pytest.mark.parametrize("n", [16, 64, 65, 200, 700])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 def test_skew_of_the_lower_triangle_on_every_route(n, dtype):
-    # below SMALL_TRIL_NUMEL torch's tril; up to the arena's size a fresh scratch; above it
-    # the arena's scratch (or, without an arena, the masked select); recorded: the masked
-    # select, differentiable. All equal L - L^H for L = tril(X), the diagonal 2i Im(X_ii).
+    # up to SMALL_TRIL_NUMEL torch's tril (recorded too); above it, up to the arena's size a
+    # fresh scratch, beyond it the arena's scratch (or, without an arena, the masked select);
+    # recorded: the masked select, differentiable. All equal L - L^H for L = tril(X), whose
+    # diagonal is 2i Im(X_ii).
     X = torch.randn(3, n, n, generator=_gen(5), dtype=dtype)
     L = X.tril()
     want = L - L.mH
