@@ -1000,10 +1000,10 @@ def skew_of(X: Tensor, lower: bool = False, arena: Arena | None = None,
     if P is not None and eager_context():
         # the lower triangle copied into scratch (tril_ in place), then one subtraction,
         # faster than the masked select below: 700 x 700 232 against 367 us, 1000 x 1000
-        # 442 against 714 (the arena's scratch), 16 x 16 10.4 against 12.6 us, 64 x 64 8.0
-        # against 9.7 (fresh, below the arena's size). The masked select stays for recorded
-        # graphs and transforms (tril_ is an in-place node there and has no batching rule)
-        # and for large matrices without an arena (fresh mmap pages measured slower).
+        # 442 against 714 (the arena's scratch), 128 x 128 24 against 29 us (fresh, below
+        # the arena's size). The masked select stays for recorded graphs and transforms
+        # (tril_ is an in-place node there and has no batching rule) and for large matrices
+        # without an arena (fresh mmap pages measured slower).
         P.copy_(X).tril_()
         return torch.sub(P, P.mH) if out is None else torch.sub(P, P.mH, out=out)
     n = X.shape[-1]
