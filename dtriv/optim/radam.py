@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,6 +19,16 @@ from ._riemannian import (
 )
 
 __all__ = ["RiemannianAdam"]
+
+
+def _nan_max(a: float, b: float) -> float:
+    """``max(a, b)``, NaN when either is (as ``torch.maximum``)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _column(values: list[float], X: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """One number per point as a tensor of the dtype and device of ``X``, viewed ``shape``."""
+    return torch.tensor(values, dtype=X.dtype, device=X.device).view(shape)
 
 
 class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
@@ -56,13 +67,14 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
     ``exp_avg`` then holds the moment at the previous point (its projection at the
     parameter is the transported moment, what :meth:`stabilize` stores). The QR retraction
     there runs as recursive block Cholesky QR when the point is the one this optimizer
-    wrote, a randomized test of one pass finds it orthonormal (a write through ``p.data``
-    escapes the first test) and :math:`c^2 \|m\|_F^2 \le 2` for the step :math:`c\, m`
-    (then :math:`\kappa(X + c m)^2 \le 3`), else as checked Cholesky/Householder QR. A
-    bucket of several Stiefel parameters is kept in persistent stacked buffers: at its
-    first step the parameters' ``.data`` and their ``exp_avg`` are re-pointed to rows of
-    one ``(m, n, k)`` tensor each (same values), so that no step copies them; a parameter
-    whose ``.data`` or state is later replaced (``load_state_dict`` included) is re-stacked.
+    wrote, a randomized test of one pass finds it orthonormal (exact for one point of at most
+    64 x 64 entries; a write through ``p.data`` escapes the first test) and
+    :math:`c^2 \|m\|_F^2 \le 2` for the step :math:`c\, m` (then :math:`\kappa(X + c
+    m)^2 \le 3`), else as checked Cholesky/Householder QR. A bucket of several Stiefel
+    parameters is kept in persistent stacked buffers: at its first step the parameters'
+    ``.data`` and their ``exp_avg`` are re-pointed to rows of one ``(m, n, k)`` tensor each
+    (same values), so that no step copies them; a parameter whose ``.data`` or state is
+    later replaced (``load_state_dict`` included) is re-stacked.
     (A tensor of one such parameter saved on its own carries its bucket's whole storage;
     save ``p.detach().clone()`` to store it alone.)
 
@@ -132,8 +144,11 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
             elif amsgrad and "max_exp_avg_sq" not in s:
                 s["max_exp_avg_sq"] = p0.new_zeros(scalar_shape)
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
-        counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
+        if len(steps) == 1:  # (a foreach call costs three times one op on one tensor)
+            counts = [steps[0].add_(1.0).item()]
+        else:
+            torch._foreach_add_(steps, 1.0)
+            counts = torch.stack(steps).tolist()
 
         fast = _stiefel.fast_stiefel(manifold, p0)
         # the fused path updates a multi-parameter bucket in place in persistent buffers
@@ -145,10 +160,8 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         if weight_decay != 0:
             G = G.add(X, alpha=weight_decay)
         exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        col = (-1,) + (1,) * (X.ndim - 1)
-        bc1 = torch.tensor([1 - beta1**t for t in counts], dtype=X.dtype, device=X.device)
-        bc2 = torch.tensor([1 - beta2**t for t in counts], dtype=X.dtype, device=X.device)
+        bc1 = [1 - beta1**t for t in counts]
+        bc2 = [1 - beta2**t for t in counts]
 
         if fast:
             # fused path: the same formulas on the tall batch (m, n, k), in place, with the
@@ -157,38 +170,72 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
             Gb = _stiefel.as_batch(manifold, G)
             stacked_avg = self._stacked(params, "exp_avg") if persistent else stack(exp_avgs)
             mb, m_view = _stiefel.tall_view(manifold, stacked_avg)
-            m, sq = _stiefel.moment_and_sq_norm_(Xb, Gb, mb, beta1)
-            sq_norm = sq.reshape((len(params),) + scalar_shape)
-        else:
-            grad = manifold.proj_tangent(X, G)
-            m = stack(exp_avgs).mul(beta1).add_(grad, alpha=1 - beta1)
-            sq_norm = manifold.inner(X, grad, grad).reshape((len(params),) + scalar_shape)
-        v = stack(exp_avg_sqs).mul(beta2).add_(sq_norm, alpha=1 - beta2)
-        if amsgrad:
-            max_sqs = [s["max_exp_avg_sq"] for s in states]
-            v_hat = torch.maximum(stack(max_sqs), v)
-            copy_rows(max_sqs, v_hat)
-        else:
-            v_hat = v
-
-        if fast:
-            # direction -lr m / (bc1 (sqrt(v_hat / bc2) + eps)): one scalar per point
-            c = v_hat.div(bc2.view(col)).sqrt_().add_(eps).mul_(bc1.view(col)).reciprocal_()
-            c = c.mul_(-lr).reshape(-1, 1, 1)
+            # one point on CPU: the second moment and the step size are numbers on the host
+            # (a dozen tensor ops on single numbers cost a fifth of a (64, 64) step)
+            on_host = Xb.shape[0] == 1 and Xb.device.type == "cpu"
+            m, sq = _stiefel.moment_and_sq_norm_(Xb, Gb, mb, beta1, on_host)
+            if on_host:
+                c = self._host_step_size(states[0], sq, group, bc1[0], bc2[0])
+            else:
+                c = self._step_sizes(states, sq, group, bc1, bc2)
             trusted = self._on_manifold(params)
             _stiefel.retract_(manifold, bucket.method, Xb, m, c, trusted)
             if not m_view:
                 _stiefel.write_back(manifold, stacked_avg, m)
             if not x_view:
                 _stiefel.write_back(manifold, X, Xb)
-            copy_rows(exp_avg_sqs, v)
             self._mark_on_manifold(params)
             return
-        denom = v_hat.div(bc2.view(col)).sqrt_().add_(eps)
-        direction = m.div(bc1.view(col)).div_(denom)
+        grad = manifold.proj_tangent(X, G)
+        m = stack(exp_avgs).mul(beta1).add_(grad, alpha=1 - beta1)
+        sq_norm = manifold.inner(X, grad, grad).reshape((len(params),) + scalar_shape)
+        v_hat = self._second_moments(states, sq_norm, group)
+        col = (-1,) + (1,) * (X.ndim - 1)
+        denom = v_hat.div(_column(bc2, X, col)).sqrt_().add_(eps)
+        direction = m.div(_column(bc1, X, col)).div_(denom)
 
         X_new = _stiefel.settle_points(
             manifold, bucket.method, manifold.retract(X, direction.mul_(-lr), bucket.method))
         copy_rows(exp_avgs, manifold.transport(X, X_new, m))
-        copy_rows(exp_avg_sqs, v)
         copy_rows(params, X_new)
+
+    @staticmethod
+    def _second_moments(states: list[dict[str, Any]], sq_norm: torch.Tensor,
+                        group: dict[str, Any]) -> torch.Tensor:
+        r"""Update the second moments ``exp_avg_sq`` (and ``max_exp_avg_sq``) of the points by
+        their squared gradient norms ``sq_norm`` (stacked, of the states' shape); returns
+        :math:`\hat v`, stacked."""
+        beta2 = group["betas"][1]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        v = stack(exp_avg_sqs).mul(beta2).add_(sq_norm, alpha=1 - beta2)
+        copy_rows(exp_avg_sqs, v)
+        if not group["amsgrad"]:
+            return v
+        max_sqs = [s["max_exp_avg_sq"] for s in states]
+        v_hat = torch.maximum(stack(max_sqs), v)
+        copy_rows(max_sqs, v_hat)
+        return v_hat
+
+    def _step_sizes(self, states: list[dict[str, Any]], sq: torch.Tensor,
+                    group: dict[str, Any], bc1: list[float], bc2: list[float]) -> torch.Tensor:
+        r"""The fused path's step sizes :math:`c = -\eta / (b_1 (\sqrt{\hat v / b_2} +
+        \epsilon))`, one per point ``(m, 1, 1)``, after updating the second moments by the
+        squared norms ``sq`` (``(m,)``; ``b_1, b_2`` the bias corrections of the points)."""
+        shape = (len(states),) + tuple(states[0]["exp_avg_sq"].shape)
+        v_hat = self._second_moments(states, sq.reshape(shape), group)
+        col = (-1,) + (1,) * (v_hat.ndim - 1)
+        c = v_hat.div(_column(bc2, sq, col)).sqrt_().add_(group["eps"])
+        return c.mul_(_column(bc1, sq, col)).reciprocal_().mul_(-group["lr"]).reshape(-1, 1, 1)
+
+    @staticmethod
+    def _host_step_size(state: dict[str, Any], sq: float, group: dict[str, Any],
+                        bc1: float, bc2: float) -> float:
+        """:meth:`_step_sizes` for one point, on the host (one read of each stored moment and
+        one write)."""
+        beta2 = group["betas"][1]
+        v = beta2 * state["exp_avg_sq"].item() + (1 - beta2) * sq
+        state["exp_avg_sq"].fill_(v)
+        if group["amsgrad"]:
+            v = _nan_max(state["max_exp_avg_sq"].item(), v)
+            state["max_exp_avg_sq"].fill_(v)
+        return -group["lr"] / (bc1 * (math.sqrt(v / bc2) + group["eps"]))

@@ -133,21 +133,26 @@ def test_constraint_holds_over_1000_float32_steps():
 @pytest.mark.parametrize("normal_part", [0.0, 1e3])  # the identity, then the explicit fallback
 @pytest.mark.parametrize("beta", [0.0, 0.9])
 @pytest.mark.parametrize("n,k", [(9, 4), (200, 128)])  # 128 doubles: X^T G in padded rows
-def test_moment_and_sq_norm_against_explicit_formulas(normal_part, beta, n, k):
-    from dtriv.optim._stiefel import moment_and_sq_norm
+@pytest.mark.parametrize("on_host", [False, True])  # one point: the norm a number
+def test_moment_and_sq_norm_against_explicit_formulas(normal_part, beta, n, k, on_host):
+    from dtriv.optim._stiefel import moment_and_sq_norm_
 
+    b = 1 if on_host else 3
     M = Stiefel(n, k)
-    X = M.sample(3, generator=_gen(0), dtype=torch.float64)
-    B = M.sample(3, generator=_gen(1), dtype=torch.float64)  # the previous points
-    m = M.proj_tangent(B, torch.randn(3, n, k, generator=_gen(2), dtype=torch.float64))
-    H = torch.randn(3, k, k, generator=_gen(3), dtype=torch.float64)
-    G = torch.randn(3, n, k, generator=_gen(4), dtype=torch.float64)
+    X = M.sample(b, generator=_gen(0), dtype=torch.float64)
+    B = M.sample(b, generator=_gen(1), dtype=torch.float64)  # the previous points
+    m = M.proj_tangent(B, torch.randn(b, n, k, generator=_gen(2), dtype=torch.float64))
+    H = torch.randn(b, k, k, generator=_gen(3), dtype=torch.float64)
+    G = torch.randn(b, n, k, generator=_gen(4), dtype=torch.float64)
     G = G + normal_part * X @ (H + H.mT)  # a mostly normal gradient defeats the identity
-    new, sq = moment_and_sq_norm(X, G, m, beta)
+    new, sq = moment_and_sq_norm_(X, G, m.clone(), beta, on_host)
     grad = M.proj_tangent(X, G)
     expected = beta * M.transport(B, X, m) + (1 - beta) * grad
     scale = G.abs().max()
     assert (new - expected).abs().max() < 1e-13 * scale
+    if on_host:
+        assert isinstance(sq, float)
+        sq = torch.tensor([sq], dtype=torch.float64)
     torch.testing.assert_close(sq, (grad * grad).sum((-2, -1)), rtol=1e-12, atol=0)
 
 
@@ -171,6 +176,8 @@ def test_block_qr_steps_match_geoopt_in_float32(algo, gopt, n, k):
 @pytest.mark.parametrize("b,n,k,base", [
     (3, 40, 27, 4), (2, 33, 33, 8), (1, 200, 150, 64), (2, 9, 1, 4),
     (1, 90, 80, None), (8, 90, 80, None),  # the default widths, one point and a batch
+    # blocks at most twice as tall as wide: one triangular solve (SOLVE_MAX_ROWS_PER_COLUMN)
+    (1, 64, 64, None), (2, 50, 30, None), (8, 60, 32, None), (1, 70, 50, 32),
 ])
 @pytest.mark.parametrize("wide", [False, True])
 def test_block_cholesky_qf_is_the_positive_q_factor(b, n, k, base, wide):
@@ -192,7 +199,8 @@ def test_block_cholesky_qf_is_the_positive_q_factor(b, n, k, base, wide):
     assert (W.mT @ W - eye).abs().max() < 1e-13
 
 
-@pytest.mark.parametrize("b,n,k,base", [(3, 40, 27, 4), (1, 200, 150, 64), (8, 90, 80, None)])
+@pytest.mark.parametrize("b,n,k,base", [
+    (3, 40, 27, 4), (1, 200, 150, 64), (8, 90, 80, None), (1, 64, 64, None), (1, 70, 50, 32)])
 @pytest.mark.parametrize("wide", [False, True])
 def test_block_cholesky_qf_into_out_equals_in_place(b, n, k, base, wide):
     """With ``out`` the q-factor goes there (a strided view too: a wide bucket's tall view)
@@ -290,14 +298,16 @@ def _ill_conditioned(n, k, cond, dtype, seed):
     (RiemannianAdam, dict(lr=1e-2)), (RiemannianSGD, dict(lr=1e-3, momentum=0.9)),
     (RiemannianSGD, dict(lr=1e-2)),
 ])
-@pytest.mark.parametrize("count", [1, 3])
-def test_a_write_through_data_takes_the_checked_qr(algo, kwargs, count):
+@pytest.mark.parametrize("count,n,k", [
+    (1, 64, 64), (1, 128, 64),  # one point: the exact test (EXACT_TEST_MAX_NUMEL), the probes
+    (3, 64, 64),
+])
+def test_a_write_through_data_takes_the_checked_qr(algo, kwargs, count, n, k):
     """``p.data.copy_(W)`` does not bump ``p``'s version counter, so the optimizer still
-    takes the point for its own; the probe test sends the ill-conditioned ``W`` to the
-    checked QR, whose result is orthonormal (the block Cholesky QR's was off by 5e-3 to
+    takes the point for its own; the test of the points sends the ill-conditioned ``W`` to
+    the checked QR, whose result is orthonormal (the block Cholesky QR's was off by 5e-3 to
     3e-2 in float32)."""
     dt = torch.float32
-    n, k = 64, 64
     M = Stiefel(n, k)
     params = _params([M.sample(generator=_gen(i), dtype=dt) for i in range(count)], M)
     opt = algo(params, retraction="qr", **kwargs)
@@ -434,22 +444,32 @@ def test_fused_step_on_a_parameter_whose_batch_is_not_one_view(algo, kwargs, n, 
     assert (a - b).abs().max() < 1e-12
 
 
-def test_large_steps_take_the_checked_qr():
+@pytest.mark.parametrize("n,k,batch", [
+    (80, 70, ()), (40, 30, ()),  # one point: the bound on the host (probes, exact test)
+    (40, 30, (2,)),
+])
+def test_large_steps_take_the_checked_qr(monkeypatch, n, k, batch):
     """Steps beyond the block-QR bound (here c^2 |V|_F^2 >> 2) fall back to the checked QR
-    (Householder for such steps): the iterates stay orthonormal to rounding."""
-    from dtriv.optim._stiefel import BLOCK_QR_MAX_STEP
+    (Householder for such steps): the block QR never runs and the iterates stay
+    orthonormal to rounding."""
+    from dtriv.optim import _stiefel
 
-    M = Stiefel(80, 70)
-    p = ManifoldParameter(M.sample(generator=_gen(8), dtype=torch.float64), M)
+    calls = []
+    original = _stiefel.block_cholesky_qf_
+    monkeypatch.setattr(_stiefel, "block_cholesky_qf_",
+                        lambda Y, base=None, out=None: calls.append(1) or original(Y, base, out))
+    M = Stiefel(n, k)
+    p = ManifoldParameter(M.sample(*batch, generator=_gen(8), dtype=torch.float64), M)
     opt = RiemannianSGD([p], lr=5.0, momentum=0.9, retraction="qr")
-    loss = _loss((80, 70), torch.float64, seed=9)
+    loss = _loss(p.shape, torch.float64, seed=9)
     for _ in range(4):
         opt.zero_grad()
         loss(p).backward()
-        step = 25.0 * (M.proj_tangent(p.detach(), p.grad) ** 2).sum()
+        step = 25.0 * (M.proj_tangent(p.detach(), p.grad) ** 2).sum((-2, -1)).min()
         opt.step()
         assert M.distance(p.detach()).max() < 1e-12
-    assert step > 100 * BLOCK_QR_MAX_STEP
+    assert step > 100 * _stiefel.BLOCK_QR_MAX_STEP
+    assert not calls
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (1, 96, 96), (2, 40, 40), (2, 32, 32)])

@@ -419,6 +419,18 @@ def test_amsgrad_turned_on_later_starts_its_maximum_from_the_current_moment():
     assert (s["exp_avg_sq"] < before).all()
 
 
+def test_amsgrad_maximum_on_the_host_is_torch_maximum():
+    """One point on CPU keeps its second moments on the host; their running maximum must
+    be ``torch.maximum``'s, NaN included (Python's ``max`` drops a NaN in second place)."""
+    from dtriv.optim.radam import _nan_max
+
+    nan = float("nan")
+    for a, b in [(1.0, 2.0), (3.0, 2.0), (0.0, 0.0), (nan, 1.0), (1.0, nan), (nan, nan)]:
+        expected = torch.maximum(torch.tensor(a, dtype=DT), torch.tensor(b, dtype=DT))
+        torch.testing.assert_close(torch.tensor(_nan_max(a, b), dtype=DT), expected,
+                                   equal_nan=True, rtol=0, atol=0)
+
+
 def _drift_after(M, method, opt_cls, steps, dtype=torch.float32, **kw):
     """The constraint error of a least-squares run on ``M`` after ``steps`` steps."""
     g = _gen(3)
