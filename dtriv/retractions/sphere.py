@@ -603,10 +603,20 @@ class _TrivializeExp(torch.autograd.Function):
         return gx, gX, None
 
 
+def _values_only(x: Tensor, v: Tensor) -> bool:
+    """Whether a map of ``x`` and ``v`` records no derivative (called where grad mode is
+    off): plain tensors in eager code without forward-mode AD."""
+    return (type(x) in _PLAIN and type(v) in _PLAIN and eager_context()
+            and not forward_ad_active())
+
+
 def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: float) -> Tensor:
     """``fn.apply(x, v, radius)[0]`` (through :func:`apply_function`: a small sphere map costs
     less than ``Function.apply``'s argument binding), or for one real CPU vector its
     host-coefficient node (:func:`_vector_case`)."""
+    if not torch.is_grad_enabled() and _values_only(x, v):
+        out = fn.forward(x, v, radius)  # no node: the map's values
+        return out[0] if isinstance(out, tuple) else out
     if fn in _VECTOR and _vector_case(x, v):
         fn = _VECTOR[fn]
     out = apply_function(fn, x, v, radius)

@@ -293,3 +293,27 @@ def test_trivialize_with_a_normal_component_in_both_inputs(fn, ref, shape, route
     torch.testing.assert_close(y, ref(x, X, 1.5), atol=1e-12, rtol=0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.float32])
+@pytest.mark.parametrize("fn,ref", MAPS)
+@pytest.mark.parametrize("shape", [(3, 5), (5,)])
+def test_reads_without_grad_mode_build_no_node(fn, ref, dtype, shape, mode, monkeypatch):
+    """Without grad mode a map returns its values with no autograd node (the optimizers'
+    generic path and inference call them so): bit for bit the batched node's forward, and
+    the formula's value."""
+    x, v = point_and_tangent(dtype, 2.5, 0.7, shape)
+    monkeypatch.setattr(S, "VECTOR_NODES", False)
+    expected = fn(x, v, 2.5).detach()
+    torch.testing.assert_close(expected, ref(x, v, 2.5).detach(), rtol=0,
+                               atol=1e-5 if dtype == torch.float32 else 1e-13)
+
+    def no_node(*args):
+        raise AssertionError("an autograd node was applied")
+
+    monkeypatch.setattr(S, "apply_function", no_node)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        y = fn(x, v, 2.5)
+    assert y.grad_fn is None and not y.requires_grad
+    assert torch.equal(y, expected)
