@@ -18,7 +18,9 @@ parameters in one optimizer, and one ``(64, 64)`` parameter (no target: a step o
 fraction of a millisecond, where the cost per operation counts more than the products).
 Ratio columns: geoopt / dtriv (above 1: dtriv is faster).
 
-The full run also reports the constraint error ``max|X^T X - I|`` after 1,000 float32
+The full run also times one step on spheres (a vector of 4096 and 64 rows of 1024, the
+projective and exponential retractions, against geoopt's ``Sphere`` / ``SphereExact``; no
+target) and reports the constraint error ``max|X^T X - I|`` after 1,000 float32
 Adam steps at ``(256, 256)`` for dtriv (QR), geoopt's EuclideanStiefel (QR) and geoopt's
 default canonical Stiefel (Cayley retraction).
 
@@ -101,6 +103,37 @@ def cases_for(count: int, n: int, k: int, device, dtype=torch.float32) -> dict:
             ps = [torch.nn.Parameter(X.clone()) for X in X0]
         out[name] = _stepper(make(ps), ps, grads)
     out["matmul"] = matmul_case(512, dtype, device)
+    return out
+
+
+#: sphere cases: (shape of the parameter, dtriv retraction, geoopt manifold class name):
+#: geoopt's ``Sphere`` retracts by projection, ``SphereExact`` by the exponential map
+SPHERE_CASES = [((4096,), "projective", "Sphere"), ((4096,), "exp", "SphereExact"),
+                ((64, 1024), "projective", "Sphere"), ((64, 1024), "exp", "SphereExact")]
+
+
+def sphere_cases_for(shape: tuple[int, ...], method: str, geoopt_manifold: str, device,
+                     dtype=torch.float32) -> dict:
+    """The timed callables of one sphere case: one parameter of ``shape`` (unit rows)."""
+    from dtriv.manifolds import Sphere
+
+    g = torch.Generator().manual_seed(0)
+    X0 = Sphere(shape[-1]).sample(*shape[:-1], generator=g, dtype=dtype).to(device)
+    grad = torch.randn(shape, generator=g, dtype=dtype).to(device)
+    out = {}
+    for name, make in (
+        ("dtriv adam", lambda ps: RiemannianAdam(ps, lr=LR, retraction=method)),
+        ("geoopt adam", lambda ps: geoopt.optim.RiemannianAdam(ps, lr=LR)),
+        ("dtriv sgd", lambda ps: RiemannianSGD(ps, lr=LR, momentum=MOMENTUM,
+                                               retraction=method)),
+        ("geoopt sgd", lambda ps: geoopt.optim.RiemannianSGD(ps, lr=LR, momentum=MOMENTUM)),
+    ):
+        if name.startswith("dtriv"):
+            ps = [ManifoldParameter(X0.clone(), Sphere(shape[-1]))]
+        else:
+            manifold = getattr(geoopt, geoopt_manifold)()
+            ps = [geoopt.ManifoldParameter(X0.clone(), manifold=manifold)]
+        out[name] = _stepper(make(ps), ps, [grad])
     return out
 
 
@@ -224,6 +257,21 @@ def main(argv: list[str] | None = None) -> None:
          "One `step()` with the gradients set; dtriv `retraction=\"qr\"` against geoopt's "
          "EuclideanStiefel (the same algorithm). matmuls: the step in units of one 512 x 512 "
          f"float32 product. SGD with momentum {MOMENTUM}; lr {LR}.")
+    if not quick:
+        rows = []
+        for shape, method, gname in SPHERE_CASES:
+            t = measure(sphere_cases_for(shape, method, gname, device),
+                        repeats=args.repeats or 101, warmup=warmup, budget_s=budget,
+                        device=device)
+            for algo in ("adam", "sgd"):
+                ours, theirs = t[f"dtriv {algo}"], t[f"geoopt {algo}"]
+                rows.append(["x".join(map(str, shape)), method, algo, str(ours), str(theirs),
+                             ratio(theirs, ours)])
+        emit(args, "Riemannian optimizer step on spheres (float32)",
+             md_table(["parameter", "retraction", "optimizer", "dtriv", "geoopt",
+                       "geoopt / dtriv"], rows),
+             "One `step()` with the gradient set, unit rows; geoopt's `Sphere` (projective) or "
+             f"`SphereExact` (exp). No target. SGD with momentum {MOMENTUM}; lr {LR}.")
     if args.pieces:
         for count, n, k in shapes:
             t = pieces(count, n, k, device)

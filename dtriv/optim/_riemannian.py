@@ -8,9 +8,10 @@ A Riemannian optimizer here is a subclass of a torch optimizer (``SGD``, ``Adam`
   *buckets* of equal manifold, shape, dtype, device and retraction, stacks each bucket into
   one batch ``(m, *shape)`` and calls the manifold maps once per bucket, not once per
   parameter (the maps are batched over leading dimensions);
-* on the fused Stiefel paths, keeps a bucket of several parameters in persistent stacked
-  buffers (:meth:`RiemannianMixin._stacked`) and tracks which points it wrote itself
-  (:meth:`RiemannianMixin._on_manifold`), so that the retraction may skip its checks.
+* on the fused Stiefel and sphere paths (:func:`fused_path`), keeps a bucket of several
+  parameters in persistent stacked buffers (:meth:`RiemannianMixin._stacked`) and tracks
+  which points it wrote itself (:meth:`RiemannianMixin._on_manifold`), so that the Stiefel
+  retraction may skip its checks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dtriv.manifolds.base import Manifold
 from dtriv.retractions._common import outside_compiled_graphs
 from dtriv.retractions._scratch import Arena
 
+from . import _sphere, _stiefel
 from .parameter import manifold_of
 
 __all__ = ["check_nonnegative", "check_lr", "Bucket", "RiemannianMixin"]
@@ -82,6 +84,18 @@ def _rows_of(buffer: Tensor, tensors: list[Tensor]) -> bool:
         ):
             return False
     return True
+
+
+def fused_path(manifold: Manifold, X: Tensor):
+    """The module of the fused path that updates a bucket of ``manifold`` with points like
+    ``X`` (:mod:`dtriv.optim._stiefel`, :mod:`dtriv.optim._sphere`: the same functions, on a
+    batch view of the points, in place), or ``None``: the generic path (the manifold's
+    maps)."""
+    if _stiefel.fast_stiefel(manifold, X):
+        return _stiefel
+    if _sphere.fast_sphere(manifold, X):
+        return _sphere
+    return None
 
 
 class Bucket:

@@ -45,7 +45,11 @@ __all__ = [
     "block_cholesky_qf_",
     "cross",
     "drift_tolerance",
+    "batch_view",
     "fast_stiefel",
+    "gradient",
+    "moment_",
+    "project_",
     "moment_and_sq_norm",
     "moment_and_sq_norm_",
     "near_orthonormal",
@@ -55,7 +59,6 @@ __all__ = [
     "safe_for_block_qr",
     "settle",
     "settle_points",
-    "tall_view",
     "transport",
     "write_back",
 ]
@@ -91,7 +94,7 @@ def as_batch(manifold: Stiefel, X: Tensor) -> Tensor:
     return T.reshape((-1,) + tuple(T.shape[-2:]))
 
 
-def tall_view(manifold: Stiefel, X: Tensor) -> tuple[Tensor, bool]:
+def batch_view(manifold: Stiefel, X: Tensor) -> tuple[Tensor, bool]:
     """The tall batch ``(m, n, k)`` of ``X`` for an in-place update, and whether it is a view.
 
     When the batch dimensions of ``X`` cannot be merged into one view (permuted strides), it
@@ -106,7 +109,7 @@ def tall_view(manifold: Stiefel, X: Tensor) -> tuple[Tensor, bool]:
 
 
 def write_back(manifold: Stiefel, X: Tensor, batch: Tensor) -> None:
-    """``X <- batch``, the inverse of :func:`tall_view` when it made a copy."""
+    """``X <- batch``, the inverse of :func:`batch_view` when it made a copy."""
     T = X.mT if manifold.wide else X
     T.copy_(batch.view(T.shape))
 
@@ -134,6 +137,18 @@ def cross(X: Tensor, Y: Tensor, arena: Arena | None = None) -> Tensor:
 def riemannian_grad(X: Tensor, G: Tensor) -> Tensor:
     r""":math:`G - X \operatorname{sym}(X^T G)` for tall batches ``(m, n, k)``."""
     return torch.baddbmm(G, X, _sym2_(cross(X, G)), alpha=-0.5)
+
+
+def gradient(manifold: Stiefel, X: Tensor, G: Tensor) -> Tensor:
+    """:func:`riemannian_grad` with the signature of :func:`dtriv.optim._sphere.gradient`."""
+    return riemannian_grad(X, G)
+
+
+def project_(manifold: Stiefel, X: Tensor, V: Tensor, scale: float = 1.0) -> Tensor:
+    r"""``V <- scale * P_X(V) = scale (V - X sym(X^T V))`` in place for tall batches;
+    returns ``V``. Two products."""
+    S2 = _sym2_(cross(X, V))  # 2 sym(X^T V)
+    return V.baddbmm_(X, S2, beta=scale, alpha=-0.5 * scale)
 
 
 def sq_norms(g: Tensor) -> Tensor:
@@ -280,6 +295,12 @@ def moment_and_sq_norm_(
     if not bool((sq >= IDENTITY_MIN_FRACTION * G2).all()):
         sq = sq_norms(riemannian_grad(X, G))
     return m, sq
+
+
+def moment_(manifold: Stiefel, X: Tensor, G: Tensor, m: Tensor, beta: float,
+            on_host: bool = False) -> tuple[Tensor, Tensor | float]:
+    """:func:`moment_and_sq_norm_` with the signature of :func:`dtriv.optim._sphere.moment_`."""
+    return moment_and_sq_norm_(X, G, m, beta, on_host)
 
 
 def moment_and_sq_norm(X: Tensor, G: Tensor, m: Tensor, beta: float) -> tuple[Tensor, Tensor]:

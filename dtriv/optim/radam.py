@@ -15,6 +15,7 @@ from ._riemannian import (
     check_nonnegative,
     check_unit_interval,
     copy_rows,
+    fused_path,
     stack,
 )
 
@@ -60,15 +61,17 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
     at once.
 
     Real :class:`~dtriv.manifolds.Stiefel` buckets take a fused path (batched products, see
-    :mod:`dtriv.optim._stiefel`) that defers the transport of the first moment (a
-    projection, hence linear) to the next step, where it is fused with the projection of
-    the next gradient: :math:`\beta_1 P_X(m) + (1 - \beta_1) P_X(G) = P_X(\beta_1 m + (1 -
-    \beta_1) G)`, the same iterates for three ``n x k`` products per step instead of four;
-    ``exp_avg`` then holds the moment at the previous point (its projection at the
-    parameter is the transported moment, what :meth:`stabilize` stores). The QR retraction
-    there runs as recursive block Cholesky QR when the point is the one this optimizer
-    wrote, a randomized test of one pass finds it orthonormal (exact for one point of at most
-    64 x 64 entries; a write through ``p.data`` escapes the first test) and
+    :mod:`dtriv.optim._stiefel`), and real :class:`~dtriv.manifolds.Sphere` buckets one of
+    their own (:mod:`dtriv.optim._sphere`, a few passes per point). Both defer the transport
+    of the first moment (a projection, hence linear) to the next step, where it is fused with
+    the projection of the next gradient: :math:`\beta_1 P_X(m) + (1 - \beta_1) P_X(G) =
+    P_X(\beta_1 m + (1 - \beta_1) G)`, the same iterates (on Stiefel three ``n x k``
+    products per step instead of four); ``exp_avg`` then holds the moment at the previous
+    point (its projection at the parameter is the transported moment, what
+    :meth:`stabilize` stores). The Stiefel QR retraction there runs as recursive block
+    Cholesky QR when the point is the one this optimizer wrote, a randomized test of one
+    pass finds it orthonormal (exact for one point of at most 64 x 64 entries; a write
+    through ``p.data`` escapes the first test) and
     :math:`c^2 \|m\|_F^2 \le 2` for the step :math:`c\, m` (then :math:`\kappa(X + c
     m)^2 \le 3`), else as checked Cholesky/Householder QR. A bucket of several Stiefel
     parameters is kept in persistent stacked buffers: at its first step the parameters'
@@ -150,9 +153,9 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
             torch._foreach_add_(steps, 1.0)
             counts = torch.stack(steps).tolist()
 
-        fast = _stiefel.fast_stiefel(manifold, p0)
+        fused = fused_path(manifold, p0)
         # the fused path updates a multi-parameter bucket in place in persistent buffers
-        persistent = fast and len(params) > 1
+        persistent = fused is not None and len(params) > 1
         X = self._stacked(params) if persistent else stack(params)
         G = bucket.stacked_grads()
         if group["maximize"]:
@@ -163,27 +166,28 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         bc1 = [1 - beta1**t for t in counts]
         bc2 = [1 - beta2**t for t in counts]
 
-        if fast:
-            # fused path: the same formulas on the tall batch (m, n, k), in place, with the
-            # transport of the first moment deferred (see the class docstring)
-            Xb, x_view = _stiefel.tall_view(manifold, X)
-            Gb = _stiefel.as_batch(manifold, G)
+        if fused is not None:
+            # fused path: the same formulas on a batch view of the points (Stiefel: the tall
+            # batch (m, n, k); sphere: rows (m, n)), in place, with the transport of the
+            # first moment deferred (see the class docstring)
+            Xb, x_view = fused.batch_view(manifold, X)
+            Gb = fused.as_batch(manifold, G)
             stacked_avg = self._stacked(params, "exp_avg") if persistent else stack(exp_avgs)
-            mb, m_view = _stiefel.tall_view(manifold, stacked_avg)
+            mb, m_view = fused.batch_view(manifold, stacked_avg)
             # one point on CPU: the second moment and the step size are numbers on the host
             # (a dozen tensor ops on single numbers cost a fifth of a (64, 64) step)
             on_host = Xb.shape[0] == 1 and Xb.device.type == "cpu"
-            m, sq = _stiefel.moment_and_sq_norm_(Xb, Gb, mb, beta1, on_host)
+            m, sq = fused.moment_(manifold, Xb, Gb, mb, beta1, on_host)
             if on_host:
                 c = self._host_step_size(states[0], sq, group, bc1[0], bc2[0])
             else:
-                c = self._step_sizes(states, sq, group, bc1, bc2)
+                c = self._step_sizes(states, sq, group, bc1, bc2, Xb.ndim)
             trusted = self._on_manifold(params)
-            _stiefel.retract_(manifold, bucket.method, Xb, m, c, trusted)
+            fused.retract_(manifold, bucket.method, Xb, m, c, trusted)
             if not m_view:
-                _stiefel.write_back(manifold, stacked_avg, m)
+                fused.write_back(manifold, stacked_avg, m)
             if not x_view:
-                _stiefel.write_back(manifold, X, Xb)
+                fused.write_back(manifold, X, Xb)
             self._mark_on_manifold(params)
             return
         grad = manifold.proj_tangent(X, G)
@@ -217,15 +221,18 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         return v_hat
 
     def _step_sizes(self, states: list[dict[str, Any]], sq: torch.Tensor,
-                    group: dict[str, Any], bc1: list[float], bc2: list[float]) -> torch.Tensor:
+                    group: dict[str, Any], bc1: list[float], bc2: list[float],
+                    ndim: int) -> torch.Tensor:
         r"""The fused path's step sizes :math:`c = -\eta / (b_1 (\sqrt{\hat v / b_2} +
-        \epsilon))`, one per point ``(m, 1, 1)``, after updating the second moments by the
-        squared norms ``sq`` (``(m,)``; ``b_1, b_2`` the bias corrections of the points)."""
+        \epsilon))`, one per point ``(m, 1, ...)`` for a batch of ``ndim`` dimensions, after
+        updating the second moments by the squared norms ``sq`` (``(m,)``; ``b_1, b_2`` the
+        bias corrections of the points)."""
         shape = (len(states),) + tuple(states[0]["exp_avg_sq"].shape)
         v_hat = self._second_moments(states, sq.reshape(shape), group)
         col = (-1,) + (1,) * (v_hat.ndim - 1)
         c = v_hat.div(_column(bc2, sq, col)).sqrt_().add_(group["eps"])
-        return c.mul_(_column(bc1, sq, col)).reciprocal_().mul_(-group["lr"]).reshape(-1, 1, 1)
+        c = c.mul_(_column(bc1, sq, col)).reciprocal_().mul_(-group["lr"])
+        return c.reshape((-1,) + (1,) * (ndim - 1))
 
     @staticmethod
     def _host_step_size(state: dict[str, Any], sq: float, group: dict[str, Any],

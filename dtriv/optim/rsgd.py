@@ -14,6 +14,7 @@ from ._riemannian import (
     check_lr,
     check_nonnegative,
     copy_rows,
+    fused_path,
     stack,
 )
 
@@ -73,15 +74,17 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
     O(m n k^2).
 
     Real :class:`~dtriv.manifolds.Stiefel` buckets take a fused path (batched products, see
-    :mod:`dtriv.optim._stiefel`); with momentum and without nesterov it defers the transport
-    (a projection, hence linear) to the next step, where it is fused with the projection of
-    the next gradient: the same iterates for two ``n x k`` products per step instead of
-    four, and ``momentum_buffer`` holds the buffer at the previous point (its projection at
-    the parameter is the transported buffer). On that path, and without momentum (where
-    the step :math:`X \leftarrow R_X(-\eta\, P_X(G))` is in place too), the QR retraction
-    and the storage of multi-parameter buckets are those of :class:`RiemannianAdam` (block
-    Cholesky QR when provably safe; the parameters' ``.data`` and ``momentum_buffer``
-    re-pointed once to rows of persistent stacked buffers).
+    :mod:`dtriv.optim._stiefel`), and so do real :class:`~dtriv.manifolds.Sphere` buckets
+    without nesterov (:mod:`dtriv.optim._sphere`); with momentum and without nesterov they
+    defer the transport (a projection, hence linear) to the next step, where it is fused
+    with the projection of the next gradient: the same iterates (on Stiefel two ``n x k``
+    products per step instead of four), and ``momentum_buffer`` holds the buffer at the
+    previous point (its projection at the parameter is the transported buffer). On that
+    path, and without momentum (where the step :math:`X \leftarrow R_X(-\eta\, P_X(G))` is
+    in place too), the Stiefel QR retraction and the storage of multi-parameter buckets are
+    those of :class:`RiemannianAdam` (block Cholesky QR when provably safe; the parameters'
+    ``.data`` and ``momentum_buffer`` re-pointed once to rows of persistent stacked
+    buffers).
     """
 
     _tangent_state = ("momentum_buffer",)
@@ -129,26 +132,30 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         lr, momentum = group["lr"], group["momentum"]
         dampening, weight_decay = group["dampening"], group["weight_decay"]
 
-        fused = _stiefel.fast_stiefel(manifold, params[0])
+        path = fused_path(manifold, params[0])
         # a fused bucket without Nesterov momentum (plain or lazy momentum step) is updated in
-        # place, a multi-parameter one in persistent buffers
-        in_place = fused and not group["nesterov"]
+        # place, a multi-parameter one in persistent buffers; with Nesterov momentum a
+        # Stiefel bucket takes the fused maps out of place, a sphere one the generic path
+        in_place = path is not None and not group["nesterov"]
+        fused = path is _stiefel
         X = self._stacked(params) if in_place and len(params) > 1 else stack(params)
         G = bucket.stacked_grads()
         if group["maximize"]:
             G = -G
         if weight_decay != 0:
             G = G.add(X, alpha=weight_decay)
+        if in_place:
+            # fused path: the same formulas on a batch view of the points, in place
+            Gb = path.as_batch(manifold, G)
+            if momentum == 0:
+                self._plain_step(group, bucket, path, X, Gb)
+            else:
+                self._lazy_momentum_step(group, bucket, path, X, Gb)
+            return
         if fused:
-            # fused path: the same formulas on the tall batch (m, n, k)
+            # the fused Stiefel maps on the tall batch (m, n, k)
             Xb = _stiefel.as_batch(manifold, X)
             Gb = _stiefel.as_batch(manifold, G)
-            if in_place and momentum == 0:
-                self._plain_step(group, bucket, X, Gb)
-                return
-            if in_place:
-                self._lazy_momentum_step(group, bucket, X, Xb, Gb)
-                return
             grad = _stiefel.riemannian_grad(Xb, Gb)
         else:
             grad = manifold.proj_tangent(X, G)
@@ -172,6 +179,8 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             # _lazy_momentum_step): project them, in case that step wrote them (nesterov
             # turned on mid-run, or a state dict saved without it); idempotent otherwise
             buf = _stiefel.transport(Xb, _stiefel.as_batch(manifold, buf))
+        elif path is not None:  # a sphere bucket: the same, by the manifold's map
+            buf = manifold.proj_tangent(X, buf)
         buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
         if any(fresh):
             mask = torch.tensor(fresh, device=X.device)
@@ -190,21 +199,21 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         copy_rows(buffers, moved)
         copy_rows(params, X_new)
 
-    def _plain_step(self, group, bucket, X, Gb) -> None:
-        r"""Step without momentum of a fused Stiefel bucket, in place:
-        :math:`X \leftarrow R_X(-\eta\, P_X(G))` (for ``qr`` with a trusted point, the block
-        Cholesky QR of :func:`~dtriv.optim._stiefel.retract_`)."""
+    def _plain_step(self, group, bucket, path, X, Gb) -> None:
+        r"""Step without momentum of a fused bucket (``path``: its module, see
+        :func:`~dtriv.optim._riemannian.fused_path`), in place: :math:`X \leftarrow
+        R_X(-\eta\, P_X(G))` (on Stiefel, for ``qr`` with a trusted point, the block Cholesky
+        QR of :func:`~dtriv.optim._stiefel.retract_`)."""
         manifold, params = bucket.manifold, bucket.params
-        Xb, x_view = _stiefel.tall_view(manifold, X)
-        grad = _stiefel.riemannian_grad(Xb, Gb)
-        _stiefel.retract_(manifold, bucket.method, Xb, grad, -group["lr"],
-                          self._on_manifold(params))
+        Xb, x_view = path.batch_view(manifold, X)
+        grad = path.gradient(manifold, Xb, Gb)
+        path.retract_(manifold, bucket.method, Xb, grad, -group["lr"], self._on_manifold(params))
         if not x_view:
-            _stiefel.write_back(manifold, X, Xb)
+            path.write_back(manifold, X, Xb)
         self._mark_on_manifold(params)
 
-    def _lazy_momentum_step(self, group, bucket, X, Xb, Gb) -> None:
-        r"""Momentum step of a fused Stiefel bucket with the transport deferred.
+    def _lazy_momentum_step(self, group, bucket, path, X, Gb) -> None:
+        r"""Momentum step of a fused bucket (Stiefel or sphere) with the transport deferred.
 
         The transport is the projection onto the tangent space at the new point, which is
         linear, so :math:`\mu\, P_X(b) + (1 - \tau) P_X(G) = P_X(\mu b + (1 - \tau) G)`: the
@@ -220,26 +229,26 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         fresh, buffers = _momentum_buffers_of(self.state, params)
         persistent = len(params) > 1
         stacked = self._stacked(params, "momentum_buffer") if persistent else stack(buffers)
-        raw, raw_view = _stiefel.tall_view(manifold, stacked)
-        Xb, x_view = _stiefel.tall_view(manifold, X)
+        raw, raw_view = path.batch_view(manifold, stacked)
+        Xb, x_view = path.batch_view(manifold, X)
         if dampening == 1 or any(fresh):
             # the first buffer is the Riemannian gradient itself (torch's convention)
+            column = (-1,) + (1,) * (Xb.ndim - 1)
             scale = torch.tensor(
                 [0.0 if new else momentum for new in fresh], dtype=Xb.dtype, device=Xb.device
-            ).repeat_interleave(Xb.shape[0] // len(params)).view(-1, 1, 1)
+            ).repeat_interleave(Xb.shape[0] // len(params)).view(column)
             lead = torch.tensor(
                 [1.0 if new else 1 - dampening for new in fresh],
                 dtype=Xb.dtype, device=Xb.device,
-            ).repeat_interleave(Xb.shape[0] // len(params)).view(-1, 1, 1)
-            raw.copy_(_stiefel.riemannian_grad(Xb, torch.addcmul(Gb * lead, raw, scale)))
+            ).repeat_interleave(Xb.shape[0] // len(params)).view(column)
+            raw.copy_(path.gradient(manifold, Xb, torch.addcmul(Gb * lead, raw, scale)))
         else:
-            # in place: raw <- M = G + mu/(1 - tau) raw, then (1 - tau) (M - X sym(X^T M))
+            # in place: raw <- M = G + mu/(1 - tau) raw, then (1 - tau) P_X(M)
             torch.add(Gb, raw, alpha=momentum / (1 - dampening), out=raw)
-            S2 = _stiefel._sym2_(_stiefel.cross(Xb, raw))  # 2 sym(X^T M)
-            raw.baddbmm_(Xb, S2, beta=1 - dampening, alpha=-0.5 * (1 - dampening))
-        _stiefel.retract_(manifold, bucket.method, Xb, raw, -lr, self._on_manifold(params))
+            path.project_(manifold, Xb, raw, 1 - dampening)
+        path.retract_(manifold, bucket.method, Xb, raw, -lr, self._on_manifold(params))
         if not raw_view:
-            _stiefel.write_back(manifold, stacked, raw)
+            path.write_back(manifold, stacked, raw)
         if not x_view:
-            _stiefel.write_back(manifold, X, Xb)
+            path.write_back(manifold, X, Xb)
         self._mark_on_manifold(params)

@@ -755,7 +755,7 @@ def test_adam_weight_decay_on_a_manifold_that_keeps_it_matches_explicit_formula(
     torch.testing.assert_close(opt.state[p]["exp_avg_sq"].reshape(()), v, rtol=0, atol=1e-12)
 
 
-# (optimizer, keywords, manifold): the generic path (Sphere), the fused Stiefel paths without
+# (optimizer, keywords, manifold): the fused sphere path, the fused Stiefel paths without
 # momentum (in-place plain step), with lazy momentum, with nesterov (eager), and Adam's
 LR_CASES = [
     (RiemannianSGD, {}, Sphere(7)),
