@@ -9,6 +9,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from optim_helpers import gen as _gen
+from optim_helpers import quadratic_loss
+from optim_helpers import run_steps as _run
 
 from dtriv.manifolds import Stiefel
 from dtriv.optim import ManifoldParameter, RiemannianAdam, RiemannianSGD
@@ -26,24 +29,8 @@ class GenericStiefel(Stiefel):
         return super().inner(B, U, V)
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def _loss(shape, dtype, seed):
-    g = _gen(seed)
-    A = torch.randn(shape[-2], shape[-2], generator=g, dtype=dtype)
-    A = A + A.mT
-    C = torch.randn(*shape, generator=g, dtype=dtype)
-    return lambda X: -(X * (A @ X)).sum() - (C * X).sum()
-
-
-def _run(params, opt, loss, steps):
-    for _ in range(steps):
-        opt.zero_grad()
-        sum(loss(p) for p in params).backward()
-        opt.step()
-    return [p.detach().clone() for p in params]
+    return quadratic_loss(shape, dtype, seed, dim=-2)
 
 
 def test_fast_path_selection():

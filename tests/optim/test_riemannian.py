@@ -620,16 +620,25 @@ def test_manifolds_with_bounds_equal_in_repr_are_distinct_buckets():
     assert top[0] == pytest.approx(2.0, abs=1e-12) and top[1] == pytest.approx(2.000004, abs=1e-12)
 
 
-def test_nesterov_turned_on_mid_run_uses_the_transported_buffer():
+class _OwnSphere(Sphere):
+    """A subclass with its own tangent projection: its buckets take the generic path."""
+
+    def proj_tangent(self, B, V):
+        return super().proj_tangent(B, V)
+
+
+@pytest.mark.parametrize("M,own,method", [
+    (Stiefel(8, 3), _OwnStiefel(8, 3), "qr"), (Sphere(7), _OwnSphere(7), "projective")])
+def test_nesterov_turned_on_mid_run_uses_the_transported_buffer(M, own, method):
     # the lazy momentum step keeps the buffer at the previous point; the Nesterov step
-    # (eager) projects it: the fused path equals the generic one (a subclass)
-    M, own = Stiefel(8, 3), _OwnStiefel(8, 3)
-    loss = _least_squares(M, dtype=DT)
+    # (eager on Stiefel, the generic path on the sphere) projects it: the fused path equals
+    # the generic one (a subclass)
+    loss = _least_squares(M, dtype=DT) if isinstance(M, Stiefel) else _problem((7,), seed=3)
     X0 = M.sample(generator=_gen(2), dtype=DT)
     points = []
     for manifold in (M, own):
         p = ManifoldParameter(X0.clone(), manifold)
-        opt = RiemannianSGD([p], lr=0.01, momentum=0.9, retraction="qr")
+        opt = RiemannianSGD([p], lr=0.01, momentum=0.9, retraction=method)
         for t in range(12):
             if t == 6:
                 opt.param_groups[0]["nesterov"] = True
@@ -637,6 +646,7 @@ def test_nesterov_turned_on_mid_run_uses_the_transported_buffer():
             loss(p).backward()
             opt.step()
         points.append(p.detach())
+    assert (points[0] - X0).abs().max() > 1e-3
     assert (points[0] - points[1]).abs().max().item() < 1e-13
 
 
