@@ -481,6 +481,33 @@ def memoize(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
+class Memoized(nn.Module):
+    """Base of the parametrizations that keep their last value in a :class:`ForwardMemo`
+    (``self._memo``): the memo is dropped before anything replaces the tensors it holds.
+
+    ``Module.to`` / ``.double()`` (:meth:`_apply`) and ``load_state_dict``
+    (:meth:`_load_from_state_dict`) under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)`` swap the original with
+    ``torch.utils.swap_tensors``, which refuses a tensor that a memoized value's graph saves.
+    A ``ParametrizationList`` converts its children before its own parameters, so
+    ``_apply`` here runs first; it loads its parameters before its children, so loading
+    also needs :func:`clear_memos_on_load` on the list."""
+
+    def _forget(self) -> None:
+        """Drop the memoized value (the tensors it depends on are about to change)."""
+        memo = self.__dict__.get("_memo")
+        if memo is not None:
+            memo.clear()
+
+    def _apply(self, fn, recurse: bool = True):
+        self._forget()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._forget()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
 def clear_memos(plist: nn.Module, *_args: Any) -> None:
     """Clear the :class:`ForwardMemo` of every parametrization in ``plist`` (a
     ``ParametrizationList``); its signature is that of a ``load_state_dict`` pre-hook

@@ -32,10 +32,10 @@ import weakref
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
-from dtriv.parametrize.cache import ForwardMemo
+from dtriv.parametrize.cache import ForwardMemo, Memoized
 from dtriv.retractions._common import (
     check_flag,
     is_meta,
@@ -91,7 +91,7 @@ def _identity(manifold: Manifold) -> str:
     return f"{root.__name__}({args})"
 
 
-class Trivialization(nn.Module):
+class Trivialization(Memoized):
     r"""Parametrize a tensor on ``manifold`` by a base point and a free tensor.
 
     .. math::
@@ -295,19 +295,6 @@ class Trivialization(nn.Module):
         if not self._flat:  # the common case: no reshaping around the map
             return self.manifold.trivialize(base, X, self.retraction)
         return self._from_point(self.manifold.trivialize(base, self._to_point(X), self.retraction))
-
-    def _forget(self) -> None:
-        """Drop the memoized value (the tensors it depends on are about to change)."""
-        memo = self.__dict__.get("_memo")
-        if memo is not None:
-            memo.clear()
-
-    def _apply(self, fn, recurse: bool = True):
-        # Module.to / .double() under torch.__future__.set_swap_module_params_on_conversion(True)
-        # swap the original with torch.utils.swap_tensors, which refuses a tensor that a
-        # memoized value's graph saves; children convert before the list's parameters
-        self._forget()
-        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ assignment
     def _on_manifold(self, W: Tensor, strict: bool) -> Tensor:
@@ -521,7 +508,6 @@ class Trivialization(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
     ) -> None:
-        self._forget()
         key = prefix + _EXTRA_STATE
         if key in state_dict:
             problem = self._mismatch(state_dict[key])

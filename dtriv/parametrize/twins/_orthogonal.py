@@ -56,7 +56,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from dtriv.parametrize.cache import ForwardMemo, clear_memos_on_load, install_fast_read
+from dtriv.parametrize.cache import (
+    ForwardMemo,
+    Memoized,
+    clear_memos_on_load,
+    install_fast_read,
+)
 from dtriv.parametrize.trivialization import _Link
 from dtriv.retractions._common import (
     geqrf,
@@ -182,7 +187,7 @@ class _OrthMaps(Enum):
     householder = auto()
 
 
-class _Orthogonal(nn.Module):
+class _Orthogonal(Memoized):
     r"""Orthogonal/unitary parametrization ``X -> Q`` of a tensor of shape ``(..., n, k)``.
 
     Wide shapes (``n < k``) are handled on the transpose. On the tall frame (``n >= k``):
@@ -253,23 +258,6 @@ class _Orthogonal(nn.Module):
                 memo = self._memo = ForwardMemo()
             return memo(X, self._buffers.get("base"), self._evaluate)
         return self._evaluate(X)
-
-    def _forget(self) -> None:
-        """Drop the memoized value (the tensors it depends on are about to change)."""
-        memo = self.__dict__.get("_memo")
-        if memo is not None:
-            memo.clear()
-
-    def _apply(self, fn, recurse: bool = True):
-        # Module.to / .double() under torch.__future__.set_swap_module_params_on_conversion(True)
-        # swap the original with torch.utils.swap_tensors, which refuses a tensor that a
-        # memoized value's graph saves; children convert before the list's parameters
-        self._forget()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._forget()
-        super()._load_from_state_dict(*args, **kwargs)
 
     @without_autocast
     def _evaluate(self, X: Tensor) -> Tensor:
