@@ -27,8 +27,13 @@ def _nan_max(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-def _column(values: list[float], X: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """One number per point as a tensor of the dtype and device of ``X``, viewed ``shape``."""
+def _column(values: list[float], X: torch.Tensor, shape: tuple[int, ...]
+            ) -> torch.Tensor | float:
+    """One number per parameter, as a tensor of the dtype and device of ``X`` viewed
+    ``shape``; the number itself when all are equal (parameters stepped as often: one
+    tensor construction less, about 7 us)."""
+    if all(v == values[0] for v in values):
+        return values[0]
     return torch.tensor(values, dtype=X.dtype, device=X.device).view(shape)
 
 

@@ -9,7 +9,7 @@ from optim_helpers import gen as _gen
 from optim_helpers import quadratic_loss
 from optim_helpers import run_steps as _run
 
-from dtriv.manifolds import Sphere
+from dtriv.manifolds import Sphere, Stiefel
 from dtriv.optim import ManifoldParameter, RiemannianAdam, RiemannianSGD, _sphere
 from dtriv.optim._riemannian import fused_path
 
@@ -157,3 +157,26 @@ def test_sphere_buckets_take_the_fused_path(algo, kwargs, monkeypatch):
         p = ManifoldParameter(manifold.sample(3, generator=_gen(13), dtype=DT), manifold)
         _run([p], algo([p], lr=0.01, **kwargs), loss, 4)
         assert len(calls) == expected
+
+
+@pytest.mark.parametrize("manifold,method", [(Sphere(7), "exp"), (Stiefel(8, 3), "qr")])
+def test_parameters_of_one_bucket_with_different_step_counts(manifold, method):
+    """Adam's bias corrections are per parameter: a parameter without gradient for its
+    first steps (its count lags) in a bucket with one stepped all along follows the run it
+    would have alone, and so does the other."""
+    X0 = [manifold.sample(generator=_gen(20 + i), dtype=DT) for i in range(2)]
+    loss = quadratic_loss(tuple(manifold.shape), DT, seed=22,
+                          dim=-1 if isinstance(manifold, Sphere) else -2)
+    p, q = (ManifoldParameter(X.clone(), manifold) for X in X0)
+    opt = RiemannianAdam([p, q], lr=0.03, retraction=method)
+    for t in range(8):
+        opt.zero_grad()
+        (loss(p) + (loss(q) if t >= 3 else 0)).backward()
+        opt.step()
+    assert opt.state[p]["step"] == 8 and opt.state[q]["step"] == 5
+    for X, steps, got in ((X0[0], 8, p), (X0[1], 5, q)):
+        alone = ManifoldParameter(X.clone(), manifold)
+        (expected,) = _run([alone], RiemannianAdam([alone], lr=0.03, retraction=method), loss,
+                           steps)
+        assert (got.detach() - X).abs().max() > 1e-2
+        torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-12)
