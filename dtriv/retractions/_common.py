@@ -181,6 +181,9 @@ def eps(dtype: torch.dtype) -> float:
 
 #: whether a ``torch.func`` transform (grad, vmap, jvp, ...) is active around the call
 transforms_active = torch._C._are_functorch_transforms_active
+#: whether a tensor is a ``torch.func`` wrapper (a batched or gradient-tracking level around
+#: the tensor that holds the values: it has no storage of its own)
+is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 

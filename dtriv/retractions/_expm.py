@@ -78,6 +78,7 @@ from ._common import (
     cached_outside_transforms,
     eager_context,
     forward_ad_active,
+    is_functorch_wrapped,
     jvp_differentiated,
     reports_backward,
     transforms_active,
@@ -85,8 +86,6 @@ from ._common import (
 from ._layout import COPY_MIN_SIZE, aliases, padded_empty, transposable
 from ._scratch import MIN_BYTES as SCRATCH_MIN_BYTES
 from ._scratch import Arena
-
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 __all__ = ["expm_pade", "expm_frechet_adjoint", "expm_pade_autograd", "choose_degree",
            "ExpmPade"]
@@ -908,7 +907,7 @@ def _recorded_grad(X: Tensor, G: Tensor, lower: bool | None = None) -> Tensor:
     # the saved X is a transform's tensor (also that of a finished transform: the backward
     # of ``torch.func.vjp``'s vjp_fn, called after vjp returned, sees it so) or requires no
     # grad: autograd.grad cannot differentiate through it, ``torch.func.vjp`` can
-    if transforms_active() or not X.requires_grad or _is_functorch_wrapped(X):
+    if transforms_active() or not X.requires_grad or is_functorch_wrapped(X):
         return torch.func.vjp(exp_of, X)[1](G)[0]
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(exp_of(X), X, G, create_graph=True)

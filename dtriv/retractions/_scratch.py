@@ -27,7 +27,7 @@ from types import TracebackType
 import torch
 from torch import Tensor
 
-from ._common import transforms_active
+from ._common import is_functorch_wrapped, transforms_active
 
 __all__ = ["Arena", "MAX_BYTES", "MIN_BYTES", "clear"]
 
@@ -39,7 +39,6 @@ MAX_BYTES = 64 << 20
 MIN_BYTES = 128 << 10
 
 _LOCAL = threading.local()
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _pools() -> OrderedDict:
@@ -74,7 +73,7 @@ class Arena:
         self._like = like
         self.active = (like.numel() * like.element_size() >= MIN_BYTES
                        and like.device.type == "cpu" and not transforms_active()
-                       and type(like) is Tensor and not _is_wrapped(like))
+                       and type(like) is Tensor and not is_functorch_wrapped(like))
         self._free: dict[tuple, list[Tensor]] = {}
         self._taken: list[tuple[tuple, Tensor]] = []
         self._keep: set[int] = set()
@@ -102,7 +101,7 @@ class Arena:
         for t in results:
             if t is None:
                 continue
-            if type(t) is not Tensor or _is_wrapped(t):  # no storage to compare: keep all
+            if type(t) is not Tensor or is_functorch_wrapped(t):  # no storage to compare: keep all
                 self._taken.clear()
                 continue
             self._keep.add(t.untyped_storage().data_ptr())

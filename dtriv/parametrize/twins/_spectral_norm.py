@@ -38,6 +38,7 @@ from dtriv.retractions._common import (
     compute_dtype,
     eager_context,
     forward_ad_active,
+    is_functorch_wrapped,
     transforms_active,
 )
 from dtriv.retractions.spectral import (
@@ -49,7 +50,6 @@ from dtriv.retractions.spectral import (
 
 __all__ = ["spectral_norm"]
 
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
@@ -110,7 +110,7 @@ class _DivideBySigma(torch.autograd.Function):
             sigma = torch.vdot(u, torch.mv(W.reshape(h, -1), v))
         # <G, Y> = <G, W>/sigma; gW = (G - <G, Y> u v^T)/sigma
         if (not torch.is_grad_enabled() and sigma.device.type == "cpu" and eager_context()
-                and not _is_functorch_wrapped(G) and not _is_legacy_batched(G)):
+                and not is_functorch_wrapped(G) and not _is_legacy_batched(G)):
             # the two numbers on the host, then one pass: gW = G/sigma - (<G, Y>/sigma) u v^T
             # (addr's beta and alpha; 18 -> 12 us at 64 x 576, 60 -> 37 us at 512 x 512).
             # Not for a batched G (``autograd.grad(..., is_grads_batched=True)`` runs the
