@@ -180,3 +180,32 @@ def test_parameters_of_one_bucket_with_different_step_counts(manifold, method):
                            steps)
         assert (got.detach() - X).abs().max() > 1e-2
         torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("algo,gopt,kwargs", [
+    (RiemannianAdam, "RiemannianAdam", dict(lr=1e-2)),
+    (RiemannianAdam, "RiemannianAdam", dict(lr=1e-2, amsgrad=True)),
+    (RiemannianSGD, "RiemannianSGD", dict(lr=1e-2)),
+])
+@pytest.mark.parametrize("method,gmanifold", [("projective", "Sphere"), ("exp", "SphereExact")])
+@pytest.mark.parametrize("shape", [(512,), (16, 256)])  # one vector (host), rows (tensors)
+def test_matches_geoopt_in_float32(algo, gopt, kwargs, method, gmanifold, shape):
+    """geoopt's trajectory in single precision at sizes the optimizers meet (its ``Sphere``
+    retracts by projection, ``SphereExact`` by the exponential map)."""
+    import warnings
+
+    with warnings.catch_warnings():  # geoopt scripts functions with the deprecated torch.jit
+        warnings.simplefilter("ignore")
+        import geoopt
+
+    dt = torch.float32
+    M = Sphere(shape[-1])
+    X0 = M.sample(*shape[:-1], generator=_gen(30), dtype=dt)
+    ours = ManifoldParameter(X0.clone(), M)
+    theirs = geoopt.ManifoldParameter(X0.clone(), manifold=getattr(geoopt, gmanifold)())
+    loss = _loss(shape, dt, seed=31)
+    (a,) = _run([ours], algo([ours], retraction=method, **kwargs), loss, 30)
+    (b,) = _run([theirs], getattr(geoopt.optim, gopt)([theirs], **kwargs), loss, 30)
+    assert (a - X0).abs().max() > 1e-2
+    assert (a - b).abs().max() < 1e-5
+    assert M.distance(a).max() < 1e-6
