@@ -483,7 +483,9 @@ def memoize(model: nn.Module, enabled: bool = True) -> int:
 
 class Memoized(nn.Module):
     """Base of the parametrizations that keep their last value in a :class:`ForwardMemo`
-    (``self._memo``): the memo is dropped before anything replaces the tensors it holds.
+    (``self._memo``; a subclass sets ``memoize`` and defines ``_evaluate(X)``, the value
+    without the memo, and its ``forward`` returns :meth:`_value`): the memo is dropped
+    before anything replaces the tensors it holds.
 
     ``Module.to`` / ``.double()`` (:meth:`_apply`) and ``load_state_dict``
     (:meth:`_load_from_state_dict`) under
@@ -492,6 +494,16 @@ class Memoized(nn.Module):
     A ``ParametrizationList`` converts its children before its own parameters, so
     ``_apply`` here runs first; it loads its parameters before its children, so loading
     also needs :func:`clear_memos_on_load` on the list."""
+
+    def _value(self, X: Tensor, base: Tensor | None) -> Tensor:
+        """``self._evaluate(X)`` through the memo (keyed also on ``base``) when
+        ``self.memoize`` and not under ``torch.compile``."""
+        if self.memoize and not torch.compiler.is_compiling():
+            memo = self.__dict__.get("_memo")
+            if memo is None:  # unpickled from a version without the memo
+                memo = self._memo = ForwardMemo()
+            return memo(X, base, self._evaluate)
+        return self._evaluate(X)
 
     def _forget(self) -> None:
         """Drop the memoized value (the tensors it depends on are about to change)."""
@@ -513,9 +525,8 @@ def clear_memos(plist: nn.Module, *_args: Any) -> None:
     ``ParametrizationList``); its signature is that of a ``load_state_dict`` pre-hook
     registered ``with_module=True`` (:func:`clear_memos_on_load`)."""
     for parametrization in plist:
-        memo = parametrization.__dict__.get("_memo")
-        if isinstance(memo, ForwardMemo):
-            memo.clear()
+        if isinstance(parametrization, Memoized):
+            parametrization._forget()
 
 
 def clear_memos_on_load(module: nn.Module, name: str) -> None:

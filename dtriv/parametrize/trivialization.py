@@ -279,12 +279,7 @@ class Trivialization(Memoized):
                 "register_parametrization calls when the trivialization is the first "
                 "parametrization of a tensor (use dtriv.parametrize.constrain)"
             )
-        if self.memoize and not torch.compiler.is_compiling():
-            memo = self.__dict__.get("_memo")
-            if memo is None:  # unpickled from a version without the memo
-                memo = self._memo = ForwardMemo()
-            return memo(X, base, self._evaluate)
-        return self._evaluate(X)
+        return self._value(X, base)
 
     @without_autocast
     def _evaluate(self, X: Tensor) -> Tensor:

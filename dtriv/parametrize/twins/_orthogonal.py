@@ -252,12 +252,7 @@ class _Orthogonal(Memoized):
 
     @outside_compiled_graphs
     def forward(self, X: Tensor) -> Tensor:
-        if self.memoize and not torch.compiler.is_compiling():
-            memo = self.__dict__.get("_memo")
-            if memo is None:  # unpickled from a version without the memo
-                memo = self._memo = ForwardMemo()
-            return memo(X, self._buffers.get("base"), self._evaluate)
-        return self._evaluate(X)
+        return self._value(X, self._buffers.get("base"))
 
     @without_autocast
     def _evaluate(self, X: Tensor) -> Tensor:
