@@ -35,7 +35,7 @@ from dtriv.retractions._expm import _hermitian_square_into, skew_of
 from dtriv.retractions._scratch import Arena
 from dtriv.retractions.householder import _ut_of_gram
 
-from harness import Timing, emit, md_table, measure, paired_ratio, parser, setup
+from harness import emit, md_table, measure, paired_ratio, parser, setup
 
 
 def _repeat(fn: Callable[[], object], inner: int) -> Callable[[], None]:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                     repeats=args.repeats or (5 if args.quick else 15),
                     warmup=args.warmup if args.warmup is not None else 2,
                     budget_s=args.budget or (1.0 if args.quick else 3.0), device=device)
-        per = {k: Timing(v.median / inner, v.q1 / inner, v.q3 / inner, v.n) for k, v in t.items()}
+        per = {k: v.per_call(inner) for k, v in t.items()}
         table.append([block, shape, str(per["torch"]), str(per["dtriv"]),
                       f"{paired_ratio(t['torch'], t['dtriv']):.2f}x"])
         print(f"{block} {shape}: torch {per['torch']}, dtriv {per['dtriv']}", flush=True)

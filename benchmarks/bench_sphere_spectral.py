@@ -42,7 +42,6 @@ from dtriv.parametrize import twins
 from dtriv.retractions import sphere_exp, sphere_projective
 
 from harness import (
-    Timing,
     emit,
     emit_summary,
     md_table,
@@ -125,18 +124,13 @@ def _fwd_bwd(module: nn.Module, C: torch.Tensor, inner: int) -> Callable[[], Non
     return run
 
 
-def _per_call(t: Timing, inner: int) -> Timing:
-    return Timing(t.median / inner, t.q1 / inner, t.q3 / inner, t.n,
-                  tuple(x / inner for x in t.samples), t.run)
-
-
 def _time(args, device, cases, inner):
     kw = {k: v for k, v in (("repeats", args.repeats), ("warmup", args.warmup),
                             ("budget_s", args.budget)) if v is not None}
     kw.setdefault("repeats", 5 if args.quick else 31)
     kw.setdefault("budget_s", 0.4 if args.quick else 2.5)
     res = measure(cases, device=device, **kw)
-    return {k: _per_call(t, inner) for k, t in res.items()}
+    return {k: t.per_call(inner) for k, t in res.items()}
 
 
 def _inner(numel: int) -> int:

@@ -78,6 +78,11 @@ class Timing:
         """Interquartile range relative to the median (min–max below 4 samples)."""
         return (self.q3 - self.q1) / self.median if self.median > 0 else 0.0
 
+    def per_call(self, inner: int) -> Timing:
+        """The timing of one of the ``inner`` calls that each timed round made."""
+        return Timing(self.median / inner, self.q1 / inner, self.q3 / inner, self.n,
+                      tuple(x / inner for x in self.samples), self.run)
+
     def __str__(self) -> str:
         return f"{fmt_seconds(self.median)} ±{100 * self.spread / 2:.0f}%"
 
