@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from dtriv.manifolds.sphere import Sphere
-from dtriv.retractions._common import compute_dtype
+from dtriv.retractions._common import compute_dtype, one_point_on_cpu
 from dtriv.retractions.sphere import _cos_sinc_of
 
 __all__ = [
@@ -86,11 +86,6 @@ def _dots(X: Tensor, V: Tensor) -> Tensor:
     return torch.linalg.vecdot(X, V).unsqueeze(-1)
 
 
-def _on_host(X: Tensor) -> bool:
-    """One point on the CPU: its numbers are read on the host (no device synchronisation)."""
-    return X.shape[0] == 1 and X.device.type == "cpu"
-
-
 def gradient(manifold: Sphere, X: Tensor, G: Tensor) -> Tensor:
     r"""The Riemannian gradient :math:`P_x(G) = G - x\,\langle x, G\rangle / r^2` per row."""
     return torch.addcmul(G, X, _dots(X, G), value=-1 / manifold.radius**2)
@@ -100,7 +95,7 @@ def project_(manifold: Sphere, X: Tensor, V: Tensor, scale: float = 1.0) -> Tens
     r"""``V <- scale * P_x(V)`` in place, per row; returns ``V``."""
     if scale != 1.0:
         V.mul_(scale)
-    if _on_host(X):
+    if one_point_on_cpu(X):
         return V.add_(X, alpha=-torch.dot(X[0], V[0]).item() / manifold.radius**2)
     return V.addcmul_(X, _dots(X, V), value=-1 / manifold.radius**2)
 
@@ -150,7 +145,7 @@ def retract_(
     generic path settles the points of this retraction (a step is tangent only to the
     rounding of its projection)."""
     r = manifold.radius
-    host = not isinstance(c, Tensor) and _on_host(X)
+    host = not isinstance(c, Tensor) and one_point_on_cpu(X)
     if method == "exp":
         if host:
             cos, sinc = _cos_sinc_of(abs(c) * torch.linalg.vector_norm(V).item() / r)

@@ -35,7 +35,13 @@ from torch import Tensor
 
 from dtriv.manifolds.sphere import Sphere
 from dtriv.manifolds.stiefel import Stiefel
-from dtriv.retractions._common import cached_eye, compute_dtype, eps, no_host_reads
+from dtriv.retractions._common import (
+    cached_eye,
+    compute_dtype,
+    eps,
+    no_host_reads,
+    one_point_on_cpu,
+)
 from dtriv.retractions._layout import transposable_empty
 from dtriv.retractions._scratch import Arena
 from dtriv.retractions.stiefel import qf
@@ -494,7 +500,7 @@ def _block_qr_admits(X: Tensor, V: Tensor, c: Tensor | float) -> bool:
     CPU and a number ``c``, on the host: the bound from one reduction (instead of four ops),
     and for a point of at most :data:`EXACT_TEST_MAX_NUMEL` entries the exact
     :math:`\|X^T X - I\|_F \le` :data:`NEAR_ORTHONORMAL_TOL` in place of the probes."""
-    if not isinstance(c, Tensor) and X.shape[0] == 1 and X.device.type == "cpu":
+    if not isinstance(c, Tensor) and one_point_on_cpu(X):
         if not torch.linalg.vector_norm(V).item() ** 2 * (c * c) <= BLOCK_QR_MAX_STEP:
             return False
         if X.shape[-2] * X.shape[-1] > EXACT_TEST_MAX_NUMEL:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from dtriv.retractions._common import one_point_on_cpu
+
 from . import _stiefel
 from ._riemannian import (
     Bucket,
@@ -181,7 +183,7 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
             mb, m_view = fused.batch_view(manifold, stacked_avg)
             # one point on CPU: the second moment and the step size are numbers on the host
             # (a dozen tensor ops on single numbers cost a fifth of a (64, 64) step)
-            on_host = Xb.shape[0] == 1 and Xb.device.type == "cpu"
+            on_host = one_point_on_cpu(Xb)
             m, sq = fused.moment_(manifold, Xb, Gb, mb, beta1, on_host)
             if on_host:
                 c = self._host_step_size(states[0], sq, group, bc1[0], bc2[0])

@@ -137,7 +137,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         # place, a multi-parameter one in persistent buffers; with Nesterov momentum a
         # Stiefel bucket takes the fused maps out of place, a sphere one the generic path
         in_place = path is not None and not group["nesterov"]
-        fused = path is _stiefel
+        stiefel_maps = path is _stiefel
         X = self._stacked(params) if in_place and len(params) > 1 else stack(params)
         G = bucket.stacked_grads()
         if group["maximize"]:
@@ -152,7 +152,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             else:
                 self._lazy_momentum_step(group, bucket, path, X, Gb)
             return
-        if fused:
+        if stiefel_maps:
             # the fused Stiefel maps on the tall batch (m, n, k)
             Xb = _stiefel.as_batch(manifold, X)
             Gb = _stiefel.as_batch(manifold, G)
@@ -161,7 +161,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             grad = manifold.proj_tangent(X, G)
 
         def move(direction: Tensor) -> Tensor:
-            if not fused:
+            if not stiefel_maps:
                 return _stiefel.settle_points(
                     manifold, bucket.method,
                     manifold.retract(X, direction.mul(-lr), bucket.method))
@@ -174,7 +174,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
 
         fresh, buffers = _momentum_buffers_of(self.state, params)
         buf = stack(buffers)
-        if fused:
+        if stiefel_maps:
             # the lazy momentum step leaves buffers at the previous point (see
             # _lazy_momentum_step): project them, in case that step wrote them (nesterov
             # turned on mid-run, or a state dict saved without it); idempotent otherwise
@@ -184,13 +184,13 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
         if any(fresh):
             mask = torch.tensor(fresh, device=X.device)
-            if fused:  # one row per point of the tall batch
+            if stiefel_maps:  # one row per point of the tall batch
                 mask = mask.repeat_interleave(buf.shape[0] // len(params))
             mask = mask.view((-1,) + (1,) * (buf.ndim - 1))
             buf = torch.where(mask, grad, buf)
         direction = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
         X_new = move(direction)
-        if fused:
+        if stiefel_maps:
             Q = _stiefel.as_batch(manifold, X_new)
             moved = _stiefel.transport(Q, buf)
             moved = (moved.mT if manifold.wide else moved).reshape(X.shape)

@@ -339,6 +339,14 @@ def no_host_reads(t: Tensor) -> bool:
     return t.is_meta or tracing()
 
 
+def one_point_on_cpu(X: Tensor) -> bool:
+    """Whether the batch ``X`` (points stacked along the first dimension) holds one point on
+    the CPU: the numbers of a step on it (norms, dot products, step sizes) are cheaper read
+    and combined on the host (no device synchronisation) than as tensor ops on single
+    numbers."""
+    return X.shape[0] == 1 and X.device.type == "cpu"
+
+
 def tril_copy(X: Tensor, diagonal: int = 0) -> Tensor:
     """``torch.tril(X, diagonal)`` as a copy then the in-place ``tril_``, which only clears the
     upper part: torch's out-of-place ``tril`` is slower from 128 x 128 on (measured, float32:
