@@ -40,7 +40,7 @@ import warnings
 
 import torch
 
-from dtriv.manifolds import Stiefel
+from dtriv.manifolds import Sphere, Stiefel
 from dtriv.optim import ManifoldParameter, RiemannianAdam, RiemannianSGD
 
 from harness import (
@@ -80,28 +80,35 @@ def _stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list
     return step
 
 
+def _riemannian_steppers(X0: list[torch.Tensor], grads: list[torch.Tensor], ours, theirs,
+                         method: str) -> dict:
+    """dtriv's and geoopt's Adam and SGD (momentum :data:`MOMENTUM`) on copies of the points
+    ``X0`` (dtriv's manifold ``ours`` and retraction ``method``; geoopt's manifold
+    ``theirs``), each step with the gradients ``grads`` set."""
+    out = {}
+    for name, make in (
+        ("dtriv adam", lambda ps: RiemannianAdam(ps, lr=LR, retraction=method)),
+        ("geoopt adam", lambda ps: geoopt.optim.RiemannianAdam(ps, lr=LR)),
+        ("dtriv sgd", lambda ps: RiemannianSGD(ps, lr=LR, momentum=MOMENTUM,
+                                               retraction=method)),
+        ("geoopt sgd", lambda ps: geoopt.optim.RiemannianSGD(ps, lr=LR, momentum=MOMENTUM)),
+    ):
+        if name.startswith("dtriv"):
+            ps = [ManifoldParameter(X.clone(), ours) for X in X0]
+        else:
+            ps = [geoopt.ManifoldParameter(X.clone(), manifold=theirs) for X in X0]
+        out[name] = _stepper(make(ps), ps, grads)
+    return out
+
+
 def cases_for(count: int, n: int, k: int, device, dtype=torch.float32) -> dict:
     """The timed callables of one case (``count`` parameters of shape ``(n, k)``)."""
     X0 = _points(count, n, k, dtype, device)
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(n, k, generator=g, dtype=dtype).to(device) for _ in range(count)]
-    M = Stiefel(n, k)
-    out = {}
-    for name, make in (
-        ("dtriv adam", lambda ps: RiemannianAdam(ps, lr=LR, retraction="qr")),
-        ("geoopt adam", lambda ps: geoopt.optim.RiemannianAdam(ps, lr=LR)),
-        ("dtriv sgd", lambda ps: RiemannianSGD(ps, lr=LR, momentum=MOMENTUM, retraction="qr")),
-        ("geoopt sgd", lambda ps: geoopt.optim.RiemannianSGD(ps, lr=LR, momentum=MOMENTUM)),
-        ("torch adam", lambda ps: torch.optim.Adam(ps, lr=LR)),
-    ):
-        if name.startswith("dtriv"):
-            ps = [ManifoldParameter(X.clone(), M) for X in X0]
-        elif name.startswith("geoopt"):
-            ps = [geoopt.ManifoldParameter(X.clone(), manifold=geoopt.Stiefel(canonical=False))
-                  for X in X0]
-        else:
-            ps = [torch.nn.Parameter(X.clone()) for X in X0]
-        out[name] = _stepper(make(ps), ps, grads)
+    out = _riemannian_steppers(X0, grads, Stiefel(n, k), geoopt.Stiefel(canonical=False), "qr")
+    ps = [torch.nn.Parameter(X.clone()) for X in X0]
+    out["torch adam"] = _stepper(torch.optim.Adam(ps, lr=LR), ps, grads)
     out["matmul"] = matmul_case(512, dtype, device)
     return out
 
@@ -115,26 +122,11 @@ SPHERE_CASES = [((4096,), "projective", "Sphere"), ((4096,), "exp", "SphereExact
 def sphere_cases_for(shape: tuple[int, ...], method: str, geoopt_manifold: str, device,
                      dtype=torch.float32) -> dict:
     """The timed callables of one sphere case: one parameter of ``shape`` (unit rows)."""
-    from dtriv.manifolds import Sphere
-
     g = torch.Generator().manual_seed(0)
     X0 = Sphere(shape[-1]).sample(*shape[:-1], generator=g, dtype=dtype).to(device)
     grad = torch.randn(shape, generator=g, dtype=dtype).to(device)
-    out = {}
-    for name, make in (
-        ("dtriv adam", lambda ps: RiemannianAdam(ps, lr=LR, retraction=method)),
-        ("geoopt adam", lambda ps: geoopt.optim.RiemannianAdam(ps, lr=LR)),
-        ("dtriv sgd", lambda ps: RiemannianSGD(ps, lr=LR, momentum=MOMENTUM,
-                                               retraction=method)),
-        ("geoopt sgd", lambda ps: geoopt.optim.RiemannianSGD(ps, lr=LR, momentum=MOMENTUM)),
-    ):
-        if name.startswith("dtriv"):
-            ps = [ManifoldParameter(X0.clone(), Sphere(shape[-1]))]
-        else:
-            manifold = getattr(geoopt, geoopt_manifold)()
-            ps = [geoopt.ManifoldParameter(X0.clone(), manifold=manifold)]
-        out[name] = _stepper(make(ps), ps, [grad])
-    return out
+    return _riemannian_steppers([X0], [grad], Sphere(shape[-1]),
+                                getattr(geoopt, geoopt_manifold)(), method)
 
 
 def constraint_after(steps: int, n: int, k: int, device) -> dict[str, float]:
