@@ -207,6 +207,107 @@ def test_block_cholesky_qf_into_out_equals_in_place(b, n, k, base, wide):
         block_cholesky_qf_(Y.clone(), out=torch.empty(b, n, k + 1, dtype=torch.float64))
 
 
+def _symmetric_of_size(b, w, size, dtype, seed):
+    """A batch of random symmetric ``w x w`` matrices scaled so that the largest Frobenius
+    norm of the batch is ``size``."""
+    E = torch.randn(b, w, w, generator=_gen(seed), dtype=torch.float64)
+    E = E + E.mT
+    E = E * (size / torch.linalg.vector_norm(E, dim=(-2, -1)).amax())
+    return E.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,first,newton", [
+    # the documented bounds, in numbers: sqrt(eps)/8 and eps^(1/4)/8
+    (torch.float32, 4.3e-5, 2.3e-3), (torch.float64, 1.9e-9, 1.5e-5)])
+@pytest.mark.parametrize("b,w", [(1, 64), (5, 32), (1, 128), (3, 7)])
+@pytest.mark.parametrize("where", [(1e-3, "first"), (0.9, "first"), (1.1, "first"),
+                                   (0.9, "newton"), (1.1, "newton")])
+def test_near_identity_factor_is_the_inverse_cholesky_factor(dtype, first, newton, b, w, where):
+    """Z with Z^T G Z = I, upper triangular with a positive diagonal, is L^{-T} (L the
+    Cholesky factor of G = I + E) to rounding in every tier: the first-order term alone
+    (|E|_F up to sqrt(eps)/8), one Newton step (up to eps^(1/4)/8), and None beyond; sizes
+    on both sides of each bound."""
+    from dtriv.optim._stiefel import _near_identity_factor, _series_tolerances
+
+    assert _series_tolerances(dtype) == pytest.approx((first, newton), rel=0.03)
+    size = where[0] * (first if where[1] == "first" else newton)
+    E = _symmetric_of_size(b, w, size, dtype, seed=w + b)
+    G = torch.eye(w, dtype=dtype) + E
+    Z = _near_identity_factor(G.clone())
+    if size > newton:
+        assert Z is None
+        return
+    assert Z is not None and Z.dtype == dtype
+    assert torch.equal(Z, Z.triu()) and bool((Z.diagonal(dim1=-2, dim2=-1) > 0).all())
+    L = torch.linalg.cholesky(G.to(torch.float64))
+    exact = torch.linalg.inv(L).mT
+    u = torch.finfo(dtype).eps
+    assert (Z.to(torch.float64) - exact).abs().max() <= 4 * u
+    eye = torch.eye(w, dtype=torch.float64)
+    orthonormality = Z.mT.double() @ G.double() @ Z.double() - eye
+    assert orthonormality.abs().max() <= 8 * u
+
+
+def test_near_identity_factor_refuses_non_finite_gram():
+    from dtriv.optim._stiefel import _near_identity_factor
+
+    G = torch.eye(6, dtype=torch.float64).repeat(2, 1, 1)
+    G[1, 2, 3] = float("nan")
+    assert _near_identity_factor(G) is None
+    G[1, 2, 3] = float("inf")
+    assert _near_identity_factor(G) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("step", [1e-7, 1e-5, 1e-3])
+@pytest.mark.parametrize("b,n,k", [(1, 300, 256), (1, 200, 150), (8, 90, 80), (2, 40, 7)])
+def test_block_cholesky_qf_near_identity_is_the_positive_q_factor(dtype, step, b, n, k):
+    """Y = X + c V a small step from orthonormal X (c |V|_F = ``step``), with the widths of
+    ``near_identity``: the q-factor of scipy's QR (diag(R) > 0) to rounding, the same as the
+    blocks by Cholesky give (to rounding), and the blocks take the series where it is exact
+    to rounding (no Cholesky factorization at all when the step and the points' rounding
+    error are below both bounds)."""
+    from scipy.linalg import qr
+
+    from dtriv.optim import _stiefel
+    from dtriv.optim._stiefel import block_cholesky_qf_
+
+    g = _gen(11)
+    X = torch.linalg.qr(torch.randn(b, n, k, generator=g, dtype=torch.float64))[0]
+    V = Stiefel(n, k).proj_tangent(X, torch.randn(b, n, k, generator=g, dtype=torch.float64))
+    V = V * (step / torch.linalg.vector_norm(V, dim=(-2, -1), keepdim=True))
+    Y = (X + V).to(dtype)
+    series = []
+    original = _stiefel._near_identity_factor
+
+    def spy(G):
+        Z = original(G)
+        series.append(Z is not None)
+        return Z
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_stiefel, "_near_identity_factor", spy)
+    try:
+        Q = Y.clone()
+        assert block_cholesky_qf_(Q, near_identity=True)
+        mp.setattr(_stiefel, "_near_identity_factor", lambda G: None)  # Cholesky blocks
+        by_cholesky = Y.clone()
+        assert block_cholesky_qf_(by_cholesky, near_identity=True)
+    finally:
+        mp.undo()
+    u = torch.finfo(dtype).eps
+    if dtype == torch.float64 or step <= 1e-5:  # within the bounds: no Cholesky block
+        assert series and all(series)
+    atol = 40 * u * math.sqrt(k)
+    torch.testing.assert_close(Q, by_cholesky, rtol=0, atol=atol)
+    for y, q in zip(Y.double(), Q.double()):
+        R0, R = qr(y.numpy(), mode="economic")
+        R0 = R0 * np.sign(R.diagonal())
+        torch.testing.assert_close(q, torch.from_numpy(R0), rtol=0, atol=atol)
+    eye = torch.eye(k, dtype=torch.float64)
+    assert (Q.mT.double() @ Q.double() - eye).abs().max() <= 20 * u * math.sqrt(k)
+
+
 def test_block_cholesky_qf_reports_rank_deficiency():
     from dtriv.optim._stiefel import block_cholesky_qf_
 
@@ -340,9 +441,9 @@ def test_the_optimizers_own_points_take_the_block_qr(monkeypatch):
     calls = []
     original = _stiefel.block_cholesky_qf_
 
-    def counting(Y, base=None, out=None):
+    def counting(Y, **kwargs):
         calls.append(Y.shape)
-        return original(Y, base, out)
+        return original(Y, **kwargs)
 
     monkeypatch.setattr(_stiefel, "block_cholesky_qf_", counting)
     dt = torch.float32
@@ -444,7 +545,7 @@ def test_large_steps_take_the_checked_qr(monkeypatch, n, k, batch):
     calls = []
     original = _stiefel.block_cholesky_qf_
     monkeypatch.setattr(_stiefel, "block_cholesky_qf_",
-                        lambda Y, base=None, out=None: calls.append(1) or original(Y, base, out))
+                        lambda Y, **kwargs: calls.append(1) or original(Y, **kwargs))
     M = Stiefel(n, k)
     p = ManifoldParameter(M.sample(*batch, generator=_gen(8), dtype=torch.float64), M)
     opt = RiemannianSGD([p], lr=5.0, momentum=0.9, retraction="qr")
@@ -457,6 +558,29 @@ def test_large_steps_take_the_checked_qr(monkeypatch, n, k, batch):
         assert M.distance(p.detach()).max() < 1e-12
     assert step > 100 * _stiefel.BLOCK_QR_MAX_STEP
     assert not calls
+
+
+@pytest.mark.parametrize("lr,near", [(1e-4, True), (0.3, False)])
+@pytest.mark.parametrize("n,k,batch", [
+    (200, 150, ()), (40, 30, ()),  # one point: its step on the host (the probes; the exact test)
+    (200, 150, (3,))])
+def test_the_step_picks_the_widths_of_the_series(monkeypatch, lr, near, n, k, batch):
+    """Adam's first steps have c |V|_F = lr: the optimizer asks block_cholesky_qf_ for the
+    widths of ``near_identity`` exactly when c^2 |V|_F^2 is below the second series bound
+    (float32: 2.3e-3), and the result stays on the manifold either way."""
+    from dtriv.optim import _stiefel
+
+    hints = []
+    original = _stiefel.block_cholesky_qf_
+    monkeypatch.setattr(_stiefel, "block_cholesky_qf_",
+                        lambda Y, **kwargs: hints.append(kwargs.get("near_identity"))
+                        or original(Y, **kwargs))
+    M = Stiefel(n, k)
+    p = ManifoldParameter(M.sample(*batch, generator=_gen(21), dtype=torch.float32), M)
+    opt = RiemannianAdam([p], lr=lr, retraction="qr")
+    _run([p], opt, _loss(p.shape, torch.float32, seed=22), 4)
+    assert hints and all(h is near for h in hints)
+    assert M.distance(p.detach()).max() < 1e-5
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (1, 96, 96), (2, 40, 40), (2, 32, 32)])
