@@ -184,7 +184,9 @@ transforms_active = torch._C._are_functorch_transforms_active
 #: whether a tensor is a ``torch.func`` wrapper (a batched or gradient-tracking level around
 #: the tensor that holds the values: it has no storage of its own)
 is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+#: the tensor a ``torch.func`` wrapper of a finished transform holds (``Function.apply`` hands
+#: that to ``forward``), else the tensor itself
+unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def _count_transforms(kind: torch._C._functorch.TransformType) -> int:
@@ -423,4 +425,4 @@ def apply_function(fn: type[torch.autograd.Function], *args):
     if transforms_active() or torch.compiler.is_compiling():
         return fn.apply(*args)
     return super(torch.autograd.Function, fn).apply(  # type: ignore[misc]
-        *[_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
+        *[unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])

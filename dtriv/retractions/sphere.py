@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from ._common import (
-    apply_function,
     check_floating,
     check_same_shape,
     compute_dtype,
@@ -35,7 +34,9 @@ from ._common import (
     nested_forward_ad,
     no_host_reads,
     reports_backward,
+    tracing,
     transforms_active,
+    unwrap_if_dead,
     upcast_half,
     values_checkable,
 )
@@ -611,15 +612,20 @@ def _values_only(x: Tensor, v: Tensor) -> bool:
 
 
 def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: float) -> Tensor:
-    """``fn.apply(x, v, radius)[0]`` (through :func:`apply_function`: a small sphere map costs
-    less than ``Function.apply``'s argument binding), or for one real CPU vector its
-    host-coefficient node (:func:`_vector_case`)."""
+    """``fn.apply(x, v, radius)[0]``, or for one real CPU vector its host-coefficient node
+    (:func:`_vector_case`). In eager code, as :func:`apply_function`, through the C++
+    ``apply`` on the arguments as given (``Function.apply`` binds them to ``forward``'s
+    signature, which costs more than a small sphere map), written out for these three
+    arguments: the generic argument list cost 1 us of a 4096-vector map's 17."""
     if not torch.is_grad_enabled() and _values_only(x, v):
         out = fn.forward(x, v, radius)  # no node: the map's values
         return out[0] if isinstance(out, tuple) else out
     if fn in _VECTOR and _vector_case(x, v):
         fn = _VECTOR[fn]
-    out = apply_function(fn, x, v, radius)
+    if transforms_active() or torch.compiler.is_compiling():
+        out = fn.apply(x, v, radius)
+    else:
+        out = _RAW_APPLY[fn](unwrap_if_dead(x), unwrap_if_dead(v), radius)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -655,11 +661,13 @@ def _vector_case(x: Tensor, v: Tensor) -> bool:
     """Whether ``(x, v)`` takes a host-coefficient node: two plain real single-precision or
     double vectors of one shape on the CPU (a host read costs no device synchronisation), in
     eager code (no ``torch.func`` transform, forward-mode derivative, tracing or compiling:
-    the reads would be frozen or refused there)."""
-    return (VECTOR_NODES and x.dim() == 1 and v.dim() == 1 and x.dtype in _HOST_DTYPES
-            and v.dtype == x.dtype and x.shape == v.shape and type(x) in _PLAIN
-            and type(v) in _PLAIN and x.device.type == "cpu" and v.device.type == "cpu"
-            and eager_context() and not forward_ad_active())
+    the reads would be frozen or refused there). The cheap tests first (``is_cpu`` rather
+    than ``device.type``, which builds a device object): it runs at every call of a map."""
+    return (VECTOR_NODES and type(x) in _PLAIN and type(v) in _PLAIN and x.ndim == 1
+            and v.ndim == 1 and x.is_cpu and v.is_cpu and x.dtype in _HOST_DTYPES
+            and v.dtype == x.dtype and x.shape[0] == v.shape[0]
+            and not (transforms_active() or forward_ad_active() or tracing()
+                     or torch.compiler.is_compiling()))
 
 
 def _cos_sinc_of(t: float) -> tuple[float, float]:
@@ -762,6 +770,12 @@ class _VectorTrivializeExp(torch.autograd.Function):
 _VECTOR = {
     _SphereExp: _VectorExp,
     _TrivializeExp: _VectorTrivializeExp,
+}
+#: each node's C++ ``apply`` (what ``Function.apply`` calls once it has bound the arguments)
+_RAW_APPLY = {
+    fn: super(torch.autograd.Function, fn).apply  # type: ignore[misc]
+    for fn in (_SphereExp, _SphereProjective, _SphereTangent, _TrivializeProjective,
+               _TrivializeExp, _VectorExp, _VectorTrivializeExp)
 }
 
 
