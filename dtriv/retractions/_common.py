@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -412,6 +412,18 @@ def backward_ran(node: object) -> bool:
     return getattr(node, "backward_ran", False)
 
 
+_RAW_APPLY: dict[type, Callable[..., Any]] = {}
+
+
+def raw_apply(fn: type[torch.autograd.Function]) -> Callable[..., Any]:
+    """The C++ ``apply`` of ``fn`` (what ``Function.apply`` calls once it has bound the
+    arguments), looked up once per class."""
+    apply = _RAW_APPLY.get(fn)
+    if apply is None:
+        apply = _RAW_APPLY[fn] = super(torch.autograd.Function, fn).apply  # type: ignore[misc]
+    return apply
+
+
 def apply_function(fn: type[torch.autograd.Function], *args):
     """``fn.apply(*args)``, without its per-call argument binding where that is a no-op.
 
@@ -424,5 +436,4 @@ def apply_function(fn: type[torch.autograd.Function], *args):
     """
     if transforms_active() or torch.compiler.is_compiling():
         return fn.apply(*args)
-    return super(torch.autograd.Function, fn).apply(  # type: ignore[misc]
-        *[unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
+    return raw_apply(fn)(*[unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])

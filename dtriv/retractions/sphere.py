@@ -33,6 +33,7 @@ from ._common import (
     jvp_differentiated,
     nested_forward_ad,
     no_host_reads,
+    raw_apply,
     reports_backward,
     tracing,
     transforms_active,
@@ -625,7 +626,7 @@ def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: floa
     if transforms_active() or torch.compiler.is_compiling():
         out = fn.apply(x, v, radius)
     else:
-        out = _RAW_APPLY[fn](unwrap_if_dead(x), unwrap_if_dead(v), radius)
+        out = raw_apply(fn)(unwrap_if_dead(x), unwrap_if_dead(v), radius)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -770,12 +771,6 @@ class _VectorTrivializeExp(torch.autograd.Function):
 _VECTOR = {
     _SphereExp: _VectorExp,
     _TrivializeExp: _VectorTrivializeExp,
-}
-#: each node's C++ ``apply`` (what ``Function.apply`` calls once it has bound the arguments)
-_RAW_APPLY = {
-    fn: super(torch.autograd.Function, fn).apply  # type: ignore[misc]
-    for fn in (_SphereExp, _SphereProjective, _SphereTangent, _TrivializeProjective,
-               _TrivializeExp, _VectorExp, _VectorTrivializeExp)
 }
 
 
