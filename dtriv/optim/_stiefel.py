@@ -502,12 +502,7 @@ def safe_for_block_qr(V: Tensor, c: Tensor | float) -> bool:
     under which :func:`dtriv.retractions.stiefel.cholesky_qf` uses Cholesky QR.
     One reduction pass over ``V``.
     """
-    return bool(_step_within_bound(V, c))
-
-
-def _step_within_bound(V: Tensor, c: Tensor | float) -> Tensor:
-    """The test of :func:`safe_for_block_qr` as a 0-d boolean tensor (not read)."""
-    return _largest_step(V, c) <= BLOCK_QR_MAX_STEP
+    return bool(_largest_step(V, c) <= BLOCK_QR_MAX_STEP)
 
 
 def _largest_step(V: Tensor, c: Tensor | float) -> Tensor:
