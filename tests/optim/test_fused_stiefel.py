@@ -261,7 +261,8 @@ def test_near_identity_factor_refuses_non_finite_gram():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("step", [1e-7, 1e-5, 1e-3])
 @pytest.mark.parametrize("b,n,k", [(1, 300, 256), (1, 200, 150), (8, 90, 80), (2, 40, 7)])
-def test_block_cholesky_qf_near_identity_is_the_positive_q_factor(dtype, step, b, n, k):
+def test_block_cholesky_qf_near_identity_is_the_positive_q_factor(dtype, step, b, n, k,
+                                                                  monkeypatch):
     """Y = X + c V a small step from orthonormal X (c |V|_F = ``step``), with the widths of
     ``near_identity``: the q-factor of scipy's QR (diag(R) > 0) to rounding, the same as the
     blocks by Cholesky give (to rounding), and the blocks take the series where it is exact
@@ -285,16 +286,12 @@ def test_block_cholesky_qf_near_identity_is_the_positive_q_factor(dtype, step, b
         series.append(Z is not None)
         return Z
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(_stiefel, "_near_identity_factor", spy)
-    try:
-        Q = Y.clone()
-        assert block_cholesky_qf_(Q, near_identity=True)
-        mp.setattr(_stiefel, "_near_identity_factor", lambda G: None)  # Cholesky blocks
-        by_cholesky = Y.clone()
-        assert block_cholesky_qf_(by_cholesky, near_identity=True)
-    finally:
-        mp.undo()
+    monkeypatch.setattr(_stiefel, "_near_identity_factor", spy)
+    Q = Y.clone()
+    assert block_cholesky_qf_(Q, near_identity=True)
+    monkeypatch.setattr(_stiefel, "_near_identity_factor", lambda G: None)  # Cholesky blocks
+    by_cholesky = Y.clone()
+    assert block_cholesky_qf_(by_cholesky, near_identity=True)
     u = torch.finfo(dtype).eps
     if dtype == torch.float64 or step <= 1e-5:  # within the bounds: no Cholesky block
         assert series and all(series)
