@@ -48,7 +48,6 @@ __all__ = ["sphere_exp", "sphere_log", "sphere_projective", "sphere_projective_i
 # Below this value of the squared argument the maps use their power series (the truncation
 # error of the series kept is below float64 rounding there).
 _SERIES = 1e-2
-_SQRT_SERIES = math.sqrt(_SERIES)
 # From this many entries on, the projective trivialization forms x + P_x(X) in one pass with an
 # in-place ``c - 1`` on the per-vector coefficient; below it the extra pass over the vectors
 # costs less than that scalar-tensor op (a few microseconds of dispatch).
@@ -141,36 +140,22 @@ def _two_dsinc_of(t: float) -> float:
     return (math.cos(t) - math.sin(t) / t) / z
 
 
-def _two_dsinc_series(z: Tensor) -> Tensor:
-    r""":math:`2\operatorname{sinc}'(z)` by its power series (for :math:`z < 10^{-2}`), with
-    the terms the precision of ``z`` needs there (three in single precision)."""
-    return _horner(_TWO_DSINC if z.dtype == torch.float64 else _TWO_DSINC[:3], z)
-
-
 def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor | float:
-    r""":math:`2\operatorname{sinc}'(z)` at :math:`z = t^2` from saved values (no graph).
+    r""":math:`2\operatorname{sinc}'(z)` at :math:`z = t^2` from saved values (no graph), for
+    the exponential nodes, where it multiplies :math:`\operatorname{Re}\langle V, g\rangle V
+    / r^2`, a vector of norm at most :math:`z \|g\|`.
 
     For one vector, a number computed on the host from the angle (:func:`_two_dsinc_of`: one
-    read of ``t`` instead of a dozen tensor ops on one entry). For a batch, one host read of
-    :math:`\min t` and :math:`\max t` picks the direct formula :math:`(\cos t -
-    \operatorname{sinc} t)/t^2` (every :math:`t^2 \ge 10^{-2}`), the power series alone (every
-    :math:`t^2 < 10^{-2}`: the common case of a trivialization near its base) or
-    :func:`_dsinc`, which selects per entry.
+    read of ``t`` instead of tensor ops on one entry). For a batch, the direct formula
+    :math:`(\cos t - \operatorname{sinc} t)/z`, ``z`` clamped to the smallest normal number:
+    no host read and no selection. For small ``t`` the difference cancels (absolute error
+    about :math:`2\epsilon`, so the coefficient's is :math:`2\epsilon/z`; 0 for :math:`z <
+    \epsilon`, where both values round to 1), but what reaches the gradient is the coefficient
+    times :math:`z`: an error of about :math:`2\epsilon\,\|g\|` at every angle, rounding.
     """
-    if transforms_active() or no_host_reads(t):  # no host read: select per entry
-        return 2 * _dsinc(t * t, cos, sinc)
-    count = t.numel()
-    if count == 1:
+    if t.numel() == 1 and not (transforms_active() or no_host_reads(t)):
         return _two_dsinc_of(t.item())
-    z = t * t
-    if count == 0:
-        return z
-    low, high = torch.aminmax(t)
-    if low.item() >= _SQRT_SERIES:
-        return (cos - sinc).div_(z)
-    if high.item() < _SQRT_SERIES:
-        return _two_dsinc_series(z)
-    return 2 * _dsinc(z, cos, sinc)
+    return (cos - sinc).div_((t * t).clamp_min_(torch.finfo(t.dtype).tiny))
 
 
 def _tangent_reference(x: Tensor, X: Tensor, radius: float) -> Tensor:
@@ -532,17 +517,29 @@ class _TrivializeProjective(torch.autograd.Function):
 
 @reports_backward
 class _TrivializeExp(torch.autograd.Function):
-    r"""``(x, X, r) -> cos(t) x + sinc(t) V`` with ``V = P_x(X)``, :math:`t^2 = z =
-    \|V\|^2/r^2`: tangent projection and exponential map in one node.
+    r"""``(x, X, r) -> cos(t) x + sinc(t) V`` with ``V = P_x(X) = X - c x``, :math:`c =
+    \operatorname{Re}\langle x, X\rangle/r^2`, :math:`t^2 = z = \|V\|^2/r^2`: tangent
+    projection and exponential map in one node, for a point ``x`` of the sphere (as a
+    trivialization's base is), :math:`\|x\| = r`.
 
     Backward, with :math:`a = \operatorname{Re}\langle x, g\rangle`, :math:`b =
-    \operatorname{Re}\langle V, g\rangle`, :math:`\bar V = \operatorname{sinc}\,g +
-    (2 b \operatorname{sinc}'(z) - a \operatorname{sinc})\,V/r^2` (the exponential map's)
-    and :math:`c = \operatorname{Re}\langle x, X\rangle/r^2`: :math:`\bar X = P_x(\bar V)`,
-    :math:`\bar x = \cos(t)\,g - c\,\bar V - X\,\operatorname{Re}\langle x, \bar V
-    \rangle/r^2`. Smooth at ``V = 0`` (power series of ``cos``, ``sinc`` and ``sinc'``).
-    Cost: forward two reductions and three passes, backward three dot products and four
-    passes, O(n) per vector. Double backward recomputes the coefficients differentiably.
+    \operatorname{Re}\langle V, g\rangle = \operatorname{Re}\langle X, g\rangle - c\,a`:
+    the exponential map's :math:`\bar V = \operatorname{sinc}\,g + k_V V`, :math:`k_V =
+    (2 b \operatorname{sinc}'(z) - a \operatorname{sinc})/r^2`, then the projection's
+    :math:`\bar X = P_x(\bar V) = \bar V - e\,x` and :math:`\bar x = \cos(t)\,g - c\,\bar V
+    - e\,X` with :math:`e = \operatorname{Re}\langle x, \bar V\rangle/r^2 =
+    a \operatorname{sinc}/r^2` (``V`` is orthogonal to ``x`` when :math:`\|x\| = r`). Written in
+    ``X`` and ``x`` (``V`` is not kept), with :math:`k = c\,k_V + e`:
+
+    .. math::
+        \bar X = \operatorname{sinc}\,g + k_V X - k\,x, \qquad
+        \bar x = (\cos t - c \operatorname{sinc})\,g - k\,X + c^2 k_V\,x.
+
+    Smooth at ``V = 0``. Cost: forward two reductions and three passes (the result written
+    over ``V``), backward two dot products and three passes (three more for
+    :math:`\bar x`), O(n) per vector. ``apply`` returns ``(y, c, t, cos, sinc)``, the last four
+    non-differentiable. When the backward is differentiated (``create_graph=True``) ``V`` and
+    the coefficients are recomputed differentiably from ``x, X`` (the general formulas).
     """
 
     generate_vmap_rule = True
@@ -558,7 +555,7 @@ class _TrivializeExp(torch.autograd.Function):
         if r2 != 1.0:
             t.div_(radius)
         cos, sinc = _cos_sinc_values(t)
-        return torch.mul(x, cos).addcmul_(sinc, V), V, t, cos, sinc
+        return V.mul_(sinc).addcmul_(x, cos), c, t, cos, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -572,11 +569,13 @@ class _TrivializeExp(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dX: Tensor | None, _dr):  # type: ignore[override]
-        x, X, V, t, cos, sinc = ctx.saved_tensors
+        x, X, c, t, cos, sinc = ctx.saved_tensors
         r2 = ctx.radius * ctx.radius
         recompute = jvp_differentiated(X)  # reverse over forward: differentiable in x, X
         if recompute:
             V = _tangent_reference(x, X, ctx.radius)
+        else:
+            V = torch.addcmul(X, x, c, value=-1)
         cos, sinc, d2 = _exp_coefficients(V, t, cos, sinc, r2, recompute)
         dV = _tangent_jvp(x, X, dx, dX, r2)
         return _exp_jvp(x, V, dx, dV, cos, sinc, d2, r2), None, None, None, None
@@ -585,24 +584,49 @@ class _TrivializeExp(torch.autograd.Function):
     def backward(ctx, g: Tensor | None, *unused: Tensor):  # type: ignore[override]
         if g is None:
             return None, None, None
-        x, X, V, t, cos, sinc = ctx.saved_tensors
+        x, X, c, t, cos, sinc = ctx.saved_tensors
+        # differentiable recomputation for higher orders; out of place under torch.func
+        # (``g`` may be a ZeroTensor there, whose products cannot be written in place)
+        if torch.is_grad_enabled() or transforms_active():
+            return (*_trivialize_exp_backward_recorded(ctx, x, X, g), None)
         r2 = ctx.radius * ctx.radius
-        recompute = torch.is_grad_enabled()  # differentiable recomputation for higher orders
-        if recompute:
-            V = _tangent_reference(x, X, ctx.radius)
-        cos, sinc, d2 = _exp_coefficients(V, t, cos, sinc, r2, recompute)
-        coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
+        a = _rdot_fast(x, g)
+        e = sinc * a
+        kV = _two_dsinc(t, cos, sinc) * torch.addcmul(_rdot_fast(X, g), c, a, value=-1) - e
         if r2 != 1.0:
-            coef = coef / r2
-        gV = _sinc_g_plus(g, sinc, coef, V)
-        b = _rdot_fast(x, gV)
-        if r2 != 1.0:
-            b = b / r2
-        gx, gX = _tangent_backward(x, X, gV, b, r2, ctx.needs_input_grad,
-                                   owned=not torch.is_grad_enabled())
-        if gx is not None:
-            gx = gx + cos * g
+            kV.div_(r2)
+            e.div_(r2)
+        k = e.addcmul_(c, kV)
+        gx = gX = None
+        if ctx.needs_input_grad[1]:
+            gX = torch.mul(g, sinc).addcmul_(X, kV).addcmul_(x, k, value=-1)
+        if ctx.needs_input_grad[0]:
+            gx = torch.mul(g, torch.addcmul(cos, c, sinc, value=-1)).addcmul_(X, k, value=-1)
+            gx.addcmul_(x, c * c * kV)
         return gx, gX, None
+
+
+def _trivialize_exp_backward_recorded(ctx, x: Tensor, X: Tensor, g: Tensor
+                                      ) -> tuple[Tensor | None, Tensor | None]:
+    r"""The gradients of :class:`_TrivializeExp` by the general formulas on ``V``, which
+    is recomputed with its coefficients by differentiable operations from ``x, X`` (for a
+    differentiated backward, and under ``torch.func``), all out of place."""
+    r2 = ctx.radius * ctx.radius
+    V = _tangent_reference(x, X, ctx.radius)
+    z = _sqnorm(V) / r2
+    cos, sinc = _cos_sinc(z)
+    d2 = 2 * _dsinc(z, cos, sinc)
+    coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
+    if r2 != 1.0:
+        coef = coef / r2
+    gV = _sinc_g_plus(g, sinc, coef, V)
+    b = _rdot_fast(x, gV)
+    if r2 != 1.0:
+        b = b / r2
+    gx, gX = _tangent_backward(x, X, gV, b, r2, ctx.needs_input_grad)
+    if gx is not None:
+        gx = gx + cos * g
+    return gx, gX
 
 
 def _values_only(x: Tensor, v: Tensor) -> bool:
@@ -685,12 +709,17 @@ def _dot(a: Tensor, b: Tensor) -> float:
     return torch.dot(a, b).item()
 
 
+def _angle_of_vector(ctx, V: Tensor, radius: float) -> tuple[float, float, float]:
+    r"""``(t, cos t, sinc t)`` with :math:`t = \|V\|/r`, kept in ``ctx.coefficients``."""
+    t = torch.linalg.vector_norm(V).item() / radius
+    ctx.radius, ctx.coefficients = radius, (t, *_cos_sinc_of(t))
+    return ctx.coefficients
+
+
 def _exp_of_vector(ctx, x: Tensor, V: Tensor, radius: float) -> Tensor:
     r""":math:`\cos t\,x + \operatorname{sinc} t\,V` with :math:`t = \|V\|/r`; the angle and
     its coefficients are kept in ``ctx.coefficients`` as ``(t, cos, sinc)``."""
-    t = torch.linalg.vector_norm(V).item() / radius
-    cos, sinc = _cos_sinc_of(t)
-    ctx.radius, ctx.coefficients = radius, (t, cos, sinc)
+    _, cos, sinc = _angle_of_vector(ctx, V, radius)
     return torch.mul(x, cos).add_(V, alpha=sinc)
 
 
@@ -741,30 +770,39 @@ class _VectorExp(torch.autograd.Function):
 @reports_backward
 class _VectorTrivializeExp(torch.autograd.Function):
     r""":class:`_TrivializeExp` for one real CPU vector, the coefficients on the host:
-    :math:`c = \langle x, X\rangle/r^2`, :math:`V = X - c\,x`, then :class:`_VectorExp` at
-    ``V``. Backward: :math:`\bar V` as there, :math:`e = \langle x, \bar V\rangle/r^2`,
-    :math:`\bar X = \bar V - e\,x`, :math:`\bar x = \cos t\,g - c\,\bar V - e\,X`. Forward one
-    dot product, one norm and three passes; backward three dot products and three passes
-    (five with :math:`\bar x`)."""
+    :math:`c = \langle x, X\rangle/r^2`, :math:`V = X - c\,x`, :math:`t = \|V\|/r`, then
+    :math:`\cos t\,x + \operatorname{sinc} t\,V` written over ``V``. Backward as there, in
+    ``X`` and ``x``: with :math:`a = \langle x, g\rangle`, :math:`b = \langle X, g\rangle -
+    c\,a`, :math:`k_V = (2 b \operatorname{sinc}'(t^2) - a \operatorname{sinc} t)/r^2` and
+    :math:`k = c\,k_V + a \operatorname{sinc} t/r^2`: :math:`\bar X = \operatorname{sinc}
+    t\,g + k_V X - k\,x` and :math:`\bar x = (\cos t - c \operatorname{sinc} t)\,g - k\,X +
+    c^2 k_V\,x`. Forward one dot product, one norm and three passes; backward two dot
+    products and three passes (three more for :math:`\bar x`)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, X: Tensor, radius: float) -> Tensor:  # type: ignore[override]
         ctx.c = c = _dot(x, X) / radius**2
         V = torch.add(X, x, alpha=-c)
-        ctx.save_for_backward(x, X, V)
-        return _exp_of_vector(ctx, x, V, radius)
+        ctx.save_for_backward(x, X)
+        _, cos, sinc = _angle_of_vector(ctx, V, radius)
+        return V.mul_(sinc).add_(x, alpha=cos)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         if torch.is_grad_enabled():
             return _differentiated_backward(ctx, g, _REFERENCE[_TrivializeExp])
-        x, X, V = ctx.saved_tensors
-        gV = _exp_of_vector_backward(ctx, x, V, g)
-        e = _dot(x, gV) / ctx.radius**2
-        gx = None
+        x, X = ctx.saved_tensors
+        t, cos, sinc = ctx.coefficients
+        c, r2 = ctx.c, ctx.radius**2
+        a = _dot(x, g)
+        kV = (_two_dsinc_of(t) * (_dot(X, g) - c * a) - sinc * a) / r2
+        k = c * kV + sinc * a / r2
+        gx = gX = None
+        if ctx.needs_input_grad[1]:
+            gX = torch.mul(g, sinc).add_(X, alpha=kV).sub_(x, alpha=k)
         if ctx.needs_input_grad[0]:
-            gx = torch.mul(g, ctx.coefficients[1]).sub_(gV, alpha=ctx.c).sub_(X, alpha=e)
-        return gx, gV.sub_(x, alpha=e) if ctx.needs_input_grad[1] else None, None
+            gx = torch.mul(g, cos - c * sinc).sub_(X, alpha=k).add_(x, alpha=c * c * kV)
+        return gx, gX, None
 
 
 #: the host-coefficient node of each fused node that has one
