@@ -300,6 +300,27 @@ def test_trivialize_with_a_normal_component_in_both_inputs(fn, ref, shape, route
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("fn,ref", [(S.trivialize_exp_radius, ref_trivialize_exp),
+                                    (S.trivialize_projective_radius,
+                                     ref_trivialize_projective)])
+@pytest.mark.parametrize("shape", [(6,), (3, 6)])
+def test_trivialize_with_a_normal_component_in_forward_mode(fn, ref, shape):
+    """The forward-mode derivative (dual numbers and ``torch.func.jvp``) along both inputs
+    at an ``X`` off the tangent space, against the formula's."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, v = point_and_tangent(torch.float64, 1.5, 0.6, shape, seed=5)
+    x, X = x.detach(), v.detach() + 0.7 * x.detach()
+    gen = torch.Generator().manual_seed(7)
+    dx, dX = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    want = torch.func.jvp(lambda a, b: ref(a, b, 1.5), (x, X), (dx, dX))[1]
+    with fwAD.dual_level():
+        out = fn(fwAD.make_dual(x, dx), fwAD.make_dual(X, dX), 1.5)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want, atol=1e-12, rtol=0)
+    got = torch.func.jvp(lambda a, b: fn(a, b, 1.5), (x, X), (dx, dX))[1]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.float32])
 @pytest.mark.parametrize("fn,ref", MAPS)
