@@ -246,3 +246,30 @@ def test_exp_hessian_equals_the_closed_form_s_around_the_series_threshold(point,
     for row, row_ref in zip(H, H_ref):
         for block, block_ref in zip(row, row_ref):
             torch.testing.assert_close(block, block_ref, atol=1e-12, rtol=0)
+
+
+MAPS_AND_NAMES = [(sphere_exp, "v"), (sphere_log, "y"), (sphere_projective, "v"),
+                  (sphere_projective_inverse, "y")]
+
+
+@pytest.mark.parametrize("fn,other", MAPS_AND_NAMES)
+def test_bad_arguments_are_named_with_what_was_expected(fn, other):
+    """Each argument checked, in each position: a scalar, an integer dtype, a shape that is
+    not the other's, something other than a tensor (the message names the argument)."""
+    x = torch.tensor([1.0, 0.0, 0.0])
+    w = torch.tensor([0.0, 0.5, 0.0])
+    scalar = torch.tensor(0.5)
+    for a, b, name in ((scalar, w, "x"), (x, scalar, other), (scalar, scalar, "x")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a vector or a batch of "
+                                             r"vectors, got a scalar"):
+            fn(a, b)
+    for a, b, name in ((x.long(), w, "x"), (x, w.long(), other)):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a floating point or "
+                                             r"complex tensor, got dtype torch.int64"):
+            fn(a, b)
+    with pytest.raises(ValueError, match=rf"^{other}: expected the shape of x, \(3,\), got "
+                                         r"\(2, 3\)"):
+        fn(x, w.expand(2, 3))
+    for a, b, name in (([1.0, 0.0], w, "x"), (x, 0.5, other)):
+        with pytest.raises(TypeError, match=rf"^{name}: expected a torch.Tensor, got "):
+            fn(a, b)
