@@ -72,6 +72,9 @@ def _horner(coeffs: tuple[float, ...], z: Tensor | float) -> Tensor | float:
 
 
 def _check_vectors(x: Tensor, other: Tensor, name_x: str, name_other: str) -> None:
+    if (type(x) in _PLAIN and type(other) in _PLAIN and x.shape == other.shape and x.ndim
+            and x.is_floating_point() and other.is_floating_point()):
+        return  # the common case, in fewer reads than the checks below
     for t, name in ((x, name_x), (other, name_other)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -645,8 +648,8 @@ def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: floa
     if not torch.is_grad_enabled() and _values_only(x, v):
         out = fn.forward(x, v, radius)  # no node: the map's values
         return out[0] if isinstance(out, tuple) else out
-    if fn in _VECTOR and _vector_case(x, v):
-        fn = _VECTOR[fn]
+    if fn in _VECTOR and _vector_case(x, v):  # eager code: the C++ apply, one output
+        return raw_apply(_VECTOR[fn])(unwrap_if_dead(x), unwrap_if_dead(v), radius)
     if transforms_active() or torch.compiler.is_compiling():
         out = fn.apply(x, v, radius)
     else:
@@ -689,8 +692,8 @@ def _vector_case(x: Tensor, v: Tensor) -> bool:
     the reads would be frozen or refused there). The cheap tests first (``is_cpu`` rather
     than ``device.type``, which builds a device object): it runs at every call of a map."""
     return (VECTOR_NODES and type(x) in _PLAIN and type(v) in _PLAIN and x.ndim == 1
-            and v.ndim == 1 and x.is_cpu and v.is_cpu and x.dtype in _HOST_DTYPES
-            and v.dtype == x.dtype and x.shape[0] == v.shape[0]
+            and x.shape == v.shape and x.is_cpu and v.is_cpu and x.dtype in _HOST_DTYPES
+            and v.dtype == x.dtype
             and not (transforms_active() or forward_ad_active() or tracing()
                      or torch.compiler.is_compiling()))
 
