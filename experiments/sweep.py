@@ -90,10 +90,12 @@ def _worker(run: Run, resume: bool, overwrite: bool, threads: int,
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    if in_pool:  # idle workers ignore SIGINT (see _init_pool_worker); a running one stops
-        signal.signal(signal.SIGINT, _interrupt_once)
-        signal.signal(signal.SIGTERM, _interrupt_once)
     try:
+        if in_pool:  # idle workers ignore SIGINT (see _init_pool_worker); a running one stops
+            signal.signal(signal.SIGINT, _interrupt_once)
+            signal.signal(signal.SIGTERM, _interrupt_once)
+            if _orphaned.is_set():  # orphaned while idle (its SIGINT was ignored then)
+                raise KeyboardInterrupt
         final = train(run, resume=resume, overwrite=overwrite, progress=progress)
     except (ConfigError, FloatingPointError, RunExistsError, RunLockedError) as e:
         return {"run": run.name, "error": "".join(traceback.format_exception_only(e))}
@@ -125,13 +127,20 @@ def _init_pool_worker() -> None:
                      name="orphan-watch").start()
 
 
+#: set in a pool worker once its main process has died (:func:`_watch_parent`)
+_orphaned = threading.Event()
+
+
 def _watch_parent(parent: int) -> None:
     """Once this process is orphaned (its parent id changes: the main process died without
-    stopping the pool, e.g. by SIGKILL), interrupt a running run as Ctrl-C does (an idle
-    worker ignores that), then exit: the pool's queued runs are not taken. Without this the
-    workers ran every queued run and then waited forever."""
+    stopping the pool, e.g. by SIGKILL), interrupt a running run as Ctrl-C does, then exit:
+    the pool's queued runs are not taken. A worker that is idle then (it ignores SIGINT), or
+    still starting its run, stops the run it takes before training (:data:`_orphaned`).
+    Without this the workers ran every queued run and then waited forever; without the flag a
+    worker orphaned while it imported torch for its first run trained that run to the end."""
     while os.getppid() == parent:
         time.sleep(ORPHAN_POLL_S)
+    _orphaned.set()
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(ORPHAN_GRACE_S)  # a running run's cleanup: it exits with 130 before this ends
     os._exit(1)

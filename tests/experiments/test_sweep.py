@@ -68,6 +68,28 @@ def test_ctrl_c_stops_a_parallel_sweep_and_cancels_the_queued_runs(write_config)
     assert not any((r.directory / ".lock").exists() for r in started)
 
 
+def _orphaned_worker(run) -> None:
+    sweep_mod._orphaned.set()  # as _watch_parent leaves it (the SIGINT came while idle)
+    sweep_mod._worker(run, False, False, 1, in_pool=True)
+    os._exit(0)  # not reached when the worker stops the run
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fork")
+def test_a_worker_orphaned_before_its_run_started_does_not_train_it(write_config):
+    """A pool worker whose main process died while it was idle or importing torch for its run
+    (it ignores SIGINT then, so the orphan watch's interrupt is lost) stops that run before
+    training it (exit 130, no final.json), as a running one does. Before, it trained the run
+    to the end: a sweep killed with SIGKILL right after it started finished a run."""
+    path = write_config(train={"steps": 3000, "log_every": 5, "checkpoint_every": 50})
+    run = expand_sweep(path)[0]
+    proc = multiprocessing.get_context("fork").Process(target=_orphaned_worker, args=(run,))
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == 130
+    assert not (run.directory / "final.json").exists()
+    assert not (run.directory / "checkpoint.pt").exists()
+
+
 def test_a_parallel_sweep_returns_its_results_in_the_order_of_its_runs(write_config,
                                                                         monkeypatch):
     """``run_all`` with several jobs collects results as runs finish, and returns them in the
