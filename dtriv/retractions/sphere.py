@@ -538,11 +538,16 @@ class _TrivializeExp(torch.autograd.Function):
         \bar X = \operatorname{sinc}\,g + k_V X - k\,x, \qquad
         \bar x = (\cos t - c \operatorname{sinc})\,g - k\,X + c^2 k_V\,x.
 
-    Smooth at ``V = 0``. Cost: forward two reductions and three passes (the result written
-    over ``V``), backward two dot products and three passes (three more for
-    :math:`\bar x`), O(n) per vector. ``apply`` returns ``(y, c, t, cos, sinc)``, the last four
-    non-differentiable. When the backward is differentiated (``create_graph=True``) ``V`` and
-    the coefficients are recomputed differentiably from ``x, X`` (the general formulas).
+    Smooth at ``V = 0``. For a parameter with a large normal component (:math:`|c| \gg 1`)
+    the terms in ``X`` and ``x`` cancel to :math:`k_V V - e\,x`, and the rounding grows with
+    :math:`|c|`, as it does where ``V`` is formed (measured, float32, 64 x 1024 with a tangent
+    part of 1e-2 per entry: relative gradient error 2e-7 at :math:`c = 10` and 6e-7 at 100,
+    against 1e-7 and 3e-7 for the formulas in ``V``). Cost: forward two reductions and three
+    passes (the result written over ``V``), backward two dot products and three passes
+    (three more for :math:`\bar x`), O(n) per vector. ``apply`` returns ``(y, c, t, cos,
+    sinc)``, the last four non-differentiable. When the backward is differentiated
+    (``create_graph=True``) ``V`` and the coefficients are recomputed differentiably from
+    ``x, X`` (the general formulas).
     """
 
     generate_vmap_rule = True
