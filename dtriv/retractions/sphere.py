@@ -148,15 +148,16 @@ def _two_dsinc(t: Tensor, cos: Tensor, sinc: Tensor) -> Tensor | float:
     the exponential nodes, where it multiplies :math:`\operatorname{Re}\langle V, g\rangle V
     / r^2`, a vector of norm at most :math:`z \|g\|`.
 
-    For one vector, a number computed on the host from the angle (:func:`_two_dsinc_of`: one
-    read of ``t`` instead of tensor ops on one entry). For a batch, the direct formula
+    For one vector on the CPU, a number computed on the host from the angle
+    (:func:`_two_dsinc_of`: one read of ``t`` instead of tensor ops on one entry; on an
+    accelerator that read would synchronise the device). Otherwise, the direct formula
     :math:`(\cos t - \operatorname{sinc} t)/z`, ``z`` clamped to the smallest normal number:
     no host read and no selection. For small ``t`` the difference cancels (absolute error
     about :math:`2\epsilon`, so the coefficient's is :math:`2\epsilon/z`; 0 for :math:`z <
     \epsilon`, where both values round to 1), but what reaches the gradient is the coefficient
     times :math:`z`: an error of about :math:`2\epsilon\,\|g\|` at every angle, rounding.
     """
-    if t.numel() == 1 and not (transforms_active() or no_host_reads(t)):
+    if t.numel() == 1 and t.is_cpu and not (transforms_active() or no_host_reads(t)):
         return _two_dsinc_of(t.item())
     return (cos - sinc).div_((t * t).clamp_min_(torch.finfo(t.dtype).tiny))
 
