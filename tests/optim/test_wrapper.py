@@ -13,6 +13,7 @@ import scipy.linalg
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations as P
+from torch.nn.utils import parametrize
 
 from dtriv.manifolds import Orthogonal, Stiefel
 from dtriv.optim import DynamicTrivialization, NonFiniteGradientError
@@ -653,3 +654,72 @@ def test_skipped_steps_survive_a_state_dict_round_trip():
     assert fresh.skipped_steps == 0
     fresh.load_state_dict(saved)
     assert fresh.skipped_steps == 1 and fresh.steps == 1
+
+
+class _BaseShift(nn.Module):
+    """``W = base + X``: a toy parametrization of someone else's with a ``base`` buffer and
+    no right inverse."""
+
+    def __init__(self, base: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("base", base.clone())
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.base + X
+
+
+class _ShiftedBase(_BaseShift):
+    """:class:`_BaseShift` whose right inverse moves the base to ``W`` and returns ``X = 0``
+    (as geotorch's ``update_base`` reads one)."""
+
+    def right_inverse(self, W: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.base.copy_(W)
+        return torch.zeros_like(W)
+
+
+def test_another_parametrization_with_a_base_is_refreshed_through_its_right_inverse():
+    """A parametrization neither dtriv's, torch's nor geotorch's, with a ``base`` buffer and a
+    ``right_inverse``: a ``generic`` target; each refresh (every K = 2 steps) leaves the
+    weight as the step made it, with the base moved there and ``X`` reset to 0; between
+    refreshes ``X`` carries the steps."""
+    lin = nn.Linear(3, 2).to(DT)
+    parametrize.register_parametrization(lin, "weight", _ShiftedBase(lin.weight.detach()))
+    plist = lin.parametrizations.weight
+    opt = DynamicTrivialization(torch.optim.SGD([plist.original], lr=0.1), K=2)
+    assert [t.kind for t in opt.targets] == ["generic"]
+    C = torch.randn(2, 3, generator=_gen(2), dtype=DT)
+    for step in range(1, 5):
+        W = lin.weight.detach().clone()
+        opt.zero_grad()
+        (lin.weight * C).sum().backward()
+        opt.step()
+        torch.testing.assert_close(lin.weight.detach(), W - 0.1 * C, rtol=0, atol=1e-14)
+        if step % 2 == 0:  # refreshed: the base is the weight, X is zero
+            assert torch.count_nonzero(plist.original) == 0
+            torch.testing.assert_close(plist[0].base, lin.weight.detach(), rtol=0, atol=0)
+        else:
+            assert torch.count_nonzero(plist.original) == plist.original.numel()
+
+
+@pytest.mark.parametrize("case", ["no right_inverse", "base not a tensor"])
+def test_a_parametrization_that_cannot_be_refreshed_is_not_a_target(case):
+    """A ``base`` without a ``right_inverse``, or a ``base`` that is not a tensor: no target
+    (nothing to refresh); the wrapper steps the parameter as the inner optimizer does."""
+    lin = nn.Linear(3, 2).to(DT)
+    W0 = lin.weight.detach().clone()
+    p = (_BaseShift if case == "no right_inverse" else _ShiftedBase)(W0)
+    parametrize.register_parametrization(lin, "weight", p, unsafe=True)
+    if case == "base not a tensor":
+        base = p._buffers.pop("base")
+        p.base = base.tolist()  # a plain attribute: forward reads it as a constant
+        p.forward = lambda X: torch.as_tensor(p.base, dtype=X.dtype) + X
+    original = lin.parametrizations.weight.original
+    with pytest.warns(UserWarning, match=r"got none among its 1 parameters \(1 parametrized "
+                                         r"without a base\)"):
+        opt = DynamicTrivialization(torch.optim.SGD([original], lr=0.1), K=1)
+    assert opt.targets == []
+    X0 = original.detach().clone()
+    lin.weight.sum().backward()
+    opt.step()
+    torch.testing.assert_close(original.detach(), X0 - 0.1, rtol=0, atol=1e-14)
