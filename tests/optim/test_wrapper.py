@@ -357,6 +357,14 @@ def test_bad_arguments_name_the_argument():
         DynamicTrivialization(sgd, reproject_every=0)
     with pytest.raises(ValueError, match=r"optimizer: expected a torch.optim.Optimizer, got list"):
         DynamicTrivialization([sgd])
+    with pytest.raises(ValueError, match=r"^optimizer: expected an optimizer, got a "
+                                         r"DynamicTrivialization"):
+        DynamicTrivialization(DynamicTrivialization(sgd))
+    with pytest.raises(ValueError, match=r"^modules: expected an nn.Module or an iterable of "
+                                         r"them, got a Tensor"):
+        DynamicTrivialization(sgd, modules=[lin, lin.weight])
+    K = DynamicTrivialization(sgd, K=3.0).K  # an integral float is read as an integer
+    assert K == 3 and type(K) is int
     sgd.param_groups[0]["lr"] = -0.1
     with pytest.raises(ValueError, match=r"lr: expected non-negative learning rates, got -0.1"):
         DynamicTrivialization(sgd)
