@@ -166,12 +166,6 @@ def sym(A: Tensor) -> Tensor:
     return (A + A.mH) / 2
 
 
-def eye_like(A: Tensor) -> Tensor:
-    """Identity of the shape ``(n, k)`` of the last two dims of ``A``, same dtype and device."""
-    n, k = A.shape[-2], A.shape[-1]
-    return torch.eye(n, k, dtype=A.dtype, device=A.device)
-
-
 def eps(dtype: torch.dtype) -> float:
     """Machine epsilon of a real or complex dtype."""
     if dtype.is_complex:
