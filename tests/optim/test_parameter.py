@@ -70,3 +70,44 @@ def test_deepcopy_pickle_and_module_registration():
     assert repr(p).startswith("ManifoldParameter on Stiefel(n=5, k=2) containing:")
     # results of operations are plain tensors
     assert type(p * 2) is torch.Tensor
+
+
+def test_without_data_a_point_is_sampled_and_other_data_is_refused():
+    """``ManifoldParameter(manifold=M)`` holds a point of ``M`` drawn by its sampler; data
+    that is not a tensor is refused by name."""
+    M = Stiefel(6, 3)
+    torch.manual_seed(3)
+    p = ManifoldParameter(manifold=M)
+    torch.manual_seed(3)
+    assert torch.equal(p.detach(), M.sample())
+    assert p.shape == (6, 3) and M.check(p.detach()) and p.manifold is M
+    with pytest.raises(TypeError, match=r"^data: expected a torch.Tensor, got list"):
+        ManifoldParameter([[1.0, 0.0]], Sphere(2))
+
+
+def test_is_manifold_parameter_and_a_foreign_manifold():
+    """``is_manifold_parameter`` tells dtriv's parameters from plain ones; a tensor whose
+    ``manifold`` is not dtriv's (a geoopt parameter's) is refused by name, not taken as
+    Euclidean."""
+    from dtriv.optim.parameter import is_manifold_parameter
+
+    M = Sphere(4)
+    assert is_manifold_parameter(ManifoldParameter(M.sample(generator=_gen(4)), M))
+    assert not is_manifold_parameter(nn.Parameter(torch.zeros(4)))
+    foreign = nn.Parameter(torch.zeros(4))
+    foreign.manifold = object()
+    with pytest.raises(ValueError, match=r"^params: expected plain tensors or dtriv "
+                                         r"ManifoldParameters, got a tensor whose manifold is "
+                                         r"a builtins.object"):
+        is_manifold_parameter(foreign)
+
+
+def test_deepcopy_keeps_a_parameter_shared_by_two_modules_shared():
+    """A parameter reached twice in one ``deepcopy`` (two modules holding it) is copied
+    once, as ``nn.Parameter`` is."""
+    M = Sphere(3)
+    p = ManifoldParameter(M.sample(generator=_gen(5)), M)
+    a, b = nn.Module(), nn.Module()
+    a.w = b.w = p
+    a2, b2 = copy.deepcopy([a, b])
+    assert a2.w is b2.w and a2.w is not p and torch.equal(a2.w, p)
