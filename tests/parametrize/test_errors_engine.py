@@ -173,3 +173,46 @@ def test_flags_must_be_booleans(flag, value):
     # bool("no") is True: a string would silently mean the opposite
     with pytest.raises(ValueError, match=rf"^{flag}: expected True or False, got {value!r}"):
         constrain(nn.Linear(3, 5), "weight", Stiefel(5, 3), **{flag: value})
+
+
+def test_more_bad_input_to_the_trivialization():
+    """The checks no other test reached: ``dim`` that is not an integer, an assigned value
+    that is not a tensor or has an integer dtype, ``refresh`` of a trivialization that is not
+    its tensor's first parametrization or has no base yet, and extra state that is not the
+    description ``get_extra_state`` writes."""
+    for dim in (1.0, True, "0"):
+        with pytest.raises(ValueError, match=rf"^dim: expected an integer, got {dim!r}$"):
+            Trivialization(Orthogonal(4), flatten=True, dim=dim)
+    layer = constrained()
+    with pytest.raises(TypeError, match=r"^weight: expected a torch.Tensor, got list$"):
+        layer.parametrizations.weight[0].right_inverse([[1.0]])
+    with pytest.raises(ValueError, match=r"^value: expected a floating point or complex "
+                                         r"tensor, got dtype torch.int64"):  # before a base
+        Trivialization(Orthogonal(4)).right_inverse(torch.eye(4, dtype=torch.int64))
+    # a trivialization linked to a tensor's list at a later position (as when one is
+    # registered after another) does not receive the parameter
+    from dtriv.parametrize.trivialization import _Link
+
+    later = Trivialization(Orthogonal(4))
+    register_parametrization(layer, "weight", later, unsafe=True)
+    later._owner = _Link(layer.parametrizations.weight)
+    with pytest.raises(RuntimeError, match=r"^refresh: the trivialization must be the first "
+                                           r"parametrization of its tensor"):
+        later.refresh()
+    with pytest.raises(RuntimeError, match=r"^refresh: the trivialization has no base point yet"):
+        Trivialization(Orthogonal(3)).refresh(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"^state: expected a dict describing the "
+                                         r"trivialization, got list$"):
+        layer.parametrizations.weight[0].set_extra_state([1, 2])
+
+
+def test_the_repr_shows_the_options_that_differ_from_the_defaults():
+    assert repr(Trivialization(Sphere(3))) == (
+        "Trivialization(manifold=Sphere(n=3), retraction='exp')")
+    assert repr(Trivialization(Orthogonal(4), "cayley", dynamic=False, strict=True)) == (
+        "Trivialization(manifold=Orthogonal(n=4), retraction='cayley', dynamic=False, "
+        "strict=True)")
+    # how the tensor is read is known once it is registered
+    layer = sphere(nn.Linear(4, 4), flatten=True)
+    assert repr(layer.parametrizations.weight[0]) == (
+        "Trivialization(manifold=Sphere(n=16), retraction='exp', flatten=True, dim=0)")
