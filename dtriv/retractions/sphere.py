@@ -35,7 +35,6 @@ from ._common import (
     no_host_reads,
     raw_apply,
     reports_backward,
-    tracing,
     transforms_active,
     unwrap_if_dead,
     upcast_half,
@@ -197,10 +196,27 @@ def _exp_coefficients(V: Tensor, t: Tensor, cos: Tensor, sinc: Tensor, r2: float
     when ``recompute`` (a derivative of the jvp or backward is taken), else from the saved
     values (no graph)."""
     if recompute:
-        z = _sqnorm(V) / r2
-        cos, sinc = _cos_sinc(z)
-        return cos, sinc, 2 * _dsinc(z, cos, sinc)
+        return _recorded_coefficients(V, r2)
     return cos, sinc, _two_dsinc(t, cos, sinc)
+
+
+def _recorded_coefficients(V: Tensor, r2: float) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(cos, sinc, d2)`` at :math:`z = \|V\|^2/r^2` by differentiable operations (power
+    series near 0), ``d2`` :math:`= 2\operatorname{sinc}'(z)`."""
+    z = _sqnorm(V) / r2
+    cos, sinc = _cos_sinc(z)
+    return cos, sinc, 2 * _dsinc(z, cos, sinc)
+
+
+def _exp_grad_v(x: Tensor, V: Tensor, g: Tensor, sinc: Tensor, d2: Tensor | float,
+                r2: float) -> Tensor:
+    r""":math:`\bar V = \operatorname{sinc}\,g + (d_2 \operatorname{Re}\langle V, g\rangle -
+    \operatorname{sinc} \operatorname{Re}\langle x, g\rangle)\,V/r^2`, the gradient in ``V``
+    of ``cos(t) x + sinc(t) V`` (``d2`` :math:`= 2\operatorname{sinc}'(z)`)."""
+    coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
+    if r2 != 1.0:
+        coef = coef / r2
+    return _sinc_g_plus(g, sinc, coef, V)
 
 
 def _normalize_(w: Tensor, radius: float) -> tuple[Tensor, Tensor]:
@@ -346,10 +362,7 @@ class _SphereExp(torch.autograd.Function):
         gx = gv = None
         if ctx.needs_input_grad[1]:
             cos, sinc, d2 = _exp_coefficients(v, t, cos, sinc, r2, recompute)
-            coef = torch.addcmul(d2 * _rdot_fast(v, g), sinc, _rdot_fast(x, g), value=-1)
-            if r2 != 1.0:
-                coef = coef / r2
-            gv = _sinc_g_plus(g, sinc, coef, v)
+            gv = _exp_grad_v(x, v, g, sinc, d2, r2)
         if ctx.needs_input_grad[0]:
             if recompute and gv is None:
                 cos = _cos_sinc(_sqnorm(v) / r2)[0]
@@ -622,13 +635,8 @@ def _trivialize_exp_backward_recorded(ctx, x: Tensor, X: Tensor, g: Tensor
     differentiated backward, and under ``torch.func``), all out of place."""
     r2 = ctx.radius * ctx.radius
     V = _tangent_reference(x, X, ctx.radius)
-    z = _sqnorm(V) / r2
-    cos, sinc = _cos_sinc(z)
-    d2 = 2 * _dsinc(z, cos, sinc)
-    coef = torch.addcmul(d2 * _rdot_fast(V, g), sinc, _rdot_fast(x, g), value=-1)
-    if r2 != 1.0:
-        coef = coef / r2
-    gV = _sinc_g_plus(g, sinc, coef, V)
+    cos, sinc, d2 = _recorded_coefficients(V, r2)
+    gV = _exp_grad_v(x, V, g, sinc, d2, r2)
     b = _rdot_fast(x, gV)
     if r2 != 1.0:
         b = b / r2
@@ -699,9 +707,7 @@ def _vector_case(x: Tensor, v: Tensor) -> bool:
     than ``device.type``, which builds a device object): it runs at every call of a map."""
     return (VECTOR_NODES and type(x) in _PLAIN and type(v) in _PLAIN and x.ndim == 1
             and x.shape == v.shape and x.is_cpu and v.is_cpu and x.dtype in _HOST_DTYPES
-            and v.dtype == x.dtype
-            and not (transforms_active() or forward_ad_active() or tracing()
-                     or torch.compiler.is_compiling()))
+            and v.dtype == x.dtype and eager_context() and not forward_ad_active())
 
 
 def _cos_sinc_of(t: float) -> tuple[float, float]:
