@@ -398,18 +398,22 @@ class ForwardMemo:
             self._entry = entry = None
         return None if entry is None else entry[3]
 
-    def __call__(
+    def read(
         self, X: Tensor, base: Tensor | None, compute: Callable[[Tensor], Tensor]
     ) -> Tensor:
         """``compute(X)``, or the memoized value of it when still valid (see the class doc)."""
         if not _memo_allowed(X, base):
             return compute(X)
-        state = _state(X, base)
         entry = self._entry
+        state = None
         if entry is not None:
-            if self._fresh(entry, X, base) and entry[2] == state and _unchanged(entry):
-                return entry[3]
+            if self._fresh(entry, X, base):
+                state = _state(X, base)
+                if entry[2] == state and _unchanged(entry):
+                    return entry[3]
             self._entry = None  # frees the old value (and its graph) before computing anew
+        if state is None:
+            state = _state(X, base)
         value = compute(X)
         seen = None
         if value.requires_grad:
@@ -427,6 +431,8 @@ class ForwardMemo:
         self._entry = (X, base, state, value, _version(value), seen, sample, value_sample)
         return value
 
+    __call__ = read
+
     @staticmethod
     def _fresh(entry: tuple, X: Tensor, base: Tensor | None) -> bool:
         """The checks that need no ``_state``: backward, in-place writes, identities."""
@@ -437,21 +443,6 @@ class ForwardMemo:
             and entry[0] is X
             and (base is None or entry[1] is base)
         )
-
-    def lookup(self, X: Tensor, base: Tensor | None) -> Tensor | None:
-        """The memoized value for ``X`` and ``base`` if still valid, else ``None`` (no compute).
-
-        A value that backward has consumed is dropped here (its memory freed)."""
-        entry = self._entry
-        if entry is None or not _memo_allowed(X, base):
-            return None
-        if not self._fresh(entry, X, base):
-            if _consumed(entry[5]):
-                self._entry = None
-            return None
-        if entry[2] != _state(X, base) or not _unchanged(entry):
-            return None
-        return entry[3]
 
     def __deepcopy__(self, memo: dict) -> ForwardMemo:
         return ForwardMemo()
@@ -572,8 +563,10 @@ def install_fast_read(module: nn.Module, name: str) -> bool:
     tensor has exactly one parametrization, torch's ``cached()`` is off, no forward hook would
     observe the call and nothing is traced or compiled, returns
 
-    * :meth:`ForwardMemo.lookup`'s value when the parametrization memoizes (a ``_memo`` and a
-      true ``memoize``) and the value is still valid;
+    * for a :class:`Memoized` parametrization that memoizes (a true ``memoize``) and has a
+      base, the value of its memo, ``memo.read(X, base, _evaluate)``: what its
+      ``forward`` returns, with the memo's checks (the memoized value while valid, else the map
+      computed and memoized) and without the calls around them;
     * else ``parametrization.forward(*originals)``: what torch's getter computes
       (``ParametrizationList.forward`` with one parametrization is
       ``self[0](original)``, or ``self[0](original0, original1, ...)`` for a
@@ -609,10 +602,12 @@ def install_fast_read(module: nn.Module, name: str) -> bool:
                     X = params.get("original")
                     if X is not None:
                         memo = first.__dict__.get("_memo")
-                        if isinstance(memo, ForwardMemo) and first.memoize:
-                            value = memo.lookup(X, first._buffers.get("base"))
-                            if value is not None:
-                                return value
+                        if (isinstance(first, Memoized) and isinstance(memo, ForwardMemo)
+                                and first.memoize):
+                            base = first._buffers.get("base")
+                            if base is not None:
+                                # what ``forward`` returns (``_value``), without the calls
+                                return memo.read(X, base, first._evaluate)
                         return first.forward(X)
                 else:
                     originals = [params.get(f"original{i}") for i in range(plist.ntensors)]

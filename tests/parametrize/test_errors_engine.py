@@ -206,6 +206,22 @@ def test_more_bad_input_to_the_trivialization():
         layer.parametrizations.weight[0].set_extra_state([1, 2])
 
 
+@pytest.mark.parametrize("memoize", [True, False])
+def test_a_read_without_a_base_names_the_missing_base(memoize):
+    """A trivialization whose base buffer was set to ``None`` says so at the next read of the
+    tensor, through the module's fast read and through the parametrization itself."""
+    layer = constrain(nn.Linear(4, 4), "weight", Orthogonal(4))
+    triv = layer.parametrizations.weight[0]
+    triv.memoize = memoize
+    layer.weight  # a memoized value, which a missing base must not serve
+    triv.base = None
+    message = r"^Trivialization has no base point yet: it is set by right_inverse"
+    with pytest.raises(RuntimeError, match=message):
+        layer.weight
+    with pytest.raises(RuntimeError, match=message):
+        triv(layer.parametrizations.weight.original)
+
+
 def test_the_repr_shows_the_options_that_differ_from_the_defaults():
     assert repr(Trivialization(Sphere(3))) == (
         "Trivialization(manifold=Sphere(n=3), retraction='exp')")
