@@ -38,14 +38,16 @@ MAPS = [(S.exp_radius, ref_exp), (S.projective_radius, ref_projective),
         (S.trivialize_projective_radius, ref_trivialize_projective)]
 
 
-VECTOR_NODE_NAMES = {"_VectorExpBackward", "_VectorTrivializeExpBackward"}
-#: the maps with a host-coefficient node for one real CPU vector
-VECTOR_MAPS = (S.exp_radius, S.trivialize_exp_radius)
+VECTOR_NODE_NAMES = {"_VectorExpBackward", "_VectorTrivializeExpBackward",
+                     "_VectorProjectiveBackward", "_VectorTrivializeProjectiveBackward"}
+#: the maps with a one-vector node for one real CPU vector
+VECTOR_MAPS = (S.exp_radius, S.trivialize_exp_radius, S.projective_radius,
+               S.trivialize_projective_radius)
 
 
 @pytest.fixture(params=["vector", "general"])
 def route(request, monkeypatch):
-    """Runs a test with the host-coefficient nodes of one real CPU vector on (``vector``) and
+    """Runs a test with the one-vector nodes of one real CPU vector on (``vector``) and
     off (``general``: the batched nodes take every input); returns a check that ``y`` was made
     by the node the route and its inputs call for."""
     on = request.param == "vector"
@@ -91,6 +93,19 @@ def test_gradcheck_and_gradgradcheck(fn, ref, scale, shape, route):
         route(fn, fn(x, v, 1.7), x, v)
         assert gradcheck(lambda x, v: fn(x, v, 1.7), (x, v))
         assert gradgradcheck(lambda x, v: fn(x, v, 1.7), (x, v))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (5,)])
+def test_the_projective_gradients_in_x_and_v_do_not_share_memory(shape, route):
+    """The projective retraction's gradients in ``x`` and ``v`` are equal, and returned as two
+    tensors: an in-place edit of one (an optimizer's, a user's) leaves the other as it was."""
+    x, v = point_and_tangent(torch.float64, 1.0, 0.5, shape)
+    y = S.projective_radius(x, v)
+    route(S.projective_radius, y, x, v)
+    gx, gv = torch.autograd.grad(y, (x, v), torch.ones_like(y))
+    assert torch.equal(gx, gv)
+    gx.add_(1.0)
+    assert not torch.equal(gx, gv)
 
 
 def test_only_the_needed_gradient_is_computed():
@@ -176,12 +191,12 @@ def test_rows_near_and_far_from_the_base_in_one_batch(fn, ref, dtype, tol):
         assert (ga - gb).abs().max() <= tol
 
 
-# ------------------------------------------------------------ one vector: host coefficients
+# ------------------------------------------------------------------- one vector: lean nodes
 ROUTED = [(fn, ref) for fn, ref in MAPS if fn in VECTOR_MAPS]
 
 
 def _both_routes(monkeypatch, make):
-    """``make()`` with the host-coefficient nodes on, then off."""
+    """``make()`` with the one-vector nodes on, then off."""
     out = []
     for on in (True, False):
         monkeypatch.setattr(S, "VECTOR_NODES", on)
