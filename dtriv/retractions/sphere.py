@@ -106,13 +106,15 @@ def _cos_sinc(t2: Tensor) -> tuple[Tensor, Tensor]:
 
 # ---------------------------------------------------------------- fused autograd functions
 def _rdot_fast(x: Tensor, y: Tensor) -> Tensor:
-    """:math:`\\operatorname{Re}\\langle x, y\\rangle` over the last dimension, keepdim (for
-    two single vectors a 0-d tensor, which broadcasts the same: one op less). ``x`` and ``y``
-    may broadcast (one point and a batch of vectors)."""
-    d = torch.linalg.vecdot(x, y, dim=-1)
-    if d.is_complex():
-        d = d.real
-    return d if d.dim() == 0 else d.unsqueeze(-1)
+    """:math:`\\operatorname{Re}\\langle x, y\\rangle` over the last dimension, keepdim. ``x``
+    and ``y`` may broadcast (one point and a batch of vectors). Real tensors: one product and
+    one sum (``vecdot`` dispatches to the same product and sum through two more calls, and
+    its result needs an ``unsqueeze``: the exponential trivialization of 64 vectors of 1024,
+    forward and backward, went from 268 to 242 us with its three dot products so)."""
+    if x.is_complex() or y.is_complex():
+        d = torch.linalg.vecdot(x, y, dim=-1).real
+        return d if d.dim() == 0 else d.unsqueeze(-1)
+    return (x * y).sum(-1, keepdim=True)
 
 
 def _cos_sinc_values(t: Tensor) -> tuple[Tensor, Tensor]:
