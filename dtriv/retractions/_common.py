@@ -91,9 +91,7 @@ def upcast_half(fn: F) -> F:
     (a tensor or a tuple of tensors) are cast back to the dtype of the first tensor argument.
     """
 
-    @without_autocast
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def upcast(*args, **kwargs):
         # the first argument is the tensor in every map: no search over the arguments then
         first = args[0] if args and isinstance(args[0], Tensor) else next(
             (a for a in args if isinstance(a, Tensor)), None)
@@ -110,6 +108,18 @@ def upcast_half(fn: F) -> F:
         if isinstance(result, tuple):
             return type(result)(r.to(out_dtype) if isinstance(r, Tensor) else r for r in result)
         return result
+
+    upcast_without_autocast = without_autocast(upcast)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        # autocast tested here rather than by stacking :func:`without_autocast`, and a map of
+        # a tensor not in half precision called directly: one Python call for most maps
+        if torch._C._is_any_autocast_enabled():
+            return upcast_without_autocast(*args, **kwargs)
+        if args and isinstance(args[0], Tensor) and args[0].dtype not in _HALF:
+            return fn(*args, **kwargs)
+        return upcast(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 

@@ -686,8 +686,9 @@ def _apply(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: floa
     if not torch.is_grad_enabled() and _values_only(x, v):
         out = fn.forward(x, v, radius)  # no node: the map's values
         return out[0] if isinstance(out, tuple) else out
-    if fn in _VECTOR and _vector_case(x, v):  # eager code: the C++ apply, one output
-        return raw_apply(_VECTOR[fn])(unwrap_if_dead(x), unwrap_if_dead(v), radius)
+    vector_apply = _VECTOR_APPLY.get(fn)
+    if vector_apply is not None and _vector_case(x, v):  # plain eager tensors: no unwrapping
+        return vector_apply(x, v, radius)
     if transforms_active() or torch.compiler.is_compiling():
         out = fn.apply(x, v, radius)
     else:
@@ -998,6 +999,8 @@ _VECTOR = {
     _SphereProjective: _VectorProjective,
     _TrivializeProjective: _VectorTrivializeProjective,
 }
+#: their C++ ``apply``
+_VECTOR_APPLY = {fn: raw_apply(node) for fn, node in _VECTOR.items()}
 
 
 def _fused(fn: type[torch.autograd.Function], x: Tensor, v: Tensor, radius: float) -> Tensor:
