@@ -809,6 +809,24 @@ def test_a_write_to_the_base_from_outside_is_seen():
     with torch.no_grad():
         m.parametrizations.weight[0].base.copy_(Q)
     torch.testing.assert_close(m.weight.detach(), Q, atol=1e-14, rtol=0)
+    # a new storage through ``.data`` (no version bump) is seen as well
+    m.parametrizations.weight[0].base.data = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(m.weight.detach(), torch.eye(4, dtype=torch.float64),
+                               atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_parameter_that_stops_requiring_grad_between_two_reads(kind):
+    """A value read in grad mode is not handed out once its parameter stops requiring grad
+    (frozen between two reads, no backward in between), nor the other way round."""
+    layer = nn.Linear(4, 4).double()
+    constrain_kernel(layer, kind)
+    assert layer.weight.requires_grad
+    param = layer.parametrizations.weight.original
+    param.requires_grad_(False)
+    assert not layer.weight.requires_grad
+    param.requires_grad_(True)
+    assert layer.weight.requires_grad
 
 
 @pytest.mark.parametrize("numel", [17, 20, 100, 1000, 4097])
