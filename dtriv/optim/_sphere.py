@@ -82,8 +82,9 @@ def write_back(manifold: Sphere, X: Tensor, batch: Tensor) -> None:
 
 
 def _dots(X: Tensor, V: Tensor) -> Tensor:
-    r""":math:`\langle x_i, v_i\rangle` per row, ``(m, 1)``."""
-    return torch.linalg.vecdot(X, V).unsqueeze(-1)
+    r""":math:`\langle x_i, v_i\rangle` per row, ``(m, 1)``: one product and one sum (real
+    rows; ``vecdot`` reaches the same two through more calls, then needs an ``unsqueeze``)."""
+    return (X * V).sum(-1, keepdim=True)
 
 
 def gradient(manifold: Sphere, X: Tensor, G: Tensor) -> Tensor:
@@ -124,7 +125,7 @@ def moment_(
         if not sq >= IDENTITY_MIN_FRACTION * g2:  # (also for NaN)
             sq = torch.linalg.vector_norm(torch.add(G, X, alpha=-a / r2)).item() ** 2
         return N, sq
-    a = torch.linalg.vecdot(X, G)
+    a = (X * G).sum(-1)
     G2 = torch.linalg.vector_norm(G, dim=-1).square_()
     project_(manifold, X, m.lerp_(G, 1 - beta))
     sq = G2 - a.square_().div_(r2)
