@@ -935,8 +935,8 @@ class _VectorTrivializeProjective(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- eager code: lean nodes
-# In eager code (no ``torch.func`` transform, forward-mode derivative, tracing or compiling)
-# the trivializations of a batch take nodes of their own: the same forward and backward as
+# Outside ``torch.func`` transforms and forward-mode derivatives (:func:`_eager_case`) the
+# trivializations of a batch take nodes of their own: the same forward and backward as
 # the fused nodes, in a node whose ``forward`` takes ``ctx`` (one Python call; ``torch.func``
 # requires ``setup_context``, which makes two), with one output, the inputs saved and the
 # coefficients (per-vector numbers) kept on ``ctx``. Measured, the parametrization
@@ -1021,12 +1021,12 @@ def _radius_map(fn: type[torch.autograd.Function], name: str, doc: str
     eager node, when it has them: in a parametrization's forward and backward of a vector of
     4096 the two calls this skips (``_fused`` and the lookups of the node) cost 3 of about
     100 microseconds."""
-    vector, eager = _VECTOR.get(fn), _EAGER.get(fn)
-    vector_apply = None if vector is None else raw_apply(vector)
+    vector_apply = _VECTOR_APPLY.get(fn)
+    eager = _EAGER.get(fn)
     eager_apply = None if eager is None else raw_apply(eager)
 
     def radius_map(x: Tensor, v: Tensor, radius: float = 1.0) -> Tensor:
-        # plain eager tensors of one shape and dtype: nothing to cast or unwrap
+        # no transform around the call (nothing to unwrap) and one dtype (nothing to cast)
         if torch.is_grad_enabled():
             if vector_apply is not None and _vector_case(x, v):
                 return vector_apply(x, v, float(radius))
