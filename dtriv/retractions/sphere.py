@@ -864,6 +864,17 @@ class _VectorTrivializeExp(torch.autograd.Function):
         return gx, gX, None
 
 
+def _projective_forward(ctx, fused: type[torch.autograd.Function], x: Tensor, v: Tensor,
+                        radius: float) -> Tensor:
+    r"""The forward of a lean node over the projective node ``fused`` (whose forward returns
+    the result and the scale :math:`r/\|w\|`): the result, with ``(x, v, y)`` saved and the
+    scale and radius kept on ``ctx``."""
+    y, ctx.scale = fused.forward(x, v, radius)
+    ctx.radius = radius
+    ctx.save_for_backward(x, v, y)
+    return y
+
+
 @reports_backward
 class _VectorProjective(torch.autograd.Function):
     r""":class:`_SphereProjective` for one real CPU vector: the same forward and backward in
@@ -872,10 +883,7 @@ class _VectorProjective(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, v: Tensor, radius: float) -> Tensor:  # type: ignore[override]
-        y, ctx.scale = _SphereProjective.forward(x, v, radius)
-        ctx.radius = radius
-        ctx.save_for_backward(x, v, y)
-        return y
+        return _projective_forward(ctx, _SphereProjective, x, v, radius)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
@@ -971,10 +979,7 @@ class _EagerTrivializeProjective(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, X: Tensor, radius: float) -> Tensor:  # type: ignore[override]
-        y, ctx.scale = _TrivializeProjective.forward(x, X, radius)
-        ctx.radius = radius
-        ctx.save_for_backward(x, X, y)
-        return y
+        return _projective_forward(ctx, _TrivializeProjective, x, X, radius)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
