@@ -591,7 +591,11 @@ class _TrivializeExp(torch.autograd.Function):
         if r2 != 1.0:
             t.div_(radius)
         cos, sinc = _cos_sinc_values(t)
-        return V.mul_(sinc).addcmul_(x, cos), c, t, cos, sinc
+        W = V.mul_(sinc)
+        # out of place under torch.func: vmap has no batching rule for ``addcmul_`` (it warns
+        # and loops over the batch)
+        W = torch.addcmul(W, x, cos) if transforms_active() else W.addcmul_(x, cos)
+        return W, c, t, cos, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
