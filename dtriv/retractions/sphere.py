@@ -334,7 +334,10 @@ class _SphereExp(torch.autograd.Function):
         if radius != 1.0:
             t.div_(radius)
         cos, sinc = _cos_sinc_values(t)
-        return torch.mul(x, cos).addcmul_(sinc, v), t, cos, sinc
+        y = torch.mul(x, cos)
+        # out of place under torch.func: vmap has no batching rule for ``addcmul_``
+        y = torch.addcmul(y, sinc, v) if transforms_active() else y.addcmul_(sinc, v)
+        return y, t, cos, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -593,7 +596,7 @@ class _TrivializeExp(torch.autograd.Function):
         cos, sinc = _cos_sinc_values(t)
         W = V.mul_(sinc)
         # out of place under torch.func: vmap has no batching rule for ``addcmul_`` (it warns
-        # and loops over the batch)
+        # and loops over the batch; so does _SphereExp)
         W = torch.addcmul(W, x, cos) if transforms_active() else W.addcmul_(x, cos)
         return W, c, t, cos, sinc
 

@@ -123,6 +123,25 @@ def test_the_projective_gradients_in_x_and_v_do_not_share_memory(shape, route):
     assert not torch.equal(gx, gv)
 
 
+@pytest.mark.parametrize("fn,ref", MAPS)
+def test_vmap_of_the_gradient_has_a_batching_rule_for_every_op(fn, ref):
+    """``vmap(grad)`` over a batch of points and tangents equals the per-sample gradients of
+    the formula, with no op falling back to a loop over the batch (torch warns when it does:
+    the exponential maps' forwards wrote ``addcmul_``, which has no batching rule)."""
+    x, v = point_and_tangent(torch.float64, 1.5, 0.6, (4, 6), seed=12)
+    x, v = x.detach(), v.detach()
+    C = torch.randn(6, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = torch.func.vmap(torch.func.grad(lambda a, b: (fn(a, b, 1.5) * C).sum(),
+                                              argnums=(0, 1)))(x, v)
+    for i in range(4):
+        xi, vi = x[i].clone().requires_grad_(), v[i].clone().requires_grad_()
+        want = torch.autograd.grad((ref(xi, vi, 1.5) * C).sum(), (xi, vi))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a[i], b, atol=1e-12, rtol=0)
+
+
 def test_only_the_needed_gradient_is_computed():
     x, v = point_and_tangent(torch.float64, 1.0, 0.5)
     x = x.detach()
