@@ -185,11 +185,17 @@ def _projective_reference(x: Tensor, V: Tensor, radius: float) -> Tensor:
     return _normalized(x + V, radius)[0]
 
 
+def _add_product(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``out + a b``: written into ``out`` (a fresh tensor of the caller) in eager code, out
+    of place under ``torch.func``, where ``out`` may come from a ZeroTensor (which cannot be
+    written in place) and vmap has no batching rule for ``addcmul_`` (it warns and loops over
+    the batch)."""
+    return torch.addcmul(out, a, b) if transforms_active() else out.addcmul_(a, b)
+
+
 def _sinc_g_plus(g: Tensor, sinc: Tensor, coef: Tensor, v: Tensor) -> Tensor:
-    """``sinc g + coef v``, the second term added in place in eager code (under torch.func
-    ``g`` may be a ZeroTensor, whose product cannot be written in place)."""
-    out = torch.mul(g, sinc)
-    return torch.addcmul(out, coef, v) if transforms_active() else out.addcmul_(coef, v)
+    """``sinc g + coef v`` (:func:`_add_product`)."""
+    return _add_product(torch.mul(g, sinc), coef, v)
 
 
 def _exp_coefficients(V: Tensor, t: Tensor, cos: Tensor, sinc: Tensor, r2: float,
@@ -334,10 +340,7 @@ class _SphereExp(torch.autograd.Function):
         if radius != 1.0:
             t.div_(radius)
         cos, sinc = _cos_sinc_values(t)
-        y = torch.mul(x, cos)
-        # out of place under torch.func: vmap has no batching rule for ``addcmul_``
-        y = torch.addcmul(y, sinc, v) if transforms_active() else y.addcmul_(sinc, v)
-        return y, t, cos, sinc
+        return _add_product(torch.mul(x, cos), sinc, v), t, cos, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -594,11 +597,7 @@ class _TrivializeExp(torch.autograd.Function):
         if r2 != 1.0:
             t.div_(radius)
         cos, sinc = _cos_sinc_values(t)
-        W = V.mul_(sinc)
-        # out of place under torch.func: vmap has no batching rule for ``addcmul_`` (it warns
-        # and loops over the batch; so does _SphereExp)
-        W = torch.addcmul(W, x, cos) if transforms_active() else W.addcmul_(x, cos)
-        return W, c, t, cos, sinc
+        return _add_product(V.mul_(sinc), x, cos), c, t, cos, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
