@@ -484,28 +484,41 @@ def power_stack(A: Tensor) -> Tensor | None:
     return A.new_empty((4, *A.shape))
 
 
-#: from this order on the Hermitian squares of the powers take :func:`_hermitian_square_into`
-#: on CPU (measured, float32, against one product: 1.11x the time at 256, 0.89x at 384, 0.84x
-#: at 512, 0.80x at 768, 0.82x at 1024; not measured on an accelerator, which keeps one
-#: product)
+#: from this order on the powers of a skew ``A`` whose value is Hermitian or skew-Hermitian
+#: take :func:`_half_product_into` on CPU (measured for the square, float32, against one
+#: product: 1.11x the time at 256, 0.89x at 384, 0.84x at 512, 0.80x at 768, 0.82x at 1024;
+#: not measured on an accelerator, which keeps one product)
 HERMITIAN_SQUARE_MIN_N = 384
 
 
-def _hermitian_square_into(X: Tensor, out: Tensor) -> Tensor:
-    r""":math:`X^2` into ``out`` for a square ``X`` whose square is Hermitian (skew-Hermitian
-    ``X``: the powers :math:`A` and :math:`A^3` of a skew ``A``), in three quarters of the
-    flops of a product: with :math:`h = \lfloor n/2 \rfloor`, the rows ``[:h]`` by one
-    product (:math:`X_{:h,:} X`), the block ``[h:, h:]`` by another (:math:`X_{h:,:}
-    X_{:,h:}`), and the block ``[h:, :h]`` as the conjugate transpose of ``[:h, h:]``. The
-    computed entries are the full product's dot products (summed in the blocking order of
-    their own product) and the mirrored ones equal them for a skew-Hermitian ``X``, so the
-    result is the product to rounding (for the computed :math:`A^3`, skew only up to
-    rounding, too)."""
+def _half_product_into(X: Tensor, Y: Tensor, out: Tensor, sign: float = 1.0) -> Tensor:
+    r""":math:`XY` into ``out`` for square ``X, Y`` whose product is Hermitian (``sign = 1``)
+    or skew-Hermitian (``sign = -1``), in three quarters of the flops of a product. For a
+    skew ``A``: the squares :math:`A^2 = AA` and :math:`A^6 = A^3 A^3` (Hermitian), and
+    :math:`A^3 = A^2 A` (skew-Hermitian).
+
+    With :math:`h = \lfloor n/2 \rfloor`, the rows ``[:h]`` by one product (:math:`X_{:h,:}
+    Y`), the block ``[h:, h:]`` by another (:math:`X_{h:,:} Y_{:,h:}`), and the block
+    ``[h:, :h]`` as ``sign`` times the conjugate transpose of ``[:h, h:]``. The computed
+    entries are the full product's dot products (summed in the blocking order of their own
+    product) and the mirrored ones equal them to rounding (exactly for exact structure), so
+    the result is the product to rounding."""
     h = X.shape[-1] // 2
-    torch.mm(X[:h], X, out=out[:h])
-    torch.mm(X[h:], X[:, h:], out=out[h:, h:])
-    out[h:, :h].copy_(out[:h, h:].mH)
+    torch.mm(X[:h], Y, out=out[:h])
+    torch.mm(X[h:], Y[:, h:], out=out[h:, h:])
+    mirror = out[:h, h:].mH
+    if sign == 1.0:
+        out[h:, :h].copy_(mirror)
+    else:
+        torch.neg(mirror, out=out[h:, :h])
     return out
+
+
+def _hermitian_square_into(X: Tensor, out: Tensor) -> Tensor:
+    """:math:`X^2` into ``out`` for a square ``X`` whose square is Hermitian (skew-Hermitian
+    ``X``: the powers :math:`A` and :math:`A^3` of a skew ``A``), by
+    :func:`_half_product_into`."""
+    return _half_product_into(X, X, out)
 
 
 def _plain_eager(A: Tensor) -> bool:
@@ -529,9 +542,9 @@ def _taylor_powers(A: Tensor, arena: Arena | None = None, stack: Tensor | None =
     def mm(i: int, X: Tensor, Y: Tensor) -> Tensor:  # X @ Y, into slot i of the stack
         if stack is None:
             return X @ Y
-        if (i != 2 and X is Y and X.dim() == 2 and X.shape[-1] >= HERMITIAN_SQUARE_MIN_N
-                and X.device.type == "cpu"):  # measured on CPU only
-            return _hermitian_square_into(X, stack[i])  # A^2, A^6 = (A^3)^2
+        if X.dim() == 2 and X.shape[-1] >= HERMITIAN_SQUARE_MIN_N and X.device.type == "cpu":
+            # measured on CPU only: A^2, A^6 = (A^3)^2 Hermitian, A^3 = A^2 A skew-Hermitian
+            return _half_product_into(X, Y, stack[i], -1.0 if i == 2 else 1.0)
         return torch.matmul(X, Y, out=stack[i])
 
     if stack is not None and stack[0].data_ptr() != A.data_ptr():
@@ -1383,9 +1396,9 @@ def expm_of_skew_taylor(X: Tensor, lower: bool = False) -> Tensor:
     the backward returns the lower triangle). Backward cost: two products per forward product
     except one for the square :math:`A^6` and two for the powers :math:`A^2, A^3` together
     (:func:`_cube_reverse_skew`; one for :math:`A^2` where the plan has no :math:`A^3`); in
-    the plan of degree 18 without squarings, 7 products against the forward's 5 (4.5 from
-    :data:`HERMITIAN_SQUARE_MIN_N` on, where the Hermitian squares :math:`A^2` and
-    :math:`A^6` take three quarters of a product each: :func:`_hermitian_square_into`).
+    the plan of degree 18 without squarings, 7 products against the forward's 5 (4.25 from
+    :data:`HERMITIAN_SQUARE_MIN_N` on, where the powers :math:`A^2, A^3, A^6`, Hermitian or
+    skew-Hermitian, take three quarters of a product each: :func:`_half_product_into`).
 
     Raises :class:`NonFiniteError` when :math:`\|A^2\|_1` is not finite."""
     Xd = X.detach()

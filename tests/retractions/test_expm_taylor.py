@@ -485,6 +485,24 @@ def test_hermitian_square_equals_the_product(n, dtype):
         assert torch.equal(out[h:, :h], out[:h, h:].mH)
 
 
+@pytest.mark.parametrize("n", [384, 401])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
+def test_skew_half_product_equals_the_product(n, dtype):
+    # A^3 = A^2 A for a skew A is skew-Hermitian: the block [h:, :h] is minus the conjugate
+    # transpose of [:h, h:], the rest the product's own dot products
+    g = torch.Generator().manual_seed(n)
+    L = torch.randn(n, n, generator=g, dtype=dtype)
+    A = L - L.mH
+    A2 = A @ A
+    eps = torch.finfo(A.real.dtype).eps
+    out = _expm._half_product_into(A2, A, torch.empty_like(A), -1.0)
+    scale = A2.abs().sum(dim=-1).amax() * A.abs().sum(dim=-1).amax()
+    assert (out - A2 @ A).abs().max() <= 4 * n * eps * scale
+    h = n // 2
+    assert torch.equal(out[h:, :h], -out[:h, h:].mH)
+    assert torch.equal(out[:h], A2[:h] @ A)
+
+
 def test_expm_of_skew_above_the_hermitian_square_order_against_scipy():
     # the written-out scheme of degree 18 at n >= HERMITIAN_SQUARE_MIN_N squares A and A^3 by
     # _hermitian_square_into: values and gradients against scipy's expm and Frechet derivative
