@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_hooks
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
 from dtriv.manifolds.base import Manifold
 from dtriv.retractions._common import outside_compiled_graphs
@@ -176,6 +178,47 @@ def _unhooked_step(cls: type) -> Callable:
     return fn
 
 
+#: whether a profiler (of any kind: kineto, NVTX, ITT) is recording
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+def _hooked_step(opt: RiemannianMixin, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """``opt._riemannian_step(*args, **kwargs)`` with what torch's step wrapper
+    (``Optimizer.profile_hook_step``) adds: the global and per-optimizer step pre-hooks
+    (which may replace the arguments), ``_optimizer_step_code`` (the profiler's entry
+    point), the post-hooks, and the profiler range ``Optimizer.step#<class>.step``, opened
+    only while a profiler runs. The wrapper opens that range at every step, which costs more
+    than a sphere vector's whole update (a step on a vector of 4096 measured 85 us with the
+    wrapper, 64 us without)."""
+    if _profiler_enabled():
+        with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(opt).__name__}.step"):
+            return _step_with_hooks(opt, args, kwargs)
+    return _step_with_hooks(opt, args, kwargs)
+
+
+def _step_with_hooks(opt: RiemannianMixin, args: tuple, kwargs: dict[str, Any]) -> Any:
+    args = (opt, *args)  # torch's hooks get the step's arguments with the optimizer first
+    pre = opt._optimizer_step_pre_hooks  # type: ignore[attr-defined]
+    if _global_pre_hooks or pre:
+        for hook in (*_global_pre_hooks.values(), *pre.values()):
+            result = hook(opt, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        "step pre-hook: expected None or a tuple (new_args, new_kwargs), "
+                        f"got {result!r}"
+                    )
+                args, kwargs = result
+    out = type(opt)._riemannian_step(*args, **kwargs)
+    opt._optimizer_step_code()  # type: ignore[attr-defined]
+    post = opt._optimizer_step_post_hooks  # type: ignore[attr-defined]
+    if post or _global_post_hooks:
+        for hook in (*post.values(), *_global_post_hooks.values()):
+            hook(opt, args, kwargs)
+    return out
+
+
 class RiemannianMixin:
     """Param-group handling shared by :class:`RiemannianSGD` and :class:`RiemannianAdam`.
 
@@ -280,9 +323,21 @@ class RiemannianMixin:
         """The parameters in torch's state-dict numbering (group after group)."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step on every parameter; ``closure`` re-evaluates the loss (optional)."""
-        return self._riemannian_step(closure)
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        """``step(closure=None)``: one step on every parameter; ``closure`` re-evaluates the
+        loss (optional).
+
+        The step hooks (:meth:`~torch.optim.Optimizer.register_step_pre_hook` and
+        ``..._post_hook``, per optimizer and global) and the profiler's
+        ``Optimizer.step#<class>.step`` range are those of torch's optimizers, run here
+        instead of by the wrapper torch puts around an optimizer class's ``step`` (see
+        :func:`_hooked_step`)."""
+        if type(self).step is not RiemannianMixin.step:
+            # a subclass's own step, which torch wraps (hooks and range): not again here
+            return self._riemannian_step(*args, **kwargs)
+        return _hooked_step(self, args, kwargs)
+
+    step.hooked = True  # type: ignore[attr-defined]  # torch: do not wrap it (see above)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group.setdefault("retraction", self._default_retraction_spec)
@@ -349,7 +404,7 @@ class RiemannianMixin:
         finally:
             self.param_groups = groups
 
-    def _riemannian_step(self, closure: Callable[[], Any] | None) -> Any:
+    def _riemannian_step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
