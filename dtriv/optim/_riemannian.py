@@ -368,7 +368,7 @@ class RiemannianMixin:
         return [p for p in group["params"] if manifold_of(p) is None]
 
     def _buckets(self, group: dict[str, Any]) -> Iterator[Bucket]:
-        buckets: dict[tuple, Bucket] = {}
+        found = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -380,7 +380,12 @@ class RiemannianMixin:
                     f"{type(self).__name__} does not support sparse gradients "
                     f"(parameter of shape {tuple(p.shape)} on {manifold!r})"
                 )
-            method = resolve_retraction(group["retraction"], manifold)
+            found.append((p, manifold, resolve_retraction(group["retraction"], manifold)))
+        if len(found) == 1:  # one bucket: no key to compute (a third of this call)
+            p, manifold, method = found[0]
+            return iter((Bucket(manifold, method, [p]),))
+        buckets: dict[tuple, Bucket] = {}
+        for p, manifold, method in found:
             key = (_manifold_key(manifold), method, tuple(p.shape), p.dtype, p.device)
             if key not in buckets:
                 buckets[key] = Bucket(manifold, method, [])
