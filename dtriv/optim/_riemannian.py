@@ -92,12 +92,27 @@ def fused_path(manifold: Manifold, X: Tensor):
     """The module of the fused path that updates a bucket of ``manifold`` with points like
     ``X`` (:mod:`dtriv.optim._stiefel`, :mod:`dtriv.optim._sphere`: the same functions, on a
     batch view of the points, in place), or ``None``: the generic path (the manifold's
-    maps)."""
+    maps).
+
+    The answer depends on the manifold's class (whether it redefines a map) and the points'
+    dtype only, so it is looked up once per pair (:data:`_FUSED_PATHS`; the tests of the
+    class's methods cost 2.5 us of a 57 us step on a sphere vector of 4096)."""
+    key = (type(manifold), X.dtype)
+    try:
+        return _FUSED_PATHS[key]
+    except KeyError:
+        pass
+    path = None
     if _stiefel.fast_stiefel(manifold, X):
-        return _stiefel
-    if _sphere.fast_sphere(manifold, X):
-        return _sphere
-    return None
+        path = _stiefel
+    elif _sphere.fast_sphere(manifold, X):
+        path = _sphere
+    _FUSED_PATHS[key] = path
+    return path
+
+
+#: :func:`fused_path` per (manifold class, dtype)
+_FUSED_PATHS: dict[tuple[type, torch.dtype], Any] = {}
 
 
 class Bucket:
