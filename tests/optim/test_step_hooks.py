@@ -1,5 +1,6 @@
-"""The step hooks and the profiler range of the Riemannian optimizers are torch's: the same
-calls, in the same order, with the same arguments as around a torch optimizer's step."""
+"""The step hooks and the profiler range of the Riemannian optimizers and of the
+DynamicTrivialization wrapper are torch's: the same calls, in the same order, with the same
+arguments as around a torch optimizer's step (dtriv/optim/_hooks.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from torch.optim.optimizer import (
 )
 
 from dtriv.manifolds import Sphere
-from dtriv.optim import ManifoldParameter, RiemannianAdam, RiemannianSGD
+from dtriv.optim import DynamicTrivialization, ManifoldParameter, RiemannianAdam, RiemannianSGD
+from dtriv.parametrize import twins
 
 OPTIMIZERS = [(RiemannianSGD, torch.optim.SGD, {"momentum": 0.9}),
               (RiemannianAdam, torch.optim.Adam, {})]
@@ -106,3 +108,58 @@ def test_a_subclass_step_runs_the_hooks_once():
             h.remove()
     assert [e[0] for e in log] == ["global pre", "pre", "post", "global post"]
     assert opt.state
+
+
+class _TorchWrapped(DynamicTrivialization):
+    """The wrapper with a step of its own, which torch wraps with its hooks and range: the
+    oracle of what the wrapper's step does itself."""
+
+    def step(self, closure=None):
+        return self._step(closure)
+
+
+def _record_typed(opt, log: list):
+    """Hooks that log the optimizer's class for the global ones, closures as "closure"."""
+    def entry(o, kind, a, k):
+        args = tuple("closure" if callable(x) else x for x in a[1:])
+        name = type(o).__name__.replace("_TorchWrapped", "DynamicTrivialization")
+        return (name, kind, args, k)
+
+    return [
+        register_optimizer_step_pre_hook(lambda o, a, k: log.append(entry(o, "global pre", a, k))),
+        opt.register_step_pre_hook(lambda o, a, k: log.append(entry(o, "pre", a, k))),
+        opt.register_step_post_hook(lambda o, a, k: log.append(entry(o, "post", a, k))),
+        register_optimizer_step_post_hook(
+            lambda o, a, k: log.append(entry(o, "global post", a, k))),
+    ]
+
+
+def test_the_wrapper_runs_the_hooks_as_torch_would():
+    logs = {}
+    closure = lambda: torch.tensor(1.0)  # noqa: E731
+    for name, cls in (("ours", DynamicTrivialization), ("torch", _TorchWrapped)):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 4)
+        twins.orthogonal(layer)
+        for p in layer.parameters():
+            p.grad = torch.randn_like(p)
+        opt = cls(torch.optim.SGD(layer.parameters(), lr=0.1), K=1)
+        log = logs[name] = []
+        handles = _record_typed(opt, log)
+        try:
+            opt.step()
+            opt.step(closure)
+        finally:
+            for h in handles:
+                h.remove()
+        assert opt.steps == 2 and opt.refreshes == 2
+        with torch.profiler.profile() as prof:
+            opt.step()
+        names = [e.name for e in prof.events()]
+        assert names.count(f"Optimizer.step#{cls.__name__}.step") == 1
+    # the wrapper's own hooks around the inner optimizer's (global ones fire for both)
+    assert logs["ours"] == logs["torch"]
+    assert [(e[0], e[1]) for e in logs["ours"][:6]] == [
+        ("DynamicTrivialization", "global pre"), ("DynamicTrivialization", "pre"),
+        ("SGD", "global pre"), ("SGD", "global post"),
+        ("DynamicTrivialization", "post"), ("DynamicTrivialization", "global post")]

@@ -1,0 +1,63 @@
+"""The step hooks and the profiler range of torch's optimizers, run by an optimizer's own
+``step``.
+
+torch wraps the ``step`` of every optimizer class (``Optimizer.profile_hook_step``, applied
+by ``Optimizer.__init__`` to a class whose ``step`` is not marked ``hooked``): the wrapper
+opens the profiler range ``Optimizer.step#<class>.step`` at every step, profiler or not,
+and calls the global and per-optimizer step pre- and post-hooks around the step. Measured on
+CPU, the wrapper costs 18 to 24 us per step: more than the whole update of a sphere vector
+of 4096 entries. dtriv's optimizers mark their ``step`` ``hooked`` and call
+:func:`run_step`, which does what the wrapper does and opens the range only while a profiler
+records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_hooks
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
+
+__all__ = ["run_step"]
+
+#: whether a profiler (of any kind: kineto, NVTX, ITT) is recording
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+def run_step(opt: torch.optim.Optimizer, body: Callable[..., Any], args: tuple,
+             kwargs: dict[str, Any]) -> Any:
+    """``body(opt, *args, **kwargs)`` with what torch's step wrapper adds: the global and
+    per-optimizer step pre-hooks (each gets ``(opt, (opt, *args), kwargs)`` and may return
+    replacements for the last two), ``opt._optimizer_step_code()`` (the profiler's entry
+    point), the post-hooks, and, while a profiler records, the range
+    ``Optimizer.step#<class>.step`` around them."""
+    if _profiler_enabled():
+        with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(opt).__name__}.step"):
+            return _with_hooks(opt, body, args, kwargs)
+    return _with_hooks(opt, body, args, kwargs)
+
+
+def _with_hooks(opt: torch.optim.Optimizer, body: Callable[..., Any], args: tuple,
+                kwargs: dict[str, Any]) -> Any:
+    args = (opt, *args)  # torch's hooks get the step's arguments with the optimizer first
+    pre = opt._optimizer_step_pre_hooks
+    if _global_pre_hooks or pre:
+        for hook in (*_global_pre_hooks.values(), *pre.values()):
+            result = hook(opt, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        "step pre-hook: expected None or a tuple (new_args, new_kwargs), "
+                        f"got {result!r}"
+                    )
+                args, kwargs = result
+    out = body(*args, **kwargs)
+    opt._optimizer_step_code()
+    post = opt._optimizer_step_post_hooks
+    if post or _global_post_hooks:
+        for hook in (*post.values(), *_global_post_hooks.values()):
+            hook(opt, args, kwargs)
+    return out
