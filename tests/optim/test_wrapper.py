@@ -329,6 +329,12 @@ def test_finite_check_is_exact():
     tensors = [torch.tensor([3e38, 3e38]), torch.tensor([1.0, nan]), torch.tensor([inf, -inf]),
                torch.zeros(0), torch.tensor([1 + 1j, complex(0, nan)]), torch.ones(3, 3)]
     assert DynamicTrivialization._finite(tensors) == [True, False, False, True, False, True]
+    # several dtypes, interleaved: each flag goes back to its own tensor
+    mixed = [torch.tensor([6e4, 6e4], dtype=torch.float16),  # its half sum overflows
+             torch.tensor([1.0, nan], dtype=torch.float64), torch.ones(2, dtype=torch.bfloat16),
+             torch.tensor([inf], dtype=torch.float16), torch.ones(2, dtype=torch.float64),
+             torch.tensor([nan], dtype=torch.bfloat16)]
+    assert DynamicTrivialization._finite(mixed) == [True, False, True, False, True, False]
 
 
 def test_nonfinite_parameter_never_reaches_a_base():
