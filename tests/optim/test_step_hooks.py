@@ -28,35 +28,45 @@ def _params(seed: int = 0) -> list[torch.Tensor]:
     return [point, plain]
 
 
-def _record(opt, log: list):
-    """Per-optimizer and global pre and post hooks that log their calls."""
-    return [
-        register_optimizer_step_pre_hook(lambda o, a, k: log.append(("global pre", a[1:], k))),
-        opt.register_step_pre_hook(lambda o, a, k: log.append(("pre", a[1:], k))),
-        opt.register_step_post_hook(lambda o, a, k: log.append(("post", a[1:], k))),
-        register_optimizer_step_post_hook(
-            lambda o, a, k: log.append(("global post", a[1:], k))),
-    ]
+def _logged_steps(opt, closure) -> list:
+    """Two steps of ``opt`` (without, then with ``closure``) under per-optimizer and global
+    pre and post hooks that log ``(optimizer class, hook, arguments, keyword arguments)``,
+    closures as "closure" (a wrapper builds its own around the user's)."""
+    log: list = []
+
+    def hook(kind):
+        def record(o, a, k):
+            args = tuple("closure" if callable(x) else x for x in a[1:])
+            name = type(o).__name__.replace("_TorchWrapped", "DynamicTrivialization")
+            log.append((name, kind, args, k))
+        return record
+
+    handles = [register_optimizer_step_pre_hook(hook("global pre")),
+               opt.register_step_pre_hook(hook("pre")), opt.register_step_post_hook(hook("post")),
+               register_optimizer_step_post_hook(hook("global post"))]
+    try:
+        opt.step()
+        opt.step(closure)
+    finally:
+        for h in handles:
+            h.remove()
+    return log
+
+
+def _closure():
+    return torch.tensor(1.0)
 
 
 @pytest.mark.parametrize("ours,theirs,kwargs", OPTIMIZERS, ids=lambda x: getattr(x, "__name__", ""))
 def test_hooks_run_once_per_step_in_torch_order(ours, theirs, kwargs):
     logs = {}
-    closure = lambda: torch.tensor(1.0)  # noqa: E731
     for name, cls in (("ours", ours), ("torch", theirs)):
         opt = cls(_params(), lr=0.1, **kwargs)
-        log = logs[name] = []
-        handles = _record(opt, log)
-        try:
-            opt.step()
-            opt.step(closure)
-        finally:
-            for h in handles:
-                h.remove()
+        logs[name] = [e[1:] for e in _logged_steps(opt, _closure)]  # (class names differ)
         assert opt.state  # it stepped
     assert logs["ours"] == logs["torch"]
     assert [e[0] for e in logs["ours"]] == ["global pre", "pre", "post", "global post"] * 2
-    assert len(logs["ours"]) == 8
+    assert [e[1] for e in logs["ours"]] == [()] * 4 + [("closure",)] * 4
 
 
 @pytest.mark.parametrize("ours,theirs,kwargs", OPTIMIZERS, ids=lambda x: getattr(x, "__name__", ""))
@@ -98,15 +108,9 @@ def test_a_subclass_step_runs_the_hooks_once():
                     p.grad.clamp_(-1, 1)
             return super().step(closure)
 
-    log: list = []
     opt = Clipped(_params(), lr=0.1, momentum=0.9)
-    handles = _record(opt, log)
-    try:
-        opt.step()
-    finally:
-        for h in handles:
-            h.remove()
-    assert [e[0] for e in log] == ["global pre", "pre", "post", "global post"]
+    log = _logged_steps(opt, _closure)
+    assert [e[1] for e in log] == ["global pre", "pre", "post", "global post"] * 2
     assert opt.state
 
 
@@ -118,25 +122,8 @@ class _TorchWrapped(DynamicTrivialization):
         return self._step(closure)
 
 
-def _record_typed(opt, log: list):
-    """Hooks that log the optimizer's class for the global ones, closures as "closure"."""
-    def entry(o, kind, a, k):
-        args = tuple("closure" if callable(x) else x for x in a[1:])
-        name = type(o).__name__.replace("_TorchWrapped", "DynamicTrivialization")
-        return (name, kind, args, k)
-
-    return [
-        register_optimizer_step_pre_hook(lambda o, a, k: log.append(entry(o, "global pre", a, k))),
-        opt.register_step_pre_hook(lambda o, a, k: log.append(entry(o, "pre", a, k))),
-        opt.register_step_post_hook(lambda o, a, k: log.append(entry(o, "post", a, k))),
-        register_optimizer_step_post_hook(
-            lambda o, a, k: log.append(entry(o, "global post", a, k))),
-    ]
-
-
 def test_the_wrapper_runs_the_hooks_as_torch_would():
     logs = {}
-    closure = lambda: torch.tensor(1.0)  # noqa: E731
     for name, cls in (("ours", DynamicTrivialization), ("torch", _TorchWrapped)):
         torch.manual_seed(0)
         layer = torch.nn.Linear(4, 4)
@@ -144,14 +131,7 @@ def test_the_wrapper_runs_the_hooks_as_torch_would():
         for p in layer.parameters():
             p.grad = torch.randn_like(p)
         opt = cls(torch.optim.SGD(layer.parameters(), lr=0.1), K=1)
-        log = logs[name] = []
-        handles = _record_typed(opt, log)
-        try:
-            opt.step()
-            opt.step(closure)
-        finally:
-            for h in handles:
-                h.remove()
+        logs[name] = _logged_steps(opt, _closure)
         assert opt.steps == 2 and opt.refreshes == 2
         with torch.profiler.profile() as prof:
             opt.step()
