@@ -469,38 +469,27 @@ def test_backward_product_count(monkeypatch, gen, count_products, plan, backward
 
 @pytest.mark.parametrize("n", [384, 401])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
-def test_hermitian_square_equals_the_product(n, dtype):
-    # the computed blocks are the full product's dot products (summed in the blocking order of
-    # their own product), the last block their mirror: equal to the product to rounding, for
-    # an exactly skew A and for the computed A^3 (skew only up to rounding)
+@pytest.mark.parametrize("power", ["A A", "A^3 A^3", "A^2 A"])
+def test_half_product_equals_the_product(n, dtype, power):
+    # the computed blocks (rows [:h], block [h:, h:]) are the full product's dot products
+    # (summed in the blocking order of their own product), the block [h:, :h] their mirror
+    # (conjugate transpose, negated for the skew-Hermitian A^3 = A^2 A): equal to the
+    # product to rounding, also for the computed A^3 (skew only up to rounding)
     g = torch.Generator().manual_seed(n)
     L = torch.randn(n, n, generator=g, dtype=dtype)
     A = L - L.mH
+    X, Y, sign = {"A A": (A, A, 1.0), "A^3 A^3": (A @ A @ A,) * 2 + (1.0,),
+                  "A^2 A": (A @ A, A, -1.0)}[power]
     eps = torch.finfo(A.real.dtype).eps
-    for X in (A, A @ A @ A):
+    if sign == 1.0:
         out = _expm._hermitian_square_into(X, torch.empty_like(X))
-        scale = X.abs().sum(dim=-1).amax() ** 2  # |X|_1 |X|_inf bounds each entry's terms
-        assert (out - X @ X).abs().max() <= 4 * n * eps * scale
-        h = n // 2
-        assert torch.equal(out[h:, :h], out[:h, h:].mH)
-
-
-@pytest.mark.parametrize("n", [384, 401])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128])
-def test_skew_half_product_equals_the_product(n, dtype):
-    # A^3 = A^2 A for a skew A is skew-Hermitian: the block [h:, :h] is minus the conjugate
-    # transpose of [:h, h:], the rest the product's own dot products
-    g = torch.Generator().manual_seed(n)
-    L = torch.randn(n, n, generator=g, dtype=dtype)
-    A = L - L.mH
-    A2 = A @ A
-    eps = torch.finfo(A.real.dtype).eps
-    out = _expm._half_product_into(A2, A, torch.empty_like(A), -1.0)
-    scale = A2.abs().sum(dim=-1).amax() * A.abs().sum(dim=-1).amax()
-    assert (out - A2 @ A).abs().max() <= 4 * n * eps * scale
+    else:
+        out = _expm._half_product_into(X, Y, torch.empty_like(X), sign)
+    scale = X.abs().sum(dim=-1).amax() * Y.abs().sum(dim=-1).amax()  # bounds each entry's terms
+    assert (out - X @ Y).abs().max() <= 4 * n * eps * scale
     h = n // 2
-    assert torch.equal(out[h:, :h], -out[:h, h:].mH)
-    assert torch.equal(out[:h], A2[:h] @ A)
+    assert torch.equal(out[h:, :h], sign * out[:h, h:].mH)
+    assert torch.equal(out[:h], X[:h] @ Y)
 
 
 def test_expm_of_skew_above_the_hermitian_square_order_against_scipy():
