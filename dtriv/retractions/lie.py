@@ -233,8 +233,9 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
     :math:`2(\pi_m + s)` products less one for :math:`A^6` and one for :math:`A^2` (two for
     :math:`A^2, A^3` together where the plan has both): for random
     generators with :math:`\|A\|_2 \approx 2` (degree 18, no squaring), 5 products forward
-    and 7 backward; from ``n = 384`` the Hermitian squares :math:`A^2, A^6` of the forward
-    take three quarters of a product each (4.5 forward).
+    and 7 backward; on CPU from ``n = 384`` the powers :math:`A^2, A^6` (Hermitian) and
+    :math:`A^3` (skew-Hermitian) of the forward take three quarters of a product each (4.25
+    forward).
     """
     check_matrix(X, "X", square=True)
     check_floating(X, "X")
