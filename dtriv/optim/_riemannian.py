@@ -28,7 +28,7 @@ from dtriv.retractions._common import outside_compiled_graphs
 from dtriv.retractions._scratch import Arena
 
 from . import _sphere, _stiefel
-from ._hooks import run_step
+from ._hooks import clear_grads, run_step
 from .parameter import manifold_of
 
 __all__ = ["check_nonnegative", "check_lr", "Bucket", "RiemannianMixin"]
@@ -311,6 +311,12 @@ class RiemannianMixin:
         return run_step(self, type(self)._riemannian_step, args, kwargs)
 
     step.hooked = True  # type: ignore[attr-defined]  # torch: do not wrap it (see above)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; the default case without its profiler range while no
+        profiler records (:func:`~dtriv.optim._hooks.clear_grads`)."""
+        if not clear_grads(self, set_to_none):  # type: ignore[arg-type]
+            super().zero_grad(set_to_none)  # type: ignore[misc]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group.setdefault("retraction", self._default_retraction_spec)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dtriv.retractions._common import outside_compiled_graphs
 
-from ._hooks import run_step
+from ._hooks import clear_grads, run_step
 from .targets import DtrivTarget, Target, _dtriv_link, _has_base, _owners, find_targets
 
 __all__ = ["DynamicTrivialization", "NonFiniteGradientError"]
@@ -231,8 +231,13 @@ class DynamicTrivialization(torch.optim.Optimizer):
         )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients of the inner optimizer's parameters."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        """Zero the gradients of the inner optimizer's parameters: its ``zero_grad``, or
+        where that is torch's own, its default case without the profiler range while no
+        profiler records (:func:`~dtriv.optim._hooks.clear_grads`)."""
+        inner = self.optimizer
+        if type(inner).zero_grad is not torch.optim.Optimizer.zero_grad or not clear_grads(
+                inner, set_to_none):
+            inner.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer and look for trivializations in it.

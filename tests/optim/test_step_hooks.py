@@ -143,3 +143,48 @@ def test_the_wrapper_runs_the_hooks_as_torch_would():
         ("DynamicTrivialization", "global pre"), ("DynamicTrivialization", "pre"),
         ("SGD", "global pre"), ("SGD", "global post"),
         ("DynamicTrivialization", "post"), ("DynamicTrivialization", "global post")]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("ours,theirs,kwargs", OPTIMIZERS, ids=lambda x: getattr(x, "__name__", ""))
+def test_zero_grad_is_torchs(ours, theirs, kwargs, set_to_none):
+    results = {}
+    for name, cls in (("ours", ours), ("torch", theirs)):
+        params = _params()
+        opt = cls(params, lr=0.1, **kwargs)
+        opt.zero_grad(set_to_none=set_to_none)
+        results[name] = [p.grad for p in params]
+        with torch.profiler.profile() as prof:
+            opt.zero_grad(set_to_none=set_to_none)
+        names = [e.name for e in prof.events()]
+        assert names.count(f"Optimizer.zero_grad#{cls.__name__}.zero_grad") == 1
+    if set_to_none:
+        assert results["ours"] == results["torch"] == [None, None]
+    else:
+        for g, h in zip(results["ours"], results["torch"]):
+            assert torch.equal(g, h) and not g.any()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_the_wrappers_zero_grad_is_the_inner_optimizers(set_to_none):
+    class Counting(torch.optim.SGD):  # a zero_grad of its own is called as it is
+        calls = 0
+
+        def zero_grad(self, set_to_none=True):
+            Counting.calls += 1
+            super().zero_grad(set_to_none)
+
+    for inner in (torch.optim.SGD, torch.optim.Adam, Counting):
+        layer = torch.nn.Linear(4, 4)
+        twins.orthogonal(layer)
+        opt = DynamicTrivialization(inner(layer.parameters(), lr=0.1))
+        for p in layer.parameters():
+            p.grad = torch.randn_like(p)
+        with torch.profiler.profile() as prof:
+            opt.zero_grad(set_to_none=set_to_none)
+        names = [e.name for e in prof.events()]
+        assert names.count(f"Optimizer.zero_grad#{inner.__name__}.zero_grad") == 1
+        opt.zero_grad(set_to_none=set_to_none)
+        for p in layer.parameters():
+            assert p.grad is None if set_to_none else not p.grad.any()
+    assert Counting.calls == 2
