@@ -28,7 +28,7 @@ from dtriv.retractions._common import outside_compiled_graphs
 from dtriv.retractions._scratch import Arena
 
 from . import _sphere, _stiefel
-from ._hooks import clear_grads, run_step
+from ._hooks import clear_grads, hooked_step
 from .parameter import manifold_of
 
 __all__ = ["check_nonnegative", "check_lr", "Bucket", "RiemannianMixin"]
@@ -296,21 +296,14 @@ class RiemannianMixin:
         """The parameters in torch's state-dict numbering (group after group)."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def step(self, *args: Any, **kwargs: Any) -> Any:
-        """``step(closure=None)``: one step on every parameter; ``closure`` re-evaluates the
-        loss (optional).
+    step = hooked_step("_riemannian_step", """``step(closure=None)``: one step on every
+        parameter; ``closure`` re-evaluates the loss (optional).
 
         The step hooks (:meth:`~torch.optim.Optimizer.register_step_pre_hook` and
         ``..._post_hook``, per optimizer and global) and the profiler's
         ``Optimizer.step#<class>.step`` range are those of torch's optimizers, run here
         instead of by the wrapper torch puts around an optimizer class's ``step`` (see
-        :mod:`dtriv.optim._hooks`)."""
-        if type(self).step is not RiemannianMixin.step:
-            # a subclass's own step, which torch wraps (hooks and range): not again here
-            return self._riemannian_step(*args, **kwargs)
-        return run_step(self, type(self)._riemannian_step, args, kwargs)
-
-    step.hooked = True  # type: ignore[attr-defined]  # torch: do not wrap it (see above)
+        :mod:`dtriv.optim._hooks`).""")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; the default case without its profiler range while no

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dtriv.retractions._common import outside_compiled_graphs
 
-from ._hooks import clear_grads, run_step
+from ._hooks import clear_grads, hooked_step
 from .targets import DtrivTarget, Target, _dtriv_link, _has_base, _owners, find_targets
 
 __all__ = ["DynamicTrivialization", "NonFiniteGradientError"]
@@ -348,9 +348,8 @@ class DynamicTrivialization(torch.optim.Optimizer):
         )
         return False
 
-    def step(self, *args: Any, **kwargs: Any) -> Any:
-        """``step(closure=None)``: step the inner optimizer, then refresh the bases if ``K``
-        steps have passed.
+    step = hooked_step("_step", """``step(closure=None)``: step the inner optimizer, then
+        refresh the bases if ``K`` steps have passed.
 
         With a ``closure``, it is evaluated first (under grad mode) and the gradients it
         produces are checked before the inner optimizer updates anything; optimizers that
@@ -358,13 +357,7 @@ class DynamicTrivialization(torch.optim.Optimizer):
 
         The step hooks and the profiler range ``Optimizer.step#<class>.step`` are torch's,
         run here rather than by torch's wrapper of optimizer classes, which opens the range
-        at every step (:mod:`dtriv.optim._hooks`)."""
-        if type(self).step is not DynamicTrivialization.step:
-            # a subclass's own step, which torch wraps (hooks and range): not again here
-            return self._step(*args, **kwargs)
-        return run_step(self, type(self)._step, args, kwargs)
-
-    step.hooked = True  # type: ignore[attr-defined]  # torch: do not wrap it (see above)
+        at every step (:mod:`dtriv.optim._hooks`).""")
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
