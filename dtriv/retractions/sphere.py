@@ -774,18 +774,50 @@ def _dot(a: Tensor, b: Tensor) -> float:
     return torch.dot(a, b).item()
 
 
-def _angle_of_vector(ctx, V: Tensor, radius: float) -> tuple[float, float, float]:
-    r"""``(t, cos t, sinc t)`` with :math:`t = \|V\|/r`, kept in ``ctx.coefficients``."""
-    t = torch.linalg.vector_norm(V).item() / radius
+#: :func:`_scaled_sum` adds ``(s - 1) a`` for a scale ``s`` this close to 1
+_NEAR_ONE = 0.5
+
+
+def _scaled_sum(a: Tensor, s: float, b: Tensor, beta: float) -> Tensor:
+    r""":math:`s\,a + \beta\,b` (a fresh tensor) for numbers ``s`` and ``beta``.
+
+    For :math:`|s - 1| \le 1/2` as :math:`(a + \beta b) + (s - 1)\,a`: two ``add`` ops,
+    whose coefficient is an argument of the kernel, where ``torch.mul(a, s)`` first wraps the
+    number in a tensor (a vector of 4096: 1.9 against 3.1 us for the scaling). The coefficient
+    :math:`s - 1` is exact in double (Sterbenz) and its rounding to the tensor's precision
+    is at most half a unit of :math:`s`; the result carries a few roundings of :math:`|a| +
+    |\beta b|`, as the product does. Further from 1 (where :math:`s - 1` rounded to float32
+    would lose the small :math:`s`): ``a * s + beta b``."""
+    if abs(s - 1.0) <= _NEAR_ONE:
+        return torch.add(a, b, alpha=beta).add_(a, alpha=s - 1.0)
+    return torch.mul(a, s).add_(b, alpha=beta)
+
+
+def _scaled(a: Tensor, s: float) -> Tensor:
+    r""":math:`s\,a` (a fresh tensor), as :func:`_scaled_sum`: :math:`a + (s - 1)\,a` for
+    :math:`|s - 1| \le 1/2`."""
+    if abs(s - 1.0) <= _NEAR_ONE:
+        return torch.add(a, a, alpha=s - 1.0)
+    return torch.mul(a, s)
+
+
+def _keep_angle(ctx, t: float, radius: float) -> tuple[float, float, float]:
+    r"""``(t, cos t, sinc t)`` for the angle ``t``, kept in ``ctx.coefficients`` (and the
+    radius in ``ctx.radius``)."""
     ctx.radius, ctx.coefficients = radius, (t, *_cos_sinc_of(t))
     return ctx.coefficients
+
+
+def _angle_of_vector(ctx, V: Tensor, radius: float) -> tuple[float, float, float]:
+    r"""``(t, cos t, sinc t)`` with :math:`t = \|V\|/r`, kept in ``ctx.coefficients``."""
+    return _keep_angle(ctx, torch.linalg.vector_norm(V).item() / radius, radius)
 
 
 def _exp_of_vector(ctx, x: Tensor, V: Tensor, radius: float) -> Tensor:
     r""":math:`\cos t\,x + \operatorname{sinc} t\,V` with :math:`t = \|V\|/r`; the angle and
     its coefficients are kept in ``ctx.coefficients`` as ``(t, cos, sinc)``."""
     _, cos, sinc = _angle_of_vector(ctx, V, radius)
-    return torch.mul(x, cos).add_(V, alpha=sinc)
+    return _scaled_sum(x, cos, V, sinc)
 
 
 def _exp_of_vector_backward(ctx, x: Tensor, V: Tensor, g: Tensor) -> Tensor:
@@ -794,7 +826,7 @@ def _exp_of_vector_backward(ctx, x: Tensor, V: Tensor, g: Tensor) -> Tensor:
     g\rangle`: the gradient in ``V`` of :func:`_exp_of_vector`."""
     t, _, sinc = ctx.coefficients
     coef = (_two_dsinc_of(t) * _dot(V, g) - sinc * _dot(x, g)) / ctx.radius**2
-    return torch.mul(g, sinc).add_(V, alpha=coef)
+    return _scaled_sum(g, sinc, V, coef)
 
 
 def _differentiated_backward(ctx, g: Tensor, reference) -> tuple:
@@ -828,7 +860,7 @@ class _VectorExp(torch.autograd.Function):
             return _differentiated_backward(ctx, g, _exp_reference)
         x, v = ctx.saved_tensors
         gv = _exp_of_vector_backward(ctx, x, v, g) if ctx.needs_input_grad[1] else None
-        gx = torch.mul(g, ctx.coefficients[1]) if ctx.needs_input_grad[0] else None
+        gx = _scaled(g, ctx.coefficients[1]) if ctx.needs_input_grad[0] else None
         return gx, gv, None
 
 
@@ -836,19 +868,33 @@ class _VectorExp(torch.autograd.Function):
 class _VectorTrivializeExp(torch.autograd.Function):
     r""":class:`_TrivializeExp` for one real CPU vector, the coefficients on the host:
     :math:`c = \langle x, X\rangle/r^2`, :math:`V = X - c\,x`, :math:`t = \|V\|/r`, then
-    :math:`\cos t\,x + \operatorname{sinc} t\,V` written over ``V``. Backward as there, in
+    :math:`\cos t\,x + \operatorname{sinc} t\,V`. While the normal part of ``X`` is at most
+    half of it (:math:`c^2 \le q/2`, :math:`q = \|X\|^2/r^2`, the common case: gradient steps
+    move ``X`` along the tangent space, and Adam's mostly so) ``V`` is not formed: :math:`t^2
+    = q - c^2` and :math:`y = \operatorname{sinc} t\,X + (\cos t - c \operatorname{sinc}
+    t)\,x` (two dot products and two passes; :math:`q - c^2 \ge q/2`, so the relative error of
+    :math:`t^2` stays within twice that of the dot products). Otherwise ``V`` is formed and
+    its norm taken (one pass more, and one norm), and the result written over it. A vector of
+    4096 in float32, forward and backward with the loss: 94.6 -> 86.5 us (this and
+    :func:`_scaled_sum`). Backward as there, in
     ``X`` and ``x``: with :math:`a = \langle x, g\rangle`, :math:`b = \langle X, g\rangle -
     c\,a`, :math:`k_V = (2 b \operatorname{sinc}'(t^2) - a \operatorname{sinc} t)/r^2` and
     :math:`k = c\,k_V + a \operatorname{sinc} t/r^2`: :math:`\bar X = \operatorname{sinc}
     t\,g + k_V X - k\,x` and :math:`\bar x = (\cos t - c \operatorname{sinc} t)\,g - k\,X +
-    c^2 k_V\,x`. Forward one dot product, one norm and three passes; backward two dot
-    products and three passes (three more for :math:`\bar x`)."""
+    c^2 k_V\,x`. Backward two dot products and three passes (three more for
+    :math:`\bar x`)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, X: Tensor, radius: float) -> Tensor:  # type: ignore[override]
-        ctx.c = c = _dot(x, X) / radius**2
-        V = torch.add(X, x, alpha=-c)
+        r2 = radius * radius
+        ctx.c = c = _dot(x, X) / r2
         ctx.save_for_backward(x, X)
+        q = _dot(X, X) / r2
+        if c * c <= 0.5 * q:
+            # t^2 = |X - c x|^2 / r^2 = q - c^2 (|x| = r), y = sinc X + (cos - c sinc) x
+            _, cos, sinc = _keep_angle(ctx, math.sqrt(q - c * c), radius)
+            return _scaled_sum(X, sinc, x, cos - c * sinc)
+        V = torch.add(X, x, alpha=-c)
         _, cos, sinc = _angle_of_vector(ctx, V, radius)
         return V.mul_(sinc).add_(x, alpha=cos)
 
@@ -864,9 +910,9 @@ class _VectorTrivializeExp(torch.autograd.Function):
         k = c * kV + sinc * a / r2
         gx = gX = None
         if ctx.needs_input_grad[1]:
-            gX = torch.mul(g, sinc).add_(X, alpha=kV).sub_(x, alpha=k)
+            gX = _scaled_sum(g, sinc, X, kV).sub_(x, alpha=k)
         if ctx.needs_input_grad[0]:
-            gx = torch.mul(g, cos - c * sinc).sub_(X, alpha=k).add_(x, alpha=c * c * kV)
+            gx = _scaled_sum(g, cos - c * sinc, X, -k).add_(x, alpha=c * c * kV)
         return gx, gX, None
 
 

@@ -284,6 +284,50 @@ def test_one_vector_of_4096_in_float32_is_as_accurate_as_the_batched_node(fn, re
         assert e_vector <= max(2 * e_general, 1e-6), (vector, general)
 
 
+@pytest.mark.parametrize("normal", [0.0, 0.45, 0.55, 0.999])
+@pytest.mark.parametrize("angle", [1e-3, 0.8, 2.5])
+def test_one_vector_trivialization_either_side_of_its_switch(normal, angle, monkeypatch):
+    """The one-vector exponential trivialization takes the angle from ``|X|^2 - <x, X>^2``
+    while the normal part of ``X`` is at most half of ``|X|^2``, else from ``X - <x, X> x``:
+    ``X`` with the fraction ``normal`` of its squared norm along the base, its tangent part
+    of length ``angle``, in float32 at 4096 entries: the value and the gradient in ``X``
+    against float64, within the batched node's own error (times 2) and 1e-6."""
+    x, v = point_and_tangent(torch.float64, 1.0, 1.0, (4096,), seed=7)
+    x, v = x.detach(), v.detach() * (angle / v.detach().norm())
+    along = math.sqrt(normal / (1.0 - normal)) * angle  # c^2 / |X|^2 = normal
+    X64 = (v + along * x).requires_grad_()
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    y64 = ref_trivialize_exp(x, X64)
+    want = (y64, *torch.autograd.grad(y64, X64, g))
+    x32, X32, g32 = x.float(), X64.detach().float().requires_grad_(), g.float()
+
+    def errors():
+        y = S.trivialize_exp_radius(x32, X32)
+        got = (y, *torch.autograd.grad(y, X32, g32))
+        return [(a.double() - b).abs().max().item() for a, b in zip(got, want)]
+
+    vector, general = _both_routes(monkeypatch, errors)
+    for e_vector, e_general in zip(vector, general):
+        assert e_vector <= max(2 * e_general, 1e-6), (vector, general)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("s", [1e-8, -0.3, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 1.7, 40.0])
+@pytest.mark.parametrize("beta", [0.0, -0.6])
+def test_scaled_sum_is_the_combination_to_rounding(s, beta, dtype):
+    """``s a + beta b`` and ``s a`` of the one-vector nodes, near 1 as ``a + beta b + (s - 1)
+    a``, elsewhere as a product: within four roundings of ``|s a| + |beta b|`` of the float64
+    value at every scale (``s = 1e-8`` through ``s - 1``, rounded to float32, would give 0)."""
+    gen = torch.Generator().manual_seed(9)
+    a, b = (torch.randn(4096, generator=gen, dtype=dtype) for _ in range(2))
+    eps = torch.finfo(dtype).eps
+    bound = 4 * eps * (abs(s) * a.double().abs() + abs(beta) * b.double().abs())
+    got = S._scaled_sum(a, s, b, beta)
+    assert ((got.double() - (s * a.double() + beta * b.double())).abs() <= bound).all()
+    got = S._scaled(a, s)
+    assert ((got.double() - s * a.double()).abs() <= 4 * eps * abs(s) * a.double().abs()).all()
+
+
 @pytest.mark.parametrize("fn,ref", ROUTED)
 @pytest.mark.parametrize("case", ["inf", "nan", "opposite"])
 def test_one_vector_non_finite_and_degenerate_input_as_the_batched_node(fn, ref, case,
