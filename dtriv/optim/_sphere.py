@@ -16,7 +16,8 @@ the memory:
   :math:`r (x + cV) / \|x + cV\|`, and ``exp``
   :math:`\cos t\, x + \frac{\sin t}{t} c V` with :math:`t = |c| \|V\| / r`, scaled back to
   the radius as the generic path does (:func:`dtriv.optim._stiefel.settle_points`);
-* for one point on CPU, the numbers of the step (dot products, norms) on the host.
+* for one point on CPU, the numbers of the step (dot products, norms) on the host, and the
+  scalings near 1 as additions (:func:`dtriv.retractions.sphere._scale_`).
 
 The functions have the signatures of their namesakes in :mod:`dtriv.optim._stiefel`, so
 that the optimizers run either through one code path. The results equal the generic path
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from dtriv.manifolds.sphere import Sphere
 from dtriv.retractions._common import compute_dtype, one_point_on_cpu
-from dtriv.retractions.sphere import _cos_sinc_of
+from dtriv.retractions.sphere import _cos_sinc_of, _scale_
 
 __all__ = [
     "as_batch",
@@ -150,7 +151,7 @@ def retract_(
     if method == "exp":
         if host:
             cos, sinc = _cos_sinc_of(abs(c) * torch.linalg.vector_norm(V).item() / r)
-            X.mul_(cos).add_(V, alpha=sinc * c)
+            _scale_(X, cos).add_(V, alpha=sinc * c)
         else:
             cV = V * c
             t = torch.linalg.vector_norm(cV, dim=-1, keepdim=True).div_(r)
@@ -161,7 +162,7 @@ def retract_(
     else:
         X.add_(V, alpha=c)
     if host:
-        X.mul_(r / torch.linalg.vector_norm(X).item())
+        _scale_(X, r / torch.linalg.vector_norm(X).item())
     else:
         X.mul_(torch.linalg.vector_norm(X, dim=-1, keepdim=True).reciprocal_().mul_(r))
 

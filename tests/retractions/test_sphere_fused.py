@@ -315,17 +315,18 @@ def test_one_vector_trivialization_either_side_of_its_switch(normal, angle, monk
 @pytest.mark.parametrize("s", [1e-8, -0.3, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 1.7, 40.0])
 @pytest.mark.parametrize("beta", [0.0, -0.6])
 def test_scaled_sum_is_the_combination_to_rounding(s, beta, dtype):
-    """``s a + beta b`` and ``s a`` of the one-vector nodes, near 1 as ``a + beta b + (s - 1)
-    a``, elsewhere as a product: within four roundings of ``|s a| + |beta b|`` of the float64
-    value at every scale (``s = 1e-8`` through ``s - 1``, rounded to float32, would give 0)."""
+    """``s a + beta b`` and ``s a`` (also in place) of the one-vector nodes and optimizer
+    steps, near 1 as ``a + beta b + (s - 1) a``, elsewhere as a product: within four roundings
+    of ``|s a| + |beta b|`` of the float64 value at every scale (``s = 1e-8`` through
+    ``s - 1``, rounded to float32, would give 0)."""
     gen = torch.Generator().manual_seed(9)
     a, b = (torch.randn(4096, generator=gen, dtype=dtype) for _ in range(2))
     eps = torch.finfo(dtype).eps
     bound = 4 * eps * (abs(s) * a.double().abs() + abs(beta) * b.double().abs())
     got = S._scaled_sum(a, s, b, beta)
     assert ((got.double() - (s * a.double() + beta * b.double())).abs() <= bound).all()
-    got = S._scaled(a, s)
-    assert ((got.double() - s * a.double()).abs() <= 4 * eps * abs(s) * a.double().abs()).all()
+    for got in (S._scaled(a, s), S._scale_(a.clone(), s)):
+        assert ((got.double() - s * a.double()).abs() <= 4 * eps * abs(s) * a.double().abs()).all()
 
 
 @pytest.mark.parametrize("fn,ref", ROUTED)
