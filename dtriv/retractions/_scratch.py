@@ -62,19 +62,23 @@ class Arena:
 
     ``with Arena(A) as arena: Y = torch.mul(X, 2, out=arena.empty()); ...``: :meth:`empty`
     gives a tensor shaped like ``A`` (or of another ``shape``, same dtype and device).
+    Arenas may nest (a QR inside an optimizer step): each takes buffers from the thread's pool
+    one at a time and gives them back at its exit, so the inner one's come back too. (When each
+    took a shape's whole list at once, the outer arena's exit replaced the list the inner one
+    had given back: a 20 x (256, 256) RiemannianAdam step wrote 10 MB of fresh pages, 2,100
+    page faults and about 3 ms of its 27.)
     Inactive (:meth:`empty` returns ``None``: the op allocates; nothing kept) for ``like``
     below :data:`MIN_BYTES`, off CPU, for tensor subclasses and under ``torch.func``
     transforms.
     """
 
-    __slots__ = ("_like", "_free", "_taken", "_keep", "active")
+    __slots__ = ("_like", "_taken", "_keep", "active")
 
     def __init__(self, like: Tensor) -> None:
         self._like = like
         self.active = (like.numel() * like.element_size() >= MIN_BYTES
                        and like.device.type == "cpu" and not transforms_active()
                        and type(like) is Tensor and not is_functorch_wrapped(like))
-        self._free: dict[tuple, list[Tensor]] = {}
         self._taken: list[tuple[tuple, Tensor]] = []
         self._keep: set[int] = set()
 
@@ -89,9 +93,9 @@ class Arena:
             return None
         like = self._like
         key = (tuple(like.shape) if shape is None else tuple(shape), like.dtype, like.device)
-        free = self._free.get(key)
-        if free is None:  # first use of this shape in the call: take the thread's list
-            free = self._free[key] = _pools().pop(key, [])
+        # one buffer from the thread's pool: an arena opened inside this one (a QR inside an
+        # optimizer step) draws from the same pool, buffer by buffer
+        free = _pools().get(key)
         buf = free.pop() if free else torch.empty(key[0], dtype=key[1], device=key[2])
         self._taken.append((key, buf))
         return buf
@@ -114,16 +118,18 @@ class Arena:
     ) -> None:
         if not self.active:
             return
-        free = self._free
+        taken, self._taken = self._taken, []
         # after an error the temporaries may still be referenced (by the traceback): not reused
-        if exc_type is None:
-            for key, buf in self._taken:
-                if buf.untyped_storage().data_ptr() not in self._keep:
-                    free[key].append(buf)
-        self._free, self._taken = {}, []
+        if exc_type is not None:
+            return
         pools = _pools()
-        for key, bufs in free.items():
-            pools.pop(key, None)
+        for key, buf in taken:
+            if buf.untyped_storage().data_ptr() in self._keep:
+                continue
+            bufs = pools.pop(key, None)
+            if bufs is None:
+                bufs = []
+            bufs.append(buf)
             pools[key] = bufs  # most recently used last
         total = sum(_nbytes(b) for bufs in pools.values() for b in bufs)
         while total > MAX_BYTES and pools:

@@ -63,6 +63,29 @@ def test_inactive_for_small_tensors_subclasses_and_transforms(monkeypatch):
 
 
 @torch.no_grad()  # out= buffers are lent outside grad mode only
+def test_nested_arenas_share_the_pool_and_lose_no_buffer(any_size):
+    """An arena opened inside another (a QR inside an optimizer step, both with temporaries of
+    one shape) draws from the same pool: two nested calls take two buffers, both come back, and
+    the next two nested calls get those two and allocate nothing. (Each arena used to take the
+    thread's whole list at its first use and put its own list back at exit, so the outer one,
+    closing last, dropped the inner one's buffers: fresh pages at every optimizer step.)"""
+    like = torch.zeros(4, 4)
+
+    def nested_call():
+        with Arena(like) as outer:
+            a = outer.empty()
+            with Arena(like) as inner:
+                b = inner.empty()
+                assert _ptr(b) != _ptr(a)  # a buffer in use is never handed out again
+        return {_ptr(a), _ptr(b)}
+
+    first = nested_call()
+    assert sum(len(bufs) for bufs in _scratch._pools().values()) == 2
+    for _ in range(3):
+        assert nested_call() == first
+
+
+@torch.no_grad()  # out= buffers are lent outside grad mode only
 def test_an_error_inside_the_call_returns_nothing(any_size):
     like = torch.zeros(3, 3)
     with pytest.raises(RuntimeError), Arena(like) as arena:
