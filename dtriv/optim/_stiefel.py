@@ -42,10 +42,11 @@ from dtriv.retractions._common import (
     eps,
     no_host_reads,
     one_point_on_cpu,
+    transforms_active,
 )
 from dtriv.retractions._layout import transposable_empty
 from dtriv.retractions._scratch import Arena
-from dtriv.retractions.stiefel import qf
+from dtriv.retractions.stiefel import cholesky_qf, householder_qf, qf
 
 __all__ = [
     "PROJECTING",
@@ -142,9 +143,16 @@ def cross(X: Tensor, Y: Tensor, arena: Arena | None = None) -> Tensor:
     return torch.bmm(X.mT, Y, out=transposable_empty(shape, X, arena))
 
 
+def _sym2_cross(X: Tensor, V: Tensor, arena: Arena) -> Tensor:
+    """``2 sym(X^T V)`` for tall batches, the product and the sum in scratch from ``arena``."""
+    return _sym2_(cross(X, V, arena), out=arena.empty(X.shape[:1] + X.shape[-1:] * 2))
+
+
 def riemannian_grad(X: Tensor, G: Tensor) -> Tensor:
-    r""":math:`G - X \operatorname{sym}(X^T G)` for tall batches ``(m, n, k)``."""
-    return torch.baddbmm(G, X, _sym2_(cross(X, G)), alpha=-0.5)
+    r""":math:`G - X \operatorname{sym}(X^T G)` for tall batches ``(m, n, k)`` (a new tensor;
+    the ``k x k`` temporaries in scratch, reused from call to call)."""
+    with Arena(X) as arena:
+        return torch.baddbmm(G, X, _sym2_cross(X, G, arena), alpha=-0.5)
 
 
 def gradient(manifold: Stiefel, X: Tensor, G: Tensor) -> Tensor:
@@ -154,9 +162,9 @@ def gradient(manifold: Stiefel, X: Tensor, G: Tensor) -> Tensor:
 
 def project_(manifold: Stiefel, X: Tensor, V: Tensor, scale: float = 1.0) -> Tensor:
     r"""``V <- scale * P_X(V) = scale (V - X sym(X^T V))`` in place for tall batches;
-    returns ``V``. Two products."""
-    S2 = _sym2_(cross(X, V))  # 2 sym(X^T V)
-    return V.baddbmm_(X, S2, beta=scale, alpha=-0.5 * scale)
+    returns ``V``. Two products; the ``k x k`` temporaries in scratch."""
+    with Arena(X) as arena:
+        return V.baddbmm_(X, _sym2_cross(X, V, arena), beta=scale, alpha=-0.5 * scale)
 
 
 def sq_norms(g: Tensor) -> Tensor:
@@ -284,11 +292,10 @@ def moment_and_sq_norm_(
     and combined there (the tensor formula is ten operations on single numbers, about
     35 us at ``(32, 32)``, a tenth of the whole step).
     """
-    square = X.shape[:1] + X.shape[-1:] * 2
     with Arena(X) as arena:  # the k x k temporaries, reused from step to step
-        Sg2 = _sym2_(cross(X, G, arena), out=arena.empty(square))  # 2 sym(X^T G)
+        Sg2 = _sym2_cross(X, G, arena)  # 2 sym(X^T G)
         N = m.lerp_(G, 1 - beta)
-        S2 = _sym2_(cross(X, N, arena), out=arena.empty(square))  # 2 S
+        S2 = _sym2_cross(X, N, arena)  # 2 S
         N.baddbmm_(X, S2, alpha=-0.5)
         if on_host:
             g2 = torch.linalg.vector_norm(G).item() ** 2
@@ -628,4 +635,14 @@ def retract_(
             "the QR retraction failed on a well-conditioned step: the parameters or the "
             "gradients are not finite"
         )
+    if method == "qr" and not (no_host_reads(X) or transforms_active()):
+        # the checked QR of Y = X + c V with its temporaries in scratch and the q-factor
+        # written over X (a large step: (512, 512), 4.8 MB of fresh pages per step before)
+        with Arena(X) as arena:
+            Y = arena.empty()
+            Y = (torch.addcmul(X, V, c, out=Y) if isinstance(c, Tensor)
+                 else torch.add(X, V, alpha=c, out=Y))
+            if cholesky_qf(Y, arena=arena, out=X) is None:
+                X.copy_(householder_qf(Y))
+        return
     X.copy_(retract(manifold, method, X, V, c))

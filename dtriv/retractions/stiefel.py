@@ -60,6 +60,7 @@ from ._common import (
     values_checkable,
     vmap_active,
 )
+from ._scratch import Arena
 from .lie import expm
 from .registry import register
 
@@ -129,7 +130,8 @@ def householder_qf(X: Tensor) -> Tensor:
 
 
 def cholesky_qf(
-    X: Tensor, max_deviation: float = CHOLESKY_QR_MAX_GRAM_DEVIATION
+    X: Tensor, max_deviation: float = CHOLESKY_QR_MAX_GRAM_DEVIATION,
+    arena: Arena | None = None, out: Tensor | None = None,
 ) -> Tensor | None:
     r"""The q-factor of ``X`` with diag(R) > 0 by Cholesky QR, or ``None`` when unsafe.
 
@@ -152,21 +154,38 @@ def cholesky_qf(
     :math:`4 n k^2` with panel factorizations that run at a fraction of the matmul rate).
     One scalar is read back to decide (a host synchronisation).
 
+    ``arena`` (an active :class:`~dtriv.retractions._scratch.Arena` outside grad mode): where
+    the ``k x k`` temporaries come from (the Gram matrix, its deviation and the factor), so
+    that repeated calls write no fresh pages. ``out``: where ``Q`` is written, only when
+    the factorization succeeds (the optimizers write the new point over the old one: ``out``
+    may be a tensor that ``X`` was computed from, not ``X`` itself).
+
     Reference: Y. Yamamoto, Y. Nakatsukasa, Y. Yanagisawa, T. Fukaya, "Roundoff error
     analysis of the CholeskyQR2 algorithm", Electron. Trans. Numer. Anal. 44, 2015.
     """
-    G = X.mH @ X
+    square = (*X.shape[:-2], X.shape[-1], X.shape[-1])
+
+    def scratch() -> Tensor | None:
+        return None if arena is None else arena.empty(square)
+
+    G = torch.matmul(X.mH, X, out=scratch())
     with torch.no_grad():
         k = G.shape[-1]
-        dev = G.detach().clone()
+        dev = scratch()
+        dev = G.detach().clone() if dev is None else dev.copy_(G)
         dev.diagonal(dim1=-2, dim2=-1).sub_(1)
         worst = torch.linalg.matrix_norm(dev).amax() if G.numel() else G.new_zeros(()).real
         if not bool(worst <= max_deviation):  # also False for NaN
             return None
-    L, info = torch.linalg.cholesky_ex(G)  # G = L L^H, R = L^H
+    L = scratch()
+    if L is None:
+        L, info = torch.linalg.cholesky_ex(G)  # G = L L^H, R = L^H
+    else:
+        info = torch.linalg.cholesky_ex(G, out=(L, torch.empty(square[:-2], dtype=torch.int32,
+                                                                 device=G.device)))[1]
     if k and bool(info.any()):
         return None
-    return torch.linalg.solve_triangular(L.mH, X, upper=True, left=False)
+    return torch.linalg.solve_triangular(L.mH, X, upper=True, left=False, out=out)
 
 
 @upcast_half

@@ -638,6 +638,35 @@ def test_cholesky_qf_declines_ill_conditioned_input_and_qr_falls_back():
     assert cholesky_qf(X) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
+def test_cholesky_qf_with_scratch_and_out_equals_the_plain_call(dtype, monkeypatch):
+    """With an arena (its temporaries reused from call to call) and ``out`` (the q-factor
+    written over a tensor the input was computed from, as the optimizers write the new point
+    over the old one): equal to the plain call to rounding, twice in a row (the second call's
+    scratch is the first's); a declined input leaves ``out`` as it was."""
+    from dtriv.retractions import _scratch
+    from dtriv.retractions._scratch import Arena
+    from dtriv.retractions.stiefel import cholesky_qf
+
+    monkeypatch.setattr(_scratch, "MIN_BYTES", 0)  # arenas for these small tensors
+    B = point(3, 40, 8, dtype=dtype, seed=11)
+    Y = B + tangent(B, scale=0.05, seed=12)
+    want = cholesky_qf(Y)
+    with torch.no_grad():
+        for _ in range(2):
+            X = B.clone()
+            with Arena(X) as arena:
+                Yc = torch.add(X, Y - B)  # Y computed from X, then X overwritten
+                assert cholesky_qf(Yc, arena=arena, out=X) is X
+            torch.testing.assert_close(X, want, rtol=0, atol=1e-6 if dtype == torch.float32
+                                       else 1e-14)
+        bad = B + tangent(B, scale=3.0, seed=13)
+        X = B.clone()
+        with Arena(X) as arena:
+            assert cholesky_qf(bad, arena=arena, out=X) is None
+        assert torch.equal(X, B)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_cholesky_qr_gradient_matches_householder_and_gradcheck(dtype):
     from dtriv.retractions.stiefel import cholesky_qf, householder_qf
