@@ -42,6 +42,7 @@ from torch.nn.utils import parametrizations as torch_param
 
 from dtriv.manifolds import Stiefel
 from dtriv.parametrize import constrain, twins
+from dtriv.retractions import _scratch
 
 import harness
 
@@ -206,7 +207,10 @@ def _status_bytes(key: str) -> int:
 
 
 def _peak_extra_bytes(fn: Callable[[], None]) -> int:
-    """Peak resident bytes above the current level while ``fn`` runs (Linux)."""
+    """Peak resident bytes above the current level while ``fn`` runs (Linux). The scratch
+    buffers that dtriv keeps between calls (:mod:`dtriv.retractions._scratch`) are freed
+    first, so that those the call uses count in its peak: they are memory it holds."""
+    _scratch.clear()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident set
     before = _status_bytes("VmRSS")
