@@ -42,11 +42,10 @@ from dtriv.retractions._common import (
     eps,
     no_host_reads,
     one_point_on_cpu,
-    transforms_active,
 )
 from dtriv.retractions._layout import transposable_empty
 from dtriv.retractions._scratch import Arena
-from dtriv.retractions.stiefel import cholesky_qf, householder_qf, qf
+from dtriv.retractions.stiefel import qf
 
 __all__ = [
     "PROJECTING",
@@ -635,14 +634,13 @@ def retract_(
             "the QR retraction failed on a well-conditioned step: the parameters or the "
             "gradients are not finite"
         )
-    if method == "qr" and not (no_host_reads(X) or transforms_active()):
+    if method == "qr":
         # the checked QR of Y = X + c V with its temporaries in scratch and the q-factor
         # written over X (a large step: (512, 512), 4.8 MB of fresh pages per step before)
         with Arena(X) as arena:
             Y = arena.empty()
             Y = (torch.addcmul(X, V, c, out=Y) if isinstance(c, Tensor)
                  else torch.add(X, V, alpha=c, out=Y))
-            if cholesky_qf(Y, arena=arena, out=X) is None:
-                X.copy_(householder_qf(Y))
+            qf(Y, arena=arena, out=X)
         return
     X.copy_(retract(manifold, method, X, V, c))

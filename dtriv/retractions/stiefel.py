@@ -178,11 +178,9 @@ def cholesky_qf(
         if not bool(worst <= max_deviation):  # also False for NaN
             return None
     L = scratch()
-    if L is None:
-        L, info = torch.linalg.cholesky_ex(G)  # G = L L^H, R = L^H
-    else:
-        info = torch.linalg.cholesky_ex(G, out=(L, torch.empty(square[:-2], dtype=torch.int32,
-                                                                 device=G.device)))[1]
+    factors = None if L is None else (
+        L, torch.empty(square[:-2], dtype=torch.int32, device=G.device))
+    L, info = torch.linalg.cholesky_ex(G, out=factors)  # G = L L^H, R = L^H
     if k and bool(info.any()):
         return None
     return torch.linalg.solve_triangular(L.mH, X, upper=True, left=False, out=out)
@@ -223,15 +221,21 @@ def stiefel_qr(B: Tensor, V: Tensor) -> Tensor:
     return qf(B + V)
 
 
-def qf(X: Tensor) -> Tensor:
+def qf(X: Tensor, arena: Arena | None = None, out: Tensor | None = None) -> Tensor:
     """The q-factor of ``X`` with diag(R) > 0: :func:`cholesky_qf` when safe, else
     :func:`householder_qf` (always under ``torch.func`` transforms, ``torch.jit.trace`` and
     ``torch.export`` and for meta tensors: the test reads a norm on the host). ``X``:
-    ``(..., n, k)``, ``n >= k``; cost :math:`O(n k^2)`."""
-    if no_host_reads(X) or transforms_active():
-        return householder_qf(X)
-    Q = cholesky_qf(X)
-    return householder_qf(X) if Q is None else Q
+    ``(..., n, k)``, ``n >= k``; cost :math:`O(n k^2)`. ``arena``: where Cholesky QR's
+    temporaries come from (see :func:`cholesky_qf`); ``out``: where the q-factor is written
+    (and returned), which may be a tensor ``X`` was computed from."""
+    Q = None
+    if not (no_host_reads(X) or transforms_active()):
+        Q = cholesky_qf(X, arena=arena, out=out)
+    if Q is None:
+        Q = householder_qf(X)
+        if out is not None:
+            Q = out.copy_(Q)
+    return Q
 
 
 @upcast_half
