@@ -33,7 +33,7 @@ from torch import Tensor
 
 from dtriv.manifolds.sphere import Sphere
 from dtriv.retractions._common import compute_dtype, one_point_on_cpu
-from dtriv.retractions.sphere import _cos_sinc_of, _scale_
+from dtriv.retractions.sphere import _cos_sinc_of, _rdot_fast, _scale_
 
 __all__ = [
     "as_batch",
@@ -82,15 +82,9 @@ def write_back(manifold: Sphere, X: Tensor, batch: Tensor) -> None:
     X.copy_(batch.view(X.shape))
 
 
-def _dots(X: Tensor, V: Tensor) -> Tensor:
-    r""":math:`\langle x_i, v_i\rangle` per row, ``(m, 1)``: one product and one sum (real
-    rows; ``vecdot`` reaches the same two through more calls, then needs an ``unsqueeze``)."""
-    return (X * V).sum(-1, keepdim=True)
-
-
 def gradient(manifold: Sphere, X: Tensor, G: Tensor) -> Tensor:
     r"""The Riemannian gradient :math:`P_x(G) = G - x\,\langle x, G\rangle / r^2` per row."""
-    return torch.addcmul(G, X, _dots(X, G), value=-1 / manifold.radius**2)
+    return torch.addcmul(G, X, _rdot_fast(X, G), value=-1 / manifold.radius**2)
 
 
 def project_(manifold: Sphere, X: Tensor, V: Tensor, scale: float = 1.0) -> Tensor:
@@ -99,7 +93,7 @@ def project_(manifold: Sphere, X: Tensor, V: Tensor, scale: float = 1.0) -> Tens
         V.mul_(scale)
     if one_point_on_cpu(X):
         return V.add_(X, alpha=-torch.dot(X[0], V[0]).item() / manifold.radius**2)
-    return V.addcmul_(X, _dots(X, V), value=-1 / manifold.radius**2)
+    return V.addcmul_(X, _rdot_fast(X, V), value=-1 / manifold.radius**2)
 
 
 def moment_(
