@@ -6,7 +6,7 @@ Each row times one building block of the maps beside the torch expression it sta
 * lower triangle: ``torch.tril(X, -1)`` (out of place) against
   ``dtriv.retractions._common.tril_copy`` (a copy and the in-place ``tril_``);
 * Hermitian square: ``A @ A`` for a skew ``A`` against
-  ``dtriv.retractions._expm._hermitian_square_into`` (three quarters of the product);
+  ``dtriv.retractions._expm._half_product_into`` (three quarters of the product);
 * skew part of the lower triangle: ``L = X.tril(); L - L^T`` against ``skew_of(X, lower=True)``
   with the arena the maps give it (no grad, as in their forward);
 * ``ut(G) = striu(G) + diag(G)/2`` of the Householder WY form: ``G.triu(1) +
@@ -31,7 +31,7 @@ from torch.nn.utils import parametrizations as tp
 
 from dtriv.parametrize import twins
 from dtriv.retractions._common import tril_copy
-from dtriv.retractions._expm import _hermitian_square_into, skew_of
+from dtriv.retractions._expm import _half_product_into, skew_of
 from dtriv.retractions._scratch import Arena
 from dtriv.retractions.householder import _ut_of_gram
 
@@ -90,7 +90,7 @@ def rows_for(quick: bool) -> list[tuple[str, str, Callable[[], object], Callable
         buf = torch.empty_like(A)
         out.append(("Hermitian square A @ A (skew A)", f"{n}x{n}",
                     lambda A=A, buf=buf: torch.mm(A, A, out=buf),
-                    lambda A=A, buf=buf: _hermitian_square_into(A, buf), 2 if n >= 1024 else 5))
+                    lambda A=A, buf=buf: _half_product_into(A, A, buf), 2 if n >= 1024 else 5))
     for n in ([700] if quick else [64, 700]):
         X = torch.randn(n, n, generator=g)
         out.append(("skew part of the lower triangle", f"{n}x{n}", _torch_skew(X),

@@ -514,13 +514,6 @@ def _half_product_into(X: Tensor, Y: Tensor, out: Tensor, sign: float = 1.0) -> 
     return out
 
 
-def _hermitian_square_into(X: Tensor, out: Tensor) -> Tensor:
-    """:math:`X^2` into ``out`` for a square ``X`` whose square is Hermitian (skew-Hermitian
-    ``X``: the powers :math:`A` and :math:`A^3` of a skew ``A``), by
-    :func:`_half_product_into`."""
-    return _half_product_into(X, X, out)
-
-
 def _plain_eager(A: Tensor) -> bool:
     """Whether ``A`` is a plain tensor in eager code (no transform, tracing or compiling)."""
     return type(A) is Tensor and eager_context()

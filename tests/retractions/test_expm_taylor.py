@@ -481,10 +481,7 @@ def test_half_product_equals_the_product(n, dtype, power):
     X, Y, sign = {"A A": (A, A, 1.0), "A^3 A^3": (A @ A @ A,) * 2 + (1.0,),
                   "A^2 A": (A @ A, A, -1.0)}[power]
     eps = torch.finfo(A.real.dtype).eps
-    if sign == 1.0:
-        out = _expm._hermitian_square_into(X, torch.empty_like(X))
-    else:
-        out = _expm._half_product_into(X, Y, torch.empty_like(X), sign)
+    out = _expm._half_product_into(X, Y, torch.empty_like(X), sign)
     scale = X.abs().sum(dim=-1).amax() * Y.abs().sum(dim=-1).amax()  # bounds each entry's terms
     assert (out - X @ Y).abs().max() <= 4 * n * eps * scale
     h = n // 2
@@ -494,7 +491,7 @@ def test_half_product_equals_the_product(n, dtype, power):
 
 def test_expm_of_skew_above_the_hermitian_square_order_against_scipy():
     # the written-out scheme of degree 18 at n >= HERMITIAN_SQUARE_MIN_N squares A and A^3 by
-    # _hermitian_square_into: values and gradients against scipy's expm and Frechet derivative
+    # _half_product_into: values and gradients against scipy's expm and Frechet derivative
     from dtriv.retractions.lie import expm_of_skew
 
     n = _expm.HERMITIAN_SQUARE_MIN_N + 1
