@@ -110,9 +110,17 @@ class Sphere(Manifold):
 
     def _validate_pair(self, B: Tensor, V: Tensor, name: str) -> None:
         """Validate ``B`` and ``V`` (named ``name``), whose batch shapes must broadcast (one
-        point with a batch of vectors, or the reverse)."""
+        point with a batch of vectors, or the reverse). ``V`` may have another dtype than
+        ``B`` (the maps compute in the promoted one and return that of ``B``), but not a
+        complex one at a real ``B``, whose imaginary part that would drop."""
         self.validate(B, "B")
         self.validate(V, name)
+        if V.is_complex() and not B.is_complex():
+            raise ValueError(
+                f"{name}: expected a real tensor at the real point B ({B.dtype}), got "
+                f"{V.dtype}: a point of the real sphere has real tangents (results have the "
+                "dtype of B)"
+            )
         self._check_pair(B, V, name, same_dtype=False)  # the fused maps promote dtypes
 
     def proj_tangent(self, B: Tensor, V: Tensor) -> Tensor:

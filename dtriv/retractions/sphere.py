@@ -84,6 +84,15 @@ def _check_vectors(x: Tensor, other: Tensor, name_x: str, name_other: str) -> No
     check_same_shape(x, other, name_x, name_other)
 
 
+def _promoted(x: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` and ``other`` in their promoted dtype, as the public maps' results are (a real
+    point with a complex tangent: the point of the complex sphere)."""
+    if x.dtype == other.dtype:
+        return x, other
+    dtype = torch.promote_types(x.dtype, other.dtype)
+    return x.to(dtype), other.to(dtype)
+
+
 def _sqnorm(v: Tensor) -> Tensor:
     """:math:`\\|v\\|^2` over the last dimension, real, keepdim."""
     return (v.real**2 + v.imag**2 if v.is_complex() else v * v).sum(dim=-1, keepdim=True)
@@ -876,22 +885,27 @@ class _VectorExp(torch.autograd.Function):
 class _VectorTrivializeExp(torch.autograd.Function):
     r""":class:`_TrivializeExp` for one real CPU vector, the coefficients on the host:
     :math:`c = \langle x, X\rangle/r^2`, :math:`V = X - c\,x`, :math:`t = \|V\|/r`, then
-    :math:`\cos t\,x + \operatorname{sinc} t\,V`. While the normal part of ``X`` is at most
-    half of it (:math:`c^2 \le q/2`, :math:`q = \|X\|^2/r^2`, the common case: the gradient
-    in ``X`` is tangent, and Adam's elementwise scaling of it added a normal part below 1% of
-    :math:`\|X\|^2` in 100 steps, measured at n = 64 and 4096) ``V`` is not formed: :math:`t^2
-    = q - c^2` and :math:`y = \operatorname{sinc} t\,X + (\cos t - c \operatorname{sinc}
-    t)\,x` (two dot products and two passes; :math:`q - c^2 \ge q/2`, so the relative error of
-    :math:`t^2` stays within twice that of the dot products). Otherwise ``V`` is formed and
-    its norm taken (one pass more, and one norm), and the result written over it. A vector of
-    4096 in float32, forward and backward with the loss: 94.6 -> 86.5 us (this and
-    :func:`_scaled_sum`). Backward as there, in
-    ``X`` and ``x``: with :math:`a = \langle x, g\rangle`, :math:`b = \langle X, g\rangle -
-    c\,a`, :math:`k_V = (2 b \operatorname{sinc}'(t^2) - a \operatorname{sinc} t)/r^2` and
-    :math:`k = c\,k_V + a \operatorname{sinc} t/r^2`: :math:`\bar X = \operatorname{sinc}
-    t\,g + k_V X - k\,x` and :math:`\bar x = (\cos t - c \operatorname{sinc} t)\,g - k\,X +
-    c^2 k_V\,x`. Backward two dot products and three passes (three more for
-    :math:`\bar x`)."""
+    :math:`\cos t\,x + \operatorname{sinc} t\,V`.
+
+    With :math:`q = \|X\|^2/r^2` and :math:`p = \|x\|^2/r^2` (1 on the sphere; kept, so that
+    the value and its derivative are the composition's for any ``x``), :math:`t^2 = q -
+    c^2(2 - p)`. While :math:`c^2(2 - p) \le q/2` (on the sphere: the normal part of ``X`` is
+    at most half of it; the common case, as the gradient in ``X`` is tangent and Adam's
+    elementwise scaling of it added a normal part below 1% of :math:`\|X\|^2` in 100 steps,
+    measured at n = 64 and 4096) ``V`` is not formed: :math:`y = \operatorname{sinc} t\,X +
+    (\cos t - c \operatorname{sinc} t)\,x` from three dot products and two passes, and
+    :math:`t^2 \ge q/2`, so its relative error stays within twice that of the dot products.
+    Otherwise ``V`` is formed and its norm taken (one pass more, and one norm), and the result
+    written over it. A vector of 4096 in float32, forward and backward with the loss: 94.6 ->
+    86.5 us (this route, then with two dot products, and :func:`_scaled_sum`).
+
+    Backward as there, in ``X`` and ``x``: with :math:`a = \langle x, g\rangle`, :math:`b =
+    \langle X, g\rangle - c\,a`, :math:`k_V = (2 b \operatorname{sinc}'(t^2) - a
+    \operatorname{sinc} t)/r^2` and :math:`k = (2 - p)\,c\,k_V + a \operatorname{sinc}
+    t/r^2` (:math:`\langle x, V\rangle = c\,r^2 (1 - p)`):
+    :math:`\bar X = \operatorname{sinc} t\,g + k_V X - k\,x` and :math:`\bar x = (\cos t - c
+    \operatorname{sinc} t)\,g - k\,X + c^2 k_V\,x`. Backward two dot products and three
+    passes (three more for :math:`\bar x`)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, X: Tensor, radius: float) -> Tensor:  # type: ignore[override]
@@ -899,9 +913,11 @@ class _VectorTrivializeExp(torch.autograd.Function):
         ctx.c = c = _dot(x, X) / r2
         ctx.save_for_backward(x, X)
         q = _dot(X, X) / r2
-        if c * c <= 0.5 * q:
-            # t^2 = |X - c x|^2 / r^2 = q - c^2 (|x| = r), y = sinc X + (cos - c sinc) x
-            _, cos, sinc = _keep_angle(ctx, math.sqrt(q - c * c), radius)
+        ctx.two_minus_p = 2.0 - _dot(x, x) / r2  # p = |x|^2 / r^2, 1 on the sphere
+        normal = c * c * ctx.two_minus_p
+        if normal <= 0.5 * q:
+            # t^2 = |X - c x|^2 / r^2 = q - c^2 (2 - p), y = sinc X + (cos - c sinc) x
+            _, cos, sinc = _keep_angle(ctx, math.sqrt(q - normal), radius)
             return _scaled_sum(X, sinc, x, cos - c * sinc)
         V = torch.add(X, x, alpha=-c)
         _, cos, sinc = _angle_of_vector(ctx, V, radius)
@@ -916,7 +932,7 @@ class _VectorTrivializeExp(torch.autograd.Function):
         c, r2 = ctx.c, ctx.radius**2
         a = _dot(x, g)
         kV = (_two_dsinc_of(t) * (_dot(X, g) - c * a) - sinc * a) / r2
-        k = c * kV + sinc * a / r2
+        k = c * kV * ctx.two_minus_p + sinc * a / r2
         gx = gX = None
         if ctx.needs_input_grad[1]:
             gX = _scaled_sum(g, sinc, X, kV).sub_(x, alpha=k)
@@ -1143,7 +1159,7 @@ def sphere_exp(x: Tensor, v: Tensor) -> Tensor:
     Cost: :math:`O(n)` per vector (one norm, two scalings).
     """
     _check_vectors(x, v, "x", "v")
-    return _apply(_SphereExp, x, v, 1.0)
+    return _apply(_SphereExp, *_promoted(x, v), 1.0)
 
 
 @upcast_half
@@ -1177,6 +1193,7 @@ def sphere_log(x: Tensor, y: Tensor) -> Tensor:
     Cost: :math:`O(n)` per vector.
     """
     _check_vectors(x, y, "x", "y")
+    x, y = _promoted(x, y)
     c = _rdot(x, y)
     u = y - c * x
     s2 = _sqnorm(u)
@@ -1217,7 +1234,7 @@ def sphere_projective(x: Tensor, v: Tensor) -> Tensor:
     Cost: :math:`O(n)` per vector.
     """
     _check_vectors(x, v, "x", "v")
-    return _apply(_SphereProjective, x, v, 1.0)
+    return _apply(_SphereProjective, *_promoted(x, v), 1.0)
 
 
 @upcast_half
@@ -1247,6 +1264,7 @@ def sphere_projective_inverse(x: Tensor, y: Tensor) -> Tensor:
     Cost: :math:`O(n)` per vector.
     """
     _check_vectors(x, y, "x", "y")
+    x, y = _promoted(x, y)
     c = _rdot(x, y)
     if y.numel() and values_checkable(y):
         with torch.no_grad():

@@ -173,6 +173,25 @@ def test_shapes_that_do_not_broadcast_are_refused(gen):
         M.tangent(B, torch.zeros(4, 3, dtype=F64))
 
 
+def test_a_complex_tangent_at_a_real_point_is_refused(gen):
+    """The results have the dtype of ``B``: a complex ``V`` at a real ``B`` would lose its
+    imaginary part (and leave the sphere), so it is refused with the argument named; another
+    real dtype is computed in the promoted one and returned in that of ``B``."""
+    M = Sphere(3)
+    B = M.sample(2, generator=gen, dtype=F64)
+    V = torch.tensor([0.0, 0.5j, 0.0], dtype=torch.complex128)
+    for call, name in ((lambda: M.retract(B, V), "V"), (lambda: M.proj_tangent(B, V), "V"),
+                       (lambda: M.tangent(B, V), "X"),
+                       (lambda: M.retract(B, V, "projective"), "V")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a real tensor at the real "
+                                             r"point B \(torch.float64\), got torch.complex128"):
+            call()
+    W = M.proj_tangent(B, torch.randn(2, 3, generator=gen, dtype=F64))
+    y = M.retract(B, W.float())
+    assert y.dtype == F64
+    torch.testing.assert_close(y, M.retract(B, W.float().double()), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------- 4. laws
 @pytest.mark.parametrize("n", [2, 3, 5, 10])
 def test_coordinate_law(n, gen):

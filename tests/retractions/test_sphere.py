@@ -200,6 +200,29 @@ def test_complex_exp_is_the_real_exp_of_r2n(point, tangent):
     assert (torch.view_as_real(y).flatten(-2) - real).abs().max().item() < 1e-15
 
 
+@pytest.mark.parametrize("other", [torch.complex128, torch.float32])
+def test_mixed_dtypes_compute_in_the_promoted_one(point, tangent, other):
+    """A real float64 point with a complex or float32 tangent: each map's result is that of
+    both arguments cast to the promoted dtype (a complex tangent at a real point: a point of
+    the complex sphere, imaginary part kept), and the inverses take such pairs back."""
+    x = point(4, 5)
+    v = tangent(x, 0.7)
+    if other.is_complex:
+        v = v * 1j  # Re<x, i v> = 0: a tangent of C^5 = R^10 at x
+    v = v.to(other)
+    dtype = torch.promote_types(x.dtype, other)
+    for fn, inverse in ((sphere_exp, sphere_log),
+                        (sphere_projective, sphere_projective_inverse)):
+        y = fn(x, v)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, fn(x.to(dtype), v.to(dtype)), rtol=0, atol=0)
+        torch.testing.assert_close(torch.linalg.vector_norm(y, dim=-1),
+                                   torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-6)
+        back = inverse(x, y)
+        assert back.dtype == dtype
+        torch.testing.assert_close(back, v.to(dtype), rtol=1e-5, atol=1e-5)
+
+
 def test_log_raises_at_the_antipode(point):
     x = point(3, 4)
     with pytest.raises(ValueError, match=r"^y: expected a point that is not antipodal"):

@@ -311,6 +311,31 @@ def test_one_vector_trivialization_either_side_of_its_switch(normal, angle, monk
         assert e_vector <= max(2 * e_general, 1e-6), (vector, general)
 
 
+@pytest.mark.parametrize("scale", [0.5, 0.999, 1.001, 1.7])
+@pytest.mark.parametrize("radius", [1.0, 2.5])
+def test_one_vector_trivialization_off_the_sphere_is_the_composition(scale, radius,
+                                                                      monkeypatch):
+    """A base ``x`` off the sphere (``|x| = scale r``, as ``gradcheck`` perturbs it): the
+    one-vector exponential trivialization still computes the composition ``exp_x(X - <x, X>
+    x / r^2)``, whose derivative its backward is: the value equals the batched node's and the
+    composition of differentiable ops in float64, and ``gradcheck`` passes in ``x`` and
+    ``X``."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(6, generator=gen, dtype=torch.float64)
+    x = x * (scale * radius / x.norm())
+    X = 0.4 * radius * torch.randn(6, generator=gen, dtype=torch.float64)
+    X = X - 0.1 * (x @ X) / radius**2 * x  # a normal part small enough for the host route
+    fn = S.trivialize_exp_radius
+    want = ref_trivialize_exp(x, X, radius)
+    vector, batched = _both_routes(monkeypatch, lambda: fn(x, X, radius))
+    torch.testing.assert_close(vector, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(batched, want, rtol=1e-13, atol=1e-13)
+    monkeypatch.setattr(S, "VECTOR_NODES", True)
+    assert S._vector_case(x, X)
+    assert gradcheck(lambda a, b: fn(a, b, radius),
+                     (x.clone().requires_grad_(), X.clone().requires_grad_()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("s", [1e-8, -0.3, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 1.7, 40.0])
 @pytest.mark.parametrize("beta", [0.0, -0.6])
