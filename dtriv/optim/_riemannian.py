@@ -225,7 +225,9 @@ class RiemannianMixin:
         ``.data`` or a state entry replaced, e.g. by ``load_state_dict``) stacks the current
         values into a new buffer and re-points the parameters' ``.data`` (or the state
         entries) to its rows; the values are unchanged. Later calls check the rows' memory
-        (addresses, shapes) and return the same buffer.
+        (addresses, shapes) and return the same buffer. A new buffer replaces every cached
+        stack that shared one of its tensors, so the cache keeps at most one stack per tensor
+        (and per ``name``).
         """
         tensors = [p if name is None else self.state[p][name] for p in params]
         cache = self.__dict__.setdefault("_stacks", {})
@@ -243,6 +245,13 @@ class RiemannianMixin:
                 self.state[p][name] = row
         self._mark_on_manifold(written)
         cache[key] = buffer
+        # the stacks these rows left are stale for them: drop their entries, so that the cache
+        # holds at most one entry per tensor (buckets that change from step to step, as the
+        # parameters that get a gradient do under conditional computation, would otherwise
+        # add an entry, and keep its buffer, at every new combination)
+        ids = set(key[1])
+        for other in [k for k in cache if k[0] == name and k != key and not ids.isdisjoint(k[1])]:
+            del cache[other]
         return buffer
 
     def _on_manifold(self, params: list[Tensor]) -> bool:
