@@ -77,6 +77,49 @@ def _check_parity(kind, kw):
             assert _err(m_d.state_dict()[key], val) <= 1e-6, key
 
 
+class Holder(nn.Module):
+    """A module holding a parameter ``weight`` of a given value."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (5, 0), (0, 3, 3), (3, 0, 2)])
+@pytest.mark.parametrize("train", [True, False])
+def test_empty_weights_as_torch(shape, train):
+    """A weight with no entries (a pruned or dynamically sized layer): the same empty value
+    and gradient as torch's, in training and inference reads (the twin flattened to
+    ``(h, -1)``, which a zero-size tensor cannot infer)."""
+    results = []
+    for fn in (tp.spectral_norm, twins.spectral_norm):
+        torch.manual_seed(0)
+        m = fn(Holder(torch.zeros(shape)))
+        m.train(train)
+        w = m.weight
+        (w * 2).sum().backward()
+        results.append((w, m.parametrizations.weight.original.grad))
+    for a, b in zip(*results):
+        assert a.shape == b.shape == shape
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_zero_weight_is_not_finite_as_in_torch(train):
+    """sigma = 0: the weight and its gradient are NaN as torch's (the host formula of the
+    backward divided a Python number by zero)."""
+    results = []
+    for fn in (tp.spectral_norm, twins.spectral_norm):
+        torch.manual_seed(0)
+        m = fn(Holder(torch.zeros(3, 4)))
+        m.train(train)
+        w = m.weight
+        (w * 2).sum().backward()
+        results.append((w, m.parametrizations.weight.original.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, equal_nan=True)
+        assert a.isnan().all()
+
+
 def test_backward_through_two_forwards():
     # the GAN pattern: loss = D(real) - D(fake), u, v updated in place between the two
     m_t, m_d = _pair(lambda: nn.Linear(4, 4))

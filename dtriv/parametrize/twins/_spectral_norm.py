@@ -56,7 +56,7 @@ _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 class _DivideBySigma(torch.autograd.Function):
     r"""``(W, u, v) -> W / sigma``, :math:`\sigma = u^T W_{mat} v`, real ``W``: one node.
 
-    ``W_mat = W.reshape(h, -1)``; ``u, v`` are constants (copies taken at the forward, so a
+    ``W_mat = W.reshape(h, w)``; ``u, v`` are constants (copies taken at the forward, so a
     later in-place power-iteration step does not change this node's backward). The forward
     is torch's ``vdot(u, mv(W_mat, v))`` then ``W / sigma``, bit for bit. With
     :math:`Y = W/\sigma` and :math:`\partial\sigma/\partial W = u v^T`, the derivative is
@@ -86,7 +86,7 @@ class _DivideBySigma(torch.autograd.Function):
 
     @staticmethod
     def forward(W: Tensor, u: Tensor, v: Tensor):  # type: ignore[override]
-        sigma = torch.vdot(u, torch.mv(W.reshape(u.shape[0], -1), v))
+        sigma = torch.vdot(u, torch.mv(W.reshape(u.shape[0], v.shape[0]), v))
         return W / sigma, sigma
 
     @staticmethod
@@ -107,7 +107,7 @@ class _DivideBySigma(torch.autograd.Function):
             G = G.to_dense()
         h = u.shape[0]
         if torch.is_grad_enabled():  # differentiable recomputation for higher orders
-            sigma = torch.vdot(u, torch.mv(W.reshape(h, -1), v))
+            sigma = torch.vdot(u, torch.mv(W.reshape(h, v.shape[0]), v))
         # <G, Y> = <G, W>/sigma; gW = (G - <G, Y> u v^T)/sigma
         if (not torch.is_grad_enabled() and sigma.device.type == "cpu" and eager_context()
                 and not is_functorch_wrapped(G) and not _is_legacy_batched(G)):
@@ -115,13 +115,15 @@ class _DivideBySigma(torch.autograd.Function):
             # (addr's beta and alpha; 18 -> 12 us at 64 x 576, 60 -> 37 us at 512 x 512).
             # Not for a batched G (``autograd.grad(..., is_grads_batched=True)`` runs the
             # backward on a legacy batched tensor with no transform active), whose numbers
-            # are per batch entry.
+            # are per batch entry. A zero sigma (a zero or empty weight) takes the tensor
+            # formula below, whose non-finite values are torch's.
             s = sigma.item()
-            c = torch.vdot(G.reshape(-1), W.reshape(-1)).item() / s
-            gW = torch.addr(G.reshape(h, -1), u, v, beta=1 / s, alpha=-c / s)
-            return gW.reshape(W.shape), None, None
+            if s != 0:
+                c = torch.vdot(G.reshape(-1), W.reshape(-1)).item() / s
+                gW = torch.addr(G.reshape(h, v.shape[0]), u, v, beta=1 / s, alpha=-c / s)
+                return gW.reshape(W.shape), None, None
         c = torch.vdot(G.reshape(-1), W.reshape(-1)) / sigma
-        gW = torch.addr(G.reshape(h, -1), u, v * c, alpha=-1)
+        gW = torch.addr(G.reshape(h, v.shape[0]), u, v * c, alpha=-1)
         # out of place under torch.func: an unbatched gW cannot take a batched sigma in place
         gW = gW / sigma if transforms_active() else gW.div_(sigma)
         return gW.reshape(W.shape), None, None
@@ -131,7 +133,7 @@ class _DivideBySigma(torch.autograd.Function):
         W, u, v, sigma = ctx.saved_tensors
         if dW is None:
             return None, None
-        dsigma = torch.vdot(u, torch.mv(dW.reshape(u.shape[0], -1), v))
+        dsigma = torch.vdot(u, torch.mv(dW.reshape(u.shape[0], v.shape[0]), v))
         return (dW - W * (dsigma / sigma)) / sigma, None
 
 
@@ -216,8 +218,8 @@ class _SpectralNorm(nn.Module):
             # nothing will differentiate the value (an inference read): the node's forward
             # operations alone, on the buffers themselves (no copies, no node: about 10 of
             # 25 microseconds for a 64x64x3x3 kernel), bit for bit the same value
-            return weight / torch.vdot(self._u, torch.mv(weight.reshape(self._u.shape[0], -1),
-                                                         self._v))
+            matrix = weight.reshape(self._u.shape[0], self._v.shape[0])
+            return weight / torch.vdot(self._u, torch.mv(matrix, self._v))
         # the estimate uses clones of u, v: a backward through two forwards sees the u, v of
         # its own forward although the buffers are updated in place
         u = self._u.clone(memory_format=torch.contiguous_format)
