@@ -280,6 +280,36 @@ class _Sample:
         return self._bytes[self._index].tobytes() == self._values
 
 
+class _Copy:
+    """A whole copy of a tensor passed in place of a parameter, to tell whether it was written
+    since (:meth:`unchanged`, the interface of :class:`_Sample`).
+
+    ``torch.autograd.gradcheck`` (and any finite difference) through
+    ``torch.func.functional_call`` perturbs one entry of such a tensor at a time through
+    ``.data``, which bumps no version counter and which a sample would miss, between forwards
+    it never backpropagates: without the copy the memo would hand back the unperturbed value,
+    and the numerical Jacobian would read zero. Kept only for a plain leaf tensor that
+    requires grad and is not a parameter (what ``functional_call`` passes); a read that hits
+    costs one comparison pass over the tensor, far below the map it saves.
+    """
+
+    __slots__ = ("_tensor", "_copy")
+
+    def __init__(self, X: Tensor) -> None:
+        self._tensor = X
+        self._copy = X.detach().clone()
+
+    @staticmethod
+    def wanted(X: Tensor) -> bool:
+        """Whether ``X`` is such a tensor: a plain leaf that requires grad, not a parameter."""
+        return type(X) is Tensor and X.is_leaf and X.requires_grad
+
+    def unchanged(self) -> bool:
+        """Whether the tensor holds the values it held when copied (a NaN reads as changed:
+        the value is then recomputed)."""
+        return torch.equal(self._tensor.detach(), self._copy)
+
+
 def _unchanged(entry: tuple) -> bool:
     """Whether the samples of a memo entry are unchanged: that of ``X`` (a value without a
     graph, of a tensor :meth:`_Sample.of` samples) and that of an inference value."""
@@ -348,7 +378,10 @@ class ForwardMemo:
       of a target network) and torch's fused Adam on CPU bypass the version counter; a write
       that changes every entry changes the sample (CPU tensors; half a microsecond per read;
       a value with a graph gets no sample, since taking one costs 15 to 40 us per forward in
-      a training loop, 3 to 8% of a 64 x 64 map's forward and backward);
+      a training loop, 3 to 8% of a 64 x 64 map's forward and backward), except for a
+      plain leaf tensor passed in place of the parameter (``torch.func.functional_call``),
+      whose value is compared whole with a copy (:class:`_Copy`: ``gradcheck`` perturbs one
+      entry at a time through ``.data``);
     * backward has not consumed its graph: the node that made the value (``value.grad_fn``)
       tells when backward reaches it, which is when (``retain_graph=False``) the graph of the
       map is freed; from then on the value is not handed out (the next read drops it and
@@ -406,8 +439,8 @@ class ForwardMemo:
         #: with a weak reference (the parametrization holds both anyway);
         #: ``seen``: ``value.grad_fn`` when it records its backward
         #: itself, else the list its pre-hook appends to (``None``: not watched);
-        #: :func:`_consumed` reads either; ``sample``: the :class:`_Sample` of ``X``;
-        #: ``value_sample``: that of an inference value
+        #: :func:`_consumed` reads either; ``sample``: the :class:`_Sample` (or
+        #: :class:`_Copy`) of ``X``; ``value_sample``: that of an inference value
         self._entry: tuple | None = None
 
     def clear(self) -> None:
@@ -445,8 +478,10 @@ class ForwardMemo:
                 return value
             seen = _watch(value.grad_fn)
         # a value without a graph, which no backward drops, also checks a sample of X for
-        # writes that bump no version counter (see the class doc)
-        sample = None if value.requires_grad else _Sample.of(X)
+        # writes that bump no version counter (see the class doc),
+        # and so does a value of a tensor passed in place of the parameter, against a copy
+        sample = (_Copy(X) if _Copy.wanted(X) else None) if value.requires_grad else (
+            _Sample.of(X))
         value_sample = None
         if value.is_inference():  # no version counter shows an in-place edit of the value
             value_sample = _Sample.of(value)

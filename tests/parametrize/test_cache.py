@@ -843,3 +843,24 @@ def test_sample_index_spans_the_first_and_the_last_entry(numel):
     assert len(index) % (SAMPLE_RUN * itemsize) == 0
     assert entries[:SAMPLE_RUN] == list(range(SAMPLE_RUN))
     assert entries[-SAMPLE_RUN:] == list(range(numel - SAMPLE_RUN, numel))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_through_functional_call_with_the_memo_on(kind):
+    """``gradcheck`` through ``torch.func.functional_call`` perturbs the tensor passed in
+    place of the parameter one entry at a time through ``.data`` (no version bump) and never
+    backpropagates its finite differences: the memo compares such a tensor whole, so the
+    numerical Jacobian is the map's (it read zero), while the RNN's reads of one forward still
+    share one evaluation of the map."""
+    model = RNN(kind=kind)
+    key = "recurrent.parametrizations.weight.original"
+    X = kernel_param(model).detach().clone().requires_grad_()
+    x = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
+
+    def f(X):
+        return torch.func.functional_call(model, {key: X}, (x,))
+
+    assert torch.autograd.gradcheck(f, (X,))
+    counter = count_maps(model)
+    f(X)
+    assert counter["calls"] == 1
