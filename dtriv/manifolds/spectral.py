@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -65,8 +66,8 @@ class SpectrallyBounded(Manifold):
         lower = _check_number(lower, "lower")
         if not upper > 0 or upper == float("inf"):
             raise ValueError(f"upper: expected a finite positive number, got {upper!r}")
-        if lower < 0:
-            raise ValueError(f"lower: expected a non-negative number, got {lower!r}")
+        if not 0 <= lower < math.inf:
+            raise ValueError(f"lower: expected a finite non-negative number, got {lower!r}")
         if lower > upper:
             raise ValueError(
                 f"lower: expected lower <= upper = {upper!r}, got lower = {lower!r}"
@@ -103,10 +104,15 @@ class SpectrallyBounded(Manifold):
         return clip_singular_values(X, upper=self.upper, lower=self.lower)
 
     def proj_tangent(self, B: Tensor, V: Tensor) -> Tensor:
-        """The identity: the tangent cone at an interior point is the whole space."""
+        """The identity: the tangent cone at an interior point is the whole space. ``V`` has
+        the dtype of ``B`` and a batch shape that broadcasts with it; the result has the
+        broadcast shape (``V`` itself when the shapes are equal)."""
         self.validate(B, "B")
         self.validate(V, "V")
-        return V
+        self._check_pair(B, V, "V")
+        if V.shape == B.shape:
+            return V
+        return self._broadcast_pair(B, V)[1].clone()
 
     def _retract(self, B: Tensor, V: Tensor, method: str) -> Tensor:
         return clip_singular_values(B + V, upper=self.upper, lower=self.lower)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
 from dtriv.retractions import _lu, registry
-from dtriv.retractions._common import no_host_reads, skew, sym, upcast_half
+from dtriv.retractions._common import no_host_reads, skew, sym, upcast_half, values_checkable
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm, expm_of_skew, logm
 from dtriv.retractions.stiefel import (
     polar_factor,
@@ -225,8 +225,17 @@ class Stiefel(Manifold):
         reflection get the last singular vector flipped (selected per point, without a host
         read), with a backward that is finite unless that least singular value is repeated.
         Half precision is computed in float32.
+
+        Raises:
+            ValueError: for non-finite entries, which have no polar factor (the SVD would
+                raise or return NaN); not checked where values cannot be read on the host
+                (meta tensors, ``vmap``, tracing).
         """
         self.validate(X)
+        if (X.numel() and values_checkable(X) and not no_host_reads(X)
+                and not bool(torch.isfinite(X).all())):
+            raise ValueError("X: expected finite entries, got NaN or infinite ones: a "
+                             "non-finite matrix has no nearest point of the manifold")
         if self.special:
             return special_polar_factor(X)
         return self._t(polar_factor(self._t(X)))

@@ -17,6 +17,8 @@ that buffers shared with module replicas (``DataParallel``) see the update:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -312,7 +314,7 @@ def clip_singular_values(W: Tensor, upper: float = 1.0, lower: float = 0.0) -> T
         ``(..., n, k)``, dtype of ``W``.
 
     Raises:
-        ValueError: for ``lower < 0``, ``upper <= 0`` or ``lower > upper``.
+        ValueError: for ``lower < 0`` or infinite, ``upper <= 0`` or ``lower > upper``.
 
     Cost: one thin SVD, :math:`O(nk\min(n, k))`, plus a product of the same order; the
     backward :math:`O(nk\min(n, k))` (a few products, no second SVD).
@@ -321,8 +323,8 @@ def clip_singular_values(W: Tensor, upper: float = 1.0, lower: float = 0.0) -> T
     check_floating(W, "W")
     if not upper > 0:
         raise ValueError(f"upper: expected a positive bound, got {upper}")
-    if not lower >= 0:
-        raise ValueError(f"lower: expected a non-negative bound, got {lower}")
+    if not (lower >= 0 and math.isfinite(lower)):
+        raise ValueError(f"lower: expected a finite non-negative bound, got {lower}")
     if lower > upper:
         raise ValueError(f"lower: expected lower <= upper = {upper}, got {lower}")
     if nested_forward_ad():  # torch 2.13 does not differentiate a custom jvp here

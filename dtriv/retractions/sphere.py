@@ -1147,7 +1147,9 @@ def sphere_exp(x: Tensor, v: Tensor) -> Tensor:
     evaluated at time 1; it stays on the sphere and agrees with :math:`x + v` to first order.
     :math:`\cos t` and :math:`\sin t / t` are computed from :math:`t^2 = \|v\|^2` (power
     series for :math:`t^2 < 10^{-2}`), so the map is smooth at :math:`v = 0`, where its
-    Jacobian in ``v`` is the identity, like that of :math:`x + v`, with no NaN.
+    Jacobian in ``v`` is the identity, like that of :math:`x + v`, with no NaN. Beyond
+    :math:`\|v\|` of about :math:`1.8 \cdot 10^{19}` in float32 (:math:`1.3 \cdot 10^{154}`
+    in float64) :math:`t^2` overflows and the result is NaN.
 
     Args:
         x: ``(..., n)`` unit vectors.
@@ -1222,7 +1224,10 @@ def sphere_projective(x: Tensor, v: Tensor) -> Tensor:
 
     The nearest unit vector to :math:`x + v`; for tangent ``v`` it agrees with
     :func:`sphere_exp` to second order and is defined for every ``v``
-    (:math:`\|x + v\|^2 = 1 + \|v\|^2`).
+    (:math:`\|x + v\|^2 = 1 + \|v\|^2`). The norm is taken without rescaling (as in
+    ``torch.nn.functional.normalize``): beyond :math:`\|x + v\|` of about :math:`1.8
+    \cdot 10^{19}` in float32 (:math:`1.3 \cdot 10^{154}` in float64) its square overflows and
+    the result is zero; :meth:`dtriv.manifolds.Sphere.project` rescales.
 
     Args:
         x: ``(..., n)`` unit vectors.

@@ -118,13 +118,34 @@ def test_clip_retraction(case, gen):
         M.retract(B, V, "nope")
 
 
+def test_tangent_projection_checks_and_broadcasts_as_stiefels(gen):
+    """The identity on tangents, with Stiefel's checks: ``V`` of another dtype or of a batch
+    shape that does not broadcast is refused, naming it; a single ``V`` at a batch of points
+    gets the batch shape (a fresh tensor), and ``transport`` likewise."""
+    M = SpectrallyBounded(3, 2)
+    B = M.sample(4, generator=gen, dtype=torch.float64)
+    V = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    out = M.proj_tangent(B, V)
+    assert out.shape == (4, 3, 2) and torch.equal(out, V.expand(4, 3, 2))
+    assert out.data_ptr() != V.data_ptr()
+    assert M.transport(B[0], B, V).shape == (4, 3, 2)
+    same = torch.randn(4, 3, 2, generator=gen, dtype=torch.float64)
+    assert M.proj_tangent(B, same) is same
+    with pytest.raises(ValueError, match=r"^V: expected the dtype of B, torch.float64, got "
+                                         r"torch.float32"):
+        M.proj_tangent(B, V.float())
+    with pytest.raises(ValueError, match=r"^V: expected a shape that broadcasts with that of "
+                                         r"B, \(4, 3, 2\), got \(5, 3, 2\)"):
+        M.proj_tangent(B, torch.zeros(5, 3, 2, dtype=torch.float64))
+
+
 # ---------------------------------------------------------------------------- 6. errors
 @pytest.mark.parametrize(
     "args, match",
     [((0, 3), r"n: expected a positive integer, got 0"),
      ((3, 0), r"k: expected a positive integer, got 0"),
      ((3, 3, 1.0, 2.0), r"lower: expected lower <= upper = 1.0, got lower = 2.0"),
-     ((3, 3, 1.0, -0.5), r"lower: expected a non-negative number, got -0.5"),
+     ((3, 3, 1.0, -0.5), r"lower: expected a finite non-negative number, got -0.5"),
      ((3, 3, 0.0), r"upper: expected a finite positive number, got 0.0"),
      ((3, 3, -1.0, -2.0), r"upper: expected a finite positive number, got -1.0")],
 )

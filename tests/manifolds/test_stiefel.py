@@ -108,6 +108,20 @@ def test_project_is_nearest_point(case, gen):
         assert best <= frob(X - near).min() + 1e-13
 
 
+@pytest.mark.parametrize("M", [Stiefel(4, 2), Stiefel(2, 4), Orthogonal(3),
+                               SpecialOrthogonal(3)], ids=repr)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_project_refuses_non_finite_entries_naming_x(M, value, gen):
+    """A matrix with a non-finite entry has no polar factor: a ValueError naming ``X`` (the
+    SVD raised LAPACK's error for some shapes and returned NaN for others), also for one bad
+    point in a batch; meta tensors, which have no values, are not checked."""
+    X = M.sample(3, generator=gen, dtype=torch.float64) * 2.0
+    X[1, 0, 1] = value
+    with pytest.raises(ValueError, match=r"^X: expected finite entries, got NaN or infinite"):
+        M.project(X)
+    assert M.project(X.to("meta")).shape == X.shape
+
+
 def test_so_project_fixes_the_determinant(gen):
     M = SpecialOrthogonal(5)
     R = M.sample(generator=gen, dtype=F64)

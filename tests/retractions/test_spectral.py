@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -269,7 +271,9 @@ def test_estimate_gradcheck_complex(randn):
 
 @pytest.mark.parametrize(
     "upper, lower, match",
-    [(0.0, 0.0, "^upper: expected a positive"), (1.0, -0.1, "^lower: expected a non-negative"),
+    [(0.0, 0.0, "^upper: expected a positive"),
+     (1.0, -0.1, "^lower: expected a finite non-negative bound, got -0.1"),
+     (math.inf, math.inf, "^lower: expected a finite non-negative bound, got inf"),
      (1.0, 2.0, r"^lower: expected lower <= upper")],
 )
 def test_clip_bound_checks(upper, lower, match):
