@@ -180,6 +180,17 @@ def resolve_retraction(spec: Any, manifold: Manifold) -> str:
     return spec
 
 
+def _storable_spec(spec: Any) -> Any:
+    """A group's ``retraction`` entry with the class keys of a mapping replaced by their names
+    (:func:`resolve_retraction` looks up both), as ``torch.load(weights_only=True)`` reads it."""
+    if isinstance(spec, Mapping) and any(isinstance(key, type) for key in spec):
+        # a class key wins over its name, as in the lookup: written last
+        items = sorted(spec.items(), key=lambda item: isinstance(item[0], type))
+        return {key.__name__ if isinstance(key, type) else key: _storable_spec(value)
+                for key, value in items}
+    return spec
+
+
 def _unhooked_step(cls: type) -> Callable:
     """``cls.step`` without the profiling/hook layer torch adds to optimizer classes.
 
@@ -285,9 +296,14 @@ class RiemannianMixin:
         parameters, group after group) of the parameters that still hold the point this
         optimizer wrote (see :meth:`_on_manifold`), so that a run resumed from it takes the
         same (fused) steps as one never interrupted, bit for bit. A top-level entry: the
-        per-parameter states stay torch's, whatever the state-dict hooks do with them."""
+        per-parameter states stay torch's, whatever the state-dict hooks do with them. A
+        group's ``retraction`` mapping is stored with class names for its class keys (which
+        select the same retractions), so that ``torch.load`` reads it with its default
+        ``weights_only=True``, which refuses classes."""
         packed = super().state_dict()  # type: ignore[misc]
         packed["on_manifold"] = [i for i, p in enumerate(self._params()) if self._on_manifold([p])]
+        for group in packed["param_groups"]:  # (torch's packed groups are copies)
+            group["retraction"] = _storable_spec(group.get("retraction"))
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -297,9 +313,22 @@ class RiemannianMixin:
         fused QR tests the points themselves in any case
         (:func:`dtriv.optim._stiefel.near_orthonormal`)."""
         flagged = state_dict.get("on_manifold", ())
+        params = self._params()
+        for index, entries in state_dict.get("state", {}).items():
+            if isinstance(index, int) and 0 <= index < len(params) and isinstance(entries, dict):
+                manifold = manifold_of(params[index])
+                if manifold is not None:
+                    self._check_loaded_state(params[index], manifold, entries, index)
         super().load_state_dict(state_dict)  # type: ignore[misc]
         params = self._params()
         self._mark_on_manifold([params[i] for i in flagged if 0 <= i < len(params)])
+
+    def _check_loaded_state(self, p: Tensor, manifold: Manifold, entries: dict[str, Any],
+                            index: int) -> None:
+        """``ValueError`` naming a state entry of the manifold parameter ``p`` (number
+        ``index``) in a state dict about to be loaded that this optimizer cannot use (the
+        subclasses' checks: a state saved by another optimizer, say), before anything is
+        loaded."""
 
     def _params(self) -> list[Tensor]:
         """The parameters in torch's state-dict numbering (group after group)."""
@@ -320,7 +349,17 @@ class RiemannianMixin:
         if not clear_grads(self, set_to_none):  # type: ignore[arg-type]
             super().zero_grad(set_to_none)  # type: ignore[misc]
 
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """``ValueError`` naming a hyperparameter of ``group`` (its values over the defaults)
+        that is out of range (the subclasses' checks)."""
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Torch's ``add_param_group``, after the checks of the group's hyperparameters (the
+        values it sets, over the defaults: the constructor's checks, which torch does not make
+        for a group's own values), its ``retraction`` and ``stabilize``; real manifold
+        parameters only."""
+        if isinstance(param_group, dict):
+            self._check_hyperparameters({**self.defaults, **param_group})
         param_group.setdefault("retraction", self._default_retraction_spec)
         param_group.setdefault("stabilize", self._default_stabilize)
         param_group.setdefault("step", 0)

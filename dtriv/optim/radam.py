@@ -112,13 +112,8 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_nonnegative(eps, "eps")
-        check_nonnegative(weight_decay, "weight_decay")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        check_unit_interval(betas[0], "betas[0]")
-        check_unit_interval(betas[1], "betas[1]")
+        self._check_hyperparameters(dict(lr=lr, betas=betas, eps=eps,
+                                         weight_decay=weight_decay))
         self._default_retraction_spec = retraction
         self._default_stabilize = stabilize
         super().__init__(
@@ -133,6 +128,36 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         )
         # kept in ``defaults`` (which pickling and deepcopy keep) for groups added later
         self.defaults.update(retraction=retraction, stabilize=stabilize)
+
+    @staticmethod
+    def _check_hyperparameters(group: dict[str, Any]) -> None:
+        """``ValueError`` naming the first of the group's ``lr``, ``betas`` (a pair in
+        ``[0, 1)``), ``eps`` and ``weight_decay`` that is out of range: for the constructor's
+        arguments and for each group added, whose own values torch does not check."""
+        check_lr(group["lr"])
+        check_nonnegative(group["eps"], "eps")
+        check_nonnegative(group["weight_decay"], "weight_decay")
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+        check_unit_interval(betas[0], "betas[0]")
+        check_unit_interval(betas[1], "betas[1]")
+
+    def _check_loaded_state(self, p: torch.Tensor, manifold: Any, entries: dict[str, Any],
+                            index: int) -> None:
+        """The second moments of a manifold parameter are one number per point: a state
+        with others (``torch.optim.Adam``'s, one per entry) is refused, naming the entry,
+        before anything is loaded."""
+        point_dims = len(manifold.shape)
+        shape = tuple(p.shape[: p.ndim - point_dims]) + (1,) * point_dims
+        for name in ("exp_avg_sq", "max_exp_avg_sq"):
+            value = entries.get(name)
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"state_dict: expected state[{index}][{name!r}] of shape {shape} (one "
+                    f"second moment per point of {manifold!r}), got {tuple(value.shape)}: "
+                    "a state saved by another optimizer?"
+                )
 
     def _update_bucket(self, group: dict[str, Any], bucket: Bucket) -> None:
         manifold, params = bucket.manifold, bucket.params

@@ -104,14 +104,8 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_nonnegative(momentum, "momentum")
-        check_nonnegative(weight_decay, "weight_decay")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(
-                "nesterov: expected momentum > 0 and dampening = 0 with nesterov=True, "
-                f"got momentum={momentum}, dampening={dampening}"
-            )
+        self._check_hyperparameters(dict(lr=lr, momentum=momentum, dampening=dampening,
+                                         weight_decay=weight_decay, nesterov=nesterov))
         self._default_retraction_spec = retraction
         self._default_stabilize = stabilize
         super().__init__(
@@ -126,6 +120,24 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         )
         # kept in ``defaults`` (which pickling and deepcopy keep) for groups added later
         self.defaults.update(retraction=retraction, stabilize=stabilize)
+
+    @staticmethod
+    def _check_hyperparameters(group: dict[str, Any]) -> None:
+        """``ValueError`` naming the first of the group's ``lr``, ``momentum``,
+        ``dampening`` (in ``[0, 1]``), ``weight_decay`` and ``nesterov`` (momentum > 0 and
+        no dampening) that is out of range: for the constructor's arguments and for each
+        group added, whose own values torch does not check."""
+        check_lr(group["lr"])
+        check_nonnegative(group["momentum"], "momentum")
+        check_nonnegative(group["dampening"], "dampening")
+        if not float(group["dampening"]) <= 1.0:
+            raise ValueError(f"dampening: expected a number in [0, 1], got {group['dampening']!r}")
+        check_nonnegative(group["weight_decay"], "weight_decay")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                "nesterov: expected momentum > 0 and dampening = 0 with nesterov=True, "
+                f"got momentum={group['momentum']}, dampening={group['dampening']}"
+            )
 
     def _update_bucket(self, group: dict[str, Any], bucket: Bucket) -> None:
         manifold, params = bucket.manifold, bucket.params

@@ -3,6 +3,8 @@ against explicit formulas, batching of equal manifolds, state dicts and argument
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 
 import pytest
@@ -268,6 +270,59 @@ def test_state_dict_resume_is_bit_for_bit():
     assert torch.equal(q.detach(), ref.detach())
 
 
+def test_a_class_keyed_retraction_mapping_is_saved_for_weights_only_loading():
+    """A group's ``retraction`` mapping keyed by manifold classes (a class key over its
+    name's) is stored with class names: the state dict loads with ``torch.load``'s default
+    ``weights_only=True`` and the resumed run equals the uninterrupted one bit for bit."""
+    import io
+
+    M = Stiefel(6, 3)
+    X0 = M.sample(generator=_gen(3), dtype=DT)
+    f = _problem((6, 3), seed=4)
+    spec = {"Stiefel": "cayley", Stiefel: "qr", Sphere: "projective"}
+    ref = ManifoldParameter(X0.clone(), M)
+    o_ref = RiemannianAdam([ref], lr=0.05, retraction=spec)
+    _run(ref, o_ref, f, 10)
+    p = ManifoldParameter(X0.clone(), M)
+    o = RiemannianAdam([p], lr=0.05, retraction=spec)
+    _run(p, o, f, 4)
+    buf = io.BytesIO()
+    torch.save(o.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)  # weights_only=True
+    assert saved["param_groups"][0]["retraction"] == {"Stiefel": "qr", "Sphere": "projective"}
+    assert o.param_groups[0]["retraction"] is spec  # the live group keeps its classes
+    q = ManifoldParameter(p.detach().clone(), M)
+    o2 = RiemannianAdam([q], lr=0.05)
+    o2.load_state_dict(saved)
+    _run(q, o2, f, 6)
+    assert torch.equal(q.detach(), ref.detach())
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_state_saved_by_torchs_adam_is_refused_before_loading(count):
+    """torch's Adam keeps one second moment per entry, RiemannianAdam one per point: loading
+    the former raises a ValueError naming the entry and its expected shape (it was accepted,
+    then ``step`` failed in a reshape), and leaves the optimizer's own state as it was."""
+    M = Stiefel(6, 3)
+    ps = [ManifoldParameter(M.sample(generator=_gen(i), dtype=DT), M) for i in range(count)]
+    f = _problem((6, 3), seed=2)
+    plain = torch.optim.Adam(ps, lr=0.01)
+    opt = RiemannianAdam(ps, lr=0.01)
+    for o in (plain, opt):
+        o.zero_grad()
+        sum(f(p) for p in ps).backward()
+        o.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"^state_dict: expected state\[0\]\['exp_avg_sq'\] "
+                                         r"of shape \(1, 1\) .* got \(6, 3\)"):
+        opt.load_state_dict(plain.state_dict())
+    after = opt.state_dict()
+    for i in range(count):
+        for key, value in before["state"][i].items():
+            assert torch.equal(after["state"][i][key], value), key
+
+
 def test_bad_arguments_name_the_argument():
     p = ManifoldParameter(Sphere(3).sample(generator=_gen(0)), Sphere(3))
     with pytest.raises(ValueError, match=r"lr: expected a non-negative .*got -0.1"):
@@ -285,6 +340,39 @@ def test_bad_arguments_name_the_argument():
     g = geoopt.ManifoldParameter(torch.tensor([1.0, 0.0, 0.0]), manifold=geoopt.Sphere())
     with pytest.raises(ValueError, match=r"params: expected plain tensors or dtriv"):
         RiemannianAdam([g])
+
+
+@pytest.mark.parametrize("algo,values,match", [
+    (RiemannianSGD, dict(lr=-1.0), r"^lr: expected a non-negative .*got -1.0"),
+    (RiemannianSGD, dict(momentum=-1.0), r"^momentum: expected a non-negative"),
+    (RiemannianSGD, dict(momentum=0.9, dampening=-1.0), r"^dampening: expected a non-neg"),
+    (RiemannianSGD, dict(momentum=0.9, dampening=1.5),
+     r"^dampening: expected a number in \[0, 1\], got 1.5"),
+    (RiemannianSGD, dict(nesterov=True), r"^nesterov: expected momentum > 0"),
+    (RiemannianSGD, dict(weight_decay=math.inf), r"^weight_decay: expected a non-negative"),
+    (RiemannianAdam, dict(lr=-1.0), r"^lr: expected a non-negative"),
+    (RiemannianAdam, dict(betas=(1.5, 0.9)), r"^betas\[0\]: expected a number in \[0, 1\)"),
+    (RiemannianAdam, dict(betas=0.9), r"^betas: expected a pair"),
+    (RiemannianAdam, dict(eps=-1e-8), r"^eps: expected a non-negative"),
+])
+@pytest.mark.parametrize("where", ["constructor", "group", "add_param_group"])
+def test_hyperparameters_are_checked_wherever_they_are_given(algo, values, match, where):
+    """A value out of range raises the same ``ValueError``, naming it, whether it is a
+    constructor argument, a group's own value or that of a group added later (torch checks
+    only the constructor's), and the optimizer keeps no group that failed the check."""
+    p = ManifoldParameter(Sphere(3).sample(generator=_gen(0)), Sphere(3))
+    q = ManifoldParameter(Sphere(3).sample(generator=_gen(1)), Sphere(3))
+    with pytest.raises(ValueError, match=match):
+        if where == "constructor":
+            algo([p], **values)
+        elif where == "group":
+            algo([{"params": [p], **values}])
+        else:
+            opt = algo([p])
+            try:
+                opt.add_param_group({"params": [q], **values})
+            finally:
+                assert len(opt.param_groups) == 1
 
 
 @pytest.mark.parametrize("algo,key", [(RiemannianSGD, "momentum_buffer"),
