@@ -13,9 +13,10 @@ torch's), this package adds
   parametrization through torch's ``cached()``;
 * drop-in twins of :mod:`torch.nn.utils.parametrizations`: :func:`orthogonal`,
   :func:`spectral_norm`, :func:`weight_norm` (and :func:`weight_norm_init_`);
-* torch's :func:`register_parametrization`, :func:`remove_parametrizations`,
-  :func:`cached` and :func:`is_parametrized`, so that one import serves the workflow of
-  PyTorch's parametrizations tutorial.
+* torch's :func:`register_parametrization` (which names the tensor in a
+  :class:`Trivialization`'s errors), :func:`remove_parametrizations`, :func:`cached` and
+  :func:`is_parametrized`, so that one import serves the workflow of PyTorch's
+  parametrizations tutorial.
 """
 
 from dtriv.parametrize.cache import (
@@ -25,12 +26,12 @@ from dtriv.parametrize.cache import (
     cached,
     is_parametrized,
     memoize,
-    register_parametrization,
     remove_parametrizations,
 )
 from dtriv.parametrize.constrain import (
     constrain,
     refresh,
+    register_parametrization,
     spectrally_bounded,
     sphere,
     trivializations,

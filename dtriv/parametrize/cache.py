@@ -70,7 +70,6 @@ from torch.nn.utils import parametrize as torch_parametrize
 from torch.nn.utils.parametrize import (
     cached,
     is_parametrized,
-    register_parametrization,
     remove_parametrizations,
 )
 
@@ -83,7 +82,6 @@ __all__ = [
     "cached",
     "is_parametrized",
     "memoize",
-    "register_parametrization",
     "remove_parametrizations",
 ]
 

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrize import is_parametrized, register_parametrization
+from torch.nn.utils.parametrize import is_parametrized
+from torch.nn.utils.parametrize import register_parametrization as _torch_register
 
 from dtriv.manifolds import Manifold, SpectrallyBounded, Sphere
 from dtriv.parametrize.cache import clear_memos_on_load, install_fast_read
@@ -180,6 +181,22 @@ def spectrally_bounded(
     )
 
 
+def register_parametrization(module: nn.Module, tensor_name: str, parametrization: nn.Module,
+                             *, unsafe: bool = False) -> nn.Module:
+    """torch's :func:`~torch.nn.utils.parametrize.register_parametrization` (the workflow of
+    PyTorch's parametrizations tutorial); a :class:`~dtriv.parametrize.Trivialization`
+    registered through it names ``tensor_name`` in its errors, as with :func:`constrain`
+    (rather than ``value``)."""
+    if isinstance(parametrization, Trivialization) and parametrization.tensor_name == "value":
+        parametrization.tensor_name = tensor_name
+    return _torch_register(module, tensor_name, parametrization, unsafe=unsafe)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
 def trivializations(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
     """Yield ``(module, name, parametrization)`` for every dynamic trivialization of ``model``.
 
@@ -190,6 +207,11 @@ def trivializations(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Modul
     first-in-list :class:`~dtriv.parametrize.Trivialization` and its parameter, which a
     ``deepcopy`` of the model or a direct ``register_parametrization`` does not set.
     """
+    _check_model(model)
+    return _trivializations(model)
+
+
+def _trivializations(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
     for module in model.modules():
         if not is_parametrized(module):
             continue

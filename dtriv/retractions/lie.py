@@ -112,8 +112,8 @@ def _raise_near_minus_one(Q: Tensor, name: str, bad: Tensor, tol: float,
         if det < 0:
             msg += (
                 f"; det({name}) = {float(det):.6f}: a real orthogonal matrix with det -1 always "
-                "has the eigenvalue -1 and has no real logarithm (flip the sign of one column "
-                "to reach det +1)"
+                "has the eigenvalue -1, so neither the exponential nor the Cayley map of a real "
+                "skew matrix reaches it (flip the sign of one column to reach det +1)"
             )
     msg += detail + "; the map is singular (its inverse is unbounded) at eigenvalue -1"
     raise ValueError(msg)

@@ -88,6 +88,27 @@ def test_shape_mismatch_names_expected_and_got():
         layer.weight = torch.zeros(4, 5, dtype=F64)
 
 
+def test_a_trivialization_registered_directly_names_its_tensor():
+    """Registered through ``register_parametrization`` (the tutorial's workflow), as through
+    ``constrain``: the errors name the tensor, not ``value``."""
+    import dtriv
+
+    for register in (dtriv.register_parametrization, dtriv.parametrize.register_parametrization):
+        layer = nn.Linear(3, 5)
+        register(layer, "weight", Trivialization(Stiefel(5, 3)))
+        with pytest.raises(ValueError, match=r"^weight: expected a tensor of shape \(5, 3\)"):
+            layer.weight = torch.zeros(5, 4)
+
+
+@pytest.mark.parametrize("name", ["refresh", "trivializations", "memoize"])
+def test_model_functions_refuse_what_is_not_a_module(name):
+    import dtriv
+
+    fn = getattr(dtriv.parametrize, name)
+    with pytest.raises(ValueError, match=r"^model: expected a torch.nn.Module, got list"):
+        fn([nn.Linear(2, 2)])
+
+
 def test_dtype_mismatch_on_assignment():
     layer = constrained()
     with pytest.raises(ValueError, match="weight: expected dtype torch.float64, got torch.float32"):

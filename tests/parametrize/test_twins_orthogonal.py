@@ -184,12 +184,15 @@ def test_assignment_of_non_orthogonal_orthogonalizes_by_qr():
     assert _err(m.weight, Q) <= 1e-10
 
 
-def test_assignment_of_a_reflection_raises():
-    # a real orthogonal matrix with det -1 has no real logarithm
-    m = twins.orthogonal(Holder((4, 4), torch.float64), use_trivialization=False)
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley"])
+def test_assignment_of_a_reflection_raises(orthogonal_map):
+    # a real orthogonal matrix with det -1 has the eigenvalue -1: neither map reaches it
+    m = twins.orthogonal(Holder((4, 4), torch.float64), orthogonal_map=orthogonal_map,
+                         use_trivialization=False)
     with pytest.raises(ValueError, match=r"^the assigned weight \(Q below, orthogonalized\) is "
-                                         r"not reached by the matrix_exp map.*: Q: expected a "
-                                         r"matrix without eigenvalue -1"):
+                                         rf"not reached by the {orthogonal_map} map.*: Q: "
+                                         r"expected a matrix without eigenvalue -1.*neither the "
+                                         r"exponential nor the Cayley map"):
         m.weight = torch.diag(torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=torch.float64))
 
 
