@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .config import ConfigError
+
 __all__ = [
     "MANIFOLDS",
     "INITS",
@@ -109,7 +111,9 @@ def constrain_kernel(linear: nn.Linear, manifold, retraction: str, dynamic: bool
                 try:
                     linear.weight = W0
                 except ValueError as err:  # W0 outside the image of the map at I
-                    raise ValueError(
+                    # a combination of keys that cannot run: a config error (one line in a
+                    # sweep's summary, exit status 2), found only once the kernel is drawn
+                    raise ConfigError(
                         f"model.init = {init!r} with model.retraction = {retraction!r} and "
                         "optim.K = inf (a static map at the identity): the initial kernel is "
                         f"not in the map's image ({err}); use a finite optim.K (the base "

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train every combination of the [sweep] table")
     _add_common(p)
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="runs in parallel (processes)")
     p.add_argument("--print-commands", action="store_true",
                    help="print one `run` command per combination instead of running")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
@@ -83,11 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="short copying-task sweep (2 retractions x 2 K) + report")
     p.add_argument("--output", default="results", help="results folder (default: results)")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--jobs", type=_positive_int, default=min(2, os.cpu_count() or 1),
                    help="runs in parallel (default: 2, or 1 on a machine with one CPU)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change one key of the demo's configuration (e.g. train.steps=100)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """``--jobs``: a positive integer (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -201,6 +201,12 @@ def _task_line(g: Group) -> str:
     return f"Task: {task['name']}{size}. Baseline loss: **{base:.4f}** ({base_name})"
 
 
+def _ratio(value: float) -> str:
+    """A loss ratio: three decimals, or three significant digits in scientific notation
+    beyond 1000 (a diverging run's ratio would otherwise print dozens of digits)."""
+    return f"{value:.3f}x" if abs(value) < 1e3 else f"{value:.3g}x"
+
+
 def summary_table(groups: list[Group]) -> str:
     """The markdown of ``summary.md``."""
     lines = ["# Summary", ""]
@@ -223,7 +229,7 @@ def summary_table(groups: list[Group]) -> str:
             base, _ = g.baseline()
             final_cell, final_ms = _final_loss(g)
             ok = g.finished  # a diverged run's last finite values would mislead
-            ratio = f"{final_ms[0] / base:.3f}x" if final_ms and base > 0 else "–"
+            ratio = _ratio(final_ms[0] / base) if final_ms and base > 0 else "–"
             steps = sorted({r.records[-1]["step"] for r in g.runs if r.records})
             warnings = g.warnings()
             flag = " (*)" if warnings else ""

@@ -15,6 +15,7 @@ stops as on Ctrl-C, and the worker exits instead of taking the queued runs.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shlex
@@ -27,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from .config import Run
+from .config import Run, tomllib
 
 __all__ = ["Terminated", "commands", "run_all", "terminate_as_interrupt"]
 
@@ -51,8 +52,14 @@ def terminate_as_interrupt() -> Any:
 
 
 def _value(v: Any) -> str:
+    """``v`` as ``--set`` reads it back: a string that would read as another TOML value
+    (``2024``, ``true``, ``inf``, a date) as a quoted TOML string, other strings as they are."""
     if isinstance(v, str):
-        return v
+        try:
+            tomllib.loads(f"v = {v}")
+        except tomllib.TOMLDecodeError:
+            return v  # read back as the string itself
+        return json.dumps(v)  # a TOML basic string (JSON's escapes are TOML's)
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float) and v == float("inf"):

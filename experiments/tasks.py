@@ -98,6 +98,8 @@ class Task:
     baseline: float
     baseline_name: str
     has_test_set: bool = False
+    #: whether :meth:`loss` returns an accuracy (``None`` otherwise: a regression)
+    has_accuracy: bool = True
 
     def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -151,6 +153,7 @@ class AddingTask(Task):
     output = "last"
     baseline = ADDING_BASELINE
     baseline_name = "predict 1: Var = 1/6"
+    has_accuracy = False
 
     def __init__(self, length: int, seed: int, device: torch.device | str = "cpu") -> None:
         super().__init__(seed, device)

@@ -170,7 +170,8 @@ def _run_lock(directory: Path, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    created = not directory.exists()
+    # the folders this call creates, deepest first (the run's, and the experiment's when new)
+    created = [folder for folder in (directory, *directory.parents) if not folder.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     while True:
@@ -200,11 +201,12 @@ def _run_lock(directory: Path, enabled: bool = True) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)
-        if created:  # a run that wrote nothing (a data error, say) leaves no empty folder
+        # a run that wrote nothing (a data error, say) leaves no empty folder
+        for folder in created:
             try:
-                directory.rmdir()
-            except OSError:  # not empty: the run's files
-                pass
+                folder.rmdir()
+            except OSError:  # not empty: the run's files, or another run's folder
+                break
 
 
 def resolve_device(name: str) -> torch.device:
@@ -454,6 +456,27 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
             })
         checkpoint_step = step
 
+    def log_record(evaluate_now: bool) -> None:
+        """Log the mean loss (and accuracy) since the last record, the constraint error and
+        the time at ``step``, with the test metrics when ``evaluate_now``."""
+        nonlocal acc, best, record
+        mean_loss, mean_acc = info.all_reduce_mean(
+            [acc["loss"] / acc["n"], acc["accuracy"] / acc["n"]])
+        if not math.isfinite(mean_loss):  # a rank's loss (torchrun; see below)
+            raise diverged(step, f"mean loss is {mean_loss}", mean_loss)
+        record = {"step": step, "loss": mean_loss,
+                  "accuracy": mean_acc if task.has_accuracy else None,
+                  "constraint_error": backend.constraint_error(model),
+                  "seconds": elapsed}
+        if evaluate_now:
+            record["test_loss"], record["test_accuracy"] = evaluate(
+                model, task, tcfg["eval_batch"])
+        best = min(best, mean_loss)  # finite: checked above
+        log.append(record)
+        acc = {"loss": 0.0, "accuracy": 0.0, "n": 0}
+        bar.update(step, loss=mean_loss, baseline=task.baseline,
+                   acc=record["accuracy"], err=record["constraint_error"])
+
     bar = ProgressBar(steps, desc=f"{cfg['name']}/{run.name}", start=step,
                       enabled=progress and info.is_main)
     record: dict[str, Any] = {}
@@ -488,26 +511,16 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
             evaluate_now = task.has_test_set and (
                 step == steps or (tcfg["eval_every"] and step % tcfg["eval_every"] == 0))
             if step % tcfg["log_every"] == 0 or step == steps or evaluate_now:
-                mean_loss, mean_acc = info.all_reduce_mean(
-                    [acc["loss"] / acc["n"], acc["accuracy"] / acc["n"]])
-                if not math.isfinite(mean_loss):  # a rank's loss (torchrun; see above)
-                    raise diverged(step, f"mean loss is {mean_loss}", mean_loss)
-                record = {"step": step, "loss": mean_loss,
-                          "accuracy": mean_acc if accuracy is not None else None,
-                          "constraint_error": backend.constraint_error(model),
-                          "seconds": elapsed}
-                if evaluate_now:
-                    record["test_loss"], record["test_accuracy"] = evaluate(
-                        model, task, tcfg["eval_batch"])
-                best = min(best, mean_loss)  # finite: checked above
-                log.append(record)
-                acc = {"loss": 0.0, "accuracy": 0.0, "n": 0}
-                bar.update(step, loss=mean_loss, baseline=task.baseline,
-                           acc=record["accuracy"], err=record["constraint_error"])
+                log_record(evaluate_now)
             if step % tcfg["checkpoint_every"] == 0 and step < steps:
                 save(finished=False)
             if callback is not None:
                 callback(step)
+        if acc["n"]:
+            # resumed from a checkpoint at the last step (train.steps lowered to its step on
+            # --resume) that fell between two log steps: the end-of-run record and test
+            # evaluation of an uninterrupted run to this step, from the saved accumulators
+            log_record(task.has_test_set)
         save(finished=True)
     if not info.is_main:  # rank 0 alone logs, and reports the final record
         return {}

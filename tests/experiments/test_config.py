@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 
@@ -126,7 +127,40 @@ def test_print_commands_reproduce_the_sweep(write_config, capsys):
     assert capsys.readouterr().out.splitlines() == lines
 
 
-def test_parse_override():
+def test_print_commands_quote_strings_that_would_read_as_other_values(write_config):
+    """A swept string that reads as another TOML value (a folder named ``2024`` or ``true``,
+    ``inf``, a date) or holds quotes is printed as a quoted TOML string, so that the command
+    reads it back as that string; plain strings stay unquoted."""
+    plain = load_config(write_config())
+    base = {k: v for k, v in plain.config.items() if k in ("model", "optim", "train")}
+    values = ["2024", "true", "inf", "1979-05-27", 'data "q" dir', "data/mnist", "a b"]
+    path = write_config("pixels.toml", base=base, task={"name": "mnist", "path": "x"},
+                        sweep={"task.path": values})
+    runs = expand_sweep(path)
+    lines = commands(runs, str(path))
+    for line, run, value in zip(lines, runs, values):
+        argv = shlex.split(line)
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        assert f"task.path={value}" in sets or f"task.path={json.dumps(value)}" in sets
+        again = load_config(path, sets)
+        assert again.config["task"]["path"] == value
+        assert again.config == run.config and again.directory == run.directory
+    assert "--set task.path=data/mnist" in lines[values.index("data/mnist")]
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2", "two"])
+@pytest.mark.parametrize("command", ["sweep", "demo"])
+def test_jobs_must_be_a_positive_integer(write_config, capsys, jobs, command):
+    args = [command, str(write_config())] if command == "sweep" else [command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--jobs", jobs, "--print-commands"] if command == "sweep"
+             else [*args, "--jobs", jobs])
+    assert exit_info.value.code == 2
+    assert f"argument --jobs: expected a positive integer, got '{jobs}'" in (
+        capsys.readouterr().err)
+
+
+
     assert parse_override("optim.K=10") == ("optim.K", 10)
     assert parse_override("retraction=cayley") == ("model.retraction", "cayley")
     assert parse_override("task.permuted=true") == ("task.permuted", True)

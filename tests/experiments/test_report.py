@@ -11,7 +11,7 @@ from matplotlib import image
 from experiments.checkpoint import MetricsLog, write_json
 from experiments.cli import main
 from experiments.config import expand_sweep, load_config
-from experiments.report import mean_std, report
+from experiments.report import _ratio, mean_std, report
 from experiments.sweep import run_all
 
 PNGS = ("loss.png", "constraint_error.png", "time_per_step.png")
@@ -41,6 +41,14 @@ def test_mean_std():
     assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert mean_std([4.0]) == (4.0, 0.0)
     assert mean_std([None, float("nan")]) is None
+
+
+def test_loss_ratios_stay_short():
+    """The "vs baseline" cell: three decimals, or three significant digits beyond 1000 (a
+    diverging run's ratio printed 34 digits)."""
+    assert _ratio(0.5) == "0.500x" and _ratio(999.9) == "999.900x"
+    assert _ratio(8495278144364539457913975996416.0) == "8.5e+30x"
+    assert _ratio(1234.5) == "1.23e+03x"
 
 
 def test_report_summary_and_plots(write_config):

@@ -18,7 +18,7 @@ from experiments import checkpoint as ckpt_mod
 from experiments import train as train_mod
 from experiments.checkpoint import MetricsLog, load_checkpoint, read_jsonl, save_checkpoint
 from experiments.cli import _resume_command, build_parser, main
-from experiments.config import load_config
+from experiments.config import ConfigError, load_config
 from experiments.distributed import DistInfo, from_env, gloo_interface, loopback_interface
 from experiments.progress import ProgressBar, format_duration
 from experiments.train import (
@@ -302,6 +302,37 @@ def test_resume_with_set_steps_extends_the_run_in_place(write_config, tmp_path):
     assert [r["step"] for r in metrics(longer.directory)] == [5, 10, 15, 20]
 
 
+@pytest.mark.parametrize("task", ["copying", "digits"])
+def test_resume_with_steps_lowered_to_the_checkpoint_ends_the_run_there(write_config, tmp_path,
+                                                                        task):
+    """A run killed after a checkpoint that fell between two log steps, resumed with
+    ``train.steps`` lowered to the checkpoint's step: the log and ``final.json`` end as those
+    of a run of that many steps (the end-of-run record from the saved accumulators, and the
+    final test evaluation); the loop ran no step, so they were missing."""
+    changes = {"train": {"log_every": 7, "checkpoint_every": 10}}
+    if task == "digits":
+        base = {k: v for k, v in load_config(write_config()).config.items()
+                if k in ("model", "optim", "train")}
+        path = write_config(base=base, task={"name": "digits", "permuted": True},
+                            train={"log_every": 7, "checkpoint_every": 10, "eval_batch": 512,
+                                   "batch": 4})
+    else:
+        path = write_config(**changes)
+    run = load_config(path, output=str(tmp_path / "a"))
+    with pytest.raises(Crash):
+        train(run, progress=False, callback=crash_at(12))  # checkpoint at 10, log at 7
+    resumed = load_config(path, ["train.steps=10"], output=str(tmp_path / "a"))
+    final = train(resumed, resume=True, progress=False)
+    reference = load_config(path, ["train.steps=10"], output=str(tmp_path / "ref"))
+    final_ref = train(reference, progress=False)
+    assert metrics(resumed.directory) == metrics(reference.directory)
+    assert [r["step"] for r in metrics(resumed.directory)] == [7, 10]
+    if task == "digits":
+        assert metrics(resumed.directory)[-1]["test_accuracy"] is not None
+    for key in ("step", "loss", "best_loss", "test_accuracy"):
+        assert final.get(key) == final_ref.get(key), key
+
+
 def test_progress_bar_shows_step_loss_and_constraint_error(write_config):
     stream = io.StringIO()
     bar = ProgressBar(40, desc="demo", stream=stream, interval=0.0)
@@ -487,9 +518,15 @@ def test_a_data_error_leaves_no_empty_run_folder(write_config, tmp_path):
             if k in ("model", "optim", "train")}
     run = load_config(write_config(base=base, task={"name": "mnist",
                                                     "path": str(tmp_path / "absent")}))
+    assert not run.directory.parent.exists()
     with pytest.raises((FileNotFoundError, ValueError)):
         train(run, progress=False)
     assert not run.directory.exists()
+    assert not run.directory.parent.exists()  # nor the experiment's folder it would have made
+    main(["run", str(write_config(base=base, task={"name": "mnist",
+                                                   "path": str(tmp_path / "absent")})),
+          "--no-progress"])
+    assert not run.directory.parent.exists()
 
 
 def test_the_data_path_may_change_on_resume():
@@ -506,9 +543,10 @@ def test_a_model_that_cannot_be_built_leaves_the_run_folder_alone(write_config):
     # the identity (angles below pi/2): the build fails, before anything is written or deleted
     path = write_config(optim={"K": "inf"}, model={"retraction": "qr"})
     run = load_config(path)
-    with pytest.raises(ValueError, match="not in the map's image"):
+    with pytest.raises(ConfigError, match="not in the map's image"):
         train(run, progress=False)
     assert not run.directory.exists()
+    assert main(["run", str(path), "--no-progress"]) == 2  # a config error, in one line
     run.directory.mkdir(parents=True)
     (run.directory / "notes.txt").write_text("mine")
     (run.directory / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
