@@ -126,9 +126,19 @@ def _rdot_fast(x: Tensor, y: Tensor) -> Tensor:
     return (x * y).sum(-1, keepdim=True)
 
 
+#: the angle below which :func:`_cos_sinc_values` takes :math:`\sin t/t` at this angle (1
+#: to rounding in float32 and float64 alike): :math:`0/0` at :math:`t = 0`
+_TINY_ANGLE = 1e-30
+
+
 def _cos_sinc_values(t: Tensor) -> tuple[Tensor, Tensor]:
-    r""":math:`\cos t` and :math:`\sin t/t` (values, not differentiable at 0)."""
-    return torch.cos(t), torch.sinc(t * (1 / math.pi))
+    r""":math:`\cos t` and :math:`\sin t/t` (values, not differentiable at 0), both of the
+    same angle, so that :math:`\cos^2 t + (t \operatorname{sinc} t)^2 = 1` to rounding at
+    every angle. (``torch.sinc(t / pi)`` rounds the angle :math:`t/\pi`: an error of
+    :math:`\epsilon t` in the sine against the cosine, a constraint error of 1e-5 at
+    :math:`t = 100` and 2e-3 at :math:`10^4` in float32.)"""
+    tc = t.clamp_min(_TINY_ANGLE)
+    return torch.cos(t), torch.sin(tc).div_(tc)
 
 
 def _dsinc(z: Tensor, cos: Tensor, sinc: Tensor) -> Tensor:

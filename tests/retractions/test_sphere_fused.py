@@ -336,6 +336,26 @@ def test_one_vector_trivialization_off_the_sphere_is_the_composition(scale, radi
                      (x.clone().requires_grad_(), X.clone().requires_grad_()))
 
 
+@pytest.mark.parametrize("angle", [10.0, 100.0, 1e4])
+@pytest.mark.parametrize("radius", [1.0, 1e-3, 1e3])
+def test_exponential_maps_stay_on_the_sphere_at_large_angles(angle, radius):
+    """The cosine and the sine of the batched nodes take the same angle: in float32 the
+    results stay on the sphere to a few roundings at angles of 10 to 1e4 (``torch.sinc(t /
+    pi)`` rounded the angle, an error of eps t: 1e-5 at 100, 2e-3 at 1e4)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 16, generator=gen)
+    x = radius * x / x.norm(dim=-1, keepdim=True)
+    V = torch.randn(256, 16, generator=gen)
+    V = V - (V * x).sum(-1, keepdim=True) * x / radius**2
+    angles = angle * (0.5 + torch.rand(256, 1, generator=gen))  # (exact multiples may not round)
+    V = angles * radius * V / V.norm(dim=-1, keepdim=True)
+    eps = torch.finfo(torch.float32).eps
+    for y in (S.exp_radius(x, V, radius), S.trivialize_exp_radius(x, V, radius),
+              S.exp_radius(x, V.requires_grad_(), radius)):
+        error = (y.detach().norm(dim=-1) / radius - 1).abs().max().item()
+        assert error <= 16 * eps, error
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("s", [1e-8, -0.3, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 1.7, 40.0])
 @pytest.mark.parametrize("beta", [0.0, -0.6])
