@@ -135,6 +135,9 @@ def sphere(
     )
 
 
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def spectrally_bounded(
     module: nn.Module,
     name: str = "weight",
@@ -145,15 +148,18 @@ def spectrally_bounded(
     strict: bool = False,
     *,
     flatten: bool | None = None,
-    dim: int = 0,
+    dim: int | None = None,
 ) -> nn.Module:
     """Keep the singular values of ``module.<name>`` in ``[lower, upper]``; returns ``module``.
 
     A matrix ``(..., n, k)`` is read batched (``flatten=False``); by default
     (``flatten=None``) a tensor of more than two dimensions is read, like ``spectral_norm``
-    does, as the matrix ``size(dim) x (numel / size(dim))``.
+    does, as the matrix ``size(dim) x (numel / size(dim))``, with ``spectral_norm``'s default
+    ``dim``: 1 for a ``ConvTranspose`` module (its output channels), else 0.
     """
     tensor = _tensor(module, name)
+    if dim is None:
+        dim = 1 if isinstance(module, _CONV_TRANSPOSE) else 0
     if flatten is None:
         flatten = tensor.ndim > 2
     if flatten:

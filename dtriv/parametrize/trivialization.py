@@ -226,6 +226,13 @@ class Trivialization(Memoized):
         mshape = tuple(self.manifold.shape)
         m = len(mshape)
         batched_ok = len(shape) >= m and tuple(shape[len(shape) - m:]) == mshape
+        would_flatten = self.flatten or (self.flatten is None and not batched_ok)
+        if would_flatten and len(shape) >= 1 and not -len(shape) <= self.dim < len(shape):
+            raise ValueError(
+                f"dim: expected an integer in [{-len(shape)}, {len(shape) - 1}] (a dimension of "
+                f"{self.tensor_name}, of shape {tuple(shape)}, to put first when flattening it "
+                f"for {self.manifold!r}), got {self.dim}"
+            )
         flat_ok = len(shape) >= 1 and math.prod(shape) == math.prod(mshape)
         if flat_ok and m >= 2:
             d = self.dim if self.dim >= 0 else self.dim + len(shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations as TP
 
 import dtriv.parametrize as P
 from dtriv.manifolds import Orthogonal, SpectrallyBounded, Stiefel
@@ -76,6 +77,23 @@ def test_spectrally_bounded_matrix_and_conv():
     assert conv.parametrizations.weight[0].base.shape == (5, 27)
     perturb(conv, scale=2.0)
     assert float(torch.linalg.matrix_norm(conv.weight.detach().reshape(5, 27), ord=2)) <= 1 + 1e-12
+
+    # a transposed conv's kernel (in, out, ...) is read at its output channels, dim 1, as
+    # spectral_norm reads it (by default, and as torch's spectral_norm picks for it)
+    for make in (lambda: nn.ConvTranspose1d(2, 6, 3), lambda: nn.ConvTranspose2d(2, 6, 3)):
+        convt = make().double()
+        with torch.no_grad():
+            convt.weight.mul_(10)
+        assert TP.spectral_norm(make()).parametrizations.weight[0].dim == 1
+        spectrally_bounded(convt, upper=1.0)
+        rest = convt.weight[0, 0].numel() * 2
+        assert convt.parametrizations.weight[0].base.shape == (6, rest)
+        perturb(convt, scale=2.0)
+        matrix = convt.weight.detach().movedim(1, 0).reshape(6, rest)
+        assert float(torch.linalg.matrix_norm(matrix, ord=2)) <= 1 + 1e-12
+    convt = nn.ConvTranspose2d(2, 6, 3).double()
+    spectrally_bounded(convt, upper=1.0, dim=0)  # the other reading, asked for
+    assert convt.parametrizations.weight[0].base.shape == (2, 54)
 
 
 def test_trivializations_and_refresh_over_a_model():

@@ -158,6 +158,12 @@ def test_sphere_and_spectral_shortcut_errors():
             spectrally_bounded(nn.Conv2d(3, 5, 3), dim=dim)
     with pytest.raises(ValueError, match=r"^dim: expected an integer in \[-2, 1\]"):
         spectrally_bounded(nn.Linear(3, 5), flatten=True, dim=2)
+    for manifold in (Sphere(72), Stiefel(4, 18)):  # the dim of a flattened read, checked
+        for flatten in (True, None):
+            with pytest.raises(ValueError, match=r"^dim: expected an integer in \[-4, 3\] \(a "
+                                                 r"dimension of weight, of shape \(4, 2, 3, 3\)"
+                                                 r".*got 9$"):
+                constrain(nn.Conv2d(2, 4, 3), "weight", manifold, flatten=flatten, dim=9)
     empty = nn.Module()
     empty.weight = nn.Parameter(torch.ones(5, 0))
     with pytest.raises(ValueError, match=r"^weight: expected a tensor without zero-size "
