@@ -72,6 +72,7 @@ from torch.nn.utils.parametrize import (
     is_parametrized,
     remove_parametrizations,
 )
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dtriv.retractions._common import backward_ran, check_flag, reports_backward_of
 
@@ -242,7 +243,7 @@ class _Sample:
     """Some entries of a parameter, to tell whether it was written since.
 
     A write through ``X.data`` (a target network's soft update ``p.data.copy_(...)``), and
-    torch's fused Adam on CPU, bump no version counter; they change the sampled entries when
+    torch's fused optimizers, bump no version counter; they change the sampled entries when
     they change every entry. Keeps a byte view of a contiguous CPU tensor's storage (through
     NumPy: reading the sample back costs about half a microsecond, with no torch op), the
     byte positions (:func:`_sample_index`) and their bytes (so a NaN compares equal to
@@ -373,8 +374,9 @@ class ForwardMemo:
       parameter that does not require grad), which no backward ever drops: a sample of the
       parameter's entries (:class:`_Sample`: four runs of 16 consecutive entries) is
       unchanged. Writes through ``tensor.data`` (as in ``p.data.copy_(ema)``, the soft update
-      of a target network) and torch's fused Adam on CPU bypass the version counter; a write
-      that changes every entry changes the sample (CPU tensors; half a microsecond per read;
+      of a target network) bypass the version counter (so do torch's ``fused=True``
+      optimizers, whose steps clear the memos of their parameters: :func:`_after_fused_step`);
+      a write that changes every entry changes the sample (CPU tensors; half a microsecond per read;
       a value with a graph gets no sample, since taking one costs 15 to 40 us per forward in
       a training loop, 3 to 8% of a 64 x 64 map's forward and backward), except for a
       plain leaf tensor passed in place of the parameter (``torch.func.functional_call``),
@@ -396,17 +398,20 @@ class ForwardMemo:
     (up to rounding). The owner also drops it explicitly (:meth:`clear`) on ``refresh``,
     ``right_inverse`` and ``load_state_dict``.
 
-    Limits. A write through ``.data`` (or a fused Adam step) after a read in grad mode that
-    is not backpropagated (a target network read without ``no_grad`` and detached, as in
-    DDPG's reference code) is not seen until backward drops the value, and one that leaves
-    every sampled entry of a value without a graph as it was (a few rows or columns, say) is
-    not seen at all; read such a network under ``torch.no_grad()``, write under
-    ``torch.no_grad()`` instead, or call :func:`memoize` ``(model)`` (which clears the memos)
-    after the write. A training loop is safe either way, since backward invalidates the memo
-    before the step. Two forwards between which nothing changed share one value and one graph
-    of the map: backpropagate their losses together (``(loss_a + loss_b).backward()``), or the first
-    backward with ``retain_graph=True``; a second ``backward`` through a graph that the first
-    one freed raises torch's "backward through the graph a second time" error, exactly as under
+    Limits. A write through ``.data`` after a read in grad mode that is not backpropagated (a
+    target network read without ``no_grad`` and detached, as in DDPG's reference code) is not
+    seen until backward drops the value, and one that leaves every sampled entry of a value
+    without a graph as it was (a few rows or columns, say) is not seen at all; read such a
+    network under ``torch.no_grad()``, write under ``torch.no_grad()`` instead, or call
+    :func:`memoize` ``(model)`` (which clears the memos) after the write. An optimizer step
+    is seen: torch's optimizers write in place (a version bump), and a ``fused=True`` step
+    clears the memos of its parameters, so a forward in grad mode whose output is never
+    backpropagated (a metric between ``backward`` and ``step``, a head left out of the loss)
+    cannot hand the next step a weight from before it. Two forwards between which nothing
+    changed share one value and one graph of the map: backpropagate their losses together
+    (``(loss_a + loss_b).backward()``), or the first backward with ``retain_graph=True``; a
+    second ``backward`` through a graph that the first one freed raises torch's "backward
+    through the graph a second time" error, exactly as under
     :func:`torch.nn.utils.parametrize.cached`. A value read in grad mode keeps its graph (the
     map's intermediates) alive until backward frees it, and the value (with the gradient a
     pre-hook received) alive until the next read (or :meth:`clear`): one value and at most one
@@ -427,9 +432,11 @@ class ForwardMemo:
     also copies the gradient, about 0.15 of an ``n x n`` product at ``n = 512``).
     """
 
-    __slots__ = ("_entry", "__weakref__")
+    __slots__ = ("_entry", "_key", "__weakref__")
 
     def __init__(self) -> None:
+        #: ``id(X)`` under which :data:`_MEMO_OF` finds this memo (its last ``X``), or None
+        self._key: int | None = None
         #: ``(X, base | None, state, value, value._version, seen, sample, value_sample)`` or
         #: None; ``X`` and ``base`` are held, not weakly referenced: ``torch.utils.swap_tensors``
         #: (``Module.to`` and ``load_state_dict`` under
@@ -486,6 +493,7 @@ class ForwardMemo:
             if value_sample is None:  # not sampled (an accelerator's): not memoized
                 return value
         self._entry = (X, base, state, value, _version(value), seen, sample, value_sample)
+        _register(self, X)
         return value
 
     __call__ = read
@@ -506,6 +514,44 @@ class ForwardMemo:
 
     def __reduce__(self):
         return (ForwardMemo, ())
+
+
+#: the memo whose value was last computed from a tensor, by ``id`` of the tensor (weak: a memo
+#: that dies leaves it), for :func:`_after_fused_step`
+_MEMO_OF: weakref.WeakValueDictionary[int, ForwardMemo] = weakref.WeakValueDictionary()
+_STEP_HOOK: list[Any] = []
+
+
+def _register(memo: ForwardMemo, X: Tensor) -> None:
+    """File ``memo`` under ``id(X)`` (replacing its previous key, so that a memo fed a new
+    tensor at each call, as ``functional_call`` does, holds one key), and install the global
+    optimizer step hook once."""
+    key = id(X)
+    if memo._key != key:
+        if memo._key is not None and _MEMO_OF.get(memo._key) is memo:
+            del _MEMO_OF[memo._key]
+        memo._key = key
+    _MEMO_OF[key] = memo
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(
+            register_optimizer_step_post_hook(_after_fused_step))
+
+
+def _after_fused_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """A global step post-hook of torch's optimizers: after a step of a ``fused=True`` group
+    (torch's fused kernels write the parameters without bumping their version counters),
+    clear the memos whose value was computed from one of its parameters. Without it, a value
+    read in grad mode and never backpropagated (a metric computed between ``backward`` and
+    ``step``, a head left out of this step's loss) would be handed to the next forward from
+    before the step. Other optimizers bump the counters; for them this is one look at each
+    group."""
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            continue
+        for p in group["params"]:
+            memo = _MEMO_OF.get(id(p))
+            if memo is not None and memo._entry is not None and memo._entry[0] is p:
+                memo.clear()
 
 
 def memoize(model: nn.Module, enabled: bool = True) -> int:

@@ -864,3 +864,49 @@ def test_gradcheck_through_functional_call_with_the_memo_on(kind):
     counter = count_maps(model)
     f(X)
     assert counter["calls"] == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.Adam(ps, lr=0.05, fused=True),
+    lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, fused=True),
+    lambda ps: torch.optim.Adam(ps, lr=0.05, foreach=True),
+], ids=["adam-fused", "adamw-fused", "sgd-fused", "adam-foreach"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fused_step_after_a_forward_never_backpropagated(make, kind):
+    """torch's fused optimizers bump no version counter: with a metric computed by a forward
+    in grad mode between ``backward`` and ``step`` (never backpropagated), the next forward
+    must not reuse the weight from before the step. The trajectory equals the memo-off one
+    (the global step hook clears the memos of a fused step's parameters)."""
+    trajectories = []
+    for memo in (True, False):
+        model = RNN(kind=kind, memo=memo)
+        opt = make(list(model.parameters()))
+        losses = []
+        for step in range(4):
+            x = inputs(seed=step, steps=3)
+            opt.zero_grad()
+            loss = model(x).pow(2).sum()
+            loss.backward()
+            model(x).abs().sum().item()  # the metric: a forward never backpropagated
+            opt.step()
+            losses.append(loss.item())
+        trajectories.append((losses, model.recurrent.weight.detach().clone()))
+    (a, wa), (b, wb) = trajectories
+    assert a == pytest.approx(b, rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(wa, wb, rtol=1e-12, atol=1e-12)
+
+
+def test_a_memo_fed_a_new_tensor_at_each_call_keeps_one_key():
+    """The registry the step hook reads holds one entry per memo, however many tensors it has
+    been fed (``functional_call`` passes a new one at each call)."""
+    from dtriv.parametrize import cache as cache_mod
+
+    model = RNN()
+    key = "recurrent.parametrizations.weight.original"
+    memo = model.recurrent.parametrizations.weight[0]._memo
+    x = inputs(steps=2)
+    for _ in range(20):
+        X = kernel_param(model).detach().clone().requires_grad_()
+        torch.func.functional_call(model, {key: X}, (x,)).sum().backward()
+    assert [k for k, m in cache_mod._MEMO_OF.items() if m is memo] == [memo._key]
