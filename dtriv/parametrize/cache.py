@@ -57,6 +57,7 @@ that removes them on exit (``with cache_per_forward(model): ...``).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from types import TracebackType
@@ -363,6 +364,11 @@ class ForwardMemo:
       reference would make ``swap_tensors`` refuse them);
     * grad mode, inference mode and ``X.requires_grad`` are unchanged (autocast does not
       matter: dtriv's parametrizations compute with it off);
+    * the reading thread made the value: threads that share a module each get their own
+      value and graph, as without the memo, instead of one thread's backward freeing the
+      graph that another thread's forward took (a checkpointed region that backward
+      recomputes on another thread, as an accelerator's autograd threads do, computes the map
+      again there: its forward computed it inside the region too, see below);
     * the innermost saved-tensor hooks are the same (none, or the same ``save_on_cpu``
       context): under non-reentrant ``torch.utils.checkpoint`` a value is shared within one
       checkpointed region only, so that backward's recomputation of the region saves the
@@ -445,7 +451,8 @@ class ForwardMemo:
         #: ``seen``: ``value.grad_fn`` when it records its backward
         #: itself, else the list its pre-hook appends to (``None``: not watched);
         #: :func:`_consumed` reads either; ``sample``: the :class:`_Sample` (or
-        #: :class:`_Copy`) of ``X``; ``value_sample``: that of an inference value
+        #: :class:`_Copy`) of ``X``; ``value_sample``: that of an inference value; the
+        #: thread that computed it
         self._entry: tuple | None = None
 
     def clear(self) -> None:
@@ -492,7 +499,8 @@ class ForwardMemo:
             value_sample = _Sample.of(value)
             if value_sample is None:  # not sampled (an accelerator's): not memoized
                 return value
-        self._entry = (X, base, state, value, _version(value), seen, sample, value_sample)
+        self._entry = (X, base, state, value, _version(value), seen, sample, value_sample,
+                       threading.get_ident())
         _register(self, X)
         return value
 
@@ -507,6 +515,7 @@ class ForwardMemo:
             and _version(value) == entry[4]
             and entry[0] is X
             and (base is None or entry[1] is base)
+            and entry[8] == threading.get_ident()  # the thread that made it
         )
 
     def __deepcopy__(self, memo: dict) -> ForwardMemo:

@@ -910,3 +910,59 @@ def test_a_memo_fed_a_new_tensor_at_each_call_keeps_one_key():
         X = kernel_param(model).detach().clone().requires_grad_()
         torch.func.functional_call(model, {key: X}, (x,)).sum().backward()
     assert [k for k, m in cache_mod._MEMO_OF.items() if m is memo] == [memo._key]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_threads_sharing_a_module_get_their_own_values(kind):
+    """Forward and backward of one module from four threads at once (each its own input and
+    loss): no thread's backward frees the graph of a value another thread's forward took
+    (torch's "backward through the graph a second time"), and every gradient equals the one
+    computed alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = RNN(kind=kind)
+    param = kernel_param(model)
+    xs = [inputs(seed=i, steps=3) for i in range(24)]
+
+    def job(x):
+        return torch.autograd.grad(model(x).sin().sum(), param)[0]
+
+    alone = [job(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(job, xs))
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_checkpointed_region_recomputed_by_another_thread(kind):
+    """Non-reentrant checkpoint, the weight read before and inside the region, backward called
+    from another thread (which then runs the recomputation): the region's recomputation still
+    reads the forward's value (the same saved tensors; no checkpoint error), and the gradient
+    equals the memo-off one."""
+    import threading
+
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for memo in (True, False):
+        model = RNN(kind=kind, memo=memo)
+        x = inputs(steps=4)
+        h0 = torch.tanh(model.recurrent(model.input(x[0])))  # a read before the region
+        out = checkpoint(lambda h, m=model: m.recurrent(torch.tanh(m.recurrent(h))), h0,
+                         use_reentrant=False)
+        loss = out.pow(2).sum()
+        errors = []
+
+        def run_backward(loss=loss, errors=errors):
+            try:
+                loss.backward()
+            except Exception as e:  # reported below
+                errors.append(e)
+
+        thread = threading.Thread(target=run_backward)
+        thread.start()
+        thread.join()
+        assert not errors, errors
+        grads.append(kernel_param(model).grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
