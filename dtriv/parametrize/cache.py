@@ -536,10 +536,11 @@ def _register(memo: ForwardMemo, X: Tensor) -> None:
     tensor at each call, as ``functional_call`` does, holds one key), and install the global
     optimizer step hook once."""
     key = id(X)
-    if memo._key != key:
-        if memo._key is not None and _MEMO_OF.get(memo._key) is memo:
-            del _MEMO_OF[memo._key]
-        memo._key = key
+    if memo._key == key and _MEMO_OF.get(key) is memo:  # filed already: the usual case
+        return
+    if memo._key is not None and _MEMO_OF.get(memo._key) is memo:
+        del _MEMO_OF[memo._key]
+    memo._key = key
     _MEMO_OF[key] = memo
     if not _STEP_HOOK:
         _STEP_HOOK.append(

@@ -334,6 +334,11 @@ def test_one_vector_trivialization_off_the_sphere_is_the_composition(scale, radi
     assert S._vector_case(x, X)
     assert gradcheck(lambda a, b: fn(a, b, radius),
                      (x.clone().requires_grad_(), X.clone().requires_grad_()))
+    # |x|^2 is remembered per constant base tensor: an in-place write (a refresh) is seen
+    fn(x, X, radius)
+    x.mul_(1.3)
+    torch.testing.assert_close(fn(x, X, radius), ref_trivialize_exp(x, X, radius),
+                               rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("angle", [10.0, 100.0, 1e4])
