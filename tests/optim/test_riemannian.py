@@ -252,16 +252,24 @@ def test_retraction_per_group_and_per_manifold_class():
         S.retract(X, -0.1 * S.proj_tangent(X, G1), "qr"), rtol=0, atol=1e-8)
 
 
+def _reference_and_interrupted(M, seed, make, total, first):
+    """On ``M`` from a sample of ``seed``: a parameter stepped ``total`` times by the
+    optimizer ``make([p])`` builds, and another stopped after ``first`` steps with its
+    optimizer, for a resume to continue; and the loss."""
+    X0 = M.sample(generator=_gen(seed), dtype=DT)
+    f = _problem(tuple(M.shape), seed=seed + 1)
+    ref = ManifoldParameter(X0.clone(), M)
+    _run(ref, make([ref]), f, total)
+    p = ManifoldParameter(X0.clone(), M)
+    o = make([p])
+    _run(p, o, f, first)
+    return ref, p, o, f
+
+
 def test_state_dict_resume_is_bit_for_bit():
     M = Stiefel(6, 2)
-    X0 = M.sample(generator=_gen(7), dtype=DT)
-    f = _problem((6, 2), seed=8)
-    ref = ManifoldParameter(X0.clone(), M)
-    o_ref = RiemannianAdam([ref], lr=0.05, amsgrad=True)
-    _run(ref, o_ref, f, 30)
-    p = ManifoldParameter(X0.clone(), M)
-    o = RiemannianAdam([p], lr=0.05, amsgrad=True)
-    _run(p, o, f, 12)
+    ref, p, o, f = _reference_and_interrupted(
+        M, 7, lambda ps: RiemannianAdam(ps, lr=0.05, amsgrad=True), 30, 12)
     saved_p, saved_o = p.detach().clone(), o.state_dict()
     q = ManifoldParameter(saved_p, M)
     o2 = RiemannianAdam([q], lr=0.05, amsgrad=True)
@@ -277,15 +285,9 @@ def test_a_class_keyed_retraction_mapping_is_saved_for_weights_only_loading():
     import io
 
     M = Stiefel(6, 3)
-    X0 = M.sample(generator=_gen(3), dtype=DT)
-    f = _problem((6, 3), seed=4)
     spec = {"Stiefel": "cayley", Stiefel: "qr", Sphere: "projective"}
-    ref = ManifoldParameter(X0.clone(), M)
-    o_ref = RiemannianAdam([ref], lr=0.05, retraction=spec)
-    _run(ref, o_ref, f, 10)
-    p = ManifoldParameter(X0.clone(), M)
-    o = RiemannianAdam([p], lr=0.05, retraction=spec)
-    _run(p, o, f, 4)
+    ref, p, o, f = _reference_and_interrupted(
+        M, 3, lambda ps: RiemannianAdam(ps, lr=0.05, retraction=spec), 10, 4)
     buf = io.BytesIO()
     torch.save(o.state_dict(), buf)
     buf.seek(0)
