@@ -536,10 +536,13 @@ def _register(memo: ForwardMemo, X: Tensor) -> None:
     tensor at each call, as ``functional_call`` does, holds one key), and install the global
     optimizer step hook once."""
     key = id(X)
-    if memo._key == key and _MEMO_OF.get(key) is memo:  # filed already: the usual case
+    if memo._key == key:  # filed already (the usual case; a memo that lost its key has None)
         return
     if memo._key is not None and _MEMO_OF.get(memo._key) is memo:
         del _MEMO_OF[memo._key]
+    previous = _MEMO_OF.get(key)
+    if previous is not None:  # another memo fed the same tensor: it is no longer filed
+        previous._key = None
     memo._key = key
     _MEMO_OF[key] = memo
     if not _STEP_HOOK:
