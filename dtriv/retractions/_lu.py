@@ -2,10 +2,11 @@ r"""LU-based linear algebra on batches that stays right after ``torch.set_num_th
 
 In torch 2.13 on CPU (MKL), once ``torch.set_num_threads(k)`` has been called with
 ``k >= 2`` (the default count, never set, does not trigger it), the LU factorization of a
-batch of two or more matrices with more than 128 rows is wrong: ``torch.linalg.lu_factor``
-returns other factors and pivots (some out of range) with ``info`` 0, ``torch.linalg.det``
-wrong values (signs included), and ``solve``, ``inv`` and ``lu`` raise "Pivots given to
-lu_solve must all be greater or equal to 1". One matrix at a time is right, and so is
+batch of two or more matrices from about 150 rows is wrong (measured with 2 threads: 149
+rows right, 152 and more wrong): ``torch.linalg.lu_factor`` returns other factors and
+pivots (some out of range) with ``info`` 0, ``torch.linalg.det`` wrong values (signs
+included), and ``solve``, ``inv`` and ``lu`` raise "Pivots given to lu_solve must all be
+greater or equal to 1". One matrix at a time is right, and so is
 ``lu_solve`` given right factors. The training scripts of ``experiments`` and many user
 scripts set the thread count. The cause (pytorch/pytorch issue 142815, open; pull request
 181570): torch's batched CPU factorization splits the batch over threads with a grain size
@@ -34,8 +35,9 @@ from torch import Tensor
 
 __all__ = ["BATCHED_LU_MAX_N", "lu_factor_ex", "det", "inv", "inv_ex", "solve", "solve_ex"]
 
-#: the largest matrices that a batched CPU LU factorization takes as one batch (measured:
-#: 128 rows right, 160 and more wrong, after ``torch.set_num_threads(2)``)
+#: the largest matrices that a batched CPU LU factorization takes as one batch (measured
+#: after ``torch.set_num_threads(2)``: 149 rows right, 152 and more wrong; 128 keeps a margin
+#: below that bound, which was measured on one machine and MKL build)
 BATCHED_LU_MAX_N = 128
 
 
