@@ -128,6 +128,12 @@ def orthogonal_rows(args, device, dtype, sizes, tall) -> list[list[str]]:
                 except (RuntimeError, NotImplementedError, ValueError) as err:
                     failed[impl] = _failed(err)
                     continue
+                # registration moved X into the base and reset the parameter (0 for dtriv and
+                # geotorch, -I for torch): the generator every implementation maps is X, as
+                # in bench_orthogonal
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.copy_(X)
                 cases[impl] = _weight_case(m, C)
             cases, more = _usable(cases)
             failed.update(more)

@@ -59,6 +59,11 @@ class Holder(nn.Module):
 
 
 @torch.no_grad()
+
+def _warmup(args) -> int:
+    """``--warmup``, 1 round by default (0 is a valid choice, not the default)."""
+    return 1 if args.warmup is None else args.warmup
+
 def _perturb_(module: nn.Module, scale: float, seed: int) -> None:
     """The same small parameter in every implementation (the identity is trivially cheap).
 
@@ -127,7 +132,7 @@ def table_vs_torch(args, device) -> dict[str, float]:
                 cases["torch"] = fwd_bwd(twin("torch", orthogonal_map, triv, n, k,
                                               torch.float32, device))
             # torch's calls take seconds at 4096 rows: two timed rounds after the warmup
-            t = harness.measure(cases, repeats=args.repeats or 5, warmup=args.warmup or 1,
+            t = harness.measure(cases, repeats=args.repeats or 5, warmup=_warmup(args),
                                 budget_s=args.budget or 6.0, device=device, min_repeats=2)
             if torch_n != n:  # torch at fewer rows, dtriv at those rows beside it
                 small = {"dtriv": fwd_bwd(twin("dtriv", orthogonal_map, triv, torch_n, k,
@@ -174,7 +179,7 @@ def table_scaling(args, device) -> dict[str, float]:
     for n in args.ns:
         cases = scaling_cases(n, k, device)
         names = list(cases)
-        per_n[n] = harness.measure(cases, repeats=args.repeats or 5, warmup=args.warmup or 1,
+        per_n[n] = harness.measure(cases, repeats=args.repeats or 5, warmup=_warmup(args),
                                    budget_s=args.budget or 3.0, device=device)
         print(n, {name: str(t) for name, t in per_n[n].items()}, flush=True)
     rows = []

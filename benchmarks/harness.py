@@ -246,11 +246,19 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads`` and check ``--device``; print the environment line."""
+    """Apply ``--threads``, check ``--device``, ``--repeats``, ``--warmup`` and ``--budget``;
+    print the environment line."""
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads: expected >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    # (the scripts read a missing value as their default: a 0 would silently become it)
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit(f"--repeats: expected >= 1, got {args.repeats}")
+    if args.warmup is not None and args.warmup < 0:
+        raise SystemExit(f"--warmup: expected >= 0, got {args.warmup}")
+    if args.budget is not None and not args.budget > 0:
+        raise SystemExit(f"--budget: expected a positive number of seconds, got {args.budget}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device: cuda requested, but torch sees no CUDA device")

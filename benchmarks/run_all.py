@@ -96,15 +96,24 @@ def main(argv: list[str] | None = None) -> int:
             summary += [block for block in text.split("\n### ")
                         if block.lstrip("# ").lower().startswith("summary")]
     total = time.perf_counter() - start
+    # the conditions the scripts ran under: the options passed to every one of them
+    shared, _ = harness.parser("").parse_known_args(extra)
+    env = harness.environment(shared.device)
+    if shared.threads is not None:
+        env["threads"] = str(shared.threads)
+    command = " ".join(["python benchmarks/run_all.py", *(["--quick"] if args.quick else []),
+                        *(["--only", *args.only] if partial else []),
+                        *(["--", *extra] if extra else [])])
     header = (
         "# dtriv benchmark results\n\n"
-        f"`python benchmarks/run_all.py{' --quick' if args.quick else ''}`, "
+        f"`{command}`, "
         f"{total / 60:.1f} min. Ratios are peer time / dtriv time (above 1: dtriv is "
         "faster), each the median of the per-round ratios of one run in which every round "
         "calls each implementation once, in an order shuffled from round to round; "
         "times are medians with ± half the interquartile range. The thread count below is "
-        "this process's; each table states the one it ran with.\n\n"
-        + harness.environment_md() + "\n\n"
+        "the scripts' (`--threads`, else torch's default); the RNN tables run at 1 and 2 "
+        "threads and say so.\n\n"
+        + harness.md_table(list(env), [list(env.values())]) + "\n\n"
     )
     out.write_text(header + "\n".join(sections), encoding="utf-8")
     print(f"\nwrote {out} ({total:.0f} s)")
@@ -114,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         readme = ROOT / "README.md"
         body = ("\n\n".join("### " + s.lstrip("# ").strip() for s in summary)
                 or "(no summary sections)")
-        body = (f"Latest `make bench` ({harness.environment()['date']}, "
-                f"{harness.environment()['machine']}, torch {harness.environment()['torch']}; "
-                f"full report: [benchmarks/RESULTS.md](benchmarks/RESULTS.md)).\n\n" + body)
+        body = (f"Latest `make bench` ({env['date']}, {env['machine']}, {env['threads']} "
+                f"threads, torch {env['torch']}, dtriv {env['dtriv']}, geotorch "
+                f"{env['geotorch']}, geoopt {env['geoopt']}; full report: "
+                f"[benchmarks/RESULTS.md](benchmarks/RESULTS.md)).\n\n" + body)
         readme.write_text(replace_between_markers(readme.read_text(encoding="utf-8"), body),
                           encoding="utf-8")
         print(f"updated {readme}")

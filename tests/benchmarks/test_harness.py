@@ -155,3 +155,34 @@ def test_the_readme_table_comes_from_a_full_run_only(argv, capsys):
         run_all.main(argv)
     assert exit_.value.code == 2
     assert "--readme: the README shows a full run" in capsys.readouterr().err
+
+
+def test_a_value_beside_its_bound_is_printed_on_its_side():
+    """A summary cell that rounds to its bound gets more digits (15.03 against <= 15 printed
+    "15.0" beside "no")."""
+    bench_orthogonal = _load("bench_orthogonal")
+    assert bench_orthogonal._against(15.03, 15) == "15.03"
+    assert bench_orthogonal._against(14.97, 15) == "14.97"
+    assert bench_orthogonal._against(12.7, 15) == "12.7"
+    assert bench_orthogonal._against(4.96, 5.0) == "4.96"
+    assert bench_orthogonal._against(0.996, 1.0, 2) == "0.996"
+
+
+@pytest.mark.parametrize("kind", ["dtriv-twin", "dtriv-constrain", "torch", "geotorch"])
+def test_the_rnn_benchmark_maps_a_nonzero_generator(kind):
+    """Registration leaves each implementation's generator at 0, where an exponential costs
+    almost nothing: the RNN benchmark gives every constrained kernel the same parameter, the
+    "small" regime of bench_orthogonal (|A|_1 = 1 for A = L - L^T), so the weight is not the
+    identity-like point of registration."""
+    import torch
+
+    pytest.importorskip("geotorch")
+    bench_rnn = _load("bench_rnn")
+    bench_orthogonal = _load("bench_orthogonal")
+    hidden = 12
+    model = bench_rnn.build(kind, hidden)
+    original = model.recurrent.parametrizations.weight.original
+    torch.testing.assert_close(original.detach(),
+                               bench_orthogonal._parameter(hidden, "matrix_exp", "small"))
+    L = original.detach().tril()
+    assert (L - L.mT).abs().sum(dim=-2).amax().item() == pytest.approx(1.0)
