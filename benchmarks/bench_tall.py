@@ -58,12 +58,12 @@ class Holder(nn.Module):
         nn.init.orthogonal_(self.weight)
 
 
-@torch.no_grad()
-
 def _warmup(args) -> int:
     """``--warmup``, 1 round by default (0 is a valid choice, not the default)."""
     return 1 if args.warmup is None else args.warmup
 
+
+@torch.no_grad()
 def _perturb_(module: nn.Module, scale: float, seed: int) -> None:
     """The same small parameter in every implementation (the identity is trivially cheap).
 
