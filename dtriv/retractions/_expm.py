@@ -20,8 +20,10 @@ thresholds :math:`\theta_m` of the table for the working precision:
 
 The degree and :math:`s` are chosen once per call from the largest 1-norm over the batch
 (one host synchronisation, every matrix of the batch goes through the same batched
-products; a small matrix in a batch with a large one gets a few more squarings than it
-needs alone, which only changes the result at the rounding level).
+products). The public maps (:func:`dtriv.retractions.lie.expm`, ``expm_of_skew``) first
+split a batch whose matrices ask for squaring counts two or more apart into groups that
+ask for one (a matrix of norm 1 beside one of norm 1e3 took all of its squarings: an error
+of :math:`2^s \epsilon`, 2.6e-5 in float32 against 6e-8 alone).
 
 Backward: for :math:`Q = e^A` the gradient is the adjoint of the Fréchet derivative,
 :math:`\bar A = L_{\exp}(A)^*[G] = L_{\exp}(A^H, G)`. Since the computed function

@@ -144,7 +144,10 @@ def expm(A: Tensor) -> Tensor:
     Forward: scaling and squaring with a diagonal Padé approximant (Higham 2005),
     :math:`e^A \approx r_m(2^{-s}A)^{2^s}`, :math:`r_m = (V - U)^{-1}(V + U)`, degree
     :math:`m \in \{3, 5, 7, 9, 13\}` and :math:`s` chosen from the largest 1-norm of the
-    batch against the thresholds :math:`\theta_m` of the precision (double: Higham's
+    batch (a batch whose matrices ask for values of :math:`s` two or more apart is computed
+    one group of equal :math:`s` at a time, so that a small matrix does not take a large
+    one's squarings)
+    against the thresholds :math:`\theta_m` of the precision (double: Higham's
     table up to :math:`m = 13`; single: his single-precision table up to :math:`m = 7`).
     Backward: the adjoint of the Fréchet derivative,
     :math:`\bar A = L_{\exp}(A)^*[G] = L_{\exp}(A^H, G)`, by the Al-Mohy--Higham (2009)
@@ -188,11 +191,15 @@ def expm(A: Tensor) -> Tensor:
             or nested_forward_ad()):
         return torch.linalg.matrix_exp(A)
     try:
-        norm = float(A.detach().abs().sum(dim=-2).amax())
+        norms = _one_norms(A)
     except RuntimeError:  # no data-dependent value here (inside torch.func.vmap)
         return torch.linalg.matrix_exp(A)
-    if not math.isfinite(norm):
+    if not all(map(math.isfinite, norms)):
         return torch.linalg.matrix_exp(A)
+    groups = _scale_groups(norms, A.dtype)
+    if groups is not None:  # matrices of very different norms: each group its own squarings
+        return _per_group(A, groups, expm)
+    norm = max(norms)
     if _is_skew(A):
         try:
             return expm_skew_taylor(A)
@@ -200,6 +207,45 @@ def expm(A: Tensor) -> Tensor:
             return torch.linalg.matrix_exp(A)
     m, s = choose_degree(norm, A.dtype)
     return expm_pade_autograd(A, m, s)
+
+
+def _one_norms(A: Tensor) -> list[float]:
+    """The 1-norm of each matrix of the batch ``A``, on the host (one read)."""
+    return A.detach().abs().sum(dim=-2).amax(dim=-1).reshape(-1).tolist()
+
+
+def _scale_groups(norms: list[float], dtype: torch.dtype) -> list[list[int]] | None:
+    r"""The batch's matrices grouped by the number of squarings their own 1-norm asks for
+    (:func:`~dtriv.retractions._expm.choose_degree`), or ``None`` when the counts differ by
+    at most one.
+
+    The degree and the scaling are chosen once per batch, from its largest norm: a matrix far
+    smaller than the largest would take all of its squarings, and its error grows as
+    :math:`2^{s - s_i}` times its own (measured, float32, n = 16: a generator of norm 1
+    beside one of 1e3, 2.6e-5 against 6e-8 alone). So a batch whose counts differ by two or
+    more is computed one group of equal counts at a time. One squaring more than needed
+    changes the result at the rounding level (and keeps such batches one batched call)."""
+    if len(norms) < 2:
+        return None
+    counts = [choose_degree(norm, dtype)[1] for norm in norms]
+    if max(counts) - min(counts) < 2:
+        return None
+    groups: dict[int, list[int]] = {}
+    for i, count in enumerate(counts):
+        groups.setdefault(count, []).append(i)
+    return list(groups.values())
+
+
+def _per_group(A: Tensor, groups: list[list[int]], fn) -> Tensor:
+    """``fn`` on each group of the batch ``A`` (indices into its flattened batch), the results
+    put back in order (``index_select`` and ``cat``: differentiable)."""
+    flat = A.reshape(-1, *A.shape[-2:])
+    order = torch.tensor([i for group in groups for i in group], device=A.device)
+    pieces = [fn(flat.index_select(0, torch.tensor(group, device=A.device)))
+              for group in groups]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=A.device)
+    return torch.cat(pieces).index_select(0, inverse).reshape(A.shape)
 
 
 @upcast_half
@@ -249,6 +295,11 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
             or nested_forward_ad()):
         return reference()
     try:
+        if X.ndim > 2:  # matrices of very different norms: each group its own squarings
+            norms = _one_norms(X)
+            groups = _scale_groups(norms, X.dtype) if all(map(math.isfinite, norms)) else None
+            if groups is not None:
+                return _per_group(X, groups, lambda part: expm_of_skew(part, lower=lower))
         return expm_of_skew_taylor(X, lower)
     except NonFiniteError:  # non-finite entries (or ||A^2|| overflows): torch's result
         return reference()
