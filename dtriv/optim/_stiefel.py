@@ -579,6 +579,25 @@ def _near_orthonormal(X: Tensor, tol: float = NEAR_ORTHONORMAL_TOL) -> Tensor:
 EXACT_TEST_MAX_NUMEL = 64 * 64
 
 
+def _sq_norm_on_host(V: Tensor) -> float:
+    r""":math:`\|V\|_F^2` as a Python float, without underflow: ``vector_norm`` squares the
+    entries in the tensor's precision, so a float32 ``V`` of entries below about 1e-19 reads
+    0, and a huge step ``c V`` would pass :func:`safe_for_block_qr`'s bound. Below that
+    range the norm is taken of ``V`` scaled by its largest entry (rare: one more pass)."""
+    norm = torch.linalg.vector_norm(V).item()
+    if norm < _UNDERFLOW_NORM.get(V.dtype, 0.0) and norm == norm:  # (not NaN)
+        largest = V.abs().amax().item()
+        if largest > 0:
+            norm = largest * torch.linalg.vector_norm(V / largest).item()
+    return norm * norm
+
+
+#: norms below which the squares of some entries may have underflowed:
+#: :math:`\sqrt{\text{tiny}}` times a margin of 1e3 (float32 1e-16, float64 1e-151)
+_UNDERFLOW_NORM = {dtype: 1e3 * torch.finfo(dtype).tiny ** 0.5
+                   for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
+
 def _block_qr_admits(X: Tensor, V: Tensor, c: Tensor | float) -> tuple[bool, bool]:
     r"""Whether the step passes :func:`safe_for_block_qr` and the points
     :func:`near_orthonormal`, and whether the step is small enough for the widths of
@@ -592,7 +611,7 @@ def _block_qr_admits(X: Tensor, V: Tensor, c: Tensor | float) -> tuple[bool, boo
     probes."""
     small = _series_tolerances(X.dtype)[1]
     if not isinstance(c, Tensor) and one_point_on_cpu(X):
-        step = torch.linalg.vector_norm(V).item() ** 2 * (c * c)
+        step = _sq_norm_on_host(V) * (c * c)
         if not step <= BLOCK_QR_MAX_STEP:
             return False, False
         if X.shape[-2] * X.shape[-1] > EXACT_TEST_MAX_NUMEL:

@@ -277,4 +277,7 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
         if group["amsgrad"]:
             v = _nan_max(state["max_exp_avg_sq"].item(), v)
             state["max_exp_avg_sq"].fill_(v)
-        return -group["lr"] / (bc1 * (math.sqrt(v / bc2) + group["eps"]))
+        denominator = bc1 * (math.sqrt(v / bc2) + group["eps"])
+        if denominator == 0:  # eps = 0 and no gradient yet: the tensor path's -lr / 0
+            return -math.inf if group["lr"] else math.nan
+        return -group["lr"] / denominator

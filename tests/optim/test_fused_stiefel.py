@@ -637,3 +637,49 @@ def test_sym2_equals_the_plain_formula_exactly(shape):
     X = torch.randn(*shape, generator=_gen(1))
     assert torch.equal(torch.baddbmm(X, X, S2, alpha=-0.5), torch.baddbmm(X, X, S2 * 0.5, alpha=-1))
     assert torch.equal(0.25 * (S2 ** 2).sum(), ((S2 * 0.5) ** 2).sum())
+
+
+def test_a_huge_step_of_underflowing_gradients_takes_the_checked_qr():
+    """float32, one point on CPU, gradients of 2e-22 (their squares underflow: the norm read
+    0) and lr 5e24: the step c |V| = 1e3 must fail the block QR's bound, and the result is
+    the q-factor of X - lr G (it was the unchecked block QR of an ill-conditioned Y: 2e-2
+    off orthonormal)."""
+    n, k = 128, 64
+    M = Stiefel(n, k)
+    X0 = M.sample(generator=_gen(0), dtype=torch.float64)
+    p = ManifoldParameter(X0.float(), M)
+    opt = RiemannianSGD([p], lr=1e-2, retraction="qr")
+    p.grad = torch.randn(n, k, generator=_gen(1))
+    opt.step()  # the point is now the optimizer's own (trusted)
+    X = p.detach().double()
+    u = torch.randn(n, generator=_gen(2), dtype=torch.float64)
+    u -= X @ (X.T @ u)
+    w = torch.randn(k, generator=_gen(3), dtype=torch.float64)
+    G = (2e-22 * torch.outer(u / u.norm(), w / w.norm())).float()  # normal to span(X)
+    assert torch.linalg.vector_norm(G).item() == 0.0  # the underflow this guards against
+    opt.param_groups[0]["lr"] = 5e24
+    p.grad = G.clone()
+    opt.step()
+    Y = X - 5e24 * G.double()
+    Q, R = torch.linalg.qr(Y)
+    want = Q * torch.sign(torch.diagonal(R))
+    assert M.distance(p.detach()).max() < 1e-5
+    assert (p.detach().double() - want).abs().max() < 1e-3  # Y has kappa ~ 1e3
+
+
+def test_adam_with_eps_0_and_a_zero_gradient_gives_nan_on_every_path():
+    """eps = 0 and no gradient: -lr / 0 times a zero moment, NaN, as torch's and geoopt's
+    Adam give (the one-point host path divided Python floats by zero and raised, leaving the
+    step count and moments updated)."""
+    X = Stiefel(8, 4).sample(generator=_gen(0))
+    for count in (1, 2):
+        ps = [ManifoldParameter(X.clone(), Stiefel(8, 4)) for _ in range(count)]
+        opt = RiemannianAdam(ps, lr=1e-2, eps=0.0, retraction="qr")
+        for p in ps:
+            p.grad = torch.zeros(8, 4)
+        opt.step()
+        assert all(p.detach().isnan().all() for p in ps)
+    t = torch.nn.Parameter(X.clone())
+    t.grad = torch.zeros(8, 4)
+    torch.optim.Adam([t], lr=1e-2, eps=0.0).step()
+    assert t.detach().isnan().all()
