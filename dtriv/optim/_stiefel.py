@@ -552,7 +552,12 @@ def near_orthonormal(X: Tensor, tol: float = NEAR_ORTHONORMAL_TOL) -> bool:
     indefinite ``E`` tried passed less often) the chance, measured over :math:`2 \cdot
     10^7` draws, is :math:`7 \cdot 10^{-4}` at :math:`\|E\|_F = 10\,\mathrm{tol}`,
     :math:`5 \cdot 10^{-5}` at 20, :math:`1.5 \cdot 10^{-6}` at 50, falling as the fourth
-    power beyond.
+    power beyond. These chances are over writes that do not depend on the probes. The probes
+    are fixed (drawn once from a fixed seed, so that runs and resumes take the same paths bit
+    for bit): a write built against them passes, e.g. :math:`W = Q(I + a\,u u^T)` with
+    :math:`u` orthogonal to all ``p`` probes (possible once ``k > p``), and its step then
+    leaves the manifold. Natural writes (a scaled or repeated column, a spectrum spread over
+    decades, a random low-rank error, conditions up to 1e7) were all caught.
 
     This catches writes that the optimizer's version counters cannot see:
     ``p.data.copy_(W)`` changes a parameter without bumping its version (see
