@@ -807,7 +807,7 @@ def _sqnorm_of_base(x: Tensor) -> float:
     dot product and its host read cost 3 of the 100 us of a vector of 4096's forward and
     backward, at every forward. A base that requires grad is read every time
     (``gradcheck`` perturbs it through ``.data``, which bumps no version)."""
-    if x.requires_grad:
+    if x.requires_grad or x.is_inference():  # (an inference tensor has no version counter)
         return _dot(x, x)
     entry = _BASE_SQNORMS.get(id(x))
     if entry is not None and entry[0]() is x and entry[1] == x._version and (
