@@ -290,7 +290,10 @@ class _Copy:
     it never backpropagates: without the copy the memo would hand back the unperturbed value,
     and the numerical Jacobian would read zero. Kept only for a plain leaf tensor that
     requires grad and is not a parameter (what ``functional_call`` passes); a read that hits
-    costs one comparison pass over the tensor, far below the map it saves.
+    costs one comparison pass over the tensor (and, on an accelerator, a synchronisation),
+    far below the map it saves but not free: a ``functional_call`` training loop that reads
+    one leaf kernel 50 times per forward measured 9.0 against 7.9 ms per step at 256 x 256 on
+    CPU. Pass parameters, or turn the memo off, where that matters.
     """
 
     __slots__ = ("_tensor", "_copy")

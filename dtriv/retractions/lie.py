@@ -227,9 +227,10 @@ def _scale_groups(norms: list[float], dtype: torch.dtype) -> list[list[int]] | N
     changes the result at the rounding level (and keeps such batches one batched call)."""
     if len(norms) < 2:
         return None
-    counts = [choose_degree(norm, dtype)[1] for norm in norms]
-    if max(counts) - min(counts) < 2:
+    # the count grows with the norm: the extremes tell whether any split is needed
+    if choose_degree(max(norms), dtype)[1] - choose_degree(min(norms), dtype)[1] < 2:
         return None
+    counts = [choose_degree(norm, dtype)[1] for norm in norms]
     groups: dict[int, list[int]] = {}
     for i, count in enumerate(counts):
         groups.setdefault(count, []).append(i)
@@ -296,7 +297,8 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
         return reference()
     try:
         if X.ndim > 2:  # matrices of very different norms: each group its own squarings
-            norms = _one_norms(X)
+            L = X.tril() if lower else X
+            norms = _one_norms(L - L.mH)  # those of the generators exponentiated
             groups = _scale_groups(norms, X.dtype) if all(map(math.isfinite, norms)) else None
             if groups is not None:
                 return _per_group(X, groups, lambda part: expm_of_skew(part, lower=lower))
