@@ -10,7 +10,14 @@ from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
 from dtriv.retractions import _lu, registry
-from dtriv.retractions._common import no_host_reads, skew, sym, upcast_half, values_checkable
+from dtriv.retractions._common import (
+    no_host_reads,
+    skew,
+    sym,
+    tracing,
+    upcast_half,
+    values_checkable,
+)
 from dtriv.retractions.lie import cayley_inverse, cayley_of_skew, expm, expm_of_skew, logm
 from dtriv.retractions.stiefel import (
     polar_factor,
@@ -232,7 +239,7 @@ class Stiefel(Manifold):
                 (meta tensors, ``vmap``, tracing).
         """
         self.validate(X)
-        if (X.numel() and values_checkable(X) and not no_host_reads(X)
+        if (X.numel() and values_checkable(X) and not tracing()
                 and not bool(torch.isfinite(X).all())):
             raise ValueError("X: expected finite entries, got NaN or infinite ones: a "
                              "non-finite matrix has no nearest point of the manifold")

@@ -319,8 +319,7 @@ class RiemannianMixin:
                 manifold = manifold_of(params[index])
                 if manifold is not None:
                     self._check_loaded_state(params[index], manifold, entries, index)
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        params = self._params()
+        super().load_state_dict(state_dict)  # type: ignore[misc]  (the same parameters)
         self._mark_on_manifold([params[i] for i in flagged if 0 <= i < len(params)])
 
     def _check_loaded_state(self, p: Tensor, manifold: Manifold, entries: dict[str, Any],

@@ -570,6 +570,13 @@ def _after_fused_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
                 memo.clear()
 
 
+def check_model(model: object) -> None:
+    """``ValueError`` naming ``model`` unless it is an ``nn.Module`` (the functions that walk
+    a whole model)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
 def memoize(model: nn.Module, enabled: bool = True) -> int:
     """Turn the once-per-forward memo of every dtriv parametrization of ``model`` on or off.
 
@@ -579,8 +586,7 @@ def memoize(model: nn.Module, enabled: bool = True) -> int:
     graph of the map). Sets the ``memoize`` attribute of each such parametrization (which may
     also be set one by one) and clears its memo. Returns how many were set.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     check_flag(enabled, "enabled")
     count = 0
     for module in model.modules():

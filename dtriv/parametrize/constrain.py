@@ -18,7 +18,7 @@ from torch.nn.utils.parametrize import is_parametrized
 from torch.nn.utils.parametrize import register_parametrization as _torch_register
 
 from dtriv.manifolds import Manifold, SpectrallyBounded, Sphere
-from dtriv.parametrize.cache import clear_memos_on_load, install_fast_read
+from dtriv.parametrize.cache import check_model, clear_memos_on_load, install_fast_read
 from dtriv.parametrize.trivialization import Trivialization, _Link
 
 __all__ = ["constrain", "sphere", "spectrally_bounded", "trivializations", "refresh"]
@@ -198,11 +198,6 @@ def register_parametrization(module: nn.Module, tensor_name: str, parametrizatio
     return _torch_register(module, tensor_name, parametrization, unsafe=unsafe)
 
 
-def _check_model(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-
-
 def trivializations(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
     """Yield ``(module, name, parametrization)`` for every dynamic trivialization of ``model``.
 
@@ -213,7 +208,7 @@ def trivializations(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Modul
     first-in-list :class:`~dtriv.parametrize.Trivialization` and its parameter, which a
     ``deepcopy`` of the model or a direct ``register_parametrization`` does not set.
     """
-    _check_model(model)
+    check_model(model)
     return _trivializations(model)
 
 

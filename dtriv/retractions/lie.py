@@ -144,11 +144,10 @@ def expm(A: Tensor) -> Tensor:
     Forward: scaling and squaring with a diagonal Padé approximant (Higham 2005),
     :math:`e^A \approx r_m(2^{-s}A)^{2^s}`, :math:`r_m = (V - U)^{-1}(V + U)`, degree
     :math:`m \in \{3, 5, 7, 9, 13\}` and :math:`s` chosen from the largest 1-norm of the
-    batch (a batch whose matrices ask for values of :math:`s` two or more apart is computed
-    one group of equal :math:`s` at a time, so that a small matrix does not take a large
-    one's squarings)
-    against the thresholds :math:`\theta_m` of the precision (double: Higham's
-    table up to :math:`m = 13`; single: his single-precision table up to :math:`m = 7`).
+    batch against the thresholds :math:`\theta_m` of the precision (double: Higham's table
+    up to :math:`m = 13`; single: his single-precision table up to :math:`m = 7`). A batch
+    whose matrices ask for values of :math:`s` two or more apart is computed one group of
+    equal :math:`s` at a time, so that a small matrix does not take a large one's squarings.
     Backward: the adjoint of the Fréchet derivative,
     :math:`\bar A = L_{\exp}(A)^*[G] = L_{\exp}(A^H, G)`, by the Al-Mohy--Higham (2009)
     recurrences with the forward's degree, scaling, powers, LU factors of :math:`V - U`
