@@ -31,6 +31,7 @@ __all__ = [
     "expand_sweep",
     "apply_overrides",
     "parse_override",
+    "read_override_value",
     "run_label",
     "Run",
     "NOT_IN_NAMES",
@@ -416,15 +417,21 @@ def _resolve(raw: dict[str, Any], overrides: dict[str, Any], source: str,
     return Run(cfg, overrides, source)
 
 
+def read_override_value(text: str) -> Any:
+    """The value of ``KEY=text`` as ``--set`` reads it: as TOML, else as the string itself."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
-    """``"optim.K=100"`` -> ``("optim.K", 100)``; the value is read as TOML, else as a string."""
+    """``"optim.K=100"`` -> ``("optim.K", 100)``; the value is read as TOML, else as a string
+    (:func:`read_override_value`)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"{source}: expected KEY=VALUE (e.g. optim.K=100), got {text!r}")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
+    parsed = read_override_value(value)
     section, name = _resolve_key(key.strip(), source, "--set key")
     try:  # the value on its own (its combination with the file is checked later)
         SCHEMA[section][name].check(parsed)

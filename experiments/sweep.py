@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from .config import Run, tomllib
+from .config import Run, read_override_value
 
 __all__ = ["Terminated", "commands", "run_all", "terminate_as_interrupt"]
 
@@ -55,9 +55,7 @@ def _value(v: Any) -> str:
     """``v`` as ``--set`` reads it back: a string that would read as another TOML value
     (``2024``, ``true``, ``inf``, a date) as a quoted TOML string, other strings as they are."""
     if isinstance(v, str):
-        try:
-            tomllib.loads(f"v = {v}")
-        except tomllib.TOMLDecodeError:
+        if read_override_value(v) == v:
             return v  # read back as the string itself
         return json.dumps(v)  # a TOML basic string (JSON's escapes are TOML's)
     if isinstance(v, bool):
