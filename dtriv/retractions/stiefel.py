@@ -61,6 +61,7 @@ from ._common import (
     vmap_active,
 )
 from ._scratch import Arena
+from ._skew_basis import map_in_basis, takes_basis
 from .lie import expm
 from .registry import register
 
@@ -765,22 +766,42 @@ def stiefel_cayley(B: Tensor, V: Tensor) -> Tensor:
     on tall weights. The Gram products use the actual ``B`` (not :math:`B^H B = I`), so the
     identity with the dense formula holds exactly for any ``B``.
 
+    :math:`W^H U` holds the Gram matrix :math:`PV^H PV`, whose rounding grows as
+    :math:`\|PV\|_2^2`: where :math:`\|PV\|_2` may exceed
+    :data:`~dtriv.retractions._skew_basis.GRAM_MAX_NORM` (10) for a matrix of the batch, the
+    same map is computed in an orthonormal basis of ``[PV, B]`` instead, as accurate as the
+    dense formula (:mod:`dtriv.retractions._skew_basis`; eager code only, where the norm can
+    be read).
+
     Args:
         B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
         V: tangent vectors at ``B``, same shape.
 
     Cost: five ``n x k`` by ``k x k`` products/Gram matrices and one ``2k x 2k`` solve,
-    :math:`O(n k^2 + k^3)`.
+    :math:`O(n k^2 + k^3)`; with the basis, a Householder QR of ``[PV, B]`` as well.
 
     Reference: Wen & Yin (2013), Sec. 2 (the Sherman--Morrison--Woodbury form of the update).
     """
     _check(B, V)
-    k = B.shape[-1]
     BhV = B.mH @ V
     PV = V - B @ BhV / 2
+    PP = PV.mH @ PV
+    if takes_basis(PP):
+        return map_in_basis("cayley", B, V, _cayley_woodbury)
+    return _cayley_woodbury(B, V, BhV, PV, PP)
+
+
+def _cayley_woodbury(B: Tensor, V: Tensor, BhV: Tensor | None = None, PV: Tensor | None = None,
+                     PP: Tensor | None = None) -> Tensor:
+    """:func:`stiefel_cayley` in its Woodbury form (``B^H V``, ``PV`` and ``PV^H PV`` when the
+    caller has them)."""
+    k = B.shape[-1]
+    if BhV is None or PV is None or PP is None:
+        BhV = B.mH @ V
+        PV = V - B @ BhV / 2
+        PP = PV.mH @ PV
     BB = B.mH @ B
     BP = B.mH @ PV
-    PP = PV.mH @ PV
     WhU = torch.cat(
         [torch.cat([BP, BB], dim=-1), torch.cat([-PP, -BP.mH], dim=-1)], dim=-2
     )  # W^H U, (2k, 2k)
@@ -833,20 +854,28 @@ def stiefel_exp(B: Tensor, V: Tensor) -> Tensor:
 def stiefel_exp_canonical(B: Tensor, V: Tensor) -> Tensor:
     r"""Exponential map of the canonical metric: :math:`\exp(\Omega) B` without forming Ω.
 
-    With :math:`A = B^H V`, the normal part :math:`N = (I - B B^H) V = QR` and
+    With :math:`A = B^H V`, the normal part :math:`N = V - B A` and
     :math:`\Omega = B A B^H + N B^H - B N^H` (``n x n`` skew, :math:`\Omega B = V`), the
-    canonical geodesic is
+    canonical geodesic :math:`\gamma(1) = \exp(\Omega) B`. Written
+    :math:`\Omega = U W^H` with :math:`U = [N, B]`, :math:`W = [B, B A^H - N]`, and since
+    :math:`B = U [0; I]`,
 
-    .. math:: \gamma(1) = \exp(\Omega) B = B M + Q R\,\tilde N, \qquad
-              \begin{pmatrix} M \\ R \tilde N \end{pmatrix}
-              = \exp\!\begin{pmatrix} A & -R^H \\ R & 0 \end{pmatrix}
-                \begin{pmatrix} I \\ 0 \end{pmatrix}.
+    .. math:: \exp(\Omega) B = B + U \varphi(W^H U) W^H U [0; I] = U \exp(W^H U) [0; I]
+              = N E_{12} + B E_{22}, \qquad E = \exp(K),\ K = W^H U =
+              \begin{pmatrix} B^H N & B^H B \\ A B^H N - N^H N & A B^H B - N^H B
+              \end{pmatrix},
 
-    Since only :math:`QR = N` and :math:`R^H R = N^H N` enter, it is computed without a
-    QR (so also when ``N`` is rank deficient, e.g. ``n < 2k``) as
-    :math:`B M + N \tilde N` with
-    :math:`[M; \tilde N] = \exp\begin{pmatrix} A & -N^H N \\ I & 0\end{pmatrix}[I; 0]`,
-    balanced by a scalar similarity ``diag(I, sI)``, ``s = max(1, |N|_F)``.
+    a ``2k x 2k`` exponential (:math:`\varphi(x) = (e^x - 1)/x`), balanced by the scalar
+    similarity ``diag(I/s, I)``, ``s = max(1, |N|_F)``; no QR, so also when ``N`` is rank
+    deficient (e.g. ``n < 2k``). For a point of the manifold :math:`K = \begin{pmatrix}
+    0 & I \\ -N^H N & A\end{pmatrix}` (Edelman, Arias & Smith's form with ``N = QR``:
+    only :math:`R^H R = N^H N` enters); the Gram matrix :math:`B^H B` keeps the identity
+    with the dense :math:`\exp(\Omega) B` exact for any ``B``, derivatives in ``B``
+    included. Where :math:`\|N\|_2` may exceed
+    :data:`~dtriv.retractions._skew_basis.GRAM_MAX_NORM` (10) for a matrix of the batch (the
+    rounding of :math:`N^H N` grows as :math:`\|N\|_2^2`), the same map is computed in an
+    orthonormal basis of ``[N, B]`` instead, as accurate as the dense exponential
+    (:mod:`dtriv.retractions._skew_basis`; eager code only, where the norm can be read).
 
     This is what ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map=
     "matrix_exp")`` computes on tall weights: with ``Y = [X.tril(), 0]`` (``n x n``) and
@@ -858,24 +887,40 @@ def stiefel_exp_canonical(B: Tensor, V: Tensor) -> Tensor:
         B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
         V: tangent vectors at ``B``, same shape.
 
-    Cost: three ``n x k`` by ``k x k`` products and two Gram matrices, :math:`O(n k^2)`,
-    plus one exponential of size ``2k``, :math:`O(k^3)`.
+    Cost: three ``n x k`` by ``k x k`` products and three Gram matrices, :math:`O(n k^2)`,
+    plus one exponential of size ``2k``, :math:`O(k^3)`; with the basis, a Householder QR
+    of ``[N, B]`` as well.
 
     Reference: Edelman, Arias & Smith (1998), geodesics of the canonical metric.
     """
     _check(B, V)
-    k = B.shape[-1]
     A = B.mH @ V
     N = V - B @ A
-    C = N.mH @ N
+    NN = N.mH @ N
+    if takes_basis(NN):
+        return map_in_basis("exp_canonical", B, V, _exp_canonical_gram)
+    return _exp_canonical_gram(B, V, A, N, NN)
+
+
+def _exp_canonical_gram(B: Tensor, V: Tensor, A: Tensor | None = None, N: Tensor | None = None,
+                        NN: Tensor | None = None) -> Tensor:
+    """:func:`stiefel_exp_canonical` by the ``2k x 2k`` exponential of ``W^H U`` (``A``, ``N``
+    and ``N^H N`` when the caller has them)."""
+    k = B.shape[-1]
+    if A is None or N is None or NN is None:
+        A = B.mH @ V
+        N = V - B @ A
+        NN = N.mH @ N
+    BB = B.mH @ B
+    BN = A - BB @ A  # B^H N
     s = _balance(N)
-    I = _eye(k, B).expand_as(A)
     K = torch.cat(
-        [torch.cat([A, -C / s], dim=-1), torch.cat([s * I, torch.zeros_like(A)], dim=-1)],
+        [torch.cat([BN, s * BB], dim=-1),
+         torch.cat([(A @ BN - NN) / s, A @ BB - BN.mH], dim=-1)],
         dim=-2,
     )
-    F = expm(K)[..., :, :k]
-    return B @ F[..., :k, :] + (N / s) @ F[..., k:, :]
+    E = expm(K)[..., :, k:]
+    return (N / s) @ E[..., :k, :] + B @ E[..., k:, :]
 
 
 # --------------------------------------------------------------------------- registry
