@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from dtriv.manifolds.base import Manifold
-from dtriv.retractions._common import outside_compiled_graphs
+from dtriv.retractions._common import outside_compiled_graphs, without_any_autocast
 from dtriv.retractions._scratch import Arena
 
 from . import _sphere, _stiefel
@@ -442,6 +442,7 @@ class RiemannianMixin:
     # broke the graph at each read and recompiled as those values changed; the Euclidean
     # parameters' torch step is still traced.
     @outside_compiled_graphs
+    @without_any_autocast
     @torch.no_grad()
     def _manifold_step(self) -> None:
         """The update of every manifold parameter (bucket by bucket), and stabilization."""
@@ -455,6 +456,7 @@ class RiemannianMixin:
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self._stabilize_group(group)
 
+    @without_any_autocast
     @torch.no_grad()
     def stabilize(self) -> None:
         """Project every manifold parameter onto its manifold and its momenta onto the

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dtriv.retractions._common import outside_compiled_graphs
+from dtriv.retractions._common import outside_compiled_graphs, without_any_autocast
 
 from ._hooks import clear_grads, hooked_step
 from .targets import DtrivTarget, Target, _dtriv_link, _has_base, _owners, find_targets
@@ -387,6 +387,7 @@ class DynamicTrivialization(torch.optim.Optimizer):
         return loss
 
     @outside_compiled_graphs
+    @without_any_autocast
     @torch.no_grad()
     def refresh(self) -> None:
         """Refresh every base now (the wrapper calls this every ``K`` steps).

@@ -20,6 +20,7 @@ from torch.nn.utils.parametrize import register_parametrization as _torch_regist
 from dtriv.manifolds import Manifold, SpectrallyBounded, Sphere
 from dtriv.parametrize.cache import check_model, clear_memos_on_load, install_fast_read
 from dtriv.parametrize.trivialization import Trivialization, _Link
+from dtriv.retractions._common import without_any_autocast
 
 __all__ = ["constrain", "sphere", "spectrally_bounded", "trivializations", "refresh"]
 
@@ -227,6 +228,7 @@ def _trivializations(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Modu
                     yield module, name, parametrization
 
 
+@without_any_autocast
 @torch.no_grad()
 def refresh(model: nn.Module) -> int:
     """Refresh every dynamic trivialization of ``model`` in place; returns how many.

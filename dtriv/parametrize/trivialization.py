@@ -40,6 +40,7 @@ from dtriv.retractions._common import (
     check_flag,
     is_meta,
     outside_compiled_graphs,
+    without_any_autocast,
     without_autocast,
 )
 from dtriv.retractions._common import eps as _eps
@@ -407,6 +408,7 @@ class Trivialization(Memoized):
             )
         return owner.original
 
+    @without_any_autocast
     @torch.no_grad()
     def refresh(self, original: Tensor | None = None) -> None:
         """Move the base to the current point and zero the free tensor, in place.

@@ -8,6 +8,7 @@ eigh) are neither implemented nor accurate in half precision.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -62,6 +63,64 @@ def without_autocast(fn: F) -> F:
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+#: the device types whose autocast :func:`autocast_disabled` turns off
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia")
+
+
+def autocast_disabled() -> contextlib.ExitStack:
+    """A context in which autocast is off on every device type where it is on (nothing to do,
+    one call, when it is off everywhere)."""
+    stack = contextlib.ExitStack()
+    if torch._C._is_any_autocast_enabled():
+        for device_type in AUTOCAST_DEVICE_TYPES:
+            if autocast_on(device_type):
+                stack.enter_context(autocast_off(device_type))
+    return stack
+
+
+def without_any_autocast(fn: F) -> F:
+    """Decorate a function that updates or refreshes points (an optimizer's update, a base
+    refresh) so that it runs with autocast off on every device type: called inside
+    ``torch.autocast``, its products would run in half precision and write rounded points
+    into the float32 tensors (a refresh moved the weight by 3e-3 and an orthonormal point by
+    1e-2 in bfloat16), or meet its float32 tensors in an in-place operation."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch._C._is_any_autocast_enabled():
+            return fn(*args, **kwargs)
+        with autocast_disabled():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def backward_without_autocast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator: the ``backward`` and ``jvp`` of an ``autograd.Function`` run with autocast
+    off. The maps compute their forward with autocast off (:func:`without_autocast`), but a
+    backward called inside ``torch.autocast`` (not recommended by torch, yet what a loop that
+    calls ``loss.backward()`` in the ``with`` block does) ran under it: its products in half
+    precision met the saved float32 factors (``lu_solve``: "Expected LU and B to have the same
+    dtype") or reached kernels without a half-precision version (``triangular_solve`` in
+    bfloat16). Torch's own derivative formulas still follow autocast there, as for torch's
+    parametrizations."""
+    for name in ("backward", "jvp"):
+        method = cls.__dict__.get(name)
+        if method is None:
+            continue
+        fn = method.__func__ if isinstance(method, staticmethod) else method
+
+        @functools.wraps(fn)
+        def wrapper(ctx, *args, _fn=fn):
+            if not torch._C._is_any_autocast_enabled():
+                return _fn(ctx, *args)
+            with autocast_disabled():
+                return _fn(ctx, *args)
+
+        setattr(cls, name, staticmethod(wrapper))
+    return cls
 
 
 def outside_compiled_graphs(fn: F) -> F:

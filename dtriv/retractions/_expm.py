@@ -77,6 +77,7 @@ from torch import Tensor
 from . import _lu
 from ._common import (
     apply_function,
+    backward_without_autocast,
     cached_outside_transforms,
     eager_context,
     forward_ad_active,
@@ -273,6 +274,7 @@ def _frechet_adjoint_block(A: Tensor, G: Tensor) -> Tensor:
     return torch.linalg.matrix_exp(torch.cat([top, bottom], dim=-2))[..., :n, n:]
 
 
+@backward_without_autocast
 @reports_backward
 class ExpmPade(torch.autograd.Function):
     """Autograd function ``A -> r_m(2^{-s}A)^{2^s}`` with the Al-Mohy--Higham backward.
@@ -922,6 +924,7 @@ def _recorded_grad(X: Tensor, G: Tensor, lower: bool | None = None) -> Tensor:
     return grad
 
 
+@backward_without_autocast
 @reports_backward
 class ExpmTaylor(torch.autograd.Function):
     """``A -> T_m(2^{-s}A)^{2^s}`` (skew ``A``) with the hand-written reverse pass.
@@ -1046,6 +1049,7 @@ def skew_of_adjoint(Abar: Tensor, lower: bool = False, arena: Arena | None = Non
     return grad.tril() if transforms_active() else grad.tril_()
 
 
+@backward_without_autocast
 @reports_backward
 class ExpmOfSkewTaylor(torch.autograd.Function):
     """``X -> T_m(2^{-s}A)^{2^s}`` with ``A = X - X^H`` (or ``tril(X) - tril(X)^H``) and the
@@ -1293,6 +1297,7 @@ def _square_reverse(A: Tensor, gA: Tensor, gA2: Tensor, skew_only: bool, new,
     return _mm_into(_mm_into(gA, gA2, A.mH), A.mH, gA2)
 
 
+@backward_without_autocast
 @reports_backward
 class ExpmOfSkewWrittenOut(torch.autograd.Function):
     """:class:`ExpmOfSkewTaylor` for plain tensors in eager code: the forward and its reverse
@@ -1341,6 +1346,7 @@ class ExpmOfSkewWrittenOut(torch.autograd.Function):
         return (dQ, *([None] * len(saved)))
 
 
+@backward_without_autocast
 @reports_backward
 class ExpmWrittenOut(torch.autograd.Function):
     """:class:`ExpmTaylor` for plain tensors in eager code, written out per scheme (see

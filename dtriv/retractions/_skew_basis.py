@@ -63,7 +63,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._common import forward_ad_active, no_host_reads, solve, transforms_active
+from ._common import (
+    backward_without_autocast,
+    forward_ad_active,
+    no_host_reads,
+    solve,
+    transforms_active,
+)
 from .lie import expm
 
 __all__ = ["GRAM_MAX_NORM", "map_in_basis", "takes_basis"]
@@ -107,6 +113,7 @@ def _factors(kind: str, B: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     return C, X, Q, R, RW
 
 
+@backward_without_autocast
 class _SkewMapInBasis(torch.autograd.Function):
     """:math:`f(\\Omega) B` in the basis of ``U`` (see the module docstring); ``kind`` is
     ``"cayley"`` or ``"exp_canonical"``, ``reference(B, V)`` the map's Gram form (for second

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ._common import (
     apply_function,
+    backward_without_autocast,
     check_floating,
     check_matrix,
     eager_context,
@@ -136,6 +137,7 @@ def _reflector_product_wy_vjp(A: Tensor, G: Tensor) -> Tensor:
     return gY
 
 
+@backward_without_autocast
 @reports_backward
 class _ReflectorProduct(torch.autograd.Function):
     r"""``householder_product(A, 2 / (1 + |a_j|^2))`` with an O(n k^2) backward.
@@ -182,6 +184,7 @@ class _ReflectorProduct(torch.autograd.Function):
         return _reflector_product_wy_jvp(A, dA.tril(-1))
 
 
+@backward_without_autocast
 class _StrictLowerTriangle(torch.autograd.Function):
     r"""``X -> tril(X, -1)`` (and its adjoint, the same restriction of the gradient) by
     :func:`~._common.tril_copy`: a copy and the in-place ``tril_``, where torch's ``tril``

@@ -29,6 +29,7 @@ from ._block_inverse import LEAF as BLOCK_LEAF
 from ._block_inverse import block_inverse
 from ._common import (
     apply_function,
+    backward_without_autocast,
     cached_eye,
     cached_outside_transforms,
     check_flag,
@@ -323,6 +324,7 @@ def _cayley_check(info: Tensor) -> None:
         )
 
 
+@backward_without_autocast
 @reports_backward
 class _Cayley(torch.autograd.Function):
     r""":math:`Q = 2M^{-1} - I`, :math:`M = I - A/2`, with the backward
@@ -486,6 +488,7 @@ def _left_times_cayley(B: Tensor, Minv: Tensor) -> Tensor:
     return _mm_into(B, B, Minv, inplace=False, beta=-1.0, alpha=2.0)
 
 
+@backward_without_autocast
 @reports_backward
 class _CayleyOfSkew(torch.autograd.Function):
     r""":math:`Q = 2M^{-1} - I`, :math:`M = I - A/2`, :math:`A = X - X^H` (with ``lower``,
@@ -729,6 +732,7 @@ def _expm_hvp(L: Tensor, B: Tensor, Y: Tensor) -> Tensor:
     return hv
 
 
+@backward_without_autocast
 class _LogmGrad(torch.autograd.Function):
     r"""The gradient of :func:`logm`, :math:`b = L_{\log}(Q)^*[G]`, as a node of ``(G, L)``
     (:math:`L = \log Q`, the output of :class:`_Logm`, through which the graph reaches
@@ -764,6 +768,7 @@ class _LogmGrad(torch.autograd.Function):
         return Y, grad_L, None, None, None
 
 
+@backward_without_autocast
 class _Logm(torch.autograd.Function):
     """Principal logarithm of a (near-)unitary matrix through a Hermitian eigendecomposition.
 

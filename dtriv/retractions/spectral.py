@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ._common import (
     apply_function,
+    backward_without_autocast,
     check_floating,
     check_matrix,
     compute_dtype,
@@ -246,6 +247,7 @@ def _clip_backward(U: Tensor, S: Tensor, Vh: Tensor, G: Tensor, upper: float,
     return grad
 
 
+@backward_without_autocast
 class _ClipSingularValues(torch.autograd.Function):
     r"""``W -> U clamp(S, lower, upper) V^H`` with the closed-form backward of
     :func:`_clip_backward` (finite at repeated singular values). Differentiating the backward

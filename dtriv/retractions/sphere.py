@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._common import (
+    backward_without_autocast,
     check_floating,
     check_same_shape,
     compute_dtype,
@@ -331,6 +332,7 @@ def _exp_jvp(x: Tensor, V: Tensor, dx: Tensor | None, dV: Tensor | None, cos: Te
     return out
 
 
+@backward_without_autocast
 @reports_backward
 class _SphereExp(torch.autograd.Function):
     r"""``(x, v, r) -> cos(t) x + sinc(t) v`` with :math:`z = t^2 = \|v\|^2/r^2`: one node.
@@ -399,6 +401,7 @@ class _SphereExp(torch.autograd.Function):
         return gx, gv, None
 
 
+@backward_without_autocast
 @reports_backward
 class _SphereProjective(torch.autograd.Function):
     r"""``(x, v, r) -> r (x + v)/\|x + v\|``: one node.
@@ -449,6 +452,7 @@ class _SphereProjective(torch.autograd.Function):
                 (gw.clone() if need_x else gw) if need_v else None, None)
 
 
+@backward_without_autocast
 @reports_backward
 class _SphereTangent(torch.autograd.Function):
     r"""``(x, v, r) -> v - x Re<x, v>/r^2``, the tangent projection at ``x``: one node.
@@ -492,6 +496,7 @@ class _SphereTangent(torch.autograd.Function):
         return gx, gv, None
 
 
+@backward_without_autocast
 @reports_backward
 class _TrivializeProjective(torch.autograd.Function):
     r"""``(x, X, r) -> r w/|w|`` with ``w = x + P_x(X)``, :math:`P_x(X) = X - x\,c`,
@@ -572,6 +577,7 @@ def _trivialize_projective_grads(x: Tensor, X: Tensor, y: Tensor, scale: Tensor 
     return gx, gX
 
 
+@backward_without_autocast
 @reports_backward
 class _TrivializeExp(torch.autograd.Function):
     r"""``(x, X, r) -> cos(t) x + sinc(t) V`` with ``V = P_x(X) = X - c x``, :math:`c =
@@ -894,6 +900,7 @@ def _differentiated_backward(ctx, g: Tensor, reference) -> tuple:
     return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None)
 
 
+@backward_without_autocast
 @reports_backward
 class _VectorExp(torch.autograd.Function):
     r""":class:`_SphereExp` for one real CPU vector, the coefficients on the host:
@@ -918,6 +925,7 @@ class _VectorExp(torch.autograd.Function):
         return gx, gv, None
 
 
+@backward_without_autocast
 @reports_backward
 class _VectorTrivializeExp(torch.autograd.Function):
     r""":class:`_TrivializeExp` for one real CPU vector, the coefficients on the host:
@@ -989,6 +997,7 @@ def _projective_forward(ctx, fused: type[torch.autograd.Function], x: Tensor, v:
     return y
 
 
+@backward_without_autocast
 @reports_backward
 class _VectorProjective(torch.autograd.Function):
     r""":class:`_SphereProjective` for one real CPU vector: the same forward and backward in
@@ -1010,6 +1019,7 @@ class _VectorProjective(torch.autograd.Function):
                 (gw.clone() if need_x else gw) if need_v else None, None)
 
 
+@backward_without_autocast
 @reports_backward
 class _VectorTrivializeProjective(torch.autograd.Function):
     r""":class:`_TrivializeProjective` for one real CPU vector: the same forward and backward
@@ -1066,6 +1076,7 @@ class _VectorTrivializeProjective(torch.autograd.Function):
 # two nodes alternated in one process: 276 -> 251 us (the plain ``v/|v|``: 244).
 
 
+@backward_without_autocast
 @reports_backward
 class _EagerTrivializeExp(torch.autograd.Function):
     r""":class:`_TrivializeExp` in eager code (see above): saves ``(x, X)``, keeps
@@ -1086,6 +1097,7 @@ class _EagerTrivializeExp(torch.autograd.Function):
                                        ctx.needs_input_grad), None)
 
 
+@backward_without_autocast
 @reports_backward
 class _EagerTrivializeProjective(torch.autograd.Function):
     r""":class:`_TrivializeProjective` in eager code (see above): saves ``(x, X, y)``, keeps

@@ -43,6 +43,7 @@ from torch import Tensor
 from . import _lu
 from ._common import (
     apply_function,
+    backward_without_autocast,
     check_floating,
     check_matrix,
     check_same_shape,
@@ -331,6 +332,7 @@ def _lyapunov_in_eigenbasis(C: Tensor, S: Tensor, W: Tensor) -> Tensor:
     return W @ ((Wh @ C @ W) / denom.to(C.dtype)) @ Wh
 
 
+@backward_without_autocast
 class _Lyapunov(torch.autograd.Function):
     r""":math:`\Omega = L_H^{-1}(C)`, :math:`L_H(\Omega) = \Omega H + H \Omega`, for a Hermitian
     positive definite ``H`` given with its eigendecomposition ``H = W diag(S) W^H`` (``S`` and
@@ -380,6 +382,7 @@ class _Lyapunov(torch.autograd.Function):
         return _Lyapunov.apply(H, rhs, S, W)
 
 
+@backward_without_autocast
 @reports_backward
 class _PolarFactor(torch.autograd.Function):
     r"""Polar factor :math:`Q = U W^H` of a full-rank ``X = U S W^H`` with a stable backward.

@@ -68,6 +68,7 @@ from dtriv.retractions._common import (
     is_meta,
     outside_compiled_graphs,
     upcast_half,
+    without_any_autocast,
     without_autocast,
 )
 from dtriv.retractions._lu import lu_factor_ex
@@ -348,6 +349,7 @@ class _Orthogonal(Memoized):
             )
         return plist.original
 
+    @without_any_autocast
     @torch.no_grad()
     def refresh(self, original: Tensor | None = None) -> None:
         r"""Dynamic-trivialization step: ``base <- weight``, ``original <- identity value``.

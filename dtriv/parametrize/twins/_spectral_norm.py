@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 from dtriv.parametrize.cache import install_fast_read
 from dtriv.retractions._common import (
     apply_function,
+    backward_without_autocast,
     compute_dtype,
     eager_context,
     forward_ad_active,
@@ -53,6 +54,7 @@ __all__ = ["spectral_norm"]
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
+@backward_without_autocast
 class _DivideBySigma(torch.autograd.Function):
     r"""``(W, u, v) -> W / sigma``, :math:`\sigma = u^T W_{mat} v`, real ``W``: one node.
 
