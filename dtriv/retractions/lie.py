@@ -467,6 +467,18 @@ def _eyes(X: Tensor) -> tuple[Tensor, Tensor]:
 # generators with entries of variance 1/n are no less accurate than LU; their ||A||_1 is
 # about 20 at n = 512 and 27 at n = 1024 (which takes LU).
 BLOCK_MAX_NORM = 24.0
+# Each level of the recursion adds its rounding: above 4 * BLOCK_LEAF rows (three levels or
+# more) the same kind of generator (two-level couplings, 3 seeds) reached 1.25e-5 at n = 800
+# and 1.5e-5 at n = 1600 with ||A||_1 = 24, 7.7e-6 and 1.2e-5 at 20, 7.5e-6 and 6.1e-6 at 16
+# (at n = 512 and 768, two levels: 7.4e-6 and 6.7e-6 at 24). Those sizes take the block
+# inverse up to this norm.
+BLOCK_MAX_NORM_DEEP = 16.0
+
+
+def _block_max_norm(n: int) -> float:
+    r"""The largest :math:`\|A\|_1` for which an ``n x n`` Cayley transform takes the block
+    inverse: ``BLOCK_MAX_NORM`` up to two levels of recursion, ``BLOCK_MAX_NORM_DEEP`` beyond."""
+    return BLOCK_MAX_NORM if n <= 4 * BLOCK_LEAF else BLOCK_MAX_NORM_DEEP
 
 
 def _block_inverse_applies(A: Tensor, arena: Arena | None, check_skew: bool = False) -> bool:
@@ -474,13 +486,14 @@ def _block_inverse_applies(A: Tensor, arena: Arena | None, check_skew: bool = Fa
     ``BLOCK_LEAF`` rows, in plain eager code (the checks read values on the host), for a
     skew-Hermitian ``A`` (tested exactly with ``check_skew``; :class:`_CayleyOfSkew` builds
     one) and for :math:`\|A\|_1 \le` ``BLOCK_MAX_NORM`` (max row sum, A being skew; false
-    for non-finite entries, which take the LU path). ``arena``: where ``|A|`` is written."""
+    for non-finite entries, which take the LU path; ``BLOCK_MAX_NORM_DEEP`` above
+    ``4 * BLOCK_LEAF`` rows, :func:`_block_max_norm`). ``arena``: where ``|A|`` is written."""
     if A.shape[-1] <= BLOCK_LEAF or transforms_active() or no_host_reads(A):
         return False
     if check_skew and not _is_skew(A):
         return False
     scratch = None if arena is None or A.is_complex() else arena.empty()
-    return _one_norm(A, scratch) <= BLOCK_MAX_NORM
+    return _one_norm(A, scratch) <= _block_max_norm(A.shape[-1])
 
 
 def _left_times_cayley(B: Tensor, Minv: Tensor) -> Tensor:

@@ -459,6 +459,8 @@ def inverse_path(request, monkeypatch, block_calls):
 
     if request.param == "block":
         monkeypatch.setattr(lie, "BLOCK_LEAF", 2)
+        # (leaves of 2 rows make every size a deep recursion: the norm bound of two levels)
+        monkeypatch.setattr(lie, "BLOCK_MAX_NORM_DEEP", lie.BLOCK_MAX_NORM)
     yield request.param
     assert bool(block_calls) == (request.param == "block")
 
@@ -640,6 +642,51 @@ def test_cayley_of_skew_block_inverse_on_its_worst_generators_in_single_precisio
         Q = lie.cayley_of_skew(X.float()).double()
         worst = max(worst, (Q - exact).abs().max().item())
     assert worst < 5e-6
+
+
+def _coupled_halves(n: int, levels: int, g: torch.Generator) -> torch.Tensor:
+    """A skew generator whose halves are coupled by a rotated signed permutation, recursively
+    inside each half (``levels`` deep), then signed permutations: the kind that makes the
+    block elimination of deep recursions least accurate."""
+
+    def signed_permutation(m):
+        P = torch.zeros(m, m, dtype=torch.float64)
+        signs = torch.randint(0, 2, (m,), generator=g).double() * 2 - 1
+        P[torch.arange(m), torch.randperm(m, generator=g)] = signs
+        return P
+
+    if levels == 0:
+        S = signed_permutation(n)
+        return (S - S.T) / 2
+    h = n // 2
+    A = torch.zeros(n, n, dtype=torch.float64)
+    A[:h, :h] = _coupled_halves(h, levels - 1, g)
+    A[h:, h:] = _coupled_halves(h, levels - 1, g)
+    theta = torch.rand(h // 2, generator=g, dtype=torch.float64) * math.pi
+    R = torch.block_diag(*[torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]],
+                                        dtype=torch.float64) for t in theta.tolist()])
+    W = R @ signed_permutation(h)
+    A[:h, h:] = 0.05 * W / W.abs().sum(0).max()
+    A[h:, :h] = -A[:h, h:].T
+    return A
+
+
+@pytest.mark.parametrize("norm", ["BLOCK_MAX_NORM", "BLOCK_MAX_NORM_DEEP"])
+def test_cayley_of_skew_on_deep_recursions_in_single_precision(norm):
+    """Above 4 * BLOCK_LEAF rows (three levels of block elimination) the block route is taken up
+    to BLOCK_MAX_NORM_DEEP only: at n = 800 such generators at ||A||_1 = 24 erred by 1.25e-5
+    (LU: 7e-7); at the deep bound the block route runs within the float32 tolerance."""
+    from dtriv.retractions import lie
+
+    n = 800
+    eye = torch.eye(n, dtype=torch.float64)
+    bound = getattr(lie, norm)
+    for seed in range(2):
+        A = _coupled_halves(n, 1, torch.Generator().manual_seed(1000 + seed))
+        A = (0.999 * bound / A.abs().sum(-1).amax() * A).float()
+        assert lie._block_inverse_applies(A, None) == (norm == "BLOCK_MAX_NORM_DEEP")
+        exact = torch.linalg.solve(eye - A.double() / 2, eye + A.double() / 2)
+        assert (lie.cayley_of_skew(A / 2).double() - exact).abs().max() < 1e-5
 
 
 def test_cayley_of_skew_takes_lu_for_large_or_non_finite_generators(randn, monkeypatch,
