@@ -51,6 +51,7 @@ from ._common import (
 )
 from ._expm import (
     NonFiniteError,
+    TaylorSplit,
     _mm_into,
     _one_norm,
     choose_degree,
@@ -161,7 +162,9 @@ def expm(A: Tensor) -> Tensor:
     bound :math:`\|A\|_2 \le \min_k \|A^k\|_1^{1/k}` (valid for normal matrices, and much
     tighter than :math:`\|A\|_1`), differentiated by autograd through the products
     (:func:`~dtriv.retractions._expm.expm_skew_taylor`): forward :math:`\pi_m + s`
-    products, backward twice that.
+    products, backward twice that. There too a batch whose matrices' own bounds
+    :math:`\|A_i^2\|_1^{1/2}` ask for squaring counts two or more apart is computed one
+    group at a time (their 1-norms may be close while their spectra are not).
     Forward-mode derivatives (``torch.func.jvp``, ``jacfwd``) use the same recurrences.
     Matrices with ``n <= TORCH_MAX_N``, empty inputs, inputs with non-finite entries, calls
     under ``torch.func.vmap``, ``torch.jit.trace`` or ``torch.export`` and meta tensors (the
@@ -203,6 +206,8 @@ def expm(A: Tensor) -> Tensor:
     if _is_skew(A):
         try:
             return expm_skew_taylor(A)
+        except TaylorSplit as split:  # very different ||A_i^2||: each group its own plan
+            return _per_group(A, split.groups, expm)
         except NonFiniteError:  # ||A^2|| overflows: torch's result
             return torch.linalg.matrix_exp(A)
     m, s = choose_degree(norm, A.dtype)
@@ -303,6 +308,8 @@ def expm_of_skew(X: Tensor, *, lower: bool = False) -> Tensor:
             if groups is not None:
                 return _per_group(X, groups, lambda part: expm_of_skew(part, lower=lower))
         return expm_of_skew_taylor(X, lower)
+    except TaylorSplit as split:  # very different ||A_i^2||: each group its own plan
+        return _per_group(X, split.groups, lambda part: expm_of_skew(part, lower=lower))
     except NonFiniteError:  # non-finite entries (or ||A^2|| overflows): torch's result
         return reference()
     except RuntimeError:  # no data-dependent value here (inside torch.func.vmap)
