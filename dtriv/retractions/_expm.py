@@ -489,17 +489,21 @@ class TaylorSplit(Exception):
 
 
 def _plan_groups(sq_norms: list[float], dtype: torch.dtype) -> list[list[int]] | None:
-    r"""The indices of a batch grouped by the squaring count of the Taylor plan of each matrix's
-    bound :math:`\|A_i^2\|_1^{1/2}` (``sq_norms``: the :math:`\|A_i^2\|_1`), or ``None`` when
-    the counts differ by at most one. A plan chosen from the batch's largest bound gives a
-    matrix of a much smaller one all its squarings, each doubling its rounding (measured,
-    float32, n = 1024: a generator with :math:`\|A\|_2 = 1.4` beside block rotations of
-    angle 37, whose 1-norms are within a factor 2, so that :func:`dtriv.retractions.lie.expm`'s
-    split by 1-norms keeps them together: 2.5e-5 against 1.3e-6 alone)."""
+    r"""The indices of a batch grouped by the squaring count that each matrix's bound
+    :math:`\|A_i^2\|_1^{1/2}` asks for at degree 18 (``sq_norms``: the :math:`\|A_i^2\|_1`),
+    or ``None`` when the counts differ by at most one (at the top degree: the cheapest plans
+    of nearby bounds trade degree for squarings, (8, 3) against (18, 1)).
+
+    A plan chosen from the batch's largest bound gives a matrix of a much smaller one all its
+    squarings, each doubling its rounding (measured, float32, n = 1024: a generator with
+    :math:`\|A\|_2 = 1.4` beside block rotations of angle 37, whose 1-norms are within a
+    factor 2, so that :func:`dtriv.retractions.lie.expm`'s split by 1-norms keeps them
+    together: 2.5e-5 against 1.3e-6 alone)."""
     if len(sq_norms) < 2:
         return None
+
     def count(q: float) -> int:
-        return taylor_plan(q**0.5, dtype)[1]
+        return taylor_plan(q**0.5, dtype, (18,))[1]
 
     if count(max(sq_norms)) - count(min(sq_norms)) < 2:  # the count grows with the norm
         return None
