@@ -1,7 +1,7 @@
 r"""The Stiefel maps :math:`f(\Omega) B` of a low-rank skew :math:`\Omega = U W^H`, evaluated in
 an orthonormal basis of the columns of ``U``.
 
-Two retractions of :mod:`dtriv.retractions.stiefel` are :math:`f(\Omega) B` for an ``n x n``
+Three maps of :mod:`dtriv.retractions.stiefel` are :math:`f(\Omega) B` for an ``n x n``
 matrix :math:`\Omega = U W^H` (skew-Hermitian for a tangent ``V``) whose factors, ``n x 2k``,
 have their columns in the span of ``B`` and ``V``:
 
@@ -10,15 +10,19 @@ have their columns in the span of ``B`` and ``V``:
   :math:`PV = V - \tfrac12 B (B^H V)`;
 * ``"exp_canonical"`` (:func:`~dtriv.retractions.stiefel.stiefel_exp_canonical`):
   :math:`f = \exp`, ``U = [N, B]``, ``W = [B, B A^H - N]`` with :math:`A = B^H V`,
-  :math:`N = V - B A`.
+  :math:`N = V - B A`;
+* ``"exp"`` (:func:`~dtriv.retractions.stiefel.stiefel_exp`, which multiplies the result by
+  :math:`\exp(-A)` from the right): :math:`f = \exp`, ``U = [N, B]``,
+  ``W = [B, 2 B A^H - N]``.
 
 Their low-rank forms in :mod:`~dtriv.retractions.stiefel` work on the ``2k x 2k`` matrix
 :math:`W^H U`, which holds the Gram matrix :math:`N^H N`: its rounding errors are
 :math:`\epsilon \|N\|_2^2`, and the results lose accuracy as :math:`\|N\|_2^2` grows
 (measured, float32, ``(64, 4)``, singular values of ``N`` ``(100, 1, 1, 1)``: 3e-5 for the
-Cayley map and 7e-5 for the geodesic, where the dense ``n x n`` formulas in float32 give 5e-6
-and 2e-5; at ``(10^4, 1, 1, 1)``, 0.3 and 0.4, no longer near the manifold). Here the same
-maps are computed without a Gram matrix. With the Householder QR ``U = QR`` (``Q``, ``n x m``,
+Cayley map, 7e-5 for the canonical geodesic and 1e-4 for the embedded one, where the dense
+``n x n`` formulas in float32 give 5e-6 and 2e-5 for the first two; at ``(10^4, 1, 1, 1)``,
+0.3 and 0.4 for the first two, no longer near the manifold). Here the same maps are
+computed without a Gram matrix. With the Householder QR ``U = QR`` (``Q``, ``n x m``,
 ``m = min(n, 2k)``, has orthonormal columns whatever the rank of ``U``: ``V = 0`` included),
 :math:`\Omega = Q \hat\Omega Q^H` with the ``m x m`` matrix :math:`\hat\Omega = R R_W^H`,
 :math:`R_W = Q^H W` (a rearrangement of the columns of ``R``: ``W``'s columns are
@@ -98,6 +102,10 @@ def takes_basis(gram: Tensor) -> bool:
         return bool(norm.max() > GRAM_MAX_NORM**2)
 
 
+#: the factor of ``A`` in the second block of ``W = [B, c B A^H - N]`` of the exponential kinds
+_A_FACTOR = {"exp_canonical": 1.0, "exp": 2.0}
+
+
 def _factors(kind: str, B: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(C, X, Q, R, R_W)``: ``C = B^H V``, the first block ``X`` of ``U = [X, B]`` (``PV`` or
     ``N``), the QR of ``U`` and :math:`R_W = Q^H W`."""
@@ -108,16 +116,16 @@ def _factors(kind: str, B: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     R1, R2 = R[..., :k], R[..., k:]
     if kind == "cayley":  # W = [B, -PV]
         RW = torch.cat([R2, -R1], dim=-1)
-    else:  # W = [B, B A^H - N]
-        RW = torch.cat([R2, R2 @ C.mH - R1], dim=-1)
+    else:  # W = [B, c B A^H - N]
+        RW = torch.cat([R2, _A_FACTOR[kind] * (R2 @ C.mH) - R1], dim=-1)
     return C, X, Q, R, RW
 
 
 @backward_without_autocast
 class _SkewMapInBasis(torch.autograd.Function):
     """:math:`f(\\Omega) B` in the basis of ``U`` (see the module docstring); ``kind`` is
-    ``"cayley"`` or ``"exp_canonical"``, ``reference(B, V)`` the map's Gram form (for second
-    derivatives)."""
+    ``"cayley"``, ``"exp_canonical"`` or ``"exp"``, ``reference(B, V)`` the map's Gram form
+    (for second derivatives)."""
 
     @staticmethod
     def forward(ctx, B: Tensor, V: Tensor, kind: str,  # type: ignore[override]
@@ -181,8 +189,8 @@ def _backward(kind: str, B: Tensor, V: Tensor, C: Tensor, Q: Tensor, R: Tensor, 
     # U = [X, B] and W = [B, W_2]: the coefficients of Q and of Gp in the gradients of X, B
     X_q = RU_bar[..., :k] - RW_bar[..., k:]
     B_q = RB_bar + RU_bar[..., k:] + RW_bar[..., :k]
-    if kind == "exp_canonical":  # W_2 = B A^H - N
-        B_q = B_q + RW_bar[..., k:] @ C
+    if kind != "cayley":  # W_2 = c B A^H - N
+        B_q = B_q + _A_FACTOR[kind] * (RW_bar[..., k:] @ C)
     eye = torch.eye(k, dtype=G.dtype, device=G.device)
     grads = Q @ torch.cat([X_q, B_q], dim=-1) + Gp @ torch.cat(
         [Z[..., :k, :].mH, Z[..., k:, :].mH + eye], dim=-1)
@@ -191,8 +199,8 @@ def _backward(kind: str, B: Tensor, V: Tensor, C: Tensor, Q: Tensor, R: Tensor, 
         D = B.mH @ X_bar
         V_bar = X_bar - B @ D / 2
         B_bar = B_bar - (X_bar @ C.mH + V @ D.mH) / 2
-    else:  # X = N = V - B A, A = C = B^H V (and A in W_2 = B A^H - N)
-        A_bar = RW_bar[..., k:].mH @ R2 - B.mH @ X_bar
+    else:  # X = N = V - B A, A = C = B^H V (and A in W_2 = c B A^H - N)
+        A_bar = _A_FACTOR[kind] * (RW_bar[..., k:].mH @ R2) - B.mH @ X_bar
         V_bar = X_bar + B @ A_bar
         B_bar = B_bar - X_bar @ C.mH + V @ A_bar.mH
     return B_bar, V_bar
@@ -200,7 +208,7 @@ def _backward(kind: str, B: Tensor, V: Tensor, C: Tensor, Q: Tensor, R: Tensor, 
 
 def map_in_basis(kind: str, B: Tensor, V: Tensor,
                  reference: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """:math:`f(\\Omega) B` of the map ``kind`` (``"cayley"`` or ``"exp_canonical"``) in the basis
-    of ``U`` (module docstring); ``reference`` is the map's Gram form, which a differentiated
-    backward records. Eager code only (:func:`takes_basis`)."""
+    """:math:`f(\\Omega) B` of the map ``kind`` (``"cayley"``, ``"exp_canonical"``, ``"exp"``) in
+    the basis of ``U`` (module docstring); ``reference`` is the map's Gram form, which a
+    differentiated backward records. Eager code only (:func:`takes_basis`)."""
     return _SkewMapInBasis.apply(B, V, kind, reference)

@@ -820,37 +820,55 @@ def _cayley_woodbury(B: Tensor, V: Tensor, BhV: Tensor | None = None, PV: Tensor
 def stiefel_exp(B: Tensor, V: Tensor) -> Tensor:
     r"""Exponential map of the embedded (Euclidean) metric: the geodesic at time 1.
 
-    With :math:`A = B^H V` (skew) and :math:`S = V^H V`,
+    With :math:`A = B^H V` and :math:`S = V^H V`, Edelman, Arias & Smith's form is
 
     .. math:: \gamma(1) = [B, V]\, \exp\!\begin{pmatrix} A & -S \\ I & A \end{pmatrix}
-              \begin{pmatrix} \exp(-A) \\ 0 \end{pmatrix},
+              \begin{pmatrix} \exp(-A) \\ 0 \end{pmatrix}.
 
-    a ``2k x 2k`` and a ``k x k`` matrix exponential. The curve
-    :math:`\gamma(t) = R_B(tV)` solves :math:`\gamma'' = -\gamma\,(\gamma'^H \gamma')`: its
-    acceleration is normal to the manifold. For square ``B`` it is
-    :math:`B \exp(B^H V)`. The block matrix is balanced by a scalar similarity
-    ``diag(I, sI)``, ``s = max(1, |V|_F)``, which leaves the result unchanged.
+    The curve :math:`\gamma(t) = R_B(tV)` solves :math:`\gamma'' = -\gamma\,(\gamma'^H
+    \gamma')`: its acceleration is normal to the manifold. With the normal part
+    :math:`N = V - B A = QR`, in the basis ``[B, Q]`` the block matrix becomes
+    :math:`\begin{pmatrix} 2A & -R^H \\ R & 0 \end{pmatrix}` (the similarity by
+    :math:`[B, V] = [B, Q] \begin{pmatrix} I & A \\ 0 & R\end{pmatrix}`), so
+
+    .. math:: \gamma(1) = \exp(\Omega) B \exp(-A), \qquad
+              \Omega = 2 B A B^H + N B^H - B N^H,
+
+    the canonical geodesic's form with :math:`2A` for :math:`A` in :math:`\Omega`
+    (:func:`stiefel_exp_canonical`), and computed as it is: :math:`\exp(\Omega) B =
+    U \exp(W^H U) [0; I]` with :math:`U = [N, B]`, :math:`W = [B, 2 B A^H - N]` (a ``2k x 2k``
+    exponential, balanced by the scalar similarity ``diag(I/s, I)``,
+    ``s = max(1, |N|_F)``), exact for any ``B``, derivatives included; and where
+    :math:`\|N\|_2` may exceed :data:`~dtriv.retractions._skew_basis.GRAM_MAX_NORM` (10) for a
+    matrix of the batch, in an orthonormal basis of ``[N, B]``, as accurate as the dense
+    formula (:mod:`dtriv.retractions._skew_basis`; eager code only). For square ``B`` it is
+    :math:`B \exp(B^H V)`.
 
     Args:
         B: points of the Stiefel manifold, ``(..., n, k)``, ``n >= k``.
         V: tangent vectors at ``B``, same shape.
 
-    Cost: two Gram matrices and two ``n x k`` by ``k x k`` products, :math:`O(n k^2)`,
-    plus exponentials of size ``2k`` and ``k``, :math:`O(k^3)`.
+    Cost: three ``n x k`` by ``k x k`` products and three Gram matrices, :math:`O(n k^2)`,
+    plus exponentials of size ``2k`` and ``k``, :math:`O(k^3)`; with the basis, a
+    Householder QR of ``[N, B]`` as well.
 
-    Reference: Edelman, Arias & Smith (1998), geodesics of the Euclidean metric.
+    Reference: Edelman, Arias & Smith (1998), geodesics of the embedded metric.
     """
     _check(B, V)
-    k = B.shape[-1]
     A = B.mH @ V
-    S = V.mH @ V
-    s = _balance(V)
-    I = _eye(k, B).expand_as(A)
-    K = torch.cat(
-        [torch.cat([A, -S / s], dim=-1), torch.cat([s * I, A], dim=-1)], dim=-2
-    )
-    F = expm(K)[..., :, :k] @ expm(-A)
-    return B @ F[..., :k, :] + (V / s) @ F[..., k:, :]
+    N = V - B @ A
+    NN = N.mH @ N
+    if takes_basis(NN):
+        rotated = map_in_basis("exp", B, V, _embedded_rotation)
+    else:
+        rotated = _exp_gram(B, V, 2.0, A, N, NN)
+    return rotated @ expm(-A)
+
+
+def _embedded_rotation(B: Tensor, V: Tensor) -> Tensor:
+    r""":math:`\exp(\Omega) B` with :math:`\Omega = 2 B A B^H + N B^H - B N^H` (the embedded
+    geodesic before its right factor :math:`\exp(-A)`), in its Gram form."""
+    return _exp_gram(B, V, 2.0)
 
 
 @upcast_half
@@ -901,14 +919,15 @@ def stiefel_exp_canonical(B: Tensor, V: Tensor) -> Tensor:
     N = V - B @ A
     NN = N.mH @ N
     if takes_basis(NN):
-        return map_in_basis("exp_canonical", B, V, _exp_canonical_gram)
-    return _exp_canonical_gram(B, V, A, N, NN)
+        return map_in_basis("exp_canonical", B, V, _exp_gram)
+    return _exp_gram(B, V, 1.0, A, N, NN)
 
 
-def _exp_canonical_gram(B: Tensor, V: Tensor, A: Tensor | None = None, N: Tensor | None = None,
-                        NN: Tensor | None = None) -> Tensor:
-    """:func:`stiefel_exp_canonical` by the ``2k x 2k`` exponential of ``W^H U`` (``A``, ``N``
-    and ``N^H N`` when the caller has them)."""
+def _exp_gram(B: Tensor, V: Tensor, c: float = 1.0, A: Tensor | None = None,
+              N: Tensor | None = None, NN: Tensor | None = None) -> Tensor:
+    r""":math:`\exp(\Omega) B` with :math:`\Omega = c B A B^H + N B^H - B N^H` by the ``2k x 2k``
+    exponential of ``W^H U`` (:func:`stiefel_exp_canonical`: ``c = 1``; :func:`stiefel_exp`:
+    ``c = 2``); ``A``, ``N`` and ``N^H N`` when the caller has them."""
     k = B.shape[-1]
     if A is None or N is None or NN is None:
         A = B.mH @ V
@@ -916,10 +935,11 @@ def _exp_canonical_gram(B: Tensor, V: Tensor, A: Tensor | None = None, N: Tensor
         NN = N.mH @ N
     BB = B.mH @ B
     BN = A - BB @ A  # B^H N
+    cA = A if c == 1.0 else c * A
     s = _balance(N)
     K = torch.cat(
         [torch.cat([BN, s * BB], dim=-1),
-         torch.cat([(A @ BN - NN) / s, A @ BB - BN.mH], dim=-1)],
+         torch.cat([(cA @ BN - NN) / s, cA @ BB - BN.mH], dim=-1)],
         dim=-2,
     )
     E = expm(K)[..., :, k:]

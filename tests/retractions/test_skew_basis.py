@@ -1,4 +1,4 @@
-"""The Cayley retraction and the canonical geodesic of the Stiefel manifold in an orthonormal
+"""The Cayley retraction and the two geodesics of the Stiefel manifold in an orthonormal
 basis (dtriv.retractions._skew_basis): the dense n x n formulas as oracles, for values, first
 and second derivatives, in both forms; accuracy where the Gram forms lost it."""
 
@@ -9,11 +9,11 @@ import torch
 
 from dtriv.parametrize import twins
 from dtriv.retractions import _skew_basis
-from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp_canonical
+from dtriv.retractions.stiefel import stiefel_cayley, stiefel_exp, stiefel_exp_canonical
 
 SHAPES = [(7, 3), (5, 3), (4, 4), (6, 1)]  # tall, n < 2k, square, one column
 DTYPES = [torch.float64, torch.complex128]
-MAPS = ["cayley", "exp_canonical"]
+MAPS = ["cayley", "exp_canonical", "exp"]
 
 
 def _gen(seed):
@@ -39,10 +39,15 @@ def _dense(name, B, V):
         return torch.linalg.solve(I - Om / 2, (I + Om / 2) @ B)
     A = B.mH @ V
     N = V - B @ A
-    return torch.linalg.matrix_exp(B @ A @ B.mH + N @ B.mH - B @ N.mH) @ B
+    if name == "exp_canonical":
+        return torch.linalg.matrix_exp(B @ A @ B.mH + N @ B.mH - B @ N.mH) @ B
+    # the embedded geodesic: Edelman, Arias & Smith's [B, V] exp([[A, -S], [I, A]]) [exp(-A); 0]
+    # for B on the manifold; exp(2 B A B^H + N B^H - B N^H) B exp(-A) for any B
+    rotated = torch.linalg.matrix_exp(2 * B @ A @ B.mH + N @ B.mH - B @ N.mH) @ B
+    return rotated @ torch.linalg.matrix_exp(-A)
 
 
-MAP = {"cayley": stiefel_cayley, "exp_canonical": stiefel_exp_canonical}
+MAP = {"cayley": stiefel_cayley, "exp_canonical": stiefel_exp_canonical, "exp": stiefel_exp}
 
 
 @pytest.fixture(params=["gram", "basis"])
@@ -54,7 +59,10 @@ def form(request, monkeypatch):
 
 
 def _took_basis(name, B, V) -> bool:
-    return MAP[name](B, V).grad_fn.name().startswith("_SkewMapInBasis")
+    fn = MAP[name](B, V).grad_fn
+    if name == "exp":  # (the right factor exp(-A): a product)
+        fn = fn.next_functions[0][0]
+    return fn.name().startswith("_SkewMapInBasis")
 
 
 @pytest.mark.parametrize("name", MAPS)
