@@ -859,10 +859,9 @@ def stiefel_exp(B: Tensor, V: Tensor) -> Tensor:
     N = V - B @ A
     NN = N.mH @ N
     if takes_basis(NN):
-        rotated = map_in_basis("exp", B, V, _embedded_rotation)
-    else:
-        rotated = _exp_gram(B, V, 2.0, A, N, NN)
-    return rotated @ expm(-A)
+        return map_in_basis("exp", B, V, _embedded_rotation) @ expm(-A)
+    # the right factor taken into the 2k x k coefficients: one n x k product less
+    return _exp_gram(B, V, 2.0, A, N, NN, right=expm(-A))
 
 
 def _embedded_rotation(B: Tensor, V: Tensor) -> Tensor:
@@ -924,10 +923,12 @@ def stiefel_exp_canonical(B: Tensor, V: Tensor) -> Tensor:
 
 
 def _exp_gram(B: Tensor, V: Tensor, c: float = 1.0, A: Tensor | None = None,
-              N: Tensor | None = None, NN: Tensor | None = None) -> Tensor:
+              N: Tensor | None = None, NN: Tensor | None = None,
+              right: Tensor | None = None) -> Tensor:
     r""":math:`\exp(\Omega) B` with :math:`\Omega = c B A B^H + N B^H - B N^H` by the ``2k x 2k``
     exponential of ``W^H U`` (:func:`stiefel_exp_canonical`: ``c = 1``; :func:`stiefel_exp`:
-    ``c = 2``); ``A``, ``N`` and ``N^H N`` when the caller has them."""
+    ``c = 2``), times ``right`` (``k x k``) when given; ``A``, ``N`` and ``N^H N`` when the
+    caller has them."""
     k = B.shape[-1]
     if A is None or N is None or NN is None:
         A = B.mH @ V
@@ -943,6 +944,8 @@ def _exp_gram(B: Tensor, V: Tensor, c: float = 1.0, A: Tensor | None = None,
         dim=-2,
     )
     E = expm(K)[..., :, k:]
+    if right is not None:
+        E = E @ right
     return (N / s) @ E[..., :k, :] + B @ E[..., k:, :]
 
 
