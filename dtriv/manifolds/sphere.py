@@ -45,6 +45,11 @@ class Sphere(Manifold):
       standard Gaussian (Muller 1959).
     * **Dimension** (:attr:`dim`, that of real tensors): ``n - 1`` (``2n - 1`` for complex
       tensors).
+    * **Range**: the maps form :math:`r^2` and squared norms in the precision of the
+      tensors, so the radius must have a normal square there: float32 :math:`10^{-19}
+      \lesssim r \lesssim 1.8 \cdot 10^{19}`, float64 :math:`10^{-154} \lesssim r \lesssim
+      10^{154}` (outside, :meth:`check` rejects the sphere's own samples and the maps return
+      NaN, inf or points off the sphere; scale the data instead).
 
     Cost: O(n) per point for every method.
 
