@@ -75,16 +75,30 @@ def _rows_of(buffer: Tensor, tensors: list[Tensor]) -> bool:
     if len(tensors) != buffer.shape[0]:
         return False
     base, step = buffer.data_ptr(), buffer[0].numel() * buffer.element_size()
-    shape, dtype = buffer.shape[1:], buffer.dtype
+    shape, dtype, strides = buffer.shape[1:], buffer.dtype, buffer.stride()[1:]
     for i, t in enumerate(tensors):
         if (
             t.data_ptr() != base + i * step
             or t.dtype != dtype
             or t.shape != shape
-            or not t.is_contiguous()
+            or t.stride() != strides
         ):
             return False
     return True
+
+
+def _stack_keeping_layout(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack`` of the (detached) tensors, whose rows keep the tensors' layout when they
+    all are column-major matrices (``t.mT`` contiguous: the q-factors of ``torch.linalg.qr``,
+    transposed weights): re-pointed to such rows, a parameter keeps its strides, and so do its
+    gradients (DistributedDataParallel's gradient buckets are laid out from the parameters'
+    strides at construction, and warn at every step when they change)."""
+    detached = [t.detach() for t in tensors]
+    first = detached[0]
+    if (first.dim() >= 2 and not first.is_contiguous() and first.mT.is_contiguous()
+            and all(t.stride() == first.stride() for t in detached)):
+        return torch.stack([t.mT for t in detached]).mT
+    return torch.stack(detached)
 
 
 def fused_path(manifold: Manifold, X: Tensor):
@@ -246,7 +260,7 @@ class RiemannianMixin:
         buffer = cache.get(key)
         if buffer is not None and _rows_of(buffer, tensors):
             return buffer
-        buffer = torch.stack([t.detach() for t in tensors])
+        buffer = _stack_keeping_layout(tensors)
         # re-pointing a parameter keeps its value: the points this optimizer wrote stay marked
         written = [p for p in params if self._on_manifold([p])] if name is None else []
         for p, row in zip(params, buffer.unbind(0)):

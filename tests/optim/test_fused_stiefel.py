@@ -683,3 +683,30 @@ def test_adam_with_eps_0_and_a_zero_gradient_gives_nan_on_every_path():
     t.grad = torch.zeros(8, 4)
     torch.optim.Adam([t], lr=1e-2, eps=0.0).step()
     assert t.detach().isnan().all()
+
+
+@pytest.mark.parametrize("cls", [RiemannianAdam, RiemannianSGD])
+def test_stacked_parameters_keep_their_layout(cls):
+    """Column-major points (the q-factors of torch.linalg.qr) keep their strides, and so do their
+    gradients, once re-pointed to the rows of the stacked buffer (they became row-major, and
+    DistributedDataParallel warned at every step that the gradients' strides no longer
+    matched its buckets); the trajectory equals that of row-major copies to rounding."""
+    kwargs = {"momentum": 0.9} if cls is RiemannianSGD else {}
+    g = torch.Generator().manual_seed(0)
+    points = [torch.linalg.qr(torch.randn(32, 16, generator=g))[0] for _ in range(3)]
+    assert not points[0].is_contiguous() and points[0].mT.is_contiguous()
+    finals = []
+    for make in (lambda P: P, lambda P: P.contiguous()):
+        params = [ManifoldParameter(make(P.clone()), Stiefel(32, 16)) for P in points]
+        strides = [p.stride() for p in params]
+        opt = cls(params, lr=1e-2, **kwargs)
+        inputs = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            opt.zero_grad()
+            x = torch.randn(4, 32, generator=inputs)
+            sum((x @ p).pow(2).sum() for p in params).backward()
+            opt.step()
+        assert [p.stride() for p in params] == strides
+        assert [p.grad.stride() for p in params] == strides
+        finals.append(torch.stack([p.detach() for p in params]))
+    torch.testing.assert_close(finals[0], finals[1], atol=1e-5, rtol=0)
