@@ -87,6 +87,23 @@ def _rows_of(buffer: Tensor, tensors: list[Tensor]) -> bool:
     return True
 
 
+def own_memory(params: list[Tensor]) -> bool:
+    """Whether each of ``params`` is the whole of its own storage: no offset into a larger
+    tensor, no storage shared with another of them, none in shared memory
+    (``share_memory_()``, as Hogwild training uses). Only such parameters may be re-pointed
+    to the rows of a stacked buffer (:meth:`RiemannianMixin._stacked`): re-pointing a view
+    of a larger tensor, or one of two parameters tied to the same memory, would silently
+    separate it from the memory the rest of the model reads."""
+    seen = set()
+    for p in params:
+        storage = p.untyped_storage()
+        if (p.storage_offset() != 0 or storage.nbytes() != p.numel() * p.element_size()
+                or p.is_shared() or storage.data_ptr() in seen):
+            return False
+        seen.add(storage.data_ptr())
+    return True
+
+
 def _stack_keeping_layout(tensors: list[Tensor]) -> Tensor:
     """``torch.stack`` of the (detached) tensors, whose rows keep the tensors' layout when they
     all are column-major matrices (``t.mT`` contiguous: the q-factors of ``torch.linalg.qr``,

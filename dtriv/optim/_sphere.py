@@ -35,6 +35,8 @@ from dtriv.manifolds.sphere import Sphere
 from dtriv.retractions._common import compute_dtype, one_point_on_cpu
 from dtriv.retractions.sphere import _cos_sinc_of, _rdot_fast, _scale_
 
+from ._stiefel import _sq_norm_on_host
+
 __all__ = [
     "as_batch",
     "batch_view",
@@ -143,8 +145,8 @@ def retract_(
     r = manifold.radius
     host = not isinstance(c, Tensor) and one_point_on_cpu(X)
     if method == "exp":
-        if host:
-            cos, sinc = _cos_sinc_of(abs(c) * torch.linalg.vector_norm(V).item() / r)
+        if host:  # (the norm without underflow: entries below 1e-19 in float32 square to 0)
+            cos, sinc = _cos_sinc_of(abs(c) * _sq_norm_on_host(V) ** 0.5 / r)
             _scale_(X, cos).add_(V, alpha=sinc * c)
         else:
             cV = V * c

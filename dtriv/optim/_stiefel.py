@@ -645,6 +645,8 @@ def retract_(
     does not bump: without it such a write (an ill-conditioned ``W``) would reach the block
     QR, whose result is then not orthonormal (:math:`O(\kappa^2 \epsilon)`).
     """
+    if X.numel() == 0:  # an empty batch of points: nothing to move (the bounds reduce over it)
+        return
     admits, small = _block_qr_admits(X, V, c) if method == "qr" and trusted else (False, False)
     if admits:
         with Arena(X) as arena:  # Y = X + c V in scratch; its q-factor written into X

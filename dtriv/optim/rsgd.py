@@ -15,6 +15,7 @@ from ._riemannian import (
     check_nonnegative,
     copy_rows,
     fused_path,
+    own_memory,
     stack,
 )
 
@@ -79,12 +80,16 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
     defer the transport (a projection, hence linear) to the next step, where it is fused
     with the projection of the next gradient: the same iterates (on Stiefel two ``n x k``
     products per step instead of four), and ``momentum_buffer`` holds the buffer at the
-    previous point (its projection at the parameter is the transported buffer). On that
+    previous point (its projection at the parameter is the transported buffer). The iterates
+    are the same while the parameters hold the points this optimizer wrote and the momentum
+    stays on: after a point written between steps, or steps with ``momentum=0``, the fused
+    paths project the stored buffer at the current point directly, where the generic path
+    (and geoopt) continues from the buffer it transported to the point it last wrote. On that
     path, and without momentum (where the step :math:`X \leftarrow R_X(-\eta\, P_X(G))` is
     in place too), the Stiefel QR retraction and the storage of multi-parameter buckets are
     those of :class:`RiemannianAdam` (block Cholesky QR when provably safe; the parameters'
     ``.data`` and ``momentum_buffer`` re-pointed once to rows of persistent stacked
-    buffers).
+    buffers when the parameters own their memory).
     """
 
     _tangent_state = ("momentum_buffer",)
@@ -150,7 +155,10 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         # Stiefel bucket takes the fused maps out of place, a sphere one the generic path
         in_place = path is not None and not group["nesterov"]
         stiefel_maps = path is _stiefel
-        X = self._stacked(params) if in_place and len(params) > 1 else stack(params)
+        # several parameters that own their memory: persistent stacked buffers (else stacked
+        # copies, written back)
+        persistent = in_place and len(params) > 1 and own_memory(params)
+        X = self._stacked(params) if persistent else stack(params)
         G = bucket.stacked_grads()
         if group["maximize"]:
             G = -G
@@ -162,7 +170,10 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             if momentum == 0:
                 self._plain_step(group, bucket, path, X, Gb)
             else:
-                self._lazy_momentum_step(group, bucket, path, X, Gb)
+                self._lazy_momentum_step(group, bucket, path, X, Gb, persistent)
+            if len(params) > 1 and not persistent:  # a stacked copy: written back
+                copy_rows(params, X)
+                self._mark_on_manifold(params)
             return
         if stiefel_maps:
             # the fused Stiefel maps on the tall batch (m, n, k)
@@ -224,7 +235,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             path.write_back(manifold, X, Xb)
         self._mark_on_manifold(params)
 
-    def _lazy_momentum_step(self, group, bucket, path, X, Gb) -> None:
+    def _lazy_momentum_step(self, group, bucket, path, X, Gb, persistent: bool) -> None:
         r"""Momentum step of a fused bucket (Stiefel or sphere) with the transport deferred.
 
         The transport is the projection onto the tangent space at the new point, which is
@@ -239,7 +250,6 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         manifold, params = bucket.manifold, bucket.params
         momentum, dampening, lr = group["momentum"], group["dampening"], group["lr"]
         fresh, buffers = _momentum_buffers_of(self.state, params)
-        persistent = len(params) > 1
         stacked = self._stacked(params, "momentum_buffer") if persistent else stack(buffers)
         raw, raw_view = path.batch_view(manifold, stacked)
         Xb, x_view = path.batch_view(manifold, X)
@@ -263,4 +273,6 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
             path.write_back(manifold, stacked, raw)
         if not x_view:
             path.write_back(manifold, X, Xb)
+        if len(params) > 1 and not persistent:  # a stacked copy: written back
+            copy_rows(buffers, stacked)
         self._mark_on_manifold(params)

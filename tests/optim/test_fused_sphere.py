@@ -209,3 +209,22 @@ def test_matches_geoopt_in_float32(algo, gopt, kwargs, method, gmanifold, shape)
     assert (a - X0).abs().max() > 1e-2
     assert (a - b).abs().max() < 1e-5
     assert M.distance(a).max() < 1e-6
+
+
+def test_one_float32_point_with_a_tiny_gradient_takes_the_exponential_step():
+    """One float32 point on CPU (host coefficients): a gradient of entries 1e-25 and lr 1e25 (a
+    step of length 1) follows the geodesic; the norm of the step read 0 (its entries squared
+    underflow), and the step became the projective one (0.12 off the geodesic)."""
+    x = torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(0)),
+                                      dim=0)
+    G = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    G = G - x * (x @ G)
+    G = G / G.norm() * 1e-25
+    p = ManifoldParameter(x.clone(), Sphere(16))
+    opt = RiemannianSGD([p], lr=1e25, retraction="exp")
+    p.grad = G.clone()
+    opt.step()
+    v = -(G.double() * 1e25)
+    t = v.norm()
+    exact = torch.cos(t) * x.double() + torch.sin(t) * v / t
+    assert (p.detach().double() - exact).abs().max() < 1e-6

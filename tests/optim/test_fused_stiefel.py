@@ -710,3 +710,40 @@ def test_stacked_parameters_keep_their_layout(cls):
         assert [p.grad.stride() for p in params] == strides
         finals.append(torch.stack([p.detach() for p in params]))
     torch.testing.assert_close(finals[0], finals[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [RiemannianAdam, RiemannianSGD])
+def test_an_empty_batch_of_points_steps(cls):
+    """A parameter holding no point ((0, 8, 4)) steps like the generic path: it crashed in the
+    block-QR bound (a reduction over nothing) at its second step."""
+    p = ManifoldParameter(torch.empty(0, 8, 4), Stiefel(8, 4))
+    opt = cls([p], lr=0.1, retraction="qr")
+    for _ in range(3):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    assert p.shape == (0, 8, 4)
+
+
+@pytest.mark.parametrize("cls", [RiemannianAdam, RiemannianSGD])
+def test_tied_parameters_stay_tied(cls):
+    """Parameters that do not own their memory (two tied to one storage, a view of a larger
+    bank that the model reads) are not re-pointed to a stacked buffer: the bucket is written
+    back, the ties hold, and the steps equal the generic path's. Re-pointed, they were
+    separated from their memory (0.24 apart after 5 SGD steps)."""
+    kwargs = {"momentum": 0.9} if cls is RiemannianSGD else {}
+    g = torch.Generator().manual_seed(0)
+    bank = torch.stack([torch.linalg.qr(torch.randn(8, 4, generator=g))[0] for _ in range(3)])
+    results = []
+    for manifold in (Stiefel(8, 4), GenericStiefel(8, 4)):
+        storage = bank.clone()
+        params = [ManifoldParameter(storage[i], manifold) for i in range(3)]  # views of it
+        opt = cls(params, lr=0.05, **kwargs)
+        for step in range(5):
+            for p in params:
+                p.grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+            opt.step()
+        for i, p in enumerate(params):
+            assert p.data_ptr() == storage[i].data_ptr()
+            assert torch.equal(p.detach(), storage[i])
+        results.append(storage)
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)

@@ -966,3 +966,24 @@ def test_stabilize_projects_the_momentum_of_every_parameter_of_a_bucket(opt_cls,
         x, buf = p.detach(), opt.state[p][key]
         assert abs(float((x * buf).sum())) < 1e-6
         torch.testing.assert_close(buf, r - (x @ r) * x, rtol=0, atol=1e-12)
+
+
+def test_a_float32_tensor_lr_does_not_round_a_float64_step():
+    """One float64 point on CPU takes its Adam step size on the host: a float32 tensor lr was
+    kept a tensor there, and rounded the step to float32 (1.9e-9 from the generic path
+    after 20 steps, against 3e-16 with a float lr)."""
+    from dtriv.manifolds import Stiefel
+    from dtriv.optim import ManifoldParameter, RiemannianAdam
+
+    finals = []
+    for lr in (torch.tensor(0.02), float(torch.tensor(0.02))):  # the same number
+        X = torch.linalg.qr(torch.randn(8, 4, dtype=torch.float64,
+                                        generator=torch.Generator().manual_seed(0)))[0]
+        p = ManifoldParameter(X, Stiefel(8, 4))
+        opt = RiemannianAdam([p], lr=lr)
+        for step in range(20):
+            p.grad = torch.randn(8, 4, dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(step))
+            opt.step()
+        finals.append(p.detach().clone())
+    assert (finals[0] - finals[1]).abs().max() < 1e-14
