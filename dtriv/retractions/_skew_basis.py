@@ -52,7 +52,9 @@ with :math:`\varphi` the divided difference of ``f`` between :math:`\hat\Omega` 
 ``(\perp, \perp)`` of :math:`d\Omega` is 0. The backward applies the adjoint of that
 expression: ``n x m`` by ``m x 2k`` products and ``m x m`` matrix functions.
 Second derivatives (a backward with ``create_graph=True``) differentiate the low-rank
-reference form of the map instead, recomputed from ``B`` and ``V``.
+reference form of the map instead, recomputed from ``B`` and ``V``: the gradient such a
+backward returns has the Gram form's accuracy (float32, singular values ``(10^3, 1, 0.1,
+0)``: 1e-2 against 3e-5 without ``create_graph``), as under ``torch.func`` transforms.
 
 Cost: the Householder QR of an ``n x 2k`` matrix, which on a CPU costs 10 to 30 products of
 ``n x k`` by ``k x k`` (measured, float32, 2 threads: (4096, 128) 8.1 ms against 0.24 ms for
@@ -99,7 +101,10 @@ def takes_basis(gram: Tensor) -> bool:
         return False
     with torch.no_grad():
         norm = torch.linalg.matrix_norm(gram, ord=1)
-        return bool(norm.max() > GRAM_MAX_NORM**2)
+        try:  # any: a matrix with NaN entries leaves the others their own test
+            return bool((norm > GRAM_MAX_NORM**2).any())
+        except RuntimeError:  # no value to read (fake tensors): the Gram form
+            return False
 
 
 #: the factor of ``A`` in the second block of ``W = [B, c B A^H - N]`` of the exponential kinds
@@ -156,14 +161,15 @@ class _SkewMapInBasis(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, G: Tensor):  # type: ignore[override]
-        B, V = ctx.saved_tensors[:2]
+        saved = ctx.saved_tensors  # (read once: activation checkpointing allows one unpack)
+        B, V = saved[:2]
         if torch.is_grad_enabled():  # differentiated backward: the Gram form, recorded
             wanted = [t for t, need in zip((B, V), ctx.needs_input_grad[:2]) if need]
             grads = iter(torch.autograd.grad(ctx.reference(B, V), wanted, G,
                                              create_graph=True, allow_unused=True))
             return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]),
                     None, None)
-        return (*_backward(ctx.kind, *ctx.saved_tensors, G), None, None)
+        return (*_backward(ctx.kind, *saved, G), None, None)
 
 
 def _backward(kind: str, B: Tensor, V: Tensor, C: Tensor, Q: Tensor, R: Tensor, RW: Tensor,

@@ -184,3 +184,37 @@ def test_tall_twin_with_a_large_parameter_matches_torch(omap):
     err = (weights["dtriv"] - weights["ref"]).abs().max()
     assert err < 1e-5
     assert err < (weights["torch32"] - weights["ref"]).abs().max()
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_basis_form_under_activation_checkpointing(name):
+    """The basis node reads its saved tensors once per backward (non-reentrant checkpointing
+    allows one unpack; a second read raised CheckpointError); gradients equal the dense
+    formula's."""
+    from torch.utils.checkpoint import checkpoint
+
+    B = _point(9, 3, torch.float64, seed=30)
+    V = _tangent(B, 40.0, seed=31).requires_grad_()
+    assert _took_basis(name, B, V)
+    C = torch.randn(9, 3, dtype=torch.float64, generator=_gen(32))
+    (g,) = torch.autograd.grad((checkpoint(MAP[name], B, V, use_reentrant=False) * C).sum(), V)
+    (g_ref,) = torch.autograd.grad((_dense(name, B, V) * C).sum(), V)
+    torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_fake_tensors_and_a_non_finite_neighbour(name):
+    """Under FakeTensorMode no norm can be read: the Gram form (it raised). In a batch, a
+    matrix with NaN entries leaves the others their own test (its NaN norm made the batch's
+    maximum NaN, and the large tangent beside it took the Gram form: 1.2e-2 in float32)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        B = torch.empty(9, 3)
+        assert MAP[name](B, torch.empty(9, 3)).shape == (9, 3)
+    B, V = _anisotropic(64, 4, (1e3, 1, 0.1, 0))
+    batch_B = torch.stack([B, B]).float()
+    batch_V = torch.stack([V, torch.full_like(V, float("nan"))]).float()
+    Y = MAP[name](batch_B, batch_V)
+    assert (Y[0].double() - _dense(name, B, V)).abs().max() < 1e-4
+    assert Y[1].isnan().all()
