@@ -296,6 +296,13 @@ class RiemannianMixin:
             del cache[other]
         return buffer
 
+    def _stackable(self, params: list[Tensor]) -> bool:
+        """Whether the bucket ``params`` (several parameters) lives in persistent stacked
+        buffers (:meth:`_stacked`): its parameters are the rows of their buffer already, or
+        each owns its memory (:func:`own_memory`)."""
+        buffer = self.__dict__.get("_stacks", {}).get((None, tuple(id(p) for p in params)))
+        return (buffer is not None and _rows_of(buffer, params)) or own_memory(params)
+
     def _on_manifold(self, params: list[Tensor]) -> bool:
         """Whether every parameter still holds the point this optimizer wrote last (same
         tensor, memory and version counter): then it lies on its manifold to rounding and

@@ -18,7 +18,6 @@ from ._riemannian import (
     check_unit_interval,
     copy_rows,
     fused_path,
-    own_memory,
     stack,
 )
 
@@ -195,7 +194,7 @@ class RiemannianAdam(RiemannianMixin, torch.optim.Adam):
 
         fused = fused_path(manifold, p0)
         # the fused path updates a multi-parameter bucket in place in persistent buffers
-        persistent = fused is not None and len(params) > 1 and own_memory(params)
+        persistent = fused is not None and len(params) > 1 and self._stackable(params)
         X = self._stacked(params) if persistent else stack(params)
         G = bucket.stacked_grads()
         if group["maximize"]:

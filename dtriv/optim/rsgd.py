@@ -15,7 +15,6 @@ from ._riemannian import (
     check_nonnegative,
     copy_rows,
     fused_path,
-    own_memory,
     stack,
 )
 
@@ -157,7 +156,7 @@ class RiemannianSGD(RiemannianMixin, torch.optim.SGD):
         stiefel_maps = path is _stiefel
         # several parameters that own their memory: persistent stacked buffers (else stacked
         # copies, written back)
-        persistent = in_place and len(params) > 1 and own_memory(params)
+        persistent = in_place and len(params) > 1 and self._stackable(params)
         X = self._stacked(params) if persistent else stack(params)
         G = bucket.stacked_grads()
         if group["maximize"]:

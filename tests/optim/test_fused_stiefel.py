@@ -747,3 +747,30 @@ def test_tied_parameters_stay_tied(cls):
             assert torch.equal(p.detach(), storage[i])
         results.append(storage)
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [RiemannianAdam, RiemannianSGD])
+def test_a_stacked_bucket_is_not_copied_at_later_steps(cls, monkeypatch):
+    """Once re-pointed to the rows of their stacked buffer, the parameters no longer own their
+    memory, yet they are that buffer's rows: later steps update it in place, with no stacked
+    copy written back (the memory test alone sent every later step to the copying path)."""
+    from dtriv.optim import radam, rsgd
+
+    module = radam if cls is RiemannianAdam else rsgd
+    copies = []  # the calls that stack the parameters themselves into a copy
+    original = module.stack
+
+    def spy(tensors, out=None):
+        copies.extend(t for t in tensors if any(t is p for p in params))
+        return original(tensors, out)
+
+    monkeypatch.setattr(module, "stack", spy)
+    kwargs = {"momentum": 0.9} if cls is RiemannianSGD else {}
+    params = [ManifoldParameter(Stiefel(16, 8).sample(), Stiefel(16, 8)) for _ in range(3)]
+    opt = cls(params, lr=1e-2, **kwargs)
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert copies == []
+    assert opt._stackable(params)
