@@ -56,10 +56,11 @@ reference form of the map instead, recomputed from ``B`` and ``V``: the gradient
 backward returns has the Gram form's accuracy (float32, singular values ``(10^3, 1, 0.1,
 0)``: 1e-2 against 3e-5 without ``create_graph``), as under ``torch.func`` transforms.
 
-Cost: the Householder QR of an ``n x 2k`` matrix, which on a CPU costs 10 to 30 products of
-``n x k`` by ``k x k`` (measured, float32, 2 threads: (4096, 128) 8.1 ms against 0.24 ms for
-one product): the maps take this path only where their Gram form would lose accuracy
-(:func:`takes_basis`).
+Cost: the Householder QR of an ``n x 2k`` matrix, which on a CPU costs about 35 products of
+``n x k`` by ``k x k`` (measured, float32, 2 threads: ``n x 2k`` = (4096, 128) 8.1 ms and
+(1024, 128) 2.7 ms, against 0.24 and 0.07 ms for one product), several times the Gram form
+(5 to 7 such products): the maps take this path only where their Gram form would lose
+accuracy (:func:`takes_basis`).
 """
 
 from __future__ import annotations
