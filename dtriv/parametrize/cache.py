@@ -664,14 +664,22 @@ def clear_memos_on_load(module: nn.Module, name: str) -> None:
 
 # ---------------------------------------------------------------------------- fast reads
 def _hooks_anywhere(plist: nn.Module, first: nn.Module) -> bool:
-    """Whether a forward hook (global, on the list or on the parametrization) would see a call."""
+    """Whether a module hook (global, on the list or on the parametrization) would see a call:
+    forward hooks, and backward hooks (``register_full_backward_hook`` and its pre-hook, which
+    ``Module.__call__`` attaches to the call's outputs)."""
     return bool(
         _torch_module._global_forward_pre_hooks
         or _torch_module._global_forward_hooks
+        or _torch_module._global_backward_pre_hooks
+        or _torch_module._global_backward_hooks
         or plist._forward_pre_hooks
         or plist._forward_hooks
+        or plist._backward_pre_hooks
+        or plist._backward_hooks
         or first._forward_pre_hooks
         or first._forward_hooks
+        or first._backward_pre_hooks
+        or first._backward_hooks
     )
 
 
@@ -685,7 +693,7 @@ def install_fast_read(module: nn.Module, name: str) -> bool:
     kernel at every step. This wraps the property that
     :func:`~torch.nn.utils.parametrize.register_parametrization` injected into the module's
     own class (torch creates one class per parametrized module) with a getter that, when the
-    tensor has exactly one parametrization, torch's ``cached()`` is off, no forward hook would
+    tensor has exactly one parametrization, torch's ``cached()`` is off, no module hook would
     observe the call and nothing is traced or compiled, returns
 
     * for a :class:`Memoized` parametrization that memoizes (a true ``memoize``) and has a

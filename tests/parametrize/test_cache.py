@@ -19,6 +19,7 @@ import torch
 import torch.nn.utils.parametrize as torch_parametrize
 from torch import nn
 
+import dtriv
 from dtriv.manifolds import Orthogonal, Stiefel
 from dtriv.parametrize import (
     ForwardMemo,
@@ -966,3 +967,33 @@ def test_a_checkpointed_region_recomputed_by_another_thread(kind):
         assert not errors, errors
         grads.append(kernel_param(model).grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", ["orthogonal", "spectral_norm", "weight_norm", "constrain"])
+@pytest.mark.parametrize("where", ["parametrization", "global"])
+def test_backward_hooks_see_the_parametrization(make, where):
+    """A full backward hook on the parametrization module (or a global module backward hook)
+    fires as with torch's parametrizations: the fast read skipped Module.__call__, which
+    attaches those hooks, whenever no forward hook was registered."""
+    from dtriv.manifolds import Stiefel
+    from dtriv.parametrize import twins
+
+    layer = nn.Linear(4, 6)
+    if make == "constrain":
+        dtriv.constrain(layer, "weight", Stiefel(6, 4))
+    else:
+        getattr(twins, make)(layer)
+    parametrization = layer.parametrizations.weight[0]
+    fired = []
+    hook = lambda module, grad_in, grad_out: fired.append(type(module).__name__)  # noqa: E731
+    if where == "parametrization":
+        handle = parametrization.register_full_backward_hook(hook)
+    else:
+        handle = nn.modules.module.register_module_full_backward_hook(hook)
+    try:
+        with warnings.catch_warnings():  # (torch: "no inputs require gradients" for some)
+            warnings.simplefilter("ignore")
+            layer(torch.randn(2, 4)).sum().backward()
+    finally:
+        handle.remove()
+    assert type(parametrization).__name__ in fired

@@ -332,6 +332,20 @@ def test_refresh_errors():
     m = _twin((4, 4), "matrix_exp")
     with pytest.raises(ValueError, match="shape"):
         m.parametrizations.weight[0].refresh(torch.zeros(3, 3, dtype=torch.float64))
+    # each argument named, before anything changes (raw AttributeError / matmul dtype errors)
+    with pytest.raises(TypeError, match="expected original a torch.Tensor, got str"):
+        m.parametrizations.weight[0].refresh("x")
+    with pytest.raises(ValueError, match="expected original of the base's dtype"):
+        m.parametrizations.weight[0].refresh(torch.zeros(4, 4, dtype=torch.float32))
+    with pytest.raises(TypeError, match="floating point or complex tensor. Got torch.int64"):
+        m.weight = torch.eye(4, dtype=torch.int64)
+    # on top of another parametrization there is no base (torch's read fails there; ours
+    # computes the map): refresh says so
+    stacked = Holder((4, 4))
+    torch.nn.utils.parametrize.register_parametrization(stacked, "weight", nn.Identity())
+    twins.orthogonal(stacked, orthogonal_map="cayley")
+    with pytest.raises(RuntimeError, match="no base"):
+        stacked.parametrizations.weight[1].refresh(torch.zeros(4, 4))
 
 
 def test_refresh_of_a_deep_copy_acts_on_the_copy():

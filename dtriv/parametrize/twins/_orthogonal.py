@@ -285,6 +285,8 @@ class _Orthogonal(Memoized):
                 f"Expected a matrix or batch of matrices of shape {self.shape}. "
                 f"Got a tensor of shape {Q.shape}."
             )
+        if not (Q.is_floating_point() or Q.is_complex()):  # (torch: finfo's TypeError)
+            raise TypeError(f"Expected a floating point or complex tensor. Got {Q.dtype}.")
         self._forget()
         Q_init = Q
         n, k = Q.size(-2), Q.size(-1)
@@ -364,14 +366,23 @@ class _Orthogonal(Memoized):
             raise RuntimeError(
                 "refresh: only the parametrization with use_trivialization=True has a base"
             )
+        if self.base is None:  # (registered on top of another parametrization, as in torch)
+            raise RuntimeError("refresh: the parametrization has no base (it is not the first "
+                               "parametrization of its tensor)")
         if original is None:
             original = self._find_original()
-        self._forget()
+        if not isinstance(original, Tensor):
+            raise TypeError(f"refresh: expected original a torch.Tensor, got "
+                            f"{type(original).__name__}")
         if original.shape != self.shape:
             raise ValueError(
                 f"refresh: expected original of shape {tuple(self.shape)}, "
                 f"got {tuple(original.shape)}"
             )
+        if original.dtype != self.base.dtype:
+            raise ValueError(f"refresh: expected original of the base's dtype {self.base.dtype}, "
+                             f"got {original.dtype}")
+        self._forget()
         X = original.mT if original.size(-2) < original.size(-1) else original
         Q = self._map(X)
         if Q.size(-2) == Q.size(-1):
