@@ -366,11 +366,11 @@ class _Orthogonal(Memoized):
             raise RuntimeError(
                 "refresh: only the parametrization with use_trivialization=True has a base"
             )
+        if original is None:
+            original = self._find_original()
         if self.base is None:  # (registered on top of another parametrization, as in torch)
             raise RuntimeError("refresh: the parametrization has no base (it is not the first "
                                "parametrization of its tensor)")
-        if original is None:
-            original = self._find_original()
         if not isinstance(original, Tensor):
             raise TypeError(f"refresh: expected original a torch.Tensor, got "
                             f"{type(original).__name__}")
