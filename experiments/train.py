@@ -330,10 +330,14 @@ def train(run: Run, *, resume: bool = False, overwrite: bool = False, progress: 
     return result
 
 
-def _load_run_checkpoint(directory: Path, device: torch.device) -> dict[str, Any]:
+def _load_run_checkpoint(directory: Path) -> dict[str, Any]:
     """The run's checkpoint, checked for its format and keys (a clear error, not a KeyError)."""
     path = directory / "checkpoint.pt"
-    ckpt = load_checkpoint(path, map_location=device)
+    # to the CPU, where it was written from: the random-number states (torch's, the task's
+    # generator, CUDA's) must be CPU byte tensors, and load_state_dict moves the model's and
+    # the optimizer's tensors to their parameters' device (mapped to a GPU, the states made
+    # set_state raise a TypeError on every resumed GPU run)
+    ckpt = load_checkpoint(path, map_location="cpu")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: unknown checkpoint format {found!r}, "
@@ -382,7 +386,7 @@ def _train(run, cfg, tcfg, directory, device, info, resume, overwrite, progress,
         (has_checkpoint, saved_json, missing))[0]
     if missing is not None:  # every rank stops, before anything is written
         raise CheckpointMissingError(missing)
-    ckpt = _load_run_checkpoint(directory, device) if has_checkpoint else None
+    ckpt = _load_run_checkpoint(directory) if has_checkpoint else None
     # --resume continues the saved run: check the config before writing anything
     if ckpt is not None:
         _check_resume_config(directory, json.loads(ckpt["config"]), cfg, "checkpoint")
