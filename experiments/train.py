@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import socket
 import time
@@ -337,7 +338,12 @@ def _load_run_checkpoint(directory: Path) -> dict[str, Any]:
     # generator, CUDA's) must be CPU byte tensors, and load_state_dict moves the model's and
     # the optimizer's tensors to their parameters' device (mapped to a GPU, the states made
     # set_state raise a TypeError on every resumed GPU run)
-    ckpt = load_checkpoint(path, map_location="cpu")
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as e:  # empty, truncated, garbage
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}): the file "
+                         "is empty, truncated or not one this harness wrote; remove it to start "
+                         "the run over, or restore it") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: unknown checkpoint format {found!r}, "

@@ -263,6 +263,24 @@ def test_resume_refuses_a_run_whose_checkpoint_is_gone(write_config, capsys):
     assert [r["step"] for r in metrics(run.directory)] == [5, 10, 15, 20, 25, 30]
 
 
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04 truncated"])
+def test_resume_refuses_an_unreadable_checkpoint_in_one_line(write_config, capsys, content):
+    """An empty, garbage or truncated checkpoint.pt (replaced from outside: the harness writes
+    it atomically) is named in a one-line error and nothing is changed (a raw EOFError or
+    UnpicklingError traceback before)."""
+    path = write_config()
+    run = load_config(path)
+    with pytest.raises(Crash):
+        train(run, progress=False, callback=crash_at(24))
+    (run.directory / "checkpoint.pt").write_bytes(content)
+    saved = {p.name: p.read_bytes() for p in run.directory.iterdir()}
+    assert main(["run", str(path), "--resume", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "checkpoint.pt: cannot read the checkpoint" in err
+    assert {p.name: p.read_bytes() for p in run.directory.iterdir()} == saved
+
+
 def test_resume_refuses_a_finished_run_whose_checkpoint_is_gone(write_config):
     # one checkpoint period longer than the run: the final checkpoint was its only one, and
     # final.json says that it was written
