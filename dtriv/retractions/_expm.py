@@ -488,6 +488,21 @@ class TaylorSplit(Exception):
         self.groups = groups
 
 
+def groups_by_squarings(values: list[float], count: Callable[[float], int]
+                        ) -> list[list[int]] | None:
+    """The indices of a batch grouped by the squaring count ``count`` gives for each of its
+    ``values`` (norms or bounds), or ``None`` when the counts differ by at most one (one
+    squaring more than needed changes a result at the rounding level, and keeps the batch one
+    batched call). ``count`` grows with the value: the extremes tell whether any split is
+    needed before every value is counted."""
+    if len(values) < 2 or count(max(values)) - count(min(values)) < 2:
+        return None
+    groups: dict[int, list[int]] = {}
+    for i, value in enumerate(values):
+        groups.setdefault(count(value), []).append(i)
+    return list(groups.values())
+
+
 def _plan_groups(sq_norms: list[float], dtype: torch.dtype) -> list[list[int]] | None:
     r"""The indices of a batch grouped by the squaring count that each matrix's bound
     :math:`\|A_i^2\|_1^{1/2}` asks for at degree 18 (``sq_norms``: the :math:`\|A_i^2\|_1`),
@@ -499,18 +514,7 @@ def _plan_groups(sq_norms: list[float], dtype: torch.dtype) -> list[list[int]] |
     :math:`\|A\|_2 = 1.4` beside block rotations of angle 37, whose 1-norms are within a
     factor 2, so that :func:`dtriv.retractions.lie.expm`'s split by 1-norms keeps them
     together: 2.5e-5 against 1.3e-6 alone)."""
-    if len(sq_norms) < 2:
-        return None
-
-    def count(q: float) -> int:
-        return taylor_plan(q**0.5, dtype, (18,))[1]
-
-    if count(max(sq_norms)) - count(min(sq_norms)) < 2:  # the count grows with the norm
-        return None
-    groups: dict[int, list[int]] = {}
-    for i, q in enumerate(sq_norms):
-        groups.setdefault(count(q), []).append(i)
-    return list(groups.values())
+    return groups_by_squarings(sq_norms, lambda q: taylor_plan(q**0.5, dtype, (18,))[1])
 
 
 def power_stack(A: Tensor) -> Tensor | None:

@@ -58,6 +58,7 @@ from ._expm import (
     expm_of_skew_taylor,
     expm_pade_autograd,
     expm_skew_taylor,
+    groups_by_squarings,
     skew_of,
     skew_of_adjoint,
 )
@@ -252,16 +253,7 @@ def _scale_groups(norms: list[float], dtype: torch.dtype) -> list[list[int]] | N
     beside one of 1e3, 2.6e-5 against 6e-8 alone). So a batch whose counts differ by two or
     more is computed one group of equal counts at a time. One squaring more than needed
     changes the result at the rounding level (and keeps such batches one batched call)."""
-    if len(norms) < 2:
-        return None
-    # the count grows with the norm: the extremes tell whether any split is needed
-    if choose_degree(max(norms), dtype)[1] - choose_degree(min(norms), dtype)[1] < 2:
-        return None
-    counts = [choose_degree(norm, dtype)[1] for norm in norms]
-    groups: dict[int, list[int]] = {}
-    for i, count in enumerate(counts):
-        groups.setdefault(count, []).append(i)
-    return list(groups.values())
+    return groups_by_squarings(norms, lambda norm: choose_degree(norm, dtype)[1])
 
 
 def _per_group(A: Tensor, groups: list[list[int]], fn) -> Tensor:
